@@ -1,0 +1,146 @@
+"""Agents: what a step executes, its contracts and its policies.
+
+An agent is a plain function ``execute(payload, ctx) -> output`` with an input
+and an output contract. It never calls another agent; the workflow hands it
+the sealed version it needs. Each agent becomes a Celery task named
+``agent.<name>`` on its own queue ``agents.<name>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from .errors import TransientAgentError, UnknownAgent
+
+__all__ = ["Agent", "AgentRegistry", "StepContext", "agent", "agents"]
+
+DEFAULT_MAX_RETRIES = 3
+DEFAULT_RETRY_BACKOFF_S = 1.0
+DEFAULT_RETRY_BACKOFF_MAX_S = 60.0
+DEFAULT_TIME_LIMIT_S = 30.0
+DEFAULT_REDELIVERY_ALLOWANCE = 3
+"""Deliveries allowed beyond the retries: broker redeliveries after a lost worker."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepContext:
+    """What an agent may know about the step it runs in."""
+
+    run_id: str
+    step: str
+    agent: str
+    attempt: int
+    input_versions: tuple[int, ...]
+    redis: redis.Redis
+    worker: str = ""
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+Execute = Callable[[Any, StepContext], Any]
+Compensate = Callable[..., Any]
+
+
+class Agent:
+    """One agent: its code, its contracts and how it is retried and bounded."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        execute: Execute,
+        input: str,
+        output: str,
+        compensate: Compensate | None = None,
+        queue: str | None = None,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        retry_on: tuple[type[BaseException], ...] = (TransientAgentError,),
+        retry_backoff_s: float = DEFAULT_RETRY_BACKOFF_S,
+        retry_backoff_max_s: float = DEFAULT_RETRY_BACKOFF_MAX_S,
+        time_limit_s: float = DEFAULT_TIME_LIMIT_S,
+        max_deliveries: int | None = None,
+        description: str = "",
+    ) -> None:
+        if not name or not name.replace("_", "").isalnum():
+            raise ValueError(f"agent name {name!r} must be letters, digits and underscores")
+        if time_limit_s <= 0:
+            raise ValueError(f"agent {name}: time_limit_s must be positive")
+        self.name = name
+        self.execute = execute
+        self.input = input
+        self.output = output
+        self.compensate = compensate
+        self.queue = queue or f"agents.{name}"
+        self.max_retries = max_retries
+        self.retry_on = retry_on
+        self.retry_backoff_s = retry_backoff_s
+        self.retry_backoff_max_s = retry_backoff_max_s
+        self.time_limit_s = time_limit_s
+        self.max_deliveries = max_deliveries or (max_retries + 1 + DEFAULT_REDELIVERY_ALLOWANCE)
+        self.description = description or (execute.__doc__ or "").strip().split("\n")[0]
+
+    @property
+    def task_name(self) -> str:
+        return f"agent.{self.name}"
+
+    def compensator(self, fn: Compensate) -> Compensate:
+        """Decorator: set the function that undoes this agent's step."""
+        self.compensate = fn
+        return fn
+
+    def retry_countdown_s(self, retries: int) -> float:
+        """Exponential backoff for the n-th retry (0-based), capped."""
+        return float(min(self.retry_backoff_s * (2**retries), self.retry_backoff_max_s))
+
+    def __repr__(self) -> str:
+        return f"Agent({self.name!r}, {self.input} -> {self.output})"
+
+
+class AgentRegistry:
+    """Agents by name."""
+
+    def __init__(self) -> None:
+        self._agents: dict[str, Agent] = {}
+
+    def register(self, a: Agent) -> Agent:
+        existing = self._agents.get(a.name)
+        if existing is not None and existing.execute is not a.execute:
+            if getattr(existing.execute, "__qualname__", None) != getattr(
+                a.execute, "__qualname__", None
+            ):
+                raise ValueError(f"agent {a.name!r} is already registered")
+        self._agents[a.name] = a
+        return a
+
+    def get(self, name: str) -> Agent:
+        try:
+            return self._agents[name]
+        except KeyError:
+            known = ", ".join(sorted(self._agents)) or "none"
+            raise UnknownAgent(f"unknown agent {name!r} (registered: {known})") from None
+
+    def __iter__(self) -> Iterator[Agent]:
+        return iter(sorted(self._agents.values(), key=lambda a: a.name))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._agents
+
+
+agents = AgentRegistry()
+"""The process-wide agent registry."""
+
+
+def agent(
+    name: str | None = None, *, input: str, output: str, **policy: Any
+) -> Callable[[Execute], Agent]:
+    """Decorator: turn ``execute(payload, ctx)`` into a registered :class:`Agent`."""
+
+    def register(fn: Execute) -> Agent:
+        return agents.register(
+            Agent(name=name or fn.__name__, execute=fn, input=input, output=output, **policy)
+        )
+
+    return register

@@ -1,0 +1,239 @@
+"""The ``pipeline`` command. Every read command takes ``--json``.
+
+Exit codes: 0 done, 1 the run itself failed, 2 bad input or an error of the
+pipeline's (unknown workflow or run, contract violation, Redis unreachable).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from .errors import InputError, PipelineError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_RUN_FAILED = 1
+EXIT_USAGE = 2
+
+
+class PipelineGroup(click.Group):
+    """Turns every ``PipelineError`` into one line on stderr and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PipelineError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(EXIT_USAGE)
+
+
+@click.group(cls=PipelineGroup)
+def main() -> None:
+    """Run and inspect multi-agent workflows on Celery."""
+    # Agent modules are found from the working directory, as `celery -A` does.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
+def json_option(f: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(f)
+
+
+def _pipeline() -> Any:
+    from .client import Pipeline
+
+    return Pipeline.from_env()
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def read_json_input(source: str) -> Any:
+    """Parse JSON from a file path or ``-`` (stdin); ``InputError`` says where it broke."""
+    name = "stdin" if source == "-" else source
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    except OSError as e:
+        raise InputError(f"cannot read input {name}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"input {name} is not UTF-8 text: {e}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(
+            f"input {name} is not JSON: {e.msg} at line {e.lineno} column {e.colno}"
+        ) from None
+    except RecursionError:
+        raise InputError(f"input {name} is nested too deeply to be a payload") from None
+
+
+@main.command()
+@click.argument("workflow")
+@click.option("--input", "source", required=True, help="JSON payload file, or - for stdin.")
+@click.option("--wait/--no-wait", default=False, help="Wait for the run to finish.")
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait.")
+@click.option("--idempotency-key", default=None, help="Same key, same run.")
+@json_option
+def run(
+    workflow: str, source: str, wait: bool, timeout: float, idempotency_key: str | None,
+    as_json: bool,
+) -> None:
+    """Start WORKFLOW on a JSON payload."""
+    payload = read_json_input(source)
+    p = _pipeline()
+    handle = p.start(workflow, payload, idempotency_key=idempotency_key)
+    result = handle.wait(timeout) if wait else handle.result()
+    data = {"workflow": workflow, **result.to_dict()}
+    if as_json:
+        _echo_json(data)
+    else:
+        click.echo(f"run {handle.run_id} of {workflow}: {result.status.value} "
+                   f"(version {result.version})")
+        if result.error:
+            click.echo(f"error: {result.error}")
+        if result.output is not None:
+            click.echo(json.dumps(result.output, indent=2, ensure_ascii=False))
+    if wait and result.status.value != "succeeded":
+        sys.exit(EXIT_RUN_FAILED)
+
+
+@main.command()
+@click.argument("run_id")
+@json_option
+def status(run_id: str, as_json: bool) -> None:
+    """Show a run's status and head version."""
+    info = _pipeline().store.run_info(run_id)
+    if as_json:
+        _echo_json(info.to_dict())
+        return
+    click.echo(f"run       {info.run_id}")
+    click.echo(f"workflow  {info.workflow}")
+    click.echo(f"status    {info.status.value}")
+    click.echo(f"head      version {info.head}")
+    click.echo(f"created   {_time(info.created_at)}")
+    if info.finished_at:
+        click.echo(f"finished  {_time(info.finished_at)} "
+                   f"({(info.finished_at - info.created_at) * 1000:.0f} ms)")
+    if info.error:
+        click.echo(f"error     {info.failed_agent}: {info.error}")
+
+
+@main.command()
+@click.argument("run_id")
+@json_option
+def history(run_id: str, as_json: bool) -> None:
+    """List every sealed version of a run, digests checked."""
+    versions = _pipeline().store.history(run_id)
+    if as_json:
+        _echo_json([v.to_dict() for v in versions])
+        return
+    click.echo(format_history(versions))
+
+
+def format_history(versions: Sequence[Any]) -> str:
+    rows = [("version", "parents", "agent", "contract", "digest", "sealed at")]
+    for v in versions:
+        rows.append((
+            str(v.version),
+            ",".join(map(str, v.parents)) or "-",
+            v.agent or "(input)",
+            v.contract,
+            v.digest[:12] + (" degraded" if v.degraded else ""),
+            _time(v.created_at),
+        ))
+    return table(rows)
+
+
+@main.command()
+@click.argument("run_id")
+@json_option
+def trace(run_id: str, as_json: bool) -> None:
+    """Show what happened in a run, in order (its log)."""
+    entries = _pipeline().store.log(run_id)
+    if as_json:
+        _echo_json(entries)
+        return
+    start = int(entries[0]["at"]) if entries else 0
+    for e in entries:
+        rest = {k: v for k, v in e.items() if k not in ("id", "at", "event")}
+        detail = " ".join(f"{k}={v}" for k, v in rest.items())
+        click.echo(f"+{int(e['at']) - start:>6} ms  {e['event']:<16} {detail}")
+
+
+@main.command()
+@json_option
+def contracts(as_json: bool) -> None:
+    """List the registered data contracts and their fields."""
+    from .app import import_agent_modules
+    from .contracts import contracts as registry
+    from .settings import Settings
+
+    import_agent_modules(Settings.from_env().agent_modules)
+    described = [c.describe() for c in registry]
+    if as_json:
+        _echo_json(described)
+        return
+    for c in described:
+        click.echo(c["contract"])
+        for line in _field_lines(c["fields"], "  "):
+            click.echo(line)
+
+
+def _field_lines(fields: dict[str, Any], indent: str) -> list[str]:
+    lines = []
+    for name, f in fields.items():
+        lines.append(f"{indent}{name}: {f['type']}{'' if f['required'] else ' (optional)'}")
+        if "fields" in f:
+            lines += _field_lines(f["fields"], indent + "  ")
+    return lines
+
+
+@main.command()
+@json_option
+def workflows(as_json: bool) -> None:
+    """List the registered workflows."""
+    from .app import import_agent_modules
+    from .settings import Settings
+    from .workflow import workflows as registry
+
+    import_agent_modules(Settings.from_env().agent_modules)
+    described = [w.describe() for w in registry]
+    if as_json:
+        _echo_json(described)
+        return
+    for w in described:
+        click.echo(f"{w['workflow']}: {w['shape']}  ({w['input_contract']} -> "
+                   f"{w['output_contract']})")
+
+
+@main.command()
+@click.option("--input", "source", default=None, help="JSON list of payloads (default: the "
+              "deployment's sample batch).")
+@click.option("--concurrency", default=2, show_default=True, help="Worker pool processes.")
+@click.option("--timeout", type=float, default=60.0, show_default=True)
+def demo(source: str | None, concurrency: int, timeout: float) -> None:
+    """Start Redis (if needed) and a worker pool, run a batch, show the results."""
+    from .demo import run_demo
+
+    run_demo(source=source, concurrency=concurrency, timeout_s=timeout)
+
+
+def table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
+             for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _time(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]

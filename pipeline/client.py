@@ -1,0 +1,177 @@
+"""What application code calls: start a workflow, wait for it, read its history."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery
+from kombu.exceptions import OperationalError
+
+from .app import create_app
+from .contracts import Contract
+from .errors import BrokerUnavailable, IdempotencyConflict, WaitTimeout
+from .settings import Settings, redact_url
+from .state import RunInfo, RunStatus, StateStore, Version, canonical_json, digest_of
+from .state.version import check_size
+from .workflow import Workflow, workflows
+
+__all__ = ["Pipeline", "Run", "RunResult"]
+
+IDEMPOTENCY_NAMESPACE = uuid.UUID("5b0c43a4-6f5e-4d8e-9a55-2f3f1c7c9e11")
+DEFAULT_WAIT_TIMEOUT_S = 60.0
+WAIT_BLOCK_MS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """How a run ended."""
+
+    status: RunStatus
+    output: Any
+    version: int
+    run_id: str = ""
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "status": self.status.value,
+            "version": self.version,
+            "output": self.output,
+            "error": self.error,
+        }
+
+
+class Pipeline:
+    """The entry point: ``Pipeline.from_env().start("credit_decision", payload)``."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings | None = None,
+        app: Celery | None = None,
+        store: StateStore | None = None,
+    ) -> None:
+        self.settings = settings or Settings.from_env()
+        self.app = app or create_app(self.settings)
+        self.store = store or StateStore.from_settings(self.settings)
+
+    @classmethod
+    def from_env(cls) -> Pipeline:
+        return cls(settings=Settings.from_env())
+
+    def workflow(self, name: str) -> Workflow:
+        return workflows.get(name)
+
+    def start(
+        self, workflow: str | Workflow, payload: Any, idempotency_key: str | None = None
+    ) -> Run:
+        """Check ``payload`` against the workflow's input contract, then enqueue the run.
+
+        Bad input raises a ``PipelineError`` and nothing is written or enqueued.
+        The same idempotency key (for the same workflow) returns the same run;
+        reusing it with another payload raises ``IdempotencyConflict``.
+        """
+        wf = workflow if isinstance(workflow, Workflow) else workflows.get(workflow)
+        canonical = canonical_json(payload)
+        check_size(canonical, self.store.max_payload_bytes, f"input of workflow {wf.name}")
+        contract: Contract = wf.input_contract
+        contract.validate(payload, side="input", agent=wf.stages[0][0].agent.name)
+        run_id = (
+            str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{wf.name}\x00{idempotency_key}"))
+            if idempotency_key is not None
+            else str(uuid.uuid4())
+        )
+        created = self.store.create_run(
+            run_id,
+            workflow=wf.name,
+            payload=payload,
+            contract=contract.ref,
+            idempotency_key=idempotency_key,
+        )
+        if not created.created:
+            if created.input_digest != digest_of(canonical):
+                raise IdempotencyConflict(
+                    f"idempotency key {idempotency_key!r} already started run {run_id} of "
+                    f"workflow {wf.name} with a different payload; use a new key for new input"
+                )
+            return Run(self, run_id)
+        try:
+            wf.compile(self.app, run_id).apply_async()
+        except (OperationalError, ConnectionError, OSError) as e:
+            self.store.delete_run(run_id)
+            raise BrokerUnavailable(
+                f"cannot enqueue run {run_id}: broker at "
+                f"{redact_url(self.settings.broker_url)} is unreachable ({e}); nothing was kept"
+            ) from e
+        return Run(self, run_id)
+
+    def run(self, run_id: str) -> Run:
+        """A handle on an existing run; raises ``RunNotFound`` when there is none."""
+        self.store.run_info(run_id)
+        return Run(self, run_id)
+
+
+class Run:
+    """A handle on one run of a workflow."""
+
+    def __init__(self, pipeline: Pipeline, run_id: str) -> None:
+        self.pipeline = pipeline
+        self.run_id = run_id
+
+    @property
+    def store(self) -> StateStore:
+        return self.pipeline.store
+
+    def info(self) -> RunInfo:
+        return self.store.run_info(self.run_id)
+
+    def status(self) -> RunStatus:
+        return self.info().status
+
+    def history(self) -> list[Version]:
+        """Every sealed version, oldest first, digests checked."""
+        return self.store.history(self.run_id)
+
+    def lineage(self, version: int | None = None) -> list[Version]:
+        """The versions ``version`` (default: the latest) was made from, newest first."""
+        return self.store.lineage(self.run_id, self.info().head if version is None else version)
+
+    def result(self) -> RunResult:
+        info = self.info()
+        output = None
+        if info.output_version is not None:
+            output = self.store.get(self.run_id, info.output_version).payload
+        return RunResult(
+            status=info.status,
+            output=output,
+            version=info.output_version if info.output_version is not None else info.head,
+            run_id=self.run_id,
+            error=info.error,
+        )
+
+    def wait(self, timeout: float = DEFAULT_WAIT_TIMEOUT_S) -> RunResult:
+        """Block until the run reaches a final status; ``WaitTimeout`` after ``timeout`` s.
+
+        Waits on the run's log stream (XREAD BLOCK), so it wakes as soon as
+        something happens instead of polling.
+        """
+        deadline = time.monotonic() + timeout
+        last = "0-0"
+        while True:
+            info = self.info()
+            if info.status.is_final:
+                return self.result()
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0:
+                raise WaitTimeout(
+                    f"run {self.run_id} is still {info.status.value} after {timeout:g}s "
+                    f"(head version {info.head})"
+                )
+            last = self.store.wait_log(self.run_id, last, min(remaining_ms, WAIT_BLOCK_MS))
+
+    def __repr__(self) -> str:
+        return f"Run({self.run_id!r})"

@@ -1,0 +1,234 @@
+"""Data contracts: marshmallow schemas registered by name and version.
+
+A contract is checked on the producer's output and on the consumer's input at
+every handoff. Payloads stay JSON: a contract checks a payload, it never turns
+it into other Python objects, so what is sealed is exactly what was checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from marshmallow import RAISE, Schema, ValidationError, fields
+
+from .errors import ContractMismatch, ContractViolation, UnknownContract
+
+__all__ = [
+    "Contract",
+    "ContractRegistry",
+    "contract",
+    "contracts",
+    "flatten_errors",
+    "compatibility_problems",
+    "fan_in_schema",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Contract:
+    """One registered schema: ``name@version``."""
+
+    name: str
+    version: int
+    schema: Schema
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def validate(
+        self,
+        payload: Any,
+        *,
+        side: str = "payload",
+        agent: str = "",
+        run_id: str = "",
+        version: int | None = None,
+    ) -> None:
+        """Raise ``ContractViolation`` naming every failing field path, or return."""
+        try:
+            errors = self.schema.validate(payload) if isinstance(payload, Mapping) else {
+                "_schema": [f"expected a JSON object, got {_json_type(payload)}"]
+            }
+        except ValidationError as e:  # raised by a rule outside a field
+            errors = e.normalized_messages()
+        except Exception as e:  # a semantic rule that crashed on this payload refuses it
+            errors = {"_schema": [f"rule failed on this payload: {type(e).__name__}: {e}"]}
+        if not errors:
+            return
+        flat = flatten_errors(errors)
+        where = ", ".join(
+            part
+            for part in (
+                f"run {run_id}" if run_id else "",
+                f"version {version}" if version is not None else "",
+                f"agent {agent}" if agent else "",
+            )
+            if part
+        )
+        details = "; ".join(f"{path}: {' '.join(msgs)}" for path, msgs in sorted(flat.items()))
+        raise ContractViolation(
+            f"{side} breaks contract {self.ref}"
+            + (f" ({where})" if where else "")
+            + f": {details}",
+            contract=self.ref,
+            side=side,
+            agent=agent,
+            run_id=run_id,
+            version=version,
+            errors=flat,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """The contract's fields as JSON-friendly data (for ``pipeline contracts``)."""
+        return {"contract": self.ref, "fields": _describe_fields(self.schema)}
+
+
+class ContractRegistry:
+    """Contracts by ``name@version``."""
+
+    def __init__(self) -> None:
+        self._by_ref: dict[str, Contract] = {}
+
+    def register(self, name: str, version: int, schema: type[Schema] | Schema) -> Contract:
+        if "@" in name or not name:
+            raise ValueError(f"contract name {name!r} must be non-empty and hold no '@'")
+        instance = schema() if isinstance(schema, type) else schema
+        c = Contract(name, int(version), instance)
+        existing = self._by_ref.get(c.ref)
+        if existing is not None and type(existing.schema) is not type(instance):
+            raise ValueError(f"contract {c.ref} is already registered with another schema")
+        self._by_ref[c.ref] = c
+        return c
+
+    def get(self, ref: str) -> Contract:
+        try:
+            return self._by_ref[ref]
+        except KeyError:
+            known = ", ".join(sorted(self._by_ref)) or "none"
+            raise UnknownContract(
+                f"unknown contract {ref!r} (registered: {known})"
+            ) from None
+
+    def __iter__(self) -> Iterator[Contract]:
+        return iter(sorted(self._by_ref.values(), key=lambda c: (c.name, c.version)))
+
+    def __contains__(self, ref: object) -> bool:
+        return ref in self._by_ref
+
+
+contracts = ContractRegistry()
+"""The process-wide registry that agents and workflows use."""
+
+
+def contract(name: str, version: int = 1) -> Any:
+    """Class decorator: register a marshmallow ``Schema`` as ``name@version``."""
+
+    def register(schema: type[Schema]) -> type[Schema]:
+        contracts.register(name, version, schema)
+        return schema
+
+    return register
+
+
+def fan_in_schema(producers: Mapping[str, Schema]) -> Schema:
+    """The schema of a fan-in input: agent name -> that agent's output."""
+    return Schema.from_dict(
+        {name: fields.Nested(type(s), required=True) for name, s in producers.items()},
+        name="FanIn",
+    )()
+
+
+def flatten_errors(errors: Mapping[Any, Any], prefix: str = "") -> dict[str, list[str]]:
+    """marshmallow's nested error dict as ``{"a.b.0.c": [messages]}``."""
+    out: dict[str, list[str]] = {}
+    for key, value in errors.items():
+        if key == "_schema":
+            path = prefix or "<root>"
+        else:
+            path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            for sub, msgs in flatten_errors(value, path).items():
+                out.setdefault(sub, []).extend(msgs)
+        else:
+            msgs = value if isinstance(value, list) else [value]
+            out.setdefault(path, []).extend(str(m) for m in msgs)
+    return out
+
+
+def compatibility_problems(producer: Schema, consumer: Schema, path: str = "") -> list[str]:
+    """Why ``consumer`` may refuse what ``producer`` emits; empty when they line up.
+
+    Checked: every field the consumer requires is one the producer always
+    emits, with a compatible type; and, when the consumer refuses unknown
+    fields, the producer emits none the consumer does not know.
+    """
+    problems: list[str] = []
+    pf, cf = producer.fields, consumer.fields
+    for name, field in cf.items():
+        where = f"{path}{name}"
+        if field.required and (name not in pf or not pf[name].required):
+            problems.append(
+                f"{where}: required by the consumer but "
+                + ("optional for the producer" if name in pf else "not produced")
+            )
+            continue
+        if name in pf:
+            problems += _field_problems(pf[name], field, where)
+    if consumer.unknown == RAISE:
+        for name in pf:
+            if name not in cf:
+                problems.append(f"{path}{name}: produced but unknown to the consumer")
+    return problems
+
+
+def check_handoff(producer: Contract, consumer: Contract, where: str) -> None:
+    problems = compatibility_problems(producer.schema, consumer.schema)
+    if problems:
+        raise ContractMismatch(
+            f"{where}: {consumer.ref} does not accept what {producer.ref} produces: "
+            + "; ".join(problems)
+        )
+
+
+def _field_problems(p: fields.Field, c: fields.Field, where: str) -> list[str]:
+    if isinstance(c, fields.Raw) and type(c) is fields.Raw:
+        return []
+    if isinstance(c, fields.Nested) and isinstance(p, fields.Nested):
+        return compatibility_problems(_nested(p), _nested(c), f"{where}.")
+    if isinstance(c, fields.List) and isinstance(p, fields.List):
+        return _field_problems(p.inner, c.inner, f"{where}[]")
+    if not isinstance(p, type(c)):
+        return [f"{where}: produced as {type(p).__name__}, expected {type(c).__name__}"]
+    return []
+
+
+def _nested(f: fields.Nested) -> Schema:
+    s = f.schema
+    return s if isinstance(s, Schema) else Schema.from_dict({})()
+
+
+def _describe_fields(schema: Schema) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, f in schema.fields.items():
+        entry: dict[str, Any] = {"type": type(f).__name__, "required": f.required}
+        if isinstance(f, fields.Nested) and isinstance(f.schema, Schema):
+            entry["fields"] = _describe_fields(f.schema)
+        out[name] = entry
+    return out
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return type(value).__name__

@@ -1,0 +1,131 @@
+"""``pipeline demo``: everything a first look needs, started and stopped in one command.
+
+Uses the Redis at PIPELINE_REDIS_URL (which must answer), else the one at the
+default address if it answers, else an embedded one. Starts a real Celery
+worker pool, runs the deployment's sample batch, prints the decisions and the
+lineage of one run, and stops what it started. The deployment names what to
+run with a ``DEMO`` mapping in one of its agent modules (``tasks.DEMO``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any
+
+import click
+
+from .app import import_agent_modules
+from .cli import format_history, read_json_input, table
+from .client import Pipeline
+from .embedded import EmbeddedRedis, answers
+from .errors import ConfigurationError, PipelineError, StoreUnavailable
+from .local import WorkerProcess
+from .settings import DEFAULT_REDIS_URL, Settings, redact_url
+
+
+@contextmanager
+def demo_redis(settings: Settings) -> Iterator[str]:
+    """The Redis URL to use, starting an embedded server only when none answers."""
+    configured = os.environ.get("PIPELINE_REDIS_URL")
+    if configured:
+        if not answers(configured, 2.0):
+            raise StoreUnavailable(
+                f"PIPELINE_REDIS_URL={redact_url(configured)} does not answer; start that Redis "
+                "or unset PIPELINE_REDIS_URL to use an embedded one"
+            )
+        yield configured
+    elif answers(DEFAULT_REDIS_URL):
+        yield DEFAULT_REDIS_URL
+    else:
+        with EmbeddedRedis() as server:
+            click.echo(f"no Redis at {DEFAULT_REDIS_URL}: started an embedded one at {server.url}")
+            yield server.url
+
+
+def demo_spec(settings: Settings) -> dict[str, Any]:
+    import_agent_modules(settings.agent_modules)
+    for name in settings.agent_modules:
+        spec = getattr(importlib.import_module(name), "DEMO", None)
+        if spec:
+            return dict(spec)
+    raise ConfigurationError(
+        f"none of the agent modules ({', '.join(settings.agent_modules)}) defines DEMO"
+    )
+
+
+def run_demo(*, source: str | None, concurrency: int, timeout_s: float) -> None:
+    settings = Settings.from_env()
+    spec = demo_spec(settings)
+    batch = read_json_input(source or spec["input"])
+    if not isinstance(batch, list) or not batch:
+        raise ConfigurationError("the demo input must be a non-empty JSON list of payloads")
+    with demo_redis(settings) as url:
+        settings = replace(
+            settings,
+            redis_url=url,
+            broker_url=os.environ.get("CELERY_BROKER_URL") or url,
+            result_backend=os.environ.get("CELERY_RESULT_BACKEND") or url,
+        )
+        env = {
+            "PIPELINE_REDIS_URL": settings.redis_url,
+            "CELERY_BROKER_URL": settings.broker_url,
+            "CELERY_RESULT_BACKEND": settings.result_backend,
+        }
+        click.echo(f"redis {redact_url(url)}; starting a worker pool of {concurrency} processes")
+        with WorkerProcess(env=env, concurrency=concurrency, cwd=os.getcwd()):
+            _run_batch(Pipeline(settings=settings), spec, batch, timeout_s)
+        click.echo("worker pool stopped")
+
+
+def _run_batch(p: Pipeline, spec: dict[str, Any], batch: list[Any], timeout_s: float) -> None:
+    workflow = p.workflow(spec["workflow"])
+    click.echo(f"\nworkflow {workflow.name}: {workflow.shape()}")
+    started = time.monotonic()
+    runs = [p.start(workflow, payload) for payload in batch]
+    results = [r.wait(timeout_s) for r in runs]
+    elapsed = time.monotonic() - started
+    columns: list[tuple[str, str]] = [tuple(c) for c in spec["columns"]]  # type: ignore[misc]
+    rows = [tuple(title for title, _ in columns) + ("status", "versions", "ms")]
+    for run, res in zip(runs, results, strict=True):
+        info = run.info()
+        out = res.output if isinstance(res.output, dict) else {}
+        took = ((info.finished_at or info.updated_at) - info.created_at) * 1000
+        rows.append(tuple(_cell(out.get(field)) for _, field in columns)
+                    + (res.status.value, str(info.head + 1), f"{took:.0f}"))
+    click.echo(table(rows))
+    ok = sum(r.status.value == "succeeded" for r in results)
+    click.echo(f"{ok}/{len(results)} runs succeeded in {elapsed:.2f}s "
+               f"({len(results) / elapsed:.1f} runs/s)")
+
+    shown = next((r for r, res in zip(runs, results, strict=True) if res.output), runs[0])
+    click.echo(f"\nlineage of run {shown.run_id} (sealed versions, digests checked):")
+    click.echo(format_history(shown.history()))
+    last = shown.history()[-1]
+    click.echo(f"version {last.version} was made from versions "
+               f"{', '.join(map(str, last.parents))}:")
+    for v in shown.lineage(last.version)[1:]:
+        click.echo(f"  v{v.version} {v.agent or '(input)'} <- {list(v.parents) or 'the request'}")
+
+    rejected = spec.get("rejected")
+    if rejected:
+        click.echo(f"\nbad input is refused before anything is enqueued ({rejected}):")
+        try:
+            p.start(workflow, read_json_input(rejected))
+        except PipelineError as e:
+            click.echo(f"  {type(e).__name__}: {e}")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.2f}" if abs(value) >= 1 else f"{value:.2f}"
+    if isinstance(value, list | dict):
+        return json.dumps(value)
+    return str(value)

@@ -1,0 +1,62 @@
+"""Every Redis key the pipeline uses, in one place (DESIGN section 3).
+
+All keys of a run share the hash tag ``{<run_id>}`` so that one Lua script may
+touch them all, on a single Redis or a cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PREFIX = "pipeline"
+
+
+@dataclass(frozen=True, slots=True)
+class RunKeys:
+    run_id: str
+
+    @property
+    def states(self) -> str:
+        """Stream of sealed versions; version N has stream id ``N-1``."""
+        return f"{PREFIX}:{{{self.run_id}}}:states"
+
+    @property
+    def steps(self) -> str:
+        """Hash step key -> sealed version number."""
+        return f"{PREFIX}:{{{self.run_id}}}:steps"
+
+    @property
+    def run(self) -> str:
+        """Hash: workflow, status, head version, timestamps (a projection of the log)."""
+        return f"{PREFIX}:{{{self.run_id}}}:run"
+
+    @property
+    def log(self) -> str:
+        """Stream of what happened to the run (the trace)."""
+        return f"{PREFIX}:{{{self.run_id}}}:log"
+
+    @property
+    def deliveries(self) -> str:
+        """Hash step key -> number of times the step was delivered to a worker."""
+        return f"{PREFIX}:{{{self.run_id}}}:deliveries"
+
+    def all(self) -> list[str]:
+        """Every key of the run, in the order the Lua scripts expect them."""
+        return [self.states, self.steps, self.run, self.log, self.deliveries]
+
+
+def run_keys(run_id: str) -> RunKeys:
+    return RunKeys(run_id)
+
+
+def breaker_key(agent: str) -> str:
+    return f"{PREFIX}:breaker:{{{agent}}}"
+
+
+def breaker_log_key(agent: str) -> str:
+    return f"{PREFIX}:breaker:{{{agent}}}:log"
+
+
+def version_stream_id(version: int) -> str:
+    """Stream id of version N: found directly with XRANGE, never by scanning."""
+    return f"{version}-1"

@@ -1,0 +1,130 @@
+"""Celery worker processes started from Python: for ``pipeline demo`` and the tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+from .errors import ConfigurationError
+
+READY_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 15.0
+
+
+class WorkerProcess:
+    """A real ``celery -A <app> worker`` subprocess with its own log file."""
+
+    def __init__(
+        self,
+        *,
+        app: str = "config",
+        env: Mapping[str, str] | None = None,
+        queues: Sequence[str] = (),
+        concurrency: int = 2,
+        name: str | None = None,
+        cwd: str | None = None,
+        loglevel: str = "INFO",
+    ) -> None:
+        self.app = app
+        self.env = {**os.environ, **(env or {})}
+        self.queues = list(queues)
+        self.concurrency = concurrency
+        self.name = name or f"w{uuid.uuid4().hex[:8]}"
+        self.cwd = cwd
+        self.loglevel = loglevel
+        self.logfile = Path(tempfile.mkdtemp(prefix="pipeline-worker-")) / "worker.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        cmd = [
+            sys.executable, "-m", "celery", "-A", self.app, "worker",
+            "--pool", "prefork", "--concurrency", str(self.concurrency),
+            "--hostname", f"{self.name}@%h",
+            "--loglevel", self.loglevel, "--logfile", str(self.logfile),
+            "--without-mingle", "--without-gossip",
+        ]
+        if self.queues:
+            cmd += ["--queues", ",".join(self.queues)]
+        return cmd
+
+    def start(self, wait: bool = True) -> WorkerProcess:
+        self.process = subprocess.Popen(
+            self.command(),
+            cwd=self.cwd,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.logfile.with_suffix(".err"), "wb"),  # noqa: SIM115
+        )
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise ConfigurationError(f"worker {self.name} exited at start:\n{self.tail()}")
+            if self.logfile.exists() and " ready." in self.logfile.read_text(errors="replace"):
+                return
+            time.sleep(0.05)
+        raise ConfigurationError(f"worker {self.name} not ready after {timeout_s}s:\n{self.tail()}")
+
+    def tail(self, chars: int = 3000) -> str:
+        out = ""
+        for path in (self.logfile, self.logfile.with_suffix(".err")):
+            if path.exists():
+                out += path.read_text(errors="replace")[-chars:]
+        return out
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def stop(self) -> None:
+        """Warm shutdown (SIGTERM: finish what runs), then SIGKILL if it hangs."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL the worker's main process and its pool children."""
+        if self.process is None:
+            return
+        children = _children(self.process.pid)
+        self.process.kill()
+        self.process.wait()
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def __enter__(self) -> WorkerProcess:
+        return self.start()
+
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        out = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in out.split()]

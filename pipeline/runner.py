@@ -1,0 +1,209 @@
+"""The step lifecycle, run inside a worker for every agent (DESIGN section 5).
+
+open (one round trip) -> check input -> execute -> check output -> seal (one
+round trip). A step whose key is sealed already returns that version and does
+nothing else, so a redelivered or duplicated message is harmless.
+
+Extension points for the breaker and saga issues: ``StepHooks.open_extra`` and
+``StepHooks.seal_extra`` queue more Redis calls on the same round trips (a
+breaker script on the agent's keys), ``StepHooks.after_open`` may refuse the
+step, and ``StepHooks.on_failure`` sees every failure before it is raised.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
+
+from . import chaos
+from .agent import Agent, StepContext
+from .contracts import contracts
+from .errors import (
+    ContractViolation,
+    DeliveryLimitExceeded,
+    RunNotFound,
+    StepTimeLimitExceeded,
+    VersionNotFound,
+)
+from .state import Opening, StateStore, Version
+from .state.store import Extra
+
+__all__ = ["StepHooks", "hooks", "run_step"]
+
+
+class StepHooks:
+    """No-op hooks; subclass and append to :data:`hooks` to extend every step."""
+
+    def open_extra(self, agent: Agent) -> Sequence[Extra]:
+        return ()
+
+    def after_open(self, agent: Agent, opening: Opening, extra: Sequence[Any]) -> None:
+        """Raise to refuse the step (for example, an open breaker)."""
+
+    def seal_extra(self, agent: Agent, *, ok: bool, latency_ms: float) -> Sequence[Extra]:
+        return ()
+
+    def on_failure(self, agent: Agent, run_id: str, step: str, exc: BaseException) -> None:
+        """Called once for a failure that will not be retried."""
+
+
+hooks: list[StepHooks] = []
+
+
+def run_step(
+    task: Task,
+    agent: Agent,
+    store: StateStore,
+    upstream: int | Sequence[int],
+    *,
+    run_id: str,
+    step: str,
+    final: bool = False,
+    chaos_spec: str = "",
+) -> int:
+    """Run one step of one run; return the version it sealed (or had sealed)."""
+    started = time.monotonic()
+    fan_in = not isinstance(upstream, int)
+    inputs = [int(v) for v in upstream] if isinstance(upstream, Sequence) else [int(upstream)]
+    worker = str(task.request.hostname or os.uname().nodename)
+    open_extra = [e for h in hooks for e in h.open_extra(agent)]
+    opening = store.open_step(
+        run_id,
+        step=step,
+        agent=agent.name,
+        inputs=inputs,
+        max_deliveries=agent.max_deliveries,
+        worker=worker,
+        extra=open_extra,
+    )
+    if opening.outcome == "sealed":
+        assert opening.sealed_version is not None
+        return opening.sealed_version
+    if opening.outcome in ("aborted", "missing"):
+        # The run ended (failed, compensating) or expired: stop here quietly,
+        # without failing the task, so no errback fires for a finished run.
+        store.note(run_id, "step.skipped", step=step, agent=agent.name,
+                   reason=f"run is {opening.status or 'gone'}")
+        raise Ignore()
+    if opening.outcome == "exhausted":
+        exc: Exception = DeliveryLimitExceeded(
+            f"run {run_id} step {step} (agent {agent.name}) was delivered "
+            f"{opening.deliveries} times, more than the {agent.max_deliveries} allowed: the "
+            "worker running it keeps dying; the run is failed instead of looping"
+        )
+        _fail(agent, run_id, step, exc, store, attempt=opening.deliveries)
+        raise exc
+    if opening.outcome == "noversion":
+        raise VersionNotFound(f"run {run_id} has no version {opening.missing_version}")
+    for h in hooks:
+        h.after_open(agent, opening, opening.extra)
+
+    attempt = opening.deliveries
+    try:
+        payload = _input_payload(opening.inputs, fan_in)
+        contracts.get(agent.input).validate(
+            payload, side="input", agent=agent.name, run_id=run_id,
+            version=opening.inputs[0].version if not fan_in else None,
+        )
+        ctx = StepContext(
+            run_id=run_id,
+            step=step,
+            agent=agent.name,
+            attempt=attempt,
+            input_versions=tuple(v.version for v in opening.inputs),
+            redis=store.redis,
+            worker=worker,
+        )
+        output = _execute(agent, payload, ctx, chaos_spec)
+        contracts.get(agent.output).validate(
+            output, side="output", agent=agent.name, run_id=run_id
+        )
+    except SoftTimeLimitExceeded:
+        exc = StepTimeLimitExceeded(
+            f"run {run_id} step {step}: agent {agent.name} ran past its time limit of "
+            f"{agent.time_limit_s:g}s"
+        )
+        _fail(agent, run_id, step, exc, store, attempt=attempt)
+        raise exc from None
+    except ContractViolation as e:  # never retried: the same input breaks it again
+        _fail(agent, run_id, step, e, store, attempt=attempt)
+        raise
+    except agent.retry_on as e:
+        if task.request.retries < agent.max_retries:
+            countdown = agent.retry_countdown_s(task.request.retries)
+            store.note(run_id, "step.retry", step=step, agent=agent.name, attempt=attempt,
+                       error_type=type(e).__name__, error=str(e)[:500], countdown_s=countdown)
+            raise task.retry(exc=e, countdown=countdown, max_retries=agent.max_retries) from e
+        _fail(agent, run_id, step, e, store, attempt=attempt)
+        raise
+    except Exception as e:
+        _fail(agent, run_id, step, e, store, attempt=attempt)
+        raise
+
+    latency_ms = (time.monotonic() - started) * 1000.0
+    sealing = store.seal(
+        run_id,
+        step=step,
+        agent=agent.name,
+        contract=agent.output,
+        payload=output,
+        parents=inputs,
+        final=final,
+        worker=worker,
+        latency_ms=latency_ms,
+        extra=[e for h in hooks for e in h.seal_extra(agent, ok=True, latency_ms=latency_ms)],
+    )
+    if sealing.outcome == "missing":
+        raise RunNotFound(f"run {run_id} disappeared while step {step} ran")
+    if sealing.outcome == "aborted":
+        # The run stopped while this step ran: nothing is sealed. The saga
+        # (next issue) compensates this step's side effects here.
+        store.note(run_id, "step.discarded", step=step, agent=agent.name,
+                   reason=f"run is {sealing.status}")
+        raise Ignore()
+    assert sealing.version is not None
+    return sealing.version
+
+
+def _input_payload(inputs: Sequence[Version], fan_in: bool) -> Any:
+    if fan_in:
+        return {v.agent: v.payload for v in inputs}
+    return inputs[0].payload
+
+
+def _execute(agent: Agent, payload: Any, ctx: StepContext, chaos_spec: str) -> Any:
+    mode = chaos.draw(chaos_spec, agent.name) if chaos_spec else None
+    if mode is chaos.ChaosMode.CRASH:
+        os._exit(chaos.CRASH_EXIT_CODE)
+    if mode is chaos.ChaosMode.ERROR:
+        raise chaos.ChaosError(f"PIPELINE_CHAOS: agent {agent.name} fails on purpose")
+    if mode is chaos.ChaosMode.SLOW:
+        time.sleep(agent.time_limit_s + 5.0)
+    output = agent.execute(payload, ctx)
+    if mode is chaos.ChaosMode.BAD_OUTPUT:
+        return dict(chaos.BAD_OUTPUT)
+    return output
+
+
+def _fail(
+    agent: Agent, run_id: str, step: str, exc: BaseException, store: StateStore, *, attempt: int
+) -> None:
+    fields: dict[str, str | int | float] = {
+        "step": step,
+        "agent": agent.name,
+        "attempt": attempt,
+        "error_type": type(exc).__name__,
+        "error": str(exc)[:2000],
+    }
+    if isinstance(exc, ContractViolation):
+        fields["contract"] = exc.contract
+        fields["side"] = exc.side
+        fields["fields"] = ",".join(exc.field_paths)
+    store.note(run_id, "step.failed", **fields)
+    for h in hooks:
+        h.on_failure(agent, run_id, step, exc)

@@ -1,0 +1,28 @@
+-- Create a run: its record and version 0 (the input), once per run id.
+-- KEYS[1] = pipeline:{run}:states  (stream of sealed versions)
+-- KEYS[2] = pipeline:{run}:steps   (hash step key -> version)
+-- KEYS[3] = pipeline:{run}:run     (hash: the run's record)
+-- KEYS[4] = pipeline:{run}:log     (stream: what happened)
+-- ARGV[1] = workflow name
+-- ARGV[2] = canonical JSON of the input payload
+-- ARGV[3] = sha256 of ARGV[2]
+-- ARGV[4] = input contract (name@version)
+-- ARGV[5] = idempotency key ('' when none)
+-- Returns {'created', created_at_ms} or {'exists', workflow, input_digest}.
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  local h = redis.call('HMGET', KEYS[3], 'workflow', 'input_digest')
+  return {'exists', h[1], h[2]}
+end
+local t = redis.call('TIME')
+local now = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+redis.call('XADD', KEYS[1], '0-1',
+  'version', '0', 'parents', '[]', 'agent', '', 'contract', ARGV[4],
+  'payload', ARGV[2], 'digest', ARGV[3], 'created_at', now, 'step', 'input', 'degraded', '0')
+redis.call('HSET', KEYS[2], 'input', '0')
+redis.call('HSET', KEYS[3],
+  'workflow', ARGV[1], 'status', 'running', 'head', '0',
+  'created_at', now, 'updated_at', now,
+  'input_contract', ARGV[4], 'input_digest', ARGV[3], 'idempotency_key', ARGV[5])
+redis.call('XADD', KEYS[4], '*', 'event', 'run.created', 'at', now, 'workflow', ARGV[1],
+  'version', '0')
+return {'created', now}

@@ -1,0 +1,42 @@
+-- Seal a step's output as the run's next version: one atomic append.
+-- KEYS[1] = pipeline:{run}:states      (stream of sealed versions)
+-- KEYS[2] = pipeline:{run}:steps       (hash step key -> version)
+-- KEYS[3] = pipeline:{run}:run         (hash: the run's record)
+-- KEYS[4] = pipeline:{run}:log         (stream: what happened)
+-- KEYS[5] = pipeline:{run}:deliveries  (hash step key -> deliveries so far)
+-- ARGV[1] = step key
+-- ARGV[2] = agent name
+-- ARGV[3] = output contract (name@version)
+-- ARGV[4] = canonical JSON of the payload
+-- ARGV[5] = sha256 of ARGV[4]
+-- ARGV[6] = parents, a JSON list of version numbers
+-- ARGV[7] = '1' when this step ends the run (it then succeeds), else '0'
+-- ARGV[8] = retention of a finished run, seconds
+-- ARGV[9] = '1' when the output is degraded, else '0'
+-- ARGV[10] = worker host name
+-- ARGV[11] = the step's latency so far, milliseconds
+-- Returns {'new', version, at_ms}, {'sealed', version} (this step key was sealed
+-- before: the same version, nothing written), {'missing'} or {'aborted', status}.
+local sealed = redis.call('HGET', KEYS[2], ARGV[1])
+if sealed then return {'sealed', sealed} end
+local status = redis.call('HGET', KEYS[3], 'status')
+if not status then return {'missing'} end
+if status ~= 'running' then return {'aborted', status} end
+local v = tostring(redis.call('HINCRBY', KEYS[3], 'head', 1))
+local t = redis.call('TIME')
+local now = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+redis.call('XADD', KEYS[1], v .. '-1',
+  'version', v, 'parents', ARGV[6], 'agent', ARGV[2], 'contract', ARGV[3],
+  'payload', ARGV[4], 'digest', ARGV[5], 'created_at', now, 'step', ARGV[1],
+  'degraded', ARGV[9])
+redis.call('HSET', KEYS[2], ARGV[1], v)
+redis.call('HSET', KEYS[3], 'updated_at', now)
+redis.call('XADD', KEYS[4], '*', 'event', 'step.sealed', 'at', now, 'step', ARGV[1],
+  'agent', ARGV[2], 'version', v, 'parents', ARGV[6], 'worker', ARGV[10],
+  'latency_ms', ARGV[11], 'degraded', ARGV[9])
+if ARGV[7] == '1' then
+  redis.call('HSET', KEYS[3], 'status', 'succeeded', 'output_version', v, 'finished_at', now)
+  redis.call('XADD', KEYS[4], '*', 'event', 'run.succeeded', 'at', now, 'version', v)
+  for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[8]) end
+end
+return {'new', v, now}

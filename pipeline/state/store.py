@@ -1,0 +1,355 @@
+"""The versioned state store: an append-only Redis stream per run (DESIGN sections 3-4)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from ..errors import RunNotFound, StoreUnavailable, VersionNotFound
+from ..keys import RunKeys, version_stream_id
+from ..lua import Batch, Script
+from ..settings import DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_RETENTION_S, Settings, redact_url
+from .version import RunInfo, RunStatus, Version, canonical_json, check_size, digest_of
+
+_PKG = "pipeline.state"
+CREATE_RUN = Script(_PKG, "create_run.lua")
+OPEN_STEP = Script(_PKG, "open_step.lua")
+SEAL = Script(_PKG, "seal.lua")
+FINISH = Script(_PKG, "finish.lua")
+NOTE = Script(_PKG, "note.lua")
+
+HISTORY_PAGE = 1000
+
+Extra = Callable[[Batch], int]
+"""Queues one more call on a step's round trip and returns its index in the batch."""
+
+
+def connect(url: str) -> redis.Redis:
+    """A Redis client for the pipeline's state, with timeouts a worker can live with."""
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_connect_timeout=5,
+        socket_timeout=30,
+        health_check_interval=30,
+    )
+
+
+@contextmanager
+def translate_errors(url: str) -> Iterator[None]:
+    """Turn redis-py connection errors into ``StoreUnavailable`` naming the URL."""
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as e:
+        raise StoreUnavailable(
+            f"cannot reach Redis at {redact_url(url)}: {e}; is it running, and is "
+            "PIPELINE_REDIS_URL right?"
+        ) from e
+    except redis.AuthenticationError as e:
+        raise StoreUnavailable(f"Redis at {redact_url(url)} refused the credentials: {e}") from e
+
+
+@dataclass(frozen=True, slots=True)
+class Created:
+    run_id: str
+    created: bool
+    workflow: str
+    input_digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class Opening:
+    """What opening a step found. Exactly one of the outcomes is set."""
+
+    outcome: str  # open | sealed | missing | aborted | exhausted | noversion
+    inputs: tuple[Version, ...] = ()
+    sealed_version: int | None = None
+    status: str | None = None
+    deliveries: int = 0
+    opened_at: float = 0.0
+    missing_version: int | None = None
+    extra: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Sealing:
+    outcome: str  # new | sealed | missing | aborted
+    version: int | None = None
+    status: str | None = None
+    extra: tuple[Any, ...] = ()
+
+
+class StateStore:
+    """Reads and appends sealed versions. Every write is one atomic Lua call."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        url: str = "",
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        retention_s: int = DEFAULT_RETENTION_S,
+    ) -> None:
+        self.redis = client
+        self.url = url or _url_of(client)
+        self.max_payload_bytes = max_payload_bytes
+        self.retention_s = retention_s
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> StateStore:
+        return cls(
+            connect(settings.redis_url),
+            url=settings.redis_url,
+            max_payload_bytes=settings.max_payload_bytes,
+            retention_s=settings.retention_s,
+        )
+
+    # -- writes -----------------------------------------------------------------
+
+    def create_run(
+        self,
+        run_id: str,
+        *,
+        workflow: str,
+        payload: Any,
+        contract: str,
+        idempotency_key: str | None = None,
+    ) -> Created:
+        """Create the run and seal its input as version 0; a no-op if the run exists."""
+        canonical = canonical_json(payload)
+        check_size(canonical, self.max_payload_bytes, f"input of workflow {workflow}")
+        digest = digest_of(canonical)
+        keys = RunKeys(run_id)
+        with translate_errors(self.url):
+            reply = CREATE_RUN(
+                self.redis,
+                [keys.states, keys.steps, keys.run, keys.log],
+                [workflow, canonical, digest, contract, idempotency_key or ""],
+            )
+        if reply[0] == "created":
+            return Created(run_id, True, workflow, digest)
+        return Created(run_id, False, reply[1], reply[2])
+
+    def open_step(
+        self,
+        run_id: str,
+        *,
+        step: str,
+        agent: str,
+        inputs: Sequence[int],
+        max_deliveries: int,
+        worker: str = "",
+        extra: Sequence[Extra] = (),
+    ) -> Opening:
+        """Open a step in one round trip: status, seal check, delivery count, inputs."""
+        keys = RunKeys(run_id)
+        batch = Batch(self.redis)
+        batch.script(
+            OPEN_STEP,
+            keys.all(),
+            [step, agent, max_deliveries, worker, *(int(v) for v in inputs)],
+        )
+        extra_idx = [queue(batch) for queue in extra]
+        with translate_errors(self.url):
+            results = batch.execute()
+        reply = _raise_if_error(results[0])
+        extras = tuple(results[i] for i in extra_idx)
+        outcome = reply[0]
+        if outcome == "open":
+            versions = tuple(
+                Version.from_entry(run_id, _pairs(fields)) for fields in reply[3:]
+            )
+            return Opening(
+                "open",
+                inputs=versions,
+                deliveries=int(reply[1]),
+                opened_at=int(reply[2]) / 1000.0,
+                extra=extras,
+            )
+        if outcome == "sealed":
+            return Opening("sealed", sealed_version=int(reply[1]), extra=extras)
+        if outcome == "aborted":
+            return Opening("aborted", status=reply[1], extra=extras)
+        if outcome == "exhausted":
+            return Opening("exhausted", deliveries=int(reply[1]), extra=extras)
+        if outcome == "noversion":
+            return Opening("noversion", missing_version=int(reply[1]), extra=extras)
+        return Opening("missing", extra=extras)
+
+    def seal(
+        self,
+        run_id: str,
+        *,
+        step: str,
+        agent: str,
+        contract: str,
+        payload: Any,
+        parents: Sequence[int],
+        final: bool = False,
+        degraded: bool = False,
+        worker: str = "",
+        latency_ms: float = 0.0,
+        extra: Sequence[Extra] = (),
+    ) -> Sealing:
+        """Append ``payload`` as the run's next version, once per step key.
+
+        A step key sealed before returns its version and writes nothing.
+        Raises ``PayloadTooLarge`` or ``ContractViolation`` (not JSON) before
+        anything reaches Redis.
+        """
+        canonical = canonical_json(payload)
+        check_size(canonical, self.max_payload_bytes, f"run {run_id} agent {agent} output")
+        keys = RunKeys(run_id)
+        batch = Batch(self.redis)
+        batch.script(
+            SEAL,
+            keys.all(),
+            [
+                step,
+                agent,
+                contract,
+                canonical,
+                digest_of(canonical),
+                json.dumps([int(p) for p in parents]),
+                "1" if final else "0",
+                self.retention_s,
+                "1" if degraded else "0",
+                worker,
+                f"{latency_ms:.3f}",
+            ],
+        )
+        extra_idx = [queue(batch) for queue in extra]
+        with translate_errors(self.url):
+            results = batch.execute()
+        reply = _raise_if_error(results[0])
+        extras = tuple(results[i] for i in extra_idx)
+        if reply[0] in ("new", "sealed"):
+            return Sealing(reply[0], version=int(reply[1]), extra=extras)
+        if reply[0] == "aborted":
+            return Sealing("aborted", status=reply[1], extra=extras)
+        return Sealing("missing", extra=extras)
+
+    def finish(self, run_id: str, status: RunStatus, *, error: str = "", agent: str = "") -> bool:
+        """Move a running run to ``status``; False when it was not running."""
+        with translate_errors(self.url):
+            reply = FINISH(
+                self.redis, RunKeys(run_id).all(), [status.value, error, agent, self.retention_s]
+            )
+        return bool(reply[0] == "changed")
+
+    def note(self, run_id: str, event: str, **fields: str | int | float) -> bool:
+        """Append an entry to the run's log (only while the run exists)."""
+        keys = RunKeys(run_id)
+        args: list[str | int | float] = ["event", event]
+        for name, value in fields.items():
+            args += [name, value]
+        with translate_errors(self.url):
+            return bool(NOTE(self.redis, [keys.run, keys.log], args))
+
+    def delete_run(self, run_id: str) -> None:
+        """Remove every key of a run (only for a run that was never enqueued)."""
+        with translate_errors(self.url):
+            self.redis.delete(*RunKeys(run_id).all())
+
+    # -- reads ------------------------------------------------------------------
+
+    def get(self, run_id: str, version: int) -> Version:
+        """Version N of a run, found directly by its stream id; digest checked."""
+        sid = version_stream_id(version)
+        keys = RunKeys(run_id)
+        with translate_errors(self.url):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.xrange(keys.states, sid, sid)
+            pipe.exists(keys.run)
+            entries, exists = pipe.execute()
+        if not entries:
+            if not exists:
+                raise RunNotFound(_no_run(run_id))
+            raise VersionNotFound(f"run {run_id} has no version {version}")
+        return Version.from_entry(run_id, entries[0][1])
+
+    def history(self, run_id: str) -> list[Version]:
+        """Every sealed version of the run, oldest first; every digest checked."""
+        keys = RunKeys(run_id)
+        out: list[Version] = []
+        start = "-"
+        with translate_errors(self.url):
+            while True:
+                page = self.redis.xrange(keys.states, start, "+", count=HISTORY_PAGE)
+                out += [Version.from_entry(run_id, fields) for _, fields in page]
+                if len(page) < HISTORY_PAGE:
+                    break
+                start = "(" + page[-1][0]
+        if not out:
+            raise RunNotFound(_no_run(run_id))
+        return out
+
+    def lineage(self, run_id: str, version: int) -> list[Version]:
+        """Version N and every version it was made from, newest first."""
+        seen: dict[int, Version] = {}
+        todo = [version]
+        while todo:
+            n = todo.pop()
+            if n in seen:
+                continue
+            v = self.get(run_id, n)
+            seen[n] = v
+            todo += [p for p in v.parents if p not in seen]
+        return [seen[n] for n in sorted(seen, reverse=True)]
+
+    def run_info(self, run_id: str) -> RunInfo:
+        with translate_errors(self.url):
+            h = self.redis.hgetall(RunKeys(run_id).run)
+        if not h:
+            raise RunNotFound(_no_run(run_id))
+        return RunInfo.from_hash(run_id, h)
+
+    def log(self, run_id: str) -> list[dict[str, str]]:
+        """The run's log entries, oldest first, each with its stream id as ``id``."""
+        keys = RunKeys(run_id)
+        with translate_errors(self.url):
+            entries = self.redis.xrange(keys.log)
+            if not entries and not self.redis.exists(keys.run):
+                raise RunNotFound(_no_run(run_id))
+        return [{"id": sid, **fields} for sid, fields in entries]
+
+    def wait_log(self, run_id: str, after: str, block_ms: int) -> str:
+        """Block until the run's log has an entry after ``after``; its last id."""
+        key = RunKeys(run_id).log
+        with translate_errors(self.url):
+            reply = self.redis.xread({key: after}, count=100, block=block_ms)
+        if not reply:
+            return after
+        return str(reply[0][1][-1][0])
+
+    def ping(self) -> None:
+        with translate_errors(self.url):
+            self.redis.ping()
+
+
+def _pairs(flat: Sequence[str]) -> dict[str, str]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def _raise_if_error(reply: Any) -> Any:
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
+
+
+def _no_run(run_id: str) -> str:
+    return (
+        f"no run {run_id!r}: it was never started, or it finished and expired "
+        "(PIPELINE_RETENTION_S)"
+    )
+
+
+def _url_of(client: redis.Redis) -> str:
+    kw = client.connection_pool.connection_kwargs
+    host = kw.get("host", "localhost")
+    return f"redis://{host}:{kw.get('port', 6379)}/{kw.get('db', 0)}"

@@ -1,0 +1,165 @@
+"""The sealed version and the run's record (DESIGN section 4)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from ..errors import ContractViolation, IntegrityError, PayloadTooLarge
+
+INPUT_STEP = "input"
+
+
+class RunStatus(StrEnum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    COMPENSATING = "compensating"
+    COMPENSATED = "compensated"
+    COMPENSATION_FAILED = "compensation_failed"
+
+    @property
+    def is_final(self) -> bool:
+        return self not in (RunStatus.RUNNING, RunStatus.COMPENSATING)
+
+
+def canonical_json(payload: Any) -> str:
+    """The one JSON text of a payload that its digest is taken over.
+
+    Raises ``ContractViolation`` when the payload is not JSON (a set, a NaN...).
+    """
+    try:
+        return json.dumps(
+            payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
+    except (TypeError, ValueError) as e:
+        raise ContractViolation(
+            f"payload is not JSON: {e}", errors={"<payload>": [f"not JSON: {e}"]}
+        ) from None
+
+
+def digest_of(canonical: str) -> str:
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def check_size(canonical: str, limit: int, where: str) -> int:
+    size = len(canonical.encode("utf-8"))
+    if size > limit:
+        raise PayloadTooLarge(
+            f"{where}: payload is {size:,} bytes of canonical JSON, over the limit of "
+            f"{limit:,} bytes (PIPELINE_MAX_PAYLOAD_BYTES); store large data elsewhere and "
+            "seal a reference to it"
+        )
+    return size
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    """One sealed version of a run's state. Never changed once sealed."""
+
+    run_id: str
+    version: int
+    parents: tuple[int, ...]
+    agent: str
+    contract: str
+    payload: Any
+    digest: str
+    created_at: float
+    step: str
+    degraded: bool = False
+
+    @classmethod
+    def from_entry(cls, run_id: str, fields: dict[str, str]) -> Version:
+        """Build from a stream entry, checking its digest first."""
+        version = int(fields["version"])
+        raw = fields["payload"]
+        digest = digest_of(raw)
+        if digest != fields["digest"]:
+            raise IntegrityError(
+                f"run {run_id} version {version} (agent {fields.get('agent') or 'input'}): "
+                f"digest mismatch: sealed {fields['digest'][:12]}…, payload hashes to "
+                f"{digest[:12]}…; the entry was changed outside the pipeline and cannot be trusted"
+            )
+        return cls(
+            run_id=run_id,
+            version=version,
+            parents=tuple(json.loads(fields["parents"])),
+            agent=fields["agent"],
+            contract=fields["contract"],
+            payload=json.loads(raw),
+            digest=digest,
+            created_at=int(fields["created_at"]) / 1000.0,
+            step=fields["step"],
+            degraded=fields.get("degraded") == "1",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "version": self.version,
+            "parents": list(self.parents),
+            "agent": self.agent,
+            "contract": self.contract,
+            "payload": self.payload,
+            "digest": self.digest,
+            "created_at": self.created_at,
+            "step": self.step,
+            "degraded": self.degraded,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """The run's record: a projection of its log kept for quick reads."""
+
+    run_id: str
+    workflow: str
+    status: RunStatus
+    head: int
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+    output_version: int | None
+    error: str | None
+    failed_agent: str | None
+    input_contract: str
+    idempotency_key: str | None
+
+    @classmethod
+    def from_hash(cls, run_id: str, h: dict[str, str]) -> RunInfo:
+        def ms(name: str) -> float | None:
+            return int(h[name]) / 1000.0 if h.get(name) else None
+
+        return cls(
+            run_id=run_id,
+            workflow=h["workflow"],
+            status=RunStatus(h["status"]),
+            head=int(h["head"]),
+            created_at=ms("created_at") or 0.0,
+            updated_at=ms("updated_at") or 0.0,
+            finished_at=ms("finished_at"),
+            output_version=int(h["output_version"]) if h.get("output_version") else None,
+            error=h.get("error") or None,
+            failed_agent=h.get("failed_agent") or None,
+            input_contract=h.get("input_contract", ""),
+            idempotency_key=h.get("idempotency_key") or None,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "workflow": self.workflow,
+            "status": self.status.value,
+            "head": self.head,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "finished_at": self.finished_at,
+            "output_version": self.output_version,
+            "error": self.error,
+            "failed_agent": self.failed_agent,
+            "input_contract": self.input_contract,
+            "idempotency_key": self.idempotency_key,
+        }

@@ -1,0 +1,226 @@
+"""Workflows: a graph of agents, checked when built, compiled to a Celery canvas.
+
+``Workflow("w", [a, parallel(b, c, d), e])`` compiles to
+``chain(step(a), chord(group(step(b), step(c), step(d)), step(e)))`` (DESIGN
+section 6). Messages carry references only: each step task receives the
+version number(s) its upstream sealed and returns the version it sealed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery, chain, chord, group
+from celery.canvas import Signature
+
+from .agent import Agent, AgentRegistry, agents
+from .contracts import Contract, ContractRegistry, check_handoff, contracts, fan_in_schema
+from .errors import ContractMismatch, UnknownWorkflow, WorkflowDefinitionError
+
+__all__ = ["Parallel", "Step", "Workflow", "WorkflowRegistry", "parallel", "workflows"]
+
+ERRBACK_TASK = "pipeline.run_failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Parallel:
+    """Agents that run side by side on the same input; the next step joins them."""
+
+    agents: tuple[str | Agent, ...]
+
+
+def parallel(*members: str | Agent) -> Parallel:
+    return Parallel(tuple(members))
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One agent at one place in a workflow."""
+
+    key: str
+    agent: Agent
+    fan_in: tuple[str, ...] = ()  # the agents whose outputs this step joins
+    final: bool = False
+
+
+class Workflow:
+    """A named, checked sequence of steps and parallel groups."""
+
+    def __init__(
+        self,
+        name: str,
+        steps: Sequence[str | Agent | Parallel],
+        *,
+        description: str = "",
+        agent_registry: AgentRegistry = agents,
+        contract_registry: ContractRegistry = contracts,
+        register: bool = True,
+    ) -> None:
+        if not name:
+            raise WorkflowDefinitionError("a workflow needs a name")
+        if not steps:
+            raise WorkflowDefinitionError(f"workflow {name}: no steps")
+        self.name = name
+        self.description = description
+        self._contracts = contract_registry
+        self.stages: list[list[Step]] = []
+        previous: list[Agent] = []
+        for i, item in enumerate(steps):
+            members = item.agents if isinstance(item, Parallel) else (item,)
+            resolved = [m if isinstance(m, Agent) else agent_registry.get(m) for m in members]
+            if not resolved:
+                raise WorkflowDefinitionError(f"workflow {name}: step {i} is an empty parallel()")
+            names = [a.name for a in resolved]
+            if len(set(names)) != len(names):
+                raise WorkflowDefinitionError(
+                    f"workflow {name}: step {i} runs the same agent twice in parallel: {names}"
+                )
+            if len(resolved) > 1 and len(previous) > 1:
+                raise WorkflowDefinitionError(
+                    f"workflow {name}: step {i} follows another parallel group; put one agent "
+                    "between them to join the first group"
+                )
+            fan_in = tuple(p.name for p in previous) if len(previous) > 1 else ()
+            stage = [
+                Step(key=f"{i}.{j}:{a.name}" if len(resolved) > 1 else f"{i}:{a.name}",
+                     agent=a, fan_in=fan_in)
+                for j, a in enumerate(resolved)
+            ]
+            self.stages.append(stage)
+            previous = resolved
+        if len(self.stages[-1]) > 1:
+            raise WorkflowDefinitionError(
+                f"workflow {name}: it ends in a parallel group; end it with one agent whose "
+                "output is the run's output"
+            )
+        last = self.stages[-1][0]
+        self.stages[-1][0] = Step(key=last.key, agent=last.agent, fan_in=last.fan_in, final=True)
+        self._check_contracts()
+        if register:
+            workflows.register(self)
+
+    # -- checks -----------------------------------------------------------------
+
+    def _check_contracts(self) -> None:
+        first = {self._contracts.get(s.agent.input).ref for s in self.stages[0]}
+        if len(first) > 1:
+            raise ContractMismatch(
+                f"workflow {self.name}: the first parallel agents expect different inputs "
+                f"({', '.join(sorted(first))}); they all receive the run's input"
+            )
+        for before, after in zip(self.stages, self.stages[1:], strict=False):
+            for step in after:
+                consumer = self._contracts.get(step.agent.input)
+                where = f"workflow {self.name}, step {step.key}"
+                if step.fan_in:
+                    producers = {s.agent.name: self._contracts.get(s.agent.output) for s in before}
+                    joined = Contract(
+                        f"fan-in({','.join(producers)})",
+                        1,
+                        fan_in_schema({n: c.schema for n, c in producers.items()}),
+                    )
+                    check_handoff(joined, consumer, where)
+                else:
+                    check_handoff(self._contracts.get(before[0].agent.output), consumer, where)
+            for step in before:
+                self._contracts.get(step.agent.output)
+
+    # -- facts ------------------------------------------------------------------
+
+    @property
+    def input_contract(self) -> Contract:
+        return self._contracts.get(self.stages[0][0].agent.input)
+
+    @property
+    def output_contract(self) -> Contract:
+        return self._contracts.get(self.stages[-1][0].agent.output)
+
+    def steps(self) -> Iterator[Step]:
+        for stage in self.stages:
+            yield from stage
+
+    def agents(self) -> list[Agent]:
+        return [s.agent for s in self.steps()]
+
+    def shape(self) -> str:
+        """``a -> (b | c | d) -> e``."""
+        parts = []
+        for stage in self.stages:
+            names = [s.agent.name for s in stage]
+            parts.append(names[0] if len(names) == 1 else "(" + " | ".join(names) + ")")
+        return " -> ".join(parts)
+
+    # -- compilation ------------------------------------------------------------
+
+    def compile(self, app: Celery, run_id: str) -> Signature:
+        """The canvas for one run: chains for sequence, chords for fan-out/fan-in.
+
+        The first step(s) receive version 0, the run's input. One errback with
+        the ``(request, exc, traceback)`` signature is linked to every step's
+        own signature: ``chord.link_error`` would clone it immutable, and an
+        immutable errback is called without the request, exception and traceback.
+        """
+        parts: list[Signature] = []
+        for i, stage in enumerate(self.stages):
+            sigs = [self._signature(app, run_id, s, first=(i == 0)) for s in stage]
+            if len(sigs) == 1:
+                previous = parts[-1] if parts else None
+                if isinstance(previous, group):
+                    parts[-1] = chord(previous, sigs[0], app=app)
+                else:
+                    parts.append(sigs[0])
+            else:
+                parts.append(group(sigs, app=app))
+        canvas: Signature = parts[0] if len(parts) == 1 else chain(*parts, app=app)
+        return canvas
+
+    @staticmethod
+    def _signature(app: Celery, run_id: str, step: Step, *, first: bool) -> Signature:
+        kwargs: dict[str, Any] = {"run_id": run_id, "step": step.key}
+        if step.final:
+            kwargs["final"] = True
+        sig = app.signature(
+            step.agent.task_name,
+            args=(0,) if first else (),
+            kwargs=kwargs,
+            queue=step.agent.queue,
+        )
+        sig.link_error(app.signature(ERRBACK_TASK))
+        return sig
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "workflow": self.name,
+            "shape": self.shape(),
+            "input_contract": self.input_contract.ref,
+            "output_contract": self.output_contract.ref,
+            "description": self.description,
+        }
+
+    def __repr__(self) -> str:
+        return f"Workflow({self.name!r}, {self.shape()})"
+
+
+class WorkflowRegistry:
+    def __init__(self) -> None:
+        self._by_name: dict[str, Workflow] = {}
+
+    def register(self, wf: Workflow) -> Workflow:
+        self._by_name[wf.name] = wf
+        return wf
+
+    def get(self, name: str) -> Workflow:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            known = ", ".join(sorted(self._by_name)) or "none"
+            raise UnknownWorkflow(f"unknown workflow {name!r} (registered: {known})") from None
+
+    def __iter__(self) -> Iterator[Workflow]:
+        return iter(sorted(self._by_name.values(), key=lambda w: w.name))
+
+
+workflows = WorkflowRegistry()
+"""The process-wide workflow registry."""

@@ -1,0 +1,26 @@
+"""The example deployment's agents: credit decisioning, and research -> analysis -> report."""
+
+from pathlib import Path
+
+from . import credit, research
+
+SAMPLES = Path(__file__).parent / "samples"
+
+DEMO = {
+    "workflow": "credit_decision",
+    "input": str(SAMPLES / "batch.json"),
+    "rejected": str(SAMPLES / "invalid.json"),
+    "columns": [
+        ("application", "application_id"),
+        ("decision", "decision"),
+        ("score", "credit_score"),
+        ("risk", "risk_rating"),
+        ("DTI", "dti_with_loan"),
+        ("fraud", "fraud_score"),
+        ("amount", "approved_amount"),
+        ("APR", "apr"),
+    ],
+}
+"""What ``pipeline demo`` runs."""
+
+__all__ = ["DEMO", "SAMPLES", "credit", "research"]
