@@ -81,7 +81,7 @@ class Pipeline:
         contract: Contract = wf.input_contract
         contract.validate(payload, side="input", agent=wf.stages[0][0].agent.name)
         run_id = (
-            str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{wf.name}\x00{idempotency_key}"))
+            self.run_id_for(wf.name, idempotency_key)
             if idempotency_key is not None
             else str(uuid.uuid4())
         )
@@ -108,6 +108,11 @@ class Pipeline:
                 f"{redact_url(self.settings.broker_url)} is unreachable ({e}); nothing was kept"
             ) from e
         return Run(self, run_id)
+
+    @staticmethod
+    def run_id_for(workflow: str, idempotency_key: str) -> str:
+        """The run id that ``start`` gives a workflow and idempotency key."""
+        return str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{workflow}\x00{idempotency_key}"))
 
     def run(self, run_id: str) -> Run:
         """A handle on an existing run; raises ``RunNotFound`` when there is none."""
