@@ -79,7 +79,7 @@ def create_app(settings: Settings | None = None, *, main: str = "pipeline") -> C
     def run_failed_errback(request: Any, exc: BaseException, traceback: Any) -> None:
         run_failed(store_for(app), request, exc)
 
-    app.task(name=ERRBACK_TASK, ignore_result=True)(run_failed_errback)
+    app.task(name=ERRBACK_TASK, ignore_result=True, shared=False)(run_failed_errback)
     return app
 
 
@@ -108,8 +108,8 @@ def _bind_agent(app: Celery, a: Agent, settings: Settings) -> None:
     step.__doc__ = a.description or f"Run agent {a.name} as one step of a workflow."
     app.task(
         name=a.task_name,
+        shared=False,
         bind=True,
-        queue=a.queue,
         soft_time_limit=a.time_limit_s,
         time_limit=a.time_limit_s + HARD_TIME_LIMIT_GRACE_S,
         max_retries=a.max_retries,

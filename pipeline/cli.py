@@ -237,3 +237,7 @@ def table(rows: Sequence[Sequence[str]]) -> str:
 
 def _time(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+if __name__ == "__main__":
+    main()

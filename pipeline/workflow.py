@@ -124,8 +124,8 @@ class Workflow:
                     check_handoff(joined, consumer, where)
                 else:
                     check_handoff(self._contracts.get(before[0].agent.output), consumer, where)
-            for step in before:
-                self._contracts.get(step.agent.output)
+        for step in self.steps():  # every output, the last step's too
+            self._contracts.get(step.agent.output)
 
     # -- facts ------------------------------------------------------------------
 

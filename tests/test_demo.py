@@ -1,0 +1,51 @@
+"""`pipeline demo` and the embedded Redis, as a new user runs them."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import redis
+
+from pipeline.embedded import EmbeddedRedis
+from tests.conftest import ROOT, Cluster
+
+
+def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=ROOT, env={**os.environ, "PIPELINE_CHAOS": "", **env},
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_demo_runs_the_batch_and_shows_decisions_and_lineage(cluster: Cluster) -> None:
+    done = run_cli("demo", PIPELINE_REDIS_URL=cluster.url)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "8/8 runs succeeded" in out
+    lines = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("app-")}
+    assert lines["app-1001"][1:3] == ["approved", "759"]
+    assert lines["app-1002"][1:3] == ["declined", "300"]
+    assert "lineage of run" in out and "final_approval" in out
+    assert "ContractViolation" in out and "income.annual" in out  # the refused sample
+    assert "worker pool stopped" in out
+
+
+def test_demo_with_an_unreachable_redis_url_says_so(cluster: Cluster) -> None:
+    done = run_cli("demo", PIPELINE_REDIS_URL="redis://:pw@127.0.0.1:1/0")
+    assert done.returncode == 2
+    assert "127.0.0.1:1" in done.stderr and "does not answer" in done.stderr
+    assert "pw@" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_embedded_redis_supports_streams_and_stops_cleanly() -> None:
+    with EmbeddedRedis() as server:
+        client = redis.Redis.from_url(server.url, decode_responses=True)
+        assert client.xadd("s", {"a": "1"}, id="0-1") == "0-1"
+        port, data_dir = server.port, server.dir
+    assert data_dir is not None and not os.path.exists(data_dir)
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0
