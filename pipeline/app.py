@@ -71,7 +71,7 @@ def create_app(settings: Settings | None = None, *, main: str = "pipeline") -> C
         result_expires=24 * 3600,
         worker_hijack_root_logger=False,
     )
-    app.pipeline_settings = settings  # type: ignore[attr-defined]
+    app.pipeline_settings = settings
     for a in agents:
         _bind_agent(app, a, settings)
     # Not bound: Celery passes (request, exc, traceback) only to an errback

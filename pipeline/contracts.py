@@ -53,7 +53,7 @@ class Contract:
                 "_schema": [f"expected a JSON object, got {_json_type(payload)}"]
             }
         except ValidationError as e:  # raised by a rule outside a field
-            errors = e.normalized_messages()
+            errors = e.normalized_messages()  # type: ignore[no-untyped-call]
         except Exception as e:  # a semantic rule that crashed on this payload refuses it
             errors = {"_schema": [f"rule failed on this payload: {type(e).__name__}: {e}"]}
         if not errors:
@@ -193,7 +193,7 @@ def check_handoff(producer: Contract, consumer: Contract, where: str) -> None:
         )
 
 
-def _field_problems(p: fields.Field, c: fields.Field, where: str) -> list[str]:
+def _field_problems(p: fields.Field[Any], c: fields.Field[Any], where: str) -> list[str]:
     if isinstance(c, fields.Raw) and type(c) is fields.Raw:
         return []
     if isinstance(c, fields.Nested) and isinstance(p, fields.Nested):

@@ -90,7 +90,7 @@ def _run_batch(p: Pipeline, spec: dict[str, Any], batch: list[Any], timeout_s: f
     runs = [p.start(workflow, payload) for payload in batch]
     results = [r.wait(timeout_s) for r in runs]
     elapsed = time.monotonic() - started
-    columns: list[tuple[str, str]] = [tuple(c) for c in spec["columns"]]  # type: ignore[misc]
+    columns: list[tuple[str, str]] = [(c[0], c[1]) for c in spec["columns"]]
     rows = [tuple(title for title, _ in columns) + ("status", "versions", "ms")]
     for run, res in zip(runs, results, strict=True):
         info = run.info()

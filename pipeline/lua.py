@@ -55,7 +55,7 @@ class Batch:
         return len(self._calls) - 1
 
     def command(self, *args: Arg) -> int:
-        self.pipe.execute_command(*args)
+        self.pipe.execute_command(*args)  # type: ignore[no-untyped-call]
         self._calls.append(None)
         return len(self._calls) - 1
 

@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -24,6 +24,8 @@ FINISH = Script(_PKG, "finish.lua")
 NOTE = Script(_PKG, "note.lua")
 
 HISTORY_PAGE = 1000
+
+Entries = list[tuple[str, dict[str, str]]]
 
 Extra = Callable[[Batch], int]
 """Queues one more call on a step's round trip and returns its index in the batch."""
@@ -280,7 +282,8 @@ class StateStore:
         start = "-"
         with translate_errors(self.url):
             while True:
-                page = self.redis.xrange(keys.states, start, "+", count=HISTORY_PAGE)
+                page = cast(Entries, self.redis.xrange(keys.states, start, "+",
+                                                       count=HISTORY_PAGE))
                 out += [Version.from_entry(run_id, fields) for _, fields in page]
                 if len(page) < HISTORY_PAGE:
                     break
@@ -304,7 +307,7 @@ class StateStore:
 
     def run_info(self, run_id: str) -> RunInfo:
         with translate_errors(self.url):
-            h = self.redis.hgetall(RunKeys(run_id).run)
+            h = cast(dict[str, str], self.redis.hgetall(RunKeys(run_id).run))
         if not h:
             raise RunNotFound(_no_run(run_id))
         return RunInfo.from_hash(run_id, h)
@@ -313,7 +316,7 @@ class StateStore:
         """The run's log entries, oldest first, each with its stream id as ``id``."""
         keys = RunKeys(run_id)
         with translate_errors(self.url):
-            entries = self.redis.xrange(keys.log)
+            entries = cast(Entries, self.redis.xrange(keys.log))
             if not entries and not self.redis.exists(keys.run):
                 raise RunNotFound(_no_run(run_id))
         return [{"id": sid, **fields} for sid, fields in entries]
@@ -322,10 +325,11 @@ class StateStore:
         """Block until the run's log has an entry after ``after``; its last id."""
         key = RunKeys(run_id).log
         with translate_errors(self.url):
-            reply = self.redis.xread({key: after}, count=100, block=block_ms)
+            reply = cast(list[tuple[str, Entries]],
+                         self.redis.xread({key: after}, count=100, block=block_ms))
         if not reply:
             return after
-        return str(reply[0][1][-1][0])
+        return reply[0][1][-1][0]
 
     def ping(self) -> None:
         with translate_errors(self.url):

@@ -1,0 +1,12 @@
+# The image every pipeline process runs from (workers, Flower, the CLI).
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY pipeline ./pipeline
+RUN pip install --no-cache-dir .
+COPY config ./config
+COPY tasks ./tasks
+RUN useradd --create-home --uid 10001 pipeline
+USER pipeline
+ENV PYTHONUNBUFFERED=1
+CMD ["celery", "-A", "config", "worker", "--loglevel=INFO"]
