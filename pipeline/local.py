@@ -65,7 +65,11 @@ class WorkerProcess:
             stderr=open(self.logfile.with_suffix(".err"), "wb"),  # noqa: SIM115
         )
         if wait:
-            self.wait_ready()
+            try:
+                self.wait_ready()
+            except BaseException:
+                self.kill()  # never leave a half-started pool behind
+                raise
         return self
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
