@@ -148,7 +148,8 @@ def flatten_errors(errors: Mapping[Any, Any], prefix: str = "") -> dict[str, lis
         if key == "_schema":
             path = prefix or "<root>"
         else:
-            path = f"{prefix}.{key}" if prefix else str(key)
+            name = str(key) or '""'  # an empty key still gets a visible path
+            path = f"{prefix}.{name}" if prefix else name
         if isinstance(value, Mapping):
             for sub, msgs in flatten_errors(value, path).items():
                 out.setdefault(sub, []).extend(msgs)

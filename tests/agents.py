@@ -8,10 +8,11 @@ from typing import Any
 from celery.signals import task_postrun
 from marshmallow import Schema, fields
 
-from pipeline import StepContext, Workflow, agent, contract
+from pipeline import StepContext, TransientAgentError, Workflow, agent, contract
 
 EXECUTIONS_KEY = "test:executions:{run_id}:{agent}"
 CRASH_AFTER_SEAL_KEY = "test:crash-after-seal:{run_id}"
+CRASHED_TASK_KEY = "test:crashed-task:{run_id}"
 
 
 @contract("count", 1)
@@ -44,7 +45,14 @@ counting = Workflow("counting", [increment, double])
 def _crash_after_seal(task_id: str, task: Any, kwargs: dict[str, Any] | None = None,
                       **_: Any) -> None:
     """Kill the pool process right after a step sealed, before its message is acked,
-    once per run whose test asked for it: the broker then delivers the step again."""
+    once per run whose test asked for it: the broker then delivers the step again.
+
+    task_postrun comes after Celery stored the task's result, and Celery >= 5.7
+    acks (does not redeliver) a message whose task stored SUCCESS before its
+    worker was lost. So the result is forgotten first: the worker dies as if
+    between sealing and storing the result. The task id is left at
+    CRASHED_TASK_KEY; its result reads SUCCESS again once the redelivery ran.
+    """
     run_id = (kwargs or {}).get("run_id")
     if not run_id or task.name != "agent.increment":
         return
@@ -52,4 +60,33 @@ def _crash_after_seal(task_id: str, task: Any, kwargs: dict[str, Any] | None = N
 
     client = store_for(task.app).redis
     if client.delete(CRASH_AFTER_SEAL_KEY.format(run_id=run_id)):
+        task.backend.forget(task_id)
+        client.set(CRASHED_TASK_KEY.format(run_id=run_id), task_id, ex=3600)
         os._exit(1)
+
+
+@agent(input="count@1", output="count@1", time_limit_s=1, max_retries=0)
+def sleepy(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Return the count unchanged; a one-second time limit for the `slow` chaos mode."""
+    _count(ctx)
+    return {"n": payload["n"]}
+
+
+sleeping = Workflow("sleeping", [sleepy])
+
+FLAKY_FAILURES = 2
+
+
+@agent(input="count@1", output="count@1", time_limit_s=5, max_retries=3, retry_backoff_s=0.1)
+def flaky(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Fail with a transient error on the first two executions of a run, then add one."""
+    executions = ctx.redis.incr(EXECUTIONS_KEY.format(run_id=ctx.run_id, agent=ctx.agent))
+    if int(executions) <= FLAKY_FAILURES:
+        raise TransientAgentError(
+            f"run {ctx.run_id}: agent flaky fails on purpose (execution {executions} of "
+            f"{FLAKY_FAILURES} that fail)"
+        )
+    return {"n": payload["n"] + 1}
+
+
+flaking = Workflow("flaking", [flaky])
