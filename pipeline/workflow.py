@@ -164,7 +164,8 @@ class Workflow:
         """
         parts: list[Signature] = []
         for i, stage in enumerate(self.stages):
-            sigs = [self._signature(app, run_id, s, first=(i == 0)) for s in stage]
+            sigs = [self._signature(app, run_id, s, first=(i == 0), joined=len(stage) > 1)
+                    for s in stage]
             if len(sigs) == 1:
                 previous = parts[-1] if parts else None
                 if isinstance(previous, group):
@@ -177,7 +178,13 @@ class Workflow:
         return canvas
 
     @staticmethod
-    def _signature(app: Celery, run_id: str, step: Step, *, first: bool) -> Signature:
+    def _signature(
+        app: Celery, run_id: str, step: Step, *, first: bool, joined: bool
+    ) -> Signature:
+        """One step's task. Only a chord member's result is stored (the chord
+        joins on it); every other step ignores its Celery result, since the
+        sealed version is the result. That saves a backend write per step and
+        keeps the client from subscribing to each run's result channel."""
         kwargs: dict[str, Any] = {"run_id": run_id, "step": step.key}
         if step.final:
             kwargs["final"] = True
@@ -186,6 +193,7 @@ class Workflow:
             args=(0,) if first else (),
             kwargs=kwargs,
             queue=step.agent.queue,
+            ignore_result=not joined,
         )
         sig.link_error(app.signature(ERRBACK_TASK))
         return sig

@@ -15,6 +15,7 @@ the next one, and clean only those.
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -51,6 +52,9 @@ def redis_base_url() -> Iterator[str]:
     else:
         with EmbeddedRedis() as server:
             yield server.url
+            # Celery's AsyncResult objects unsubscribe from their result channel
+            # when collected: let that happen while the server still answers.
+            gc.collect()
 
 
 def _db_url(base: str, offset: int) -> str:

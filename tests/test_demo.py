@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import redis
 
 from pipeline.embedded import EmbeddedRedis
@@ -49,3 +50,27 @@ def test_embedded_redis_supports_streams_and_stops_cleanly() -> None:
     assert data_dir is not None and not os.path.exists(data_dir)
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _can_isolate_network() -> bool:
+    try:
+        return subprocess.run(["unshare", "-n", "true"], capture_output=True,
+                              timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not _can_isolate_network(), reason="needs `unshare -n` (a network namespace)")
+def test_demo_starts_an_embedded_redis_when_nothing_answers() -> None:
+    """As on a fresh machine: in a network namespace of its own nothing listens
+    on 127.0.0.1:6379, so the demo starts the embedded server and cleans up."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PIPELINE_", "CELERY_"))}
+    done = subprocess.run(
+        ["unshare", "-n", "sh", "-c",
+         f"ip link set lo up && exec {sys.executable} -m pipeline.cli demo"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "started an embedded one at redis://127.0.0.1:" in done.stdout
+    assert "8/8 runs succeeded" in done.stdout and "worker pool stopped" in done.stdout
