@@ -6,6 +6,7 @@ COPY pipeline ./pipeline
 RUN pip install --no-cache-dir .
 COPY config ./config
 COPY tasks ./tasks
+COPY flowerconfig.py ./
 RUN useradd --create-home --uid 10001 pipeline
 USER pipeline
 ENV PYTHONUNBUFFERED=1

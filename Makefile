@@ -32,7 +32,7 @@ worker: $(VENV)/.installed-embedded
 	$(BIN)/celery -A config worker --loglevel=INFO
 
 flower: $(VENV)/.installed-embedded
-	$(BIN)/celery -A config flower --conf=config/flowerconfig.py
+	$(BIN)/celery -A config flower
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -65,14 +65,15 @@ def test_compose_flower_needs_credentials_and_listens_on_loopback_only() -> None
     flower = COMPOSE["services"]["flower"]
     assert flower["environment"]["FLOWER_BASIC_AUTH"].startswith("${FLOWER_BASIC_AUTH:?")
     assert all(p.startswith("127.0.0.1:") for p in flower["ports"])
-    assert "--conf=config/flowerconfig.py" in flower["command"]
+    assert flower["command"] == "celery -A config flower"  # reads ./flowerconfig.py
+    assert "COPY flowerconfig.py" in (Path(ROOT) / "Dockerfile").read_text()
 
 
 def test_procfile_runs_redis_flower_and_a_pool_for_every_queue() -> None:
     assert served_queues([c for n, c in PROCFILE.items() if n.startswith("worker")]) \
         == agent_queues()
     assert "--appendonly yes" in PROCFILE["redis"]
-    assert "--conf=config/flowerconfig.py" in PROCFILE["flower"]
+    assert PROCFILE["flower"] == "celery -A config flower"
 
 
 def test_the_celery_app_accepts_json_only_and_survives_lost_workers() -> None:
@@ -94,10 +95,9 @@ def flower_env(redis_url: str, **extra: str) -> dict[str, str]:
     return {**env, "PIPELINE_REDIS_URL": redis_url, **extra}
 
 
-def test_flower_refuses_to_start_without_authentication(redis_url: str) -> None:
+def test_plain_celery_flower_refuses_to_start_without_authentication(redis_url: str) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "config", "flower",
-         "--conf=config/flowerconfig.py"],
+        [sys.executable, "-m", "celery", "-A", "config", "flower"],
         cwd=ROOT, env=flower_env(redis_url), capture_output=True, text=True, timeout=60,
     )
     assert done.returncode != 0
@@ -107,8 +107,7 @@ def test_flower_refuses_to_start_without_authentication(redis_url: str) -> None:
 def test_flower_answers_401_without_credentials_and_200_with_them(redis_url: str) -> None:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "config", "flower",
-         "--conf=config/flowerconfig.py"],
+        [sys.executable, "-m", "celery", "-A", "config", "flower"],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         env=flower_env(redis_url, FLOWER_BASIC_AUTH="ops:correct-horse", FLOWER_PORT=str(port)),
     )

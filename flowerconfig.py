@@ -1,8 +1,8 @@
 """Flower settings: never serve it without authentication.
 
 Set FLOWER_BASIC_AUTH=user:password (or FLOWER_AUTH with an OAuth provider);
-``celery -A config flower --conf=config/flowerconfig.py`` refuses to start
-without one.
+``celery -A config flower``, run from the project directory, reads this file
+(Flower's default ``--conf``) and refuses to start without one.
 """
 
 import os
