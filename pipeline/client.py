@@ -23,6 +23,8 @@ __all__ = ["Pipeline", "Run", "RunResult"]
 IDEMPOTENCY_NAMESPACE = uuid.UUID("5b0c43a4-6f5e-4d8e-9a55-2f3f1c7c9e11")
 DEFAULT_WAIT_TIMEOUT_S = 60.0
 WAIT_BLOCK_MS = 1000
+ENQUEUE_GRACE_S = 30.0
+"""How long a run that was created but not enqueued belongs to the start that created it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,21 +95,33 @@ class Pipeline:
             idempotency_key=idempotency_key,
         )
         if not created.created:
-            if created.input_digest != digest_of(canonical):
+            if created.workflow != wf.name or created.input_digest != digest_of(canonical):
                 raise IdempotencyConflict(
                     f"idempotency key {idempotency_key!r} already started run {run_id} of "
-                    f"workflow {wf.name} with a different payload; use a new key for new input"
+                    f"workflow {created.workflow} with a different payload; use a new key for "
+                    "new input"
                 )
-            return Run(self, run_id)
+            if created.enqueued or self._may_still_enqueue(run_id):
+                return Run(self, run_id)
+            # The first start died between creating the run and enqueuing it:
+            # enqueue now. Were both to enqueue, every step is still sealed
+            # once per step key.
         try:
             wf.compile(self.app, run_id).apply_async()
         except (OperationalError, ConnectionError, OSError) as e:
-            self.store.delete_run(run_id)
+            if created.created:
+                self.store.delete_run(run_id)
             raise BrokerUnavailable(
                 f"cannot enqueue run {run_id}: broker at "
-                f"{redact_url(self.settings.broker_url)} is unreachable ({e}); nothing was kept"
+                f"{redact_url(self.settings.broker_url)} is unreachable ({e}); "
+                + ("nothing was kept" if created.created else "start it again with the same key")
             ) from e
+        self.store.mark_enqueued(run_id)
         return Run(self, run_id)
+
+    def _may_still_enqueue(self, run_id: str) -> bool:
+        """Whether a run created but not enqueued may still be enqueued by its first start."""
+        return time.time() - self.store.run_info(run_id).created_at < ENQUEUE_GRACE_S
 
     @staticmethod
     def run_id_for(workflow: str, idempotency_key: str) -> str:

@@ -189,3 +189,32 @@ def test_wait_gives_up_with_wait_timeout_when_no_worker_serves_the_run(cluster: 
     assert run.run_id in str(e.value) and "running" in str(e.value)
     assert run.status() is RunStatus.RUNNING
     assert footprint(p)[1][FIRST_QUEUE] == 1
+
+
+def test_a_start_that_died_before_enqueuing_is_completed_by_a_retry_with_its_key(
+    pipeline: Pipeline,
+) -> None:
+    """The first start created the run and died before enqueuing it: a retry with
+    the same key, once the first start's grace has passed, enqueues the run."""
+    key = f"died-{uuid.uuid4()}"
+    run_id = Pipeline.run_id_for("credit_decision", key)
+    good = json.loads((SAMPLES / "good.json").read_text())
+    pipeline.store.create_run(run_id, workflow="credit_decision", payload=good,
+                              contract="credit_application@1", idempotency_key=key)
+    pipeline.store.redis.hset(f"pipeline:{{{run_id}}}:run", "created_at", "1")  # long ago
+    result = pipeline.start("credit_decision", good, idempotency_key=key).wait(30)
+    assert result.status is RunStatus.SUCCEEDED and result.output["decision"] == "approved"
+    assert pipeline.store.redis.hget(f"pipeline:{{{run_id}}}:run", "enqueued") == "1"
+
+
+def test_a_retry_while_the_first_start_may_still_enqueue_does_not_enqueue_again(
+    cluster: Cluster,
+) -> None:
+    p = cluster.pipeline()
+    key = f"racing-{uuid.uuid4()}"
+    run_id = Pipeline.run_id_for("credit_decision", key)
+    good = json.loads((SAMPLES / "good.json").read_text())
+    p.store.create_run(run_id, workflow="credit_decision", payload=good,
+                       contract="credit_application@1", idempotency_key=key)
+    assert p.start("credit_decision", good, idempotency_key=key).run_id == run_id
+    assert cluster.redis.llen("agents.credit_score") == 0  # left to the first start

@@ -8,10 +8,11 @@
 -- ARGV[3] = sha256 of ARGV[2]
 -- ARGV[4] = input contract (name@version)
 -- ARGV[5] = idempotency key ('' when none)
--- Returns {'created', created_at_ms} or {'exists', workflow, input_digest}.
+-- Returns {'created', created_at_ms} or {'exists', workflow, input_digest, enqueued}
+-- where enqueued is '1' once the client handed the run's canvas to the broker.
 if redis.call('EXISTS', KEYS[3]) == 1 then
-  local h = redis.call('HMGET', KEYS[3], 'workflow', 'input_digest')
-  return {'exists', h[1], h[2]}
+  local h = redis.call('HMGET', KEYS[3], 'workflow', 'input_digest', 'enqueued')
+  return {'exists', h[1], h[2], h[3] or '0'}
 end
 local t = redis.call('TIME')
 local now = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
@@ -22,7 +23,8 @@ redis.call('HSET', KEYS[2], 'input', '0')
 redis.call('HSET', KEYS[3],
   'workflow', ARGV[1], 'status', 'running', 'head', '0',
   'created_at', now, 'updated_at', now,
-  'input_contract', ARGV[4], 'input_digest', ARGV[3], 'idempotency_key', ARGV[5])
+  'input_contract', ARGV[4], 'input_digest', ARGV[3], 'idempotency_key', ARGV[5],
+  'enqueued', '0')
 redis.call('XADD', KEYS[4], '*', 'event', 'run.created', 'at', now, 'workflow', ARGV[1],
   'version', '0')
 return {'created', now}

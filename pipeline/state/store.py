@@ -62,6 +62,7 @@ class Created:
     created: bool
     workflow: str
     input_digest: str
+    enqueued: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +136,12 @@ class StateStore:
             )
         if reply[0] == "created":
             return Created(run_id, True, workflow, digest)
-        return Created(run_id, False, reply[1], reply[2])
+        return Created(run_id, False, reply[1], reply[2], enqueued=reply[3] == "1")
+
+    def mark_enqueued(self, run_id: str) -> None:
+        """Record that the run's canvas reached the broker."""
+        with translate_errors(self.url):
+            self.redis.hset(RunKeys(run_id).run, "enqueued", "1")
 
     def open_step(
         self,
