@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 from typing import Any
 
 from celery import Celery, Task
-from celery.exceptions import ChordError
 from kombu import Queue
 
 from .agent import Agent, agents
-from .errors import ConfigurationError
-from .runner import run_step
+from .errors import ConfigurationError, StoreError
+from .runner import STORE_RETRY_BACKOFF_MAX_S, run_step
 from .settings import Settings
 from .state import RunStatus, StateStore
 from .workflow import ERRBACK_TASK
@@ -24,7 +24,10 @@ log = logging.getLogger(__name__)
 HARD_TIME_LIMIT_GRACE_S = 5.0
 """Seconds between an agent's soft time limit (the step fails cleanly) and the hard kill."""
 
-_stores: dict[int, StateStore] = {}
+FINISH_TASK = "pipeline.finish_run"
+CLIENT_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5,
+                       "interval_max": 0.5}
+MAIN_PROCESS_FAILURES = ("TimeLimitExceeded", "WorkerLostError")
 
 
 def import_agent_modules(modules: tuple[str, ...]) -> None:
@@ -39,11 +42,15 @@ def import_agent_modules(modules: tuple[str, ...]) -> None:
             ) from e
 
 
-def create_app(settings: Settings | None = None, *, main: str = "pipeline") -> Celery:
+def create_app(
+    settings: Settings | None = None, *, main: str = "pipeline", fail_fast: bool = False
+) -> Celery:
     """A Celery app serving every registered agent, configured for correctness.
 
     Imports ``settings.agent_modules`` first so that every agent has its task
     and its queue: ``celery -A config worker`` serves them all, ``-Q`` narrows.
+    ``fail_fast`` (for clients) gives up on an unreachable result backend after
+    about a second instead of Celery's twenty retries.
     """
     settings = settings or Settings.from_env()
     import_agent_modules(settings.agent_modules)
@@ -71,32 +78,65 @@ def create_app(settings: Settings | None = None, *, main: str = "pipeline") -> C
         result_expires=24 * 3600,
         worker_hijack_root_logger=False,
     )
+    if fail_fast:
+        app.conf.result_backend_transport_options = {"retry_policy": CLIENT_RETRY_POLICY}
     app.pipeline_settings = settings
     for a in agents:
         _bind_agent(app, a, settings)
     # Not bound: Celery passes (request, exc, traceback) only to an errback
     # whose function is not a bound partial; a bound one gets just a task id.
     def run_failed_errback(request: Any, exc: BaseException, traceback: Any) -> None:
-        run_failed(store_for(app), request, exc)
+        kwargs = getattr(request, "kwargs", None) or {}
+        if not kwargs.get("run_id"):
+            log.error("errback for a task without a run id: %s", getattr(request, "task", "?"))
+            return
+        failure = (
+            kwargs["run_id"],
+            str(kwargs.get("step", "")),
+            str(getattr(request, "task", "") or "").removeprefix("agent."),
+            type(exc).__name__,
+            str(exc),
+        )
+        try:
+            record_failure(store_for(app), *failure)
+        except StoreError as e:
+            # Celery only logs an errback's exception: hand the work to a task
+            # that retries, so a Redis blip cannot leave the run running.
+            log.warning("run %s: failing it later, Redis is unavailable: %s", failure[0], e)
+            app.send_task(FINISH_TASK, args=failure, countdown=1)
+
+    def finish_run(run_id: str, step: str, agent: str, exc_type: str, error: str) -> None:
+        record_failure(store_for(app), run_id, step, agent, exc_type, error)
 
     app.task(name=ERRBACK_TASK, ignore_result=True, shared=False)(run_failed_errback)
+    app.task(
+        name=FINISH_TASK, ignore_result=True, shared=False, autoretry_for=(StoreError,),
+        retry_backoff=True, retry_backoff_max=30, max_retries=20,
+    )(finish_run)
     return app
 
 
 def store_for(app: Celery) -> StateStore:
-    """The process's state store for ``app`` (one connection pool per process)."""
-    store = _stores.get(id(app))
+    """The state store of ``app`` (one connection pool per app and process)."""
+    store: StateStore | None = getattr(app, "_pipeline_store", None)
     if store is None:
-        store = _stores[id(app)] = StateStore.from_settings(app.pipeline_settings)
+        store = StateStore.from_settings(app.pipeline_settings)
+        app._pipeline_store = store
     return store
 
 
 def _bind_agent(app: Celery, a: Agent, settings: Settings) -> None:
-    if a.time_limit_s + HARD_TIME_LIMIT_GRACE_S >= settings.visibility_timeout_s:
+    # A message stays unacked through its retry countdown and its run, and the
+    # broker hands it out again after the visibility timeout: keep the worst
+    # case under half of it (celery/celery#5935, kombu#337).
+    worst_s = (a.time_limit_s + HARD_TIME_LIMIT_GRACE_S
+               + max(a.retry_backoff_max_s, STORE_RETRY_BACKOFF_MAX_S))
+    if worst_s * 2 > settings.visibility_timeout_s:
         raise ConfigurationError(
-            f"agent {a.name}: time limit {a.time_limit_s:g}s must stay well below the broker's "
-            f"visibility timeout ({settings.visibility_timeout_s}s), or a running step is "
-            "delivered twice (celery/celery#5935)"
+            f"agent {a.name}: time limit {a.time_limit_s:g}s plus the longest retry countdown "
+            f"must stay under half the broker's visibility timeout "
+            f"({settings.visibility_timeout_s}s, PIPELINE_VISIBILITY_TIMEOUT_S), or a step is "
+            "delivered twice while it waits or runs (celery/celery#5935)"
         )
 
     def step(self: Task, upstream: Any, *, run_id: str, step: str, final: bool = False) -> int:
@@ -116,25 +156,37 @@ def _bind_agent(app: Celery, a: Agent, settings: Settings) -> None:
     )(step)
 
 
-def run_failed(store: StateStore, request: Any, exc: BaseException) -> None:
-    """Errback of every workflow canvas: the run has failed for good.
+def record_failure(
+    store: StateStore, run_id: str, step: str, agent: str, exc_type: str, error: str
+) -> None:
+    """The run has failed for good: mark it failed, once, naming the agent to blame.
 
-    Celery may call it several times for one run (once per failed chord
-    member, and again for the chord's body); the status change in Redis
-    happens once. A chord body's call carries only a ``ChordError``, so the
-    run's error is then taken from the failure the runner logged. The saga
-    issue replaces this with compensation.
+    Celery may report one failure several times: once per failed chord member
+    and again for the chord's body, whose ``ChordError`` names the member by
+    task id; the runner logged each step's task id when it opened, so the
+    member is found there. Failures raised in the worker's main process (the
+    hard time limit) never reached the runner, so they are logged here. The
+    saga issue replaces this with compensation.
     """
-    kwargs = getattr(request, "kwargs", None) or {}
-    run_id = kwargs.get("run_id")
-    if not run_id:
-        log.error("errback called for a task without a run id: %s", getattr(request, "task", "?"))
-        return
-    agent = str(getattr(request, "task", "") or "").removeprefix("agent.")
-    error = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, ChordError):
-        failed = [e for e in store.log(run_id) if e.get("event") == "step.failed"]
-        if failed:
-            agent = failed[-1]["agent"]
-            error = f"{failed[-1]['error_type']}: {failed[-1]['error']}"
-    store.finish(run_id, RunStatus.FAILED, error=error[:2000], agent=agent)
+    if exc_type == "ChordError":
+        agent, exc_type, error = _chord_member(store, run_id, error) or (agent, exc_type, error)
+    elif exc_type in MAIN_PROCESS_FAILURES and store.run_info(run_id).status is RunStatus.RUNNING:
+        store.note(run_id, "step.failed", step=step, agent=agent, error_type=exc_type,
+                   error=error[:2000])
+    store.finish(run_id, RunStatus.FAILED, error=f"{exc_type}: {error}"[:2000], agent=agent)
+
+
+def _chord_member(store: StateStore, run_id: str, error: str) -> tuple[str, str, str] | None:
+    """(agent, error type, error) of the chord member a ``ChordError`` names."""
+    match = re.search(r"Dependency (\S+) raised (\w+)", error)
+    if match is None:
+        return None
+    log_entries = store.log(run_id)
+    opened = next((e for e in log_entries if e.get("task_id") == match.group(1)), None)
+    if opened is None:
+        return None
+    failed = [e for e in log_entries
+              if e.get("event") == "step.failed" and e.get("step") == opened["step"]]
+    if failed:
+        return opened["agent"], failed[-1]["error_type"], failed[-1]["error"]
+    return opened["agent"], match.group(2), error.split(" raised ", 1)[1]

@@ -10,13 +10,14 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
-from .errors import InputError, PipelineError
+from .errors import InputError, PipelineError, WaitTimeout
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -72,6 +73,8 @@ def read_json_input(source: str) -> Any:
         raise InputError(
             f"input {name} is not JSON: {e.msg} at line {e.lineno} column {e.colno}"
         ) from None
+    except ValueError as e:  # an integer too long to convert, for one
+        raise InputError(f"input {name} is not usable JSON: {e}") from None
     except RecursionError:
         raise InputError(f"input {name} is nested too deeply to be a payload") from None
 
@@ -91,7 +94,10 @@ def run(
     payload = read_json_input(source)
     p = _pipeline()
     handle = p.start(workflow, payload, idempotency_key=idempotency_key)
-    result = handle.wait(timeout) if wait else handle.result()
+    try:
+        result = handle.wait(timeout) if wait else handle.result()
+    except WaitTimeout as e:  # not bad input: report where the run is, and exit 1
+        result = replace(handle.result(), error=str(e))
     data = {"workflow": workflow, **result.to_dict()}
     if as_json:
         _echo_json(data)

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
-from kombu.exceptions import OperationalError
 
 from .app import create_app
 from .contracts import Contract
@@ -58,7 +57,7 @@ class Pipeline:
         store: StateStore | None = None,
     ) -> None:
         self.settings = settings or Settings.from_env()
-        self.app = app or create_app(self.settings)
+        self.app = app or create_app(self.settings, fail_fast=True)
         self.store = store or StateStore.from_settings(self.settings)
 
     @classmethod
@@ -101,27 +100,25 @@ class Pipeline:
                     f"workflow {created.workflow} with a different payload; use a new key for "
                     "new input"
                 )
-            if created.enqueued or self._may_still_enqueue(run_id):
+            if created.enqueued or created.age_s < ENQUEUE_GRACE_S:
                 return Run(self, run_id)
             # The first start died between creating the run and enqueuing it:
             # enqueue now. Were both to enqueue, every step is still sealed
             # once per step key.
+        canvas = wf.compile(self.app, run_id)
         try:
-            wf.compile(self.app, run_id).apply_async()
-        except (OperationalError, ConnectionError, OSError) as e:
+            canvas.apply_async()
+        except Exception as e:  # kombu's, redis-py's, or Celery's backend RuntimeError
             if created.created:
                 self.store.delete_run(run_id)
             raise BrokerUnavailable(
-                f"cannot enqueue run {run_id}: broker at "
-                f"{redact_url(self.settings.broker_url)} is unreachable ({e}); "
+                f"cannot enqueue run {run_id}: the broker at "
+                f"{redact_url(self.settings.broker_url)} or the result backend at "
+                f"{redact_url(self.settings.result_backend)} failed ({type(e).__name__}: {e}); "
                 + ("nothing was kept" if created.created else "start it again with the same key")
             ) from e
         self.store.mark_enqueued(run_id)
         return Run(self, run_id)
-
-    def _may_still_enqueue(self, run_id: str) -> bool:
-        """Whether a run created but not enqueued may still be enqueued by its first start."""
-        return time.time() - self.store.run_info(run_id).created_at < ENQUEUE_GRACE_S
 
     @staticmethod
     def run_id_for(workflow: str, idempotency_key: str) -> str:

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from marshmallow import RAISE, Schema, ValidationError, fields
 
 from .errors import ContractMismatch, ContractViolation, UnknownContract
@@ -54,6 +55,10 @@ class Contract:
             }
         except ValidationError as e:  # raised by a rule outside a field
             errors = e.normalized_messages()  # type: ignore[no-untyped-call]
+        except SoftTimeLimitExceeded:  # the step's time limit, not the payload's fault
+            raise
+        except RecursionError:
+            errors = {"_schema": ["nested too deeply"]}
         except Exception as e:  # a semantic rule that crashed on this payload refuses it
             errors = {"_schema": [f"rule failed on this payload: {type(e).__name__}: {e}"]}
         if not errors:

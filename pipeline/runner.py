@@ -12,13 +12,14 @@ step, and ``StepHooks.on_failure`` sees every failure before it is raised.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from celery import Task
-from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
 
 from . import chaos
 from .agent import Agent, StepContext
@@ -28,12 +29,20 @@ from .errors import (
     DeliveryLimitExceeded,
     RunNotFound,
     StepTimeLimitExceeded,
+    StoreError,
+    StoreUnavailable,
     VersionNotFound,
 )
 from .state import Opening, StateStore, Version
 from .state.store import Extra
 
 __all__ = ["StepHooks", "hooks", "run_step"]
+
+log = logging.getLogger(__name__)
+
+STORE_RETRIES = 8
+"""Retries of a step that could not reach Redis (1, 2, 4 ... 30 s apart: about 2 minutes)."""
+STORE_RETRY_BACKOFF_MAX_S = 30.0
 
 
 class StepHooks:
@@ -66,49 +75,54 @@ def run_step(
     final: bool = False,
     chaos_spec: str = "",
 ) -> int:
-    """Run one step of one run; return the version it sealed (or had sealed)."""
+    """Run one step of one run; return the version it sealed (or had sealed).
+
+    Every failure between open and seal goes through one path: it is logged
+    in the run's trace and shown to the hooks, then retried (a transient
+    agent error, or Redis unreachable) or raised so the canvas's errback fails
+    the run. Only ``Ignore`` (the run is over) and ``Retry`` pass untouched.
+    """
     started = time.monotonic()
     fan_in = not isinstance(upstream, int)
     inputs = [int(v) for v in upstream] if isinstance(upstream, Sequence) else [int(upstream)]
     worker = str(task.request.hostname or os.uname().nodename)
-    open_extra = [e for h in hooks for e in h.open_extra(agent)]
-    opening = store.open_step(
-        run_id,
-        step=step,
-        agent=agent.name,
-        inputs=inputs,
-        max_deliveries=agent.max_deliveries,
-        worker=worker,
-        extra=open_extra,
-    )
-    if opening.outcome == "sealed":
-        assert opening.sealed_version is not None
-        return opening.sealed_version
-    if opening.outcome in ("aborted", "missing"):
-        # The run ended (failed, compensating) or expired: stop here quietly,
-        # without failing the task, so no errback fires for a finished run.
-        store.note(run_id, "step.skipped", step=step, agent=agent.name,
-                   reason=f"run is {opening.status or 'gone'}")
-        raise Ignore()
-    if opening.outcome == "exhausted":
-        exc: Exception = DeliveryLimitExceeded(
-            f"run {run_id} step {step} (agent {agent.name}) was delivered "
-            f"{opening.deliveries} times, more than the {agent.max_deliveries} allowed: the "
-            "worker running it keeps dying; the run is failed instead of looping"
-        )
-        _fail(agent, run_id, step, exc, store, attempt=opening.deliveries)
-        raise exc
-    if opening.outcome == "noversion":
-        raise VersionNotFound(f"run {run_id} has no version {opening.missing_version}")
-    for h in hooks:
-        h.after_open(agent, opening, opening.extra)
-
-    attempt = opening.deliveries
+    attempt = 0
     try:
+        opening = store.open_step(
+            run_id,
+            step=step,
+            agent=agent.name,
+            inputs=inputs,
+            max_deliveries=agent.max_deliveries,
+            worker=worker,
+            task_id=str(task.request.id or ""),
+            extra=[e for h in hooks for e in h.open_extra(agent)],
+        )
+        attempt = opening.deliveries
+        if opening.outcome == "sealed":
+            assert opening.sealed_version is not None
+            return opening.sealed_version
+        if opening.outcome in ("aborted", "missing"):
+            # The run ended (failed, compensating) or expired: stop quietly,
+            # without failing the task, so no errback fires for a finished run.
+            store.note(run_id, "step.skipped", step=step, agent=agent.name,
+                       reason=f"run is {opening.status or 'gone'}")
+            raise Ignore()
+        if opening.outcome == "exhausted":
+            raise DeliveryLimitExceeded(
+                f"run {run_id} step {step} (agent {agent.name}) was delivered "
+                f"{opening.deliveries} times, more than the {agent.max_deliveries} allowed: "
+                "the worker running it keeps dying; the run is failed instead of looping"
+            )
+        if opening.outcome == "noversion":
+            raise VersionNotFound(f"run {run_id} has no version {opening.missing_version}")
+        for h in hooks:
+            h.after_open(agent, opening, opening.extra)
+
         payload = _input_payload(opening.inputs, fan_in)
         contracts.get(agent.input).validate(
             payload, side="input", agent=agent.name, run_id=run_id,
-            version=opening.inputs[0].version if not fan_in else None,
+            version=None if fan_in else opening.inputs[0].version,
         )
         ctx = StepContext(
             run_id=run_id,
@@ -123,6 +137,21 @@ def run_step(
         contracts.get(agent.output).validate(
             output, side="output", agent=agent.name, run_id=run_id
         )
+        latency_ms = (time.monotonic() - started) * 1000.0
+        sealing = store.seal(
+            run_id,
+            step=step,
+            agent=agent.name,
+            contract=agent.output,
+            payload=output,
+            parents=inputs,
+            final=final,
+            worker=worker,
+            latency_ms=latency_ms,
+            extra=[e for h in hooks for e in h.seal_extra(agent, ok=True, latency_ms=latency_ms)],
+        )
+    except (Ignore, Retry):
+        raise
     except SoftTimeLimitExceeded:
         exc = StepTimeLimitExceeded(
             f"run {run_id} step {step}: agent {agent.name} ran past its time limit of "
@@ -130,14 +159,22 @@ def run_step(
         )
         _fail(agent, run_id, step, exc, store, attempt=attempt)
         raise exc from None
+    except StoreUnavailable as e:
+        # Redis went away mid-step: nothing was sealed (a seal is one atomic
+        # script), so running the step again later is safe.
+        if task.request.retries < STORE_RETRIES:
+            raise task.retry(exc=e, countdown=_store_countdown_s(task.request.retries),
+                             max_retries=STORE_RETRIES) from e
+        _fail(agent, run_id, step, e, store, attempt=attempt)
+        raise
     except ContractViolation as e:  # never retried: the same input breaks it again
         _fail(agent, run_id, step, e, store, attempt=attempt)
         raise
     except agent.retry_on as e:
         if task.request.retries < agent.max_retries:
             countdown = agent.retry_countdown_s(task.request.retries)
-            store.note(run_id, "step.retry", step=step, agent=agent.name, attempt=attempt,
-                       error_type=type(e).__name__, error=str(e)[:500], countdown_s=countdown)
+            _note(store, run_id, "step.retry", step=step, agent=agent.name, attempt=attempt,
+                  error_type=type(e).__name__, error=str(e)[:500], countdown_s=countdown)
             raise task.retry(exc=e, countdown=countdown, max_retries=agent.max_retries) from e
         _fail(agent, run_id, step, e, store, attempt=attempt)
         raise
@@ -145,29 +182,20 @@ def run_step(
         _fail(agent, run_id, step, e, store, attempt=attempt)
         raise
 
-    latency_ms = (time.monotonic() - started) * 1000.0
-    sealing = store.seal(
-        run_id,
-        step=step,
-        agent=agent.name,
-        contract=agent.output,
-        payload=output,
-        parents=inputs,
-        final=final,
-        worker=worker,
-        latency_ms=latency_ms,
-        extra=[e for h in hooks for e in h.seal_extra(agent, ok=True, latency_ms=latency_ms)],
-    )
     if sealing.outcome == "missing":
         raise RunNotFound(f"run {run_id} disappeared while step {step} ran")
     if sealing.outcome == "aborted":
         # The run stopped while this step ran: nothing is sealed. The saga
         # (next issue) compensates this step's side effects here.
-        store.note(run_id, "step.discarded", step=step, agent=agent.name,
-                   reason=f"run is {sealing.status}")
+        _note(store, run_id, "step.discarded", step=step, agent=agent.name,
+              reason=f"run is {sealing.status}")
         raise Ignore()
     assert sealing.version is not None
     return sealing.version
+
+
+def _store_countdown_s(retries: int) -> float:
+    return float(min(2**retries, STORE_RETRY_BACKOFF_MAX_S))
 
 
 def _input_payload(inputs: Sequence[Version], fan_in: bool) -> Any:
@@ -204,6 +232,14 @@ def _fail(
         fields["contract"] = exc.contract
         fields["side"] = exc.side
         fields["fields"] = ",".join(exc.field_paths)
-    store.note(run_id, "step.failed", **fields)
+    _note(store, run_id, "step.failed", **fields)
     for h in hooks:
         h.on_failure(agent, run_id, step, exc)
+
+
+def _note(store: StateStore, run_id: str, event: str, **fields: str | int | float) -> None:
+    """Log to the run's trace; a failure to log never hides the failure being logged."""
+    try:
+        store.note(run_id, event, **fields)
+    except StoreError as e:
+        log.warning("run %s: could not log %s: %s", run_id, event, e)

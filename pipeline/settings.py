@@ -32,12 +32,12 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
-        redis_url = env.get("PIPELINE_REDIS_URL") or DEFAULT_REDIS_URL
+        redis_url = _redis_url(env, "PIPELINE_REDIS_URL", DEFAULT_REDIS_URL)
         modules = env.get("PIPELINE_AGENT_MODULES")
         return cls(
             redis_url=redis_url,
-            broker_url=env.get("CELERY_BROKER_URL") or redis_url,
-            result_backend=env.get("CELERY_RESULT_BACKEND") or redis_url,
+            broker_url=_redis_url(env, "CELERY_BROKER_URL", redis_url),
+            result_backend=_redis_url(env, "CELERY_RESULT_BACKEND", redis_url),
             max_payload_bytes=_int(env, "PIPELINE_MAX_PAYLOAD_BYTES", DEFAULT_MAX_PAYLOAD_BYTES),
             retention_s=_int(env, "PIPELINE_RETENTION_S", DEFAULT_RETENTION_S),
             visibility_timeout_s=_int(
@@ -54,6 +54,19 @@ class Settings:
     def with_redis(self, url: str) -> Settings:
         """The same settings with state, broker and results all on ``url``."""
         return replace(self, redis_url=url, broker_url=url, result_backend=url)
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _redis_url(env: Mapping[str, str], name: str, default: str) -> str:
+    url = env.get(name) or default
+    if urlsplit(url).scheme not in REDIS_SCHEMES:
+        raise ConfigurationError(
+            f"{name}={redact_url(url)} is not a Redis URL; expected redis://host:port/db "
+            "(rediss:// for TLS, unix:// for a socket)"
+        )
+    return url
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:

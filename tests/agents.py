@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import task_postrun
 from marshmallow import Schema, fields
 
-from pipeline import StepContext, TransientAgentError, Workflow, agent, contract
+from pipeline import StepContext, TransientAgentError, Workflow, agent, contract, parallel
 
 EXECUTIONS_KEY = "test:executions:{run_id}:{agent}"
 CRASH_AFTER_SEAL_KEY = "test:crash-after-seal:{run_id}"
@@ -90,3 +92,56 @@ def flaky(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
 
 
 flaking = Workflow("flaking", [flaky])
+
+
+@contract("pair", 1)
+class Pair(Schema):
+    """The fan-in of ``double`` and ``bloat``."""
+
+    double = fields.Nested(Count, required=True)
+    bloat = fields.Nested(Count, required=True)
+
+
+@agent(input="count@1", output="count@1", time_limit_s=5, max_retries=0)
+def bloat(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Return a number with 80 digits: over a small PIPELINE_MAX_PAYLOAD_BYTES."""
+    return {"n": 10**80 + payload["n"]}
+
+
+@agent(input="pair@1", output="count@1", time_limit_s=5, max_retries=0)
+def join(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Add the two branches."""
+    return {"n": payload["double"]["n"] + payload["bloat"]["n"]}
+
+
+fanning = Workflow("fanning", [parallel(double, bloat), join])
+
+
+@agent(input="count@1", output="count@1", time_limit_s=1, max_retries=0)
+def stubborn(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Ignore the soft time limit, so only the hard limit (in the main process) stops it."""
+    try:
+        time.sleep(30)
+    except SoftTimeLimitExceeded:
+        time.sleep(30)
+    return payload
+
+
+stubborning = Workflow("stubborning", [stubborn])
+
+
+@contract("timed_count", 1)
+class TimedCount(Schema):
+    n = fields.Integer(required=True)
+    sleep_s = fields.Float(required=True)
+
+
+@agent(input="timed_count@1", output="count@1", time_limit_s=10, max_retries=0)
+def slow_increment(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Take a while (the workload, not a wait) and add one, counting executions."""
+    _count(ctx)
+    time.sleep(payload["sleep_s"])
+    return {"n": payload["n"] + 1}
+
+
+slow_counting = Workflow("slow_counting", [slow_increment])

@@ -278,3 +278,31 @@ def test_workflows_json_lists_credit_decision_and_its_shape(redis_url: str) -> N
                            "fraud_detection) -> final_approval")
     assert (wf["input_contract"], wf["output_contract"]) == (
         "credit_application@1", "credit_decision@1")
+
+
+@pytest.mark.usefixtures("unchanged")
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"n": ' + "9" * 5000 + "}", "not usable JSON"),  # past Python's int digit limit
+        ('{"name": "\\ud800"}', "not JSON"),  # a lone surrogate UTF-8 cannot carry
+        ("[" * 5000 + "]" * 5000, "nested too deeply"),
+    ],
+    ids=["huge-integer", "lone-surrogate", "deep-nesting"],
+)
+def test_hostile_json_input_is_one_clear_error(idle: Cluster, text: str, expected: str) -> None:
+    line = one_error_line(invoke(idle.url, "run", WORKFLOW, "--input", "-", stdin=text))
+    assert expected in line
+
+
+def test_a_redis_url_that_is_not_a_url_is_named(idle: Cluster) -> None:
+    line = one_error_line(invoke(idle.url, "status", "x", PIPELINE_REDIS_URL="127.0.0.1:6379"))
+    assert "PIPELINE_REDIS_URL=127.0.0.1:6379 is not a Redis URL" in line
+
+
+def test_run_wait_json_that_times_out_reports_the_run_still_running(idle: Cluster) -> None:
+    result = invoke(idle.url, "run", WORKFLOW, "--input", GOOD, "--wait", "--timeout", "0.2",
+                    "--json")
+    assert result.exit_code == 1
+    data = json.loads(result.stdout)
+    assert data["status"] == "running" and "still running" in data["error"]

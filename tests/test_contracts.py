@@ -396,3 +396,21 @@ def test_changing_one_leaf_is_blamed_on_that_leaf(
             or blamed == "<root>"
             or blamed in rule_paths
         ), f"changed {leaf}, violation blames {blamed}: {e}"
+
+
+def test_a_time_limit_hit_during_validation_is_not_called_a_contract_violation() -> None:
+    from celery.exceptions import SoftTimeLimitExceeded
+    from marshmallow import Schema, fields, validates_schema
+
+    class Slow(Schema):
+        n = fields.Integer(required=True)
+
+        @validates_schema
+        def takes_too_long(self, data: dict[str, Any], **_: object) -> None:
+            raise SoftTimeLimitExceeded()
+
+    from pipeline.contracts import ContractRegistry
+
+    registry = ContractRegistry()
+    with pytest.raises(SoftTimeLimitExceeded):
+        registry.register("slow", 1, Slow).validate({"n": 1})

@@ -8,14 +8,16 @@
 -- ARGV[3] = sha256 of ARGV[2]
 -- ARGV[4] = input contract (name@version)
 -- ARGV[5] = idempotency key ('' when none)
--- Returns {'created', created_at_ms} or {'exists', workflow, input_digest, enqueued}
--- where enqueued is '1' once the client handed the run's canvas to the broker.
-if redis.call('EXISTS', KEYS[3]) == 1 then
-  local h = redis.call('HMGET', KEYS[3], 'workflow', 'input_digest', 'enqueued')
-  return {'exists', h[1], h[2], h[3] or '0'}
-end
+-- ARGV[6] = seconds the run lives if it is never enqueued (mark_enqueued.lua lifts it)
+-- Returns {'created', created_at_ms} or {'exists', workflow, input_digest, enqueued, age_ms}
+-- where enqueued is '1' once the client handed the run's canvas to the broker, and
+-- age_ms is how long ago the run was created, by the server's clock.
 local t = redis.call('TIME')
 local now = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  local h = redis.call('HMGET', KEYS[3], 'workflow', 'input_digest', 'enqueued', 'created_at')
+  return {'exists', h[1], h[2], h[3] or '0', tostring(tonumber(now) - tonumber(h[4] or now))}
+end
 redis.call('XADD', KEYS[1], '0-1',
   'version', '0', 'parents', '[]', 'agent', '', 'contract', ARGV[4],
   'payload', ARGV[2], 'digest', ARGV[3], 'created_at', now, 'step', 'input', 'degraded', '0')
@@ -27,4 +29,5 @@ redis.call('HSET', KEYS[3],
   'enqueued', '0')
 redis.call('XADD', KEYS[4], '*', 'event', 'run.created', 'at', now, 'workflow', ARGV[1],
   'version', '0')
+for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[6]) end
 return {'created', now}

@@ -8,7 +8,8 @@
 -- ARGV[2] = agent name
 -- ARGV[3] = most deliveries allowed for this step
 -- ARGV[4] = worker host name (for the trace)
--- ARGV[5..] = input version numbers
+-- ARGV[5] = Celery task id (for the trace: a chord's error names its failed member by it)
+-- ARGV[6..] = input version numbers
 -- Returns one of:
 --   {'sealed', version}              the step was sealed already: do nothing
 --   {'missing'}                      no such run (never created, or expired)
@@ -26,17 +27,17 @@ local t = redis.call('TIME')
 local now = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 if n > tonumber(ARGV[3]) then
   redis.call('XADD', KEYS[4], '*', 'event', 'step.exhausted', 'at', now, 'step', ARGV[1],
-    'agent', ARGV[2], 'attempt', tostring(n), 'worker', ARGV[4])
+    'agent', ARGV[2], 'attempt', tostring(n), 'worker', ARGV[4], 'task_id', ARGV[5])
   return {'exhausted', tostring(n)}
 end
 local out = {'open', tostring(n), now}
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   local id = ARGV[i] .. '-1'
   local e = redis.call('XRANGE', KEYS[1], id, id)
   if #e == 0 then return {'noversion', ARGV[i]} end
   out[#out + 1] = e[1][2]
 end
 redis.call('XADD', KEYS[4], '*', 'event', 'step.started', 'at', now, 'step', ARGV[1],
-  'agent', ARGV[2], 'attempt', tostring(n), 'worker', ARGV[4],
-  'inputs', table.concat(ARGV, ',', 5))
+  'agent', ARGV[2], 'attempt', tostring(n), 'worker', ARGV[4], 'task_id', ARGV[5],
+  'inputs', table.concat(ARGV, ',', 6))
 return out

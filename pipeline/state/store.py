@@ -10,7 +10,7 @@ from typing import Any, cast
 
 import redis
 
-from ..errors import RunNotFound, StoreUnavailable, VersionNotFound
+from ..errors import RunNotFound, StoreError, StoreUnavailable, VersionNotFound
 from ..keys import RunKeys, version_stream_id
 from ..lua import Batch, Script
 from ..settings import DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_RETENTION_S, Settings, redact_url
@@ -22,6 +22,10 @@ OPEN_STEP = Script(_PKG, "open_step.lua")
 SEAL = Script(_PKG, "seal.lua")
 FINISH = Script(_PKG, "finish.lua")
 NOTE = Script(_PKG, "note.lua")
+MARK_ENQUEUED = Script(_PKG, "mark_enqueued.lua")
+
+UNENQUEUED_TTL_S = 24 * 3600
+"""A run whose canvas never reached the broker is removed after this long."""
 
 HISTORY_PAGE = 1000
 
@@ -47,13 +51,15 @@ def translate_errors(url: str) -> Iterator[None]:
     """Turn redis-py connection errors into ``StoreUnavailable`` naming the URL."""
     try:
         yield
+    except redis.AuthenticationError as e:
+        raise StoreUnavailable(f"Redis at {redact_url(url)} refused the credentials: {e}") from e
     except (redis.ConnectionError, redis.TimeoutError) as e:
         raise StoreUnavailable(
             f"cannot reach Redis at {redact_url(url)}: {e}; is it running, and is "
             "PIPELINE_REDIS_URL right?"
         ) from e
-    except redis.AuthenticationError as e:
-        raise StoreUnavailable(f"Redis at {redact_url(url)} refused the credentials: {e}") from e
+    except redis.RedisError as e:  # read-only replica, OOM, MISCONF, NOPERM...
+        raise StoreError(f"Redis at {redact_url(url)} refused the command: {e}") from e
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +69,7 @@ class Created:
     workflow: str
     input_digest: str
     enqueued: bool = False
+    age_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,16 +139,18 @@ class StateStore:
             reply = CREATE_RUN(
                 self.redis,
                 [keys.states, keys.steps, keys.run, keys.log],
-                [workflow, canonical, digest, contract, idempotency_key or ""],
+                [workflow, canonical, digest, contract, idempotency_key or "", UNENQUEUED_TTL_S],
             )
         if reply[0] == "created":
             return Created(run_id, True, workflow, digest)
-        return Created(run_id, False, reply[1], reply[2], enqueued=reply[3] == "1")
+        return Created(run_id, False, reply[1], reply[2], enqueued=reply[3] == "1",
+                       age_s=int(reply[4]) / 1000.0)
 
     def mark_enqueued(self, run_id: str) -> None:
-        """Record that the run's canvas reached the broker."""
+        """Record that the run's canvas reached the broker (it then lives until it ends)."""
+        keys = RunKeys(run_id)
         with translate_errors(self.url):
-            self.redis.hset(RunKeys(run_id).run, "enqueued", "1")
+            MARK_ENQUEUED(self.redis, [keys.states, keys.steps, keys.run, keys.log], [])
 
     def open_step(
         self,
@@ -152,6 +161,7 @@ class StateStore:
         inputs: Sequence[int],
         max_deliveries: int,
         worker: str = "",
+        task_id: str = "",
         extra: Sequence[Extra] = (),
     ) -> Opening:
         """Open a step in one round trip: status, seal check, delivery count, inputs."""
@@ -160,12 +170,12 @@ class StateStore:
         batch.script(
             OPEN_STEP,
             keys.all(),
-            [step, agent, max_deliveries, worker, *(int(v) for v in inputs)],
+            [step, agent, max_deliveries, worker, task_id, *(int(v) for v in inputs)],
         )
         extra_idx = [queue(batch) for queue in extra]
         with translate_errors(self.url):
             results = batch.execute()
-        reply = _raise_if_error(results[0])
+            reply = _raise_if_error(results[0])
         extras = tuple(results[i] for i in extra_idx)
         outcome = reply[0]
         if outcome == "open":
@@ -234,7 +244,7 @@ class StateStore:
         extra_idx = [queue(batch) for queue in extra]
         with translate_errors(self.url):
             results = batch.execute()
-        reply = _raise_if_error(results[0])
+            reply = _raise_if_error(results[0])
         extras = tuple(results[i] for i in extra_idx)
         if reply[0] in ("new", "sealed"):
             return Sealing(reply[0], version=int(reply[1]), extra=extras)

@@ -29,16 +29,20 @@ class RunStatus(StrEnum):
 def canonical_json(payload: Any) -> str:
     """The one JSON text of a payload that its digest is taken over.
 
-    Raises ``ContractViolation`` when the payload is not JSON (a set, a NaN...).
+    Raises ``ContractViolation`` when the payload is not JSON (a set, a NaN,
+    a lone surrogate that UTF-8 cannot carry, nesting Python cannot walk).
     """
     try:
-        return json.dumps(
+        text = json.dumps(
             payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
         )
-    except (TypeError, ValueError) as e:
+        text.encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as e:  # UnicodeEncodeError is a ValueError
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
         raise ContractViolation(
-            f"payload is not JSON: {e}", errors={"<payload>": [f"not JSON: {e}"]}
+            f"payload is not JSON: {reason}", errors={"<payload>": [f"not JSON: {reason}"]}
         ) from None
+    return text
 
 
 def digest_of(canonical: str) -> str:

@@ -20,6 +20,7 @@ from pipeline.errors import (
 )
 from pipeline.keys import RunKeys
 from pipeline.state import RunStatus, StateStore, connect, digest_of
+from pipeline.state.store import UNENQUEUED_TTL_S
 from pipeline.state.version import canonical_json
 
 
@@ -33,6 +34,7 @@ def new_run(store: StateStore, payload: object = None) -> str:
     created = store.create_run(run_id, workflow="wf", payload=payload or {"n": 0},
                                contract="count@1")
     assert created.created
+    store.mark_enqueued(run_id)
     return run_id
 
 
@@ -128,6 +130,27 @@ def test_unknown_run_and_version_are_named(store: StateStore) -> None:
     run_id = new_run(store)
     with pytest.raises(VersionNotFound, match=f"run {run_id} has no version 9"):
         store.get(run_id, 9)
+
+
+def test_a_run_never_enqueued_expires_and_marking_it_enqueued_keeps_it(store: StateStore) -> None:
+    run_id = f"t-{uuid.uuid4()}"
+    store.create_run(run_id, workflow="wf", payload={"n": 0}, contract="count@1")
+    for key in RunKeys(run_id).all()[:4]:
+        assert 0 < store.redis.ttl(key) <= UNENQUEUED_TTL_S
+    store.mark_enqueued(run_id)
+    for key in RunKeys(run_id).all()[:4]:
+        assert store.redis.ttl(key) == -1
+
+
+def test_marking_a_finished_run_enqueued_keeps_its_retention(store: StateStore) -> None:
+    run_id = f"t-{uuid.uuid4()}"
+    store.create_run(run_id, workflow="wf", payload={"n": 0}, contract="count@1")
+    seal(store, run_id, "s", [0], 1, final=True)  # finished before the client marked it
+    store.mark_enqueued(run_id)
+    assert 0 < store.redis.ttl(RunKeys(run_id).states) <= 600
+    store.delete_run(run_id)
+    store.mark_enqueued(run_id)  # an expired run is not re-created
+    assert not store.redis.exists(RunKeys(run_id).run)
 
 
 def test_a_finished_run_expires_and_a_live_one_does_not(store: StateStore) -> None:
