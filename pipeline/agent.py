@@ -80,6 +80,11 @@ class Agent:
         self.retry_backoff_max_s = retry_backoff_max_s
         self.time_limit_s = time_limit_s
         self.max_deliveries = max_deliveries or (max_retries + 1 + DEFAULT_REDELIVERY_ALLOWANCE)
+        if self.max_deliveries < max_retries + 1:
+            raise ValueError(
+                f"agent {name}: max_deliveries {self.max_deliveries} leaves no room for its "
+                f"{max_retries} retries; it must be at least {max_retries + 1}"
+            )
         self.description = description or (execute.__doc__ or "").strip().split("\n")[0]
 
     @property

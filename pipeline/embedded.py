@@ -21,7 +21,7 @@ import redis
 
 from .errors import ConfigurationError, StoreUnavailable
 
-MIN_VERSION = (5, 0)  # streams
+MIN_VERSION = (6, 2)  # streams, and exclusive XRANGE bounds for paging
 START_TIMEOUT_S = 10.0
 
 
@@ -73,7 +73,29 @@ class EmbeddedRedis:
         binary = server_binary()
         self.dir = tempfile.mkdtemp(prefix="pipeline-redis-")
         self.port = free_port()
-        self.process = subprocess.Popen(
+        try:
+            self.process = self._spawn(binary)
+        except OSError:
+            self.stop()
+            raise
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not answers(self.url, 0.2):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                log = Path(self.dir) / "redis.log"
+                tail = log.read_text(errors="replace")[-500:] if log.exists() else ""
+                self.stop()
+                raise StoreUnavailable(f"the embedded Redis did not start: {tail}")
+            time.sleep(0.05)
+        with redis.Redis.from_url(self.url) as client:
+            version = client.info("server")["redis_version"]
+        if tuple(int(p) for p in version.split(".")[:2]) < MIN_VERSION:
+            self.stop()
+            raise ConfigurationError(f"embedded Redis {version} is too old (need 6.2+)")
+        return self
+
+    def _spawn(self, binary: Path) -> subprocess.Popen[bytes]:
+        assert self.dir is not None
+        return subprocess.Popen(
             [
                 str(binary),
                 "--bind", "127.0.0.1",
@@ -89,19 +111,6 @@ class EmbeddedRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not answers(self.url, 0.2):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                log = Path(self.dir) / "redis.log"
-                tail = log.read_text(errors="replace")[-500:] if log.exists() else ""
-                self.stop()
-                raise StoreUnavailable(f"the embedded Redis did not start: {tail}")
-            time.sleep(0.05)
-        version = redis.Redis.from_url(self.url).info("server")["redis_version"]
-        if tuple(int(p) for p in version.split(".")[:2]) < MIN_VERSION:
-            self.stop()
-            raise ConfigurationError(f"embedded Redis {version} has no streams (need 5.0+)")
-        return self
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

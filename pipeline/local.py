@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 from .errors import ConfigurationError
 
@@ -42,6 +44,7 @@ class WorkerProcess:
         self.loglevel = loglevel
         self.logfile = Path(tempfile.mkdtemp(prefix="pipeline-worker-")) / "worker.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self._stderr: IO[bytes] | None = None
 
     def command(self) -> list[str]:
         cmd = [
@@ -56,13 +59,14 @@ class WorkerProcess:
         return cmd
 
     def start(self, wait: bool = True) -> WorkerProcess:
+        self._stderr = open(self.logfile.with_suffix(".err"), "wb")  # noqa: SIM115
         self.process = subprocess.Popen(
             self.command(),
             cwd=self.cwd,
             env=self.env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-            stderr=open(self.logfile.with_suffix(".err"), "wb"),  # noqa: SIM115
+            stderr=self._stderr,
         )
         if wait:
             try:
@@ -96,13 +100,13 @@ class WorkerProcess:
 
     def stop(self) -> None:
         """Warm shutdown (SIGTERM: finish what runs), then SIGKILL if it hangs."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._clean()
 
     def kill(self) -> None:
         """SIGKILL the worker's main process and its pool children."""
@@ -116,6 +120,12 @@ class WorkerProcess:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        self._clean()
+
+    def _clean(self) -> None:
+        if self._stderr is not None:
+            self._stderr.close()
+        shutil.rmtree(self.logfile.parent, ignore_errors=True)
 
     def __enter__(self) -> WorkerProcess:
         return self.start()
