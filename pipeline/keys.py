@@ -57,6 +57,16 @@ def breaker_log_key(agent: str) -> str:
     return f"{PREFIX}:breaker:{{{agent}}}:log"
 
 
+def breaker_probes_key(agent: str) -> str:
+    """Sorted set: lease id of each half-open probe -> when its lease runs out (ms)."""
+    return f"{PREFIX}:breaker:{{{agent}}}:probes"
+
+
+def breaker_cache_key(agent: str, input_digest: str) -> str:
+    """The agent's last good output for one input digest (the ``cached`` fallback)."""
+    return f"{PREFIX}:breaker:{{{agent}}}:cache:{input_digest}"
+
+
 def version_stream_id(version: int) -> str:
     """Stream id of version N: found directly with XRANGE, never by scanning."""
     return f"{version}-1"

@@ -1,0 +1,199 @@
+"""One circuit breaker per agent, in Redis, shared by every worker on every host.
+
+State changes only inside the Lua scripts beside this file, on Redis server
+time, so there is no read-then-write race between workers (unlike
+pybreaker's Redis storage) and a half-open probe holds a lease that expires
+if its worker dies (unlike resilience4j#903).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import redis
+
+from ..keys import breaker_key, breaker_log_key, breaker_probes_key
+from ..lua import Batch, Script
+from ..state.store import translate_errors
+from .policy import BreakerPolicy, BreakerState
+
+_PKG = "pipeline.breaker"
+ACQUIRE = Script(_PKG, "acquire.lua")
+RECORD = Script(_PKG, "record.lua")
+FORCE = Script(_PKG, "force.lua")
+
+LOG_MAXLEN = 10_000
+DEFAULT_PROBE_LEASE_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Permit:
+    """The breaker's answer to one call."""
+
+    decision: str  # allow | probe | deny
+    state: BreakerState
+    wait_s: float  # until a call may be admitted; -1 when forced open
+    transition: str  # '' or 'from>to'
+    lease: str = ""
+
+    @property
+    def allowed(self) -> bool:
+        return self.decision != "deny"
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    state: BreakerState
+    transition: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What ``pipeline breakers`` shows for one agent."""
+
+    agent: str
+    state: BreakerState
+    forced: bool
+    consecutive_failures: int
+    window: str
+    successes: int
+    failures: int
+    rejected: int
+    opened_at: float | None
+    last_transition: dict[str, str] | None
+    half_open_in_s: float | None
+    probes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        failed = self.window.count("1")
+        return {
+            "agent": self.agent,
+            "state": self.state.value,
+            "forced": self.forced,
+            "consecutive_failures": self.consecutive_failures,
+            "window": {"calls": len(self.window), "failures": failed},
+            "successes": self.successes,
+            "failures": self.failures,
+            "rejected": self.rejected,
+            "opened_at": self.opened_at,
+            "half_open_in_s": self.half_open_in_s,
+            "probes": self.probes,
+            "last_transition": self.last_transition,
+        }
+
+
+def _keys(agent: str) -> list[str]:
+    return [breaker_key(agent), breaker_log_key(agent), breaker_probes_key(agent)]
+
+
+class BreakerRegistry:
+    """Asks and tells the breakers; every change is one atomic script."""
+
+    def __init__(self, client: redis.Redis, *, url: str = "") -> None:
+        self.redis = client
+        self.url = url
+
+    # -- the two calls a step makes, queued on its own round trips -----------------
+
+    def queue_acquire(self, batch: Batch, agent: str, policy: BreakerPolicy, lease: str,
+                      lease_s: float) -> int:
+        return batch.script(ACQUIRE, _keys(agent), [
+            agent, int(policy.reset_timeout_s * 1000), policy.half_open_max_calls,
+            int((policy.probe_lease_s or lease_s) * 1000), lease, LOG_MAXLEN,
+        ])
+
+    @staticmethod
+    def permit(reply: Any, lease: str) -> Permit:
+        if isinstance(reply, Exception):
+            raise reply
+        decision, state, wait_ms, transition = reply
+        wait_s = -1.0 if wait_ms == "-1" else int(wait_ms) / 1000.0
+        return Permit(decision, BreakerState(state), wait_s, transition,
+                      lease if decision == "probe" else "")
+
+    def queue_record(self, batch: Batch, agent: str, policy: BreakerPolicy, outcome: str,
+                     lease: str = "", reason: str = "") -> int:
+        return batch.script(RECORD, _keys(agent), [
+            agent, outcome, lease, policy.failure_threshold, policy.window, policy.min_calls,
+            policy.failure_rate, reason[:200], LOG_MAXLEN,
+        ])
+
+    @staticmethod
+    def recorded(reply: Any) -> Recorded:
+        if isinstance(reply, Exception):
+            raise reply
+        state, transition, seq = reply
+        return Recorded(BreakerState(state), transition, int(seq))
+
+    # -- the same, each in a round trip of its own -----------------------------------
+
+    def acquire(self, agent: str, policy: BreakerPolicy, lease: str,
+                lease_s: float = DEFAULT_PROBE_LEASE_S) -> Permit:
+        batch = Batch(self.redis)
+        self.queue_acquire(batch, agent, policy, lease, lease_s)
+        with translate_errors(self.url):
+            return self.permit(batch.execute()[0], lease)
+
+    def record(self, agent: str, policy: BreakerPolicy, outcome: str, lease: str = "",
+               reason: str = "") -> Recorded:
+        batch = Batch(self.redis)
+        self.queue_record(batch, agent, policy, outcome, lease, reason)
+        with translate_errors(self.url):
+            return self.recorded(batch.execute()[0])
+
+    def force_open(self, agent: str, reason: str = "forced open by hand") -> None:
+        with translate_errors(self.url):
+            FORCE(self.redis, _keys(agent), [agent, "open", reason, LOG_MAXLEN])
+
+    def reset(self, agent: str, reason: str = "reset by hand") -> None:
+        with translate_errors(self.url):
+            FORCE(self.redis, _keys(agent), [agent, "closed", reason, LOG_MAXLEN])
+
+    # -- reads -----------------------------------------------------------------------
+
+    def snapshot(self, agent: str, policy: BreakerPolicy) -> Snapshot:
+        return self.snapshots([(agent, policy)])[0]
+
+    def snapshots(self, agents: Iterable[tuple[str, BreakerPolicy]]) -> list[Snapshot]:
+        pairs = list(agents)
+        with translate_errors(self.url):
+            pipe = self.redis.pipeline(transaction=False)
+            for agent, _ in pairs:
+                pipe.hgetall(breaker_key(agent))
+                pipe.zcard(breaker_probes_key(agent))
+            pipe.time()
+            replies = pipe.execute()
+        seconds, micros = replies[-1]
+        now = seconds + micros / 1e6
+        out = []
+        for i, (agent, policy) in enumerate(pairs):
+            h = cast(dict[str, str], replies[2 * i])
+            state = BreakerState(h.get("state", "closed"))
+            opened = int(h["opened_at"]) / 1000.0 if h.get("opened_at") else None
+            forced = h.get("forced") == "1"
+            half_open_in = None
+            if state is BreakerState.OPEN and opened is not None and not forced:
+                half_open_in = max(0.0, opened + policy.reset_timeout_s - now)
+            last = None
+            if h.get("last_to"):
+                last = {"from": h.get("last_from", ""), "to": h["last_to"],
+                        "reason": h.get("last_reason", ""),
+                        "at": str(int(h.get("last_at", "0")) / 1000.0)}
+            out.append(Snapshot(
+                agent=agent, state=state, forced=forced,
+                consecutive_failures=int(h.get("consecutive", 0)), window=h.get("calls", ""),
+                successes=int(h.get("successes", 0)), failures=int(h.get("failures", 0)),
+                rejected=int(h.get("rejected", 0)), opened_at=opened,
+                last_transition=last, half_open_in_s=half_open_in,
+                probes=int(replies[2 * i + 1]),
+            ))
+        return out
+
+    def transitions(self, agent: str) -> list[dict[str, str]]:
+        with translate_errors(self.url):
+            entries = cast(list[tuple[str, dict[str, str]]],
+                           self.redis.xrange(breaker_log_key(agent)))
+        return [{"id": sid, **fields} for sid, fields in entries]
