@@ -14,6 +14,7 @@ from typing import Any
 
 import redis
 
+from .breaker.policy import DEFAULT_RETRY_LATER_MAX, BreakerPolicy, Fallback
 from .errors import TransientAgentError, UnknownAgent
 
 __all__ = ["Agent", "AgentRegistry", "StepContext", "agent", "agents"]
@@ -62,6 +63,10 @@ class Agent:
         retry_backoff_max_s: float = DEFAULT_RETRY_BACKOFF_MAX_S,
         time_limit_s: float = DEFAULT_TIME_LIMIT_S,
         max_deliveries: int | None = None,
+        breaker: BreakerPolicy | None = None,
+        fallback: Fallback | str = Fallback.FAIL,
+        default_output: Any = None,
+        retry_later_max: int = DEFAULT_RETRY_LATER_MAX,
         description: str = "",
     ) -> None:
         if not name or not name.replace("_", "").isalnum():
@@ -79,7 +84,16 @@ class Agent:
         self.retry_backoff_s = retry_backoff_s
         self.retry_backoff_max_s = retry_backoff_max_s
         self.time_limit_s = time_limit_s
-        self.max_deliveries = max_deliveries or (max_retries + 1 + DEFAULT_REDELIVERY_ALLOWANCE)
+        self.breaker = breaker or BreakerPolicy()
+        self.fallback = Fallback(fallback)
+        if self.fallback is Fallback.SKIP and default_output is None:
+            raise ValueError(f"agent {name}: fallback 'skip' needs a default_output to seal")
+        self.default_output = default_output
+        self.retry_later_max = retry_later_max
+        later = retry_later_max if self.fallback is Fallback.RETRY_LATER else 0
+        self.max_deliveries = max_deliveries or (
+            max_retries + 1 + later + DEFAULT_REDELIVERY_ALLOWANCE
+        )
         if self.max_deliveries < max_retries + 1:
             raise ValueError(
                 f"agent {name}: max_deliveries {self.max_deliveries} leaves no room for its "

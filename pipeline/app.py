@@ -12,7 +12,7 @@ from kombu import Queue
 
 from .agent import Agent, agents
 from .errors import ConfigurationError, StoreError
-from .runner import STORE_RETRY_BACKOFF_MAX_S, run_step
+from .runner import HARD_TIME_LIMIT_GRACE_S, STORE_RETRY_BACKOFF_MAX_S, run_step
 from .settings import Settings
 from .state import RunStatus, StateStore
 from .workflow import ERRBACK_TASK
@@ -21,8 +21,6 @@ __all__ = ["create_app", "import_agent_modules", "store_for"]
 
 log = logging.getLogger(__name__)
 
-HARD_TIME_LIMIT_GRACE_S = 5.0
-"""Seconds between an agent's soft time limit (the step fails cleanly) and the hard kill."""
 
 FINISH_TASK = "pipeline.finish_run"
 CLIENT_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5,

@@ -34,6 +34,8 @@ __all__ = [
     "TransientAgentError",
     "StepError",
     "DeliveryLimitExceeded",
+    "CircuitOpen",
+    "RunNotParked",
     "StepTimeLimitExceeded",
     "WaitTimeout",
 ]
@@ -156,6 +158,14 @@ class StepError(PipelineError):
 
 class DeliveryLimitExceeded(StepError):
     """Raised when a step was delivered more times than allowed (a crash loop)."""
+
+
+class CircuitOpen(StepError):
+    """Raised when an agent's breaker refuses a call and its fallback cannot stand in."""
+
+
+class RunNotParked(StoreError):
+    """Raised when a run asked to resume is not waiting for a person."""
 
 
 class StepTimeLimitExceeded(StepError):

@@ -23,6 +23,9 @@ from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
 
 from . import chaos
 from .agent import Agent, StepContext
+from .breaker.fallback import input_digest, take_fallback
+from .breaker.gate import Gate
+from .breaker.policy import Fallback
 from .contracts import contracts
 from .errors import (
     ContractViolation,
@@ -33,7 +36,7 @@ from .errors import (
     StoreUnavailable,
     VersionNotFound,
 )
-from .state import Opening, StateStore, Version
+from .state import Opening, StateStore, Version, canonical_json
 from .state.store import Extra
 
 __all__ = ["StepHooks", "hooks", "run_step"]
@@ -43,6 +46,8 @@ log = logging.getLogger(__name__)
 STORE_RETRIES = 8
 """Retries of a step that could not reach Redis (1, 2, 4 ... 30 s apart: about 2 minutes)."""
 STORE_RETRY_BACKOFF_MAX_S = 30.0
+HARD_TIME_LIMIT_GRACE_S = 5.0
+"""Seconds between an agent's soft time limit (the step fails cleanly) and the hard kill."""
 
 
 class StepHooks:
@@ -86,6 +91,9 @@ def run_step(
     fan_in = not isinstance(upstream, int)
     inputs = [int(v) for v in upstream] if isinstance(upstream, Sequence) else [int(upstream)]
     worker = str(task.request.hostname or os.uname().nodename)
+    gate = Gate(store, agent, run_id=run_id, step=step,
+                lease=f"{task.request.id}:{task.request.retries}",
+                lease_s=agent.time_limit_s + HARD_TIME_LIMIT_GRACE_S)
     attempt = 0
     try:
         opening = store.open_step(
@@ -96,9 +104,12 @@ def run_step(
             max_deliveries=agent.max_deliveries,
             worker=worker,
             task_id=str(task.request.id or ""),
-            extra=[e for h in hooks for e in h.open_extra(agent)],
+            extra=gate.open_extra() + [e for h in hooks for e in h.open_extra(agent)],
         )
+        hook_extra = gate.take_permit(opening.extra)
         attempt = opening.deliveries
+        if opening.outcome != "open":
+            gate.release()  # a probe lease this step will not use
         if opening.outcome == "sealed":
             assert opening.sealed_version is not None
             return opening.sealed_version
@@ -117,7 +128,12 @@ def run_step(
         if opening.outcome == "noversion":
             raise VersionNotFound(f"run {run_id} has no version {opening.missing_version}")
         for h in hooks:
-            h.after_open(agent, opening, opening.extra)
+            h.after_open(agent, opening, hook_extra)
+        if gate.refused:
+            assert gate.permit is not None
+            return take_fallback(task, agent, store, gate.permit, run_id=run_id, step=step,
+                                 inputs=opening.inputs, fan_in=fan_in, final=final,
+                                 worker=worker)
 
         payload = _input_payload(opening.inputs, fan_in)
         contracts.get(agent.input).validate(
@@ -138,6 +154,9 @@ def run_step(
             output, side="output", agent=agent.name, run_id=run_id
         )
         latency_ms = (time.monotonic() - started) * 1000.0
+        cache = None
+        if agent.fallback is Fallback.CACHED:
+            cache = (input_digest(opening.inputs, fan_in), canonical_json(output))
         sealing = store.seal(
             run_id,
             step=step,
@@ -148,8 +167,10 @@ def run_step(
             final=final,
             worker=worker,
             latency_ms=latency_ms,
-            extra=[e for h in hooks for e in h.seal_extra(agent, ok=True, latency_ms=latency_ms)],
+            extra=gate.seal_extra(latency_ms=latency_ms, cache=cache)
+            + [e for h in hooks for e in h.seal_extra(agent, ok=True, latency_ms=latency_ms)],
         )
+        gate.after_seal(sealing.extra)
     except (Ignore, Retry):
         raise
     except SoftTimeLimitExceeded:
@@ -157,7 +178,7 @@ def run_step(
             f"run {run_id} step {step}: agent {agent.name} ran past its time limit of "
             f"{agent.time_limit_s:g}s"
         )
-        _fail(agent, run_id, step, exc, store, attempt=attempt)
+        _fail(agent, run_id, step, exc, store, attempt=attempt, gate=gate)
         raise exc from None
     except StoreUnavailable as e:
         # Redis went away mid-step: nothing was sealed (a seal is one atomic
@@ -165,21 +186,22 @@ def run_step(
         if task.request.retries < STORE_RETRIES:
             raise task.retry(exc=e, countdown=_store_countdown_s(task.request.retries),
                              max_retries=STORE_RETRIES) from e
-        _fail(agent, run_id, step, e, store, attempt=attempt)
+        _fail(agent, run_id, step, e, store, attempt=attempt, gate=gate)
         raise
     except ContractViolation as e:  # never retried: the same input breaks it again
-        _fail(agent, run_id, step, e, store, attempt=attempt)
+        _fail(agent, run_id, step, e, store, attempt=attempt, gate=gate)
         raise
     except agent.retry_on as e:
         if task.request.retries < agent.max_retries:
             countdown = agent.retry_countdown_s(task.request.retries)
             _note(store, run_id, "step.retry", step=step, agent=agent.name, attempt=attempt,
                   error_type=type(e).__name__, error=str(e)[:500], countdown_s=countdown)
+            gate.record_failure(e)  # every failed call counts, retried or not
             raise task.retry(exc=e, countdown=countdown, max_retries=agent.max_retries) from e
-        _fail(agent, run_id, step, e, store, attempt=attempt)
+        _fail(agent, run_id, step, e, store, attempt=attempt, gate=gate)
         raise
     except Exception as e:
-        _fail(agent, run_id, step, e, store, attempt=attempt)
+        _fail(agent, run_id, step, e, store, attempt=attempt, gate=gate)
         raise
 
     if sealing.outcome == "missing":
@@ -219,7 +241,8 @@ def _execute(agent: Agent, payload: Any, ctx: StepContext, chaos_spec: str) -> A
 
 
 def _fail(
-    agent: Agent, run_id: str, step: str, exc: BaseException, store: StateStore, *, attempt: int
+    agent: Agent, run_id: str, step: str, exc: BaseException, store: StateStore, *,
+    attempt: int, gate: Gate,
 ) -> None:
     fields: dict[str, str | int | float] = {
         "step": step,
@@ -233,6 +256,7 @@ def _fail(
         fields["side"] = exc.side
         fields["fields"] = ",".join(exc.field_paths)
     _note(store, run_id, "step.failed", **fields)
+    gate.record_failure(exc)
     for h in hooks:
         h.on_failure(agent, run_id, step, exc)
 

@@ -1,4 +1,5 @@
--- Move a running run to a final status (failed, ...) once, and start its retention.
+-- Move a live run (running, or waiting for a person) to a final status once, and
+-- start its retention.
 -- KEYS[1] = pipeline:{run}:states      (stream of sealed versions)
 -- KEYS[2] = pipeline:{run}:steps       (hash step key -> version)
 -- KEYS[3] = pipeline:{run}:run         (hash: the run's record)
@@ -11,7 +12,9 @@
 -- Returns {'changed', old_status}, {'unchanged', status} or {'missing'}.
 local status = redis.call('HGET', KEYS[3], 'status')
 if not status then return {'missing'} end
-if status ~= 'running' then return {'unchanged', status} end
+if status ~= 'running' and status ~= 'waiting_for_human' then
+  return {'unchanged', status}
+end
 local t = redis.call('TIME')
 local now = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 redis.call('HSET', KEYS[3], 'status', ARGV[1], 'error', ARGV[2], 'failed_agent', ARGV[3],

@@ -21,7 +21,7 @@ local sealed = redis.call('HGET', KEYS[2], ARGV[1])
 if sealed then return {'sealed', sealed} end
 local status = redis.call('HGET', KEYS[3], 'status')
 if not status then return {'missing'} end
-if status ~= 'running' then return {'aborted', status} end
+if status ~= 'running' and status ~= 'waiting_for_human' then return {'aborted', status} end
 local n = redis.call('HINCRBY', KEYS[5], ARGV[1], 1)
 local t = redis.call('TIME')
 local now = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))

@@ -21,7 +21,7 @@ local sealed = redis.call('HGET', KEYS[2], ARGV[1])
 if sealed then return {'sealed', sealed} end
 local status = redis.call('HGET', KEYS[3], 'status')
 if not status then return {'missing'} end
-if status ~= 'running' then return {'aborted', status} end
+if status ~= 'running' and status ~= 'waiting_for_human' then return {'aborted', status} end
 local v = tostring(redis.call('HINCRBY', KEYS[3], 'head', 1))
 local t = redis.call('TIME')
 local now = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
@@ -31,6 +31,7 @@ redis.call('XADD', KEYS[1], v .. '-1',
   'degraded', ARGV[9])
 redis.call('HSET', KEYS[2], ARGV[1], v)
 redis.call('HSET', KEYS[3], 'updated_at', now)
+if ARGV[9] == '1' then redis.call('HSET', KEYS[3], 'degraded', '1') end
 redis.call('XADD', KEYS[4], '*', 'event', 'step.sealed', 'at', now, 'step', ARGV[1],
   'agent', ARGV[2], 'version', v, 'parents', ARGV[6], 'worker', ARGV[10],
   'latency_ms', ARGV[11], 'degraded', ARGV[9])

@@ -10,7 +10,7 @@ from typing import Any, cast
 
 import redis
 
-from ..errors import RunNotFound, StoreError, StoreUnavailable, VersionNotFound
+from ..errors import RunNotFound, RunNotParked, StoreError, StoreUnavailable, VersionNotFound
 from ..keys import RunKeys, version_stream_id
 from ..lua import Batch, Script
 from ..settings import DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_RETENTION_S, Settings, redact_url
@@ -23,6 +23,8 @@ SEAL = Script(_PKG, "seal.lua")
 FINISH = Script(_PKG, "finish.lua")
 NOTE = Script(_PKG, "note.lua")
 MARK_ENQUEUED = Script(_PKG, "mark_enqueued.lua")
+PARK = Script(_PKG, "park.lua")
+RESUME = Script(_PKG, "resume.lua")
 
 UNENQUEUED_TTL_S = 24 * 3600
 """A run whose canvas never reached the broker is removed after this long."""
@@ -259,6 +261,31 @@ class StateStore:
                 self.redis, RunKeys(run_id).all(), [status.value, error, agent, self.retention_s]
             )
         return bool(reply[0] == "changed")
+
+    def park(self, run_id: str, *, step: str, agent: str, reason: str) -> bool:
+        """Set a live run waiting for a person; False when it is not live."""
+        keys = RunKeys(run_id)
+        with translate_errors(self.url):
+            return bool(PARK(self.redis, [keys.run, keys.log], [step, agent, reason]))
+
+    def resume(self, run_id: str, *, how: str) -> str:
+        """Set a parked run running again; returns the step it was parked at."""
+        keys = RunKeys(run_id)
+        with translate_errors(self.url):
+            reply = RESUME(self.redis, [keys.run, keys.log], [how])
+        if reply[0] != "resumed":
+            if not reply[1]:
+                raise RunNotFound(_no_run(run_id))
+            raise RunNotParked(
+                f"run {run_id} is {reply[1]}, not waiting_for_human: there is nothing to resume"
+            )
+        return str(reply[1])
+
+    def sealed_steps(self, run_id: str, steps: Sequence[str]) -> list[int | None]:
+        """The versions sealed for these step keys (None where not sealed)."""
+        with translate_errors(self.url):
+            found = self.redis.hmget(RunKeys(run_id).steps, list(steps))
+        return [None if v is None else int(v) for v in cast(list[str | None], found)]
 
     def note(self, run_id: str, event: str, **fields: str | int | float) -> bool:
         """Append an entry to the run's log (only while the run exists)."""

@@ -20,10 +20,12 @@ class RunStatus(StrEnum):
     COMPENSATING = "compensating"
     COMPENSATED = "compensated"
     COMPENSATION_FAILED = "compensation_failed"
+    WAITING_FOR_HUMAN = "waiting_for_human"
 
     @property
     def is_final(self) -> bool:
-        return self not in (RunStatus.RUNNING, RunStatus.COMPENSATING)
+        return self not in (RunStatus.RUNNING, RunStatus.COMPENSATING,
+                            RunStatus.WAITING_FOR_HUMAN)
 
 
 def canonical_json(payload: Any) -> str:
@@ -131,6 +133,8 @@ class RunInfo:
     failed_agent: str | None
     input_contract: str
     idempotency_key: str | None
+    degraded: bool = False
+    parked_step: str | None = None
 
     @classmethod
     def from_hash(cls, run_id: str, h: dict[str, str]) -> RunInfo:
@@ -150,6 +154,8 @@ class RunInfo:
             failed_agent=h.get("failed_agent") or None,
             input_contract=h.get("input_contract", ""),
             idempotency_key=h.get("idempotency_key") or None,
+            degraded=h.get("degraded") == "1",
+            parked_step=h.get("parked_step") or None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -166,4 +172,6 @@ class RunInfo:
             "failed_agent": self.failed_agent,
             "input_contract": self.input_contract,
             "idempotency_key": self.idempotency_key,
+            "degraded": self.degraded,
+            "parked_step": self.parked_step,
         }

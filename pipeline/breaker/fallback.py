@@ -1,0 +1,87 @@
+"""What a step does when its agent's breaker refuses the call (DESIGN section 8)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from celery import Task
+from celery.exceptions import Ignore
+
+from ..errors import CircuitOpen, RunNotFound
+from ..keys import breaker_cache_key
+from ..state import StateStore, Version, canonical_json, digest_of
+from .policy import Fallback
+from .registry import Permit
+
+if TYPE_CHECKING:
+    from ..agent import Agent
+
+MIN_RETRY_LATER_S = 1.0
+
+
+def input_digest(inputs: Sequence[Version], fan_in: bool) -> str:
+    """The digest the ``cached`` fallback keys an input by."""
+    if not fan_in:
+        return inputs[0].digest
+    return digest_of(canonical_json({v.agent: v.payload for v in inputs}))
+
+
+def take_fallback(
+    task: Task,
+    agent: Agent,
+    store: StateStore,
+    permit: Permit,
+    *,
+    run_id: str,
+    step: str,
+    inputs: Sequence[Version],
+    fan_in: bool,
+    final: bool,
+    worker: str,
+) -> int:
+    """Seal a stand-in, park the run, retry later, or raise ``CircuitOpen``."""
+    policy = agent.fallback
+    why = f"agent {agent.name}'s breaker is {permit.state.value}"
+    if permit.wait_s > 0:
+        why += f" (half-open in {permit.wait_s:.1f}s)"
+    elif permit.wait_s < 0:
+        why += " (forced open until reset)"
+    store.note(run_id, "step.refused", step=step, agent=agent.name,
+               breaker=permit.state.value, fallback=policy.value, reason=why)
+
+    def seal_degraded(payload: Any, source: str) -> int:
+        sealing = store.seal(run_id, step=step, agent=agent.name, contract=agent.output,
+                             payload=payload, parents=[v.version for v in inputs],
+                             final=final, degraded=True, worker=worker)
+        if sealing.outcome == "missing":
+            raise RunNotFound(f"run {run_id} disappeared while step {step} fell back")
+        if sealing.outcome == "aborted":
+            raise Ignore()
+        store.note(run_id, "step.degraded", step=step, agent=agent.name, source=source,
+                   version=int(sealing.version or 0))
+        assert sealing.version is not None
+        return sealing.version
+
+    if policy is Fallback.SKIP:
+        return seal_degraded(agent.default_output, "default output")
+    if policy is Fallback.CACHED:
+        digest = input_digest(inputs, fan_in)
+        cached = store.redis.get(breaker_cache_key(agent.name, digest))
+        if cached is None:
+            raise CircuitOpen(f"run {run_id} step {step}: {why}, and no cached output of "
+                              f"{agent.name} exists for this input (digest {digest[:12]})")
+        return seal_degraded(json.loads(cached), f"cached output for input {digest[:12]}")
+    if policy is Fallback.PARK:
+        store.park(run_id, step=step, agent=agent.name,
+                   reason=f"{why}; resume with `pipeline resume {run_id} [--output FILE]`")
+        raise Ignore()
+    if policy is Fallback.RETRY_LATER and task.request.retries < agent.retry_later_max:
+        wait = permit.wait_s if permit.wait_s > 0 else agent.breaker.reset_timeout_s
+        countdown = max(MIN_RETRY_LATER_S, min(wait, agent.breaker.reset_timeout_s))
+        store.note(run_id, "step.retry", step=step, agent=agent.name, error_type="CircuitOpen",
+                   error=why, countdown_s=countdown)
+        raise task.retry(countdown=countdown, max_retries=agent.retry_later_max)
+    tail = (f" after {agent.retry_later_max} retries" if policy is Fallback.RETRY_LATER else "")
+    raise CircuitOpen(f"run {run_id} step {step}: {why}; fallback '{policy.value}'{tail}")

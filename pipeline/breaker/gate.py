@@ -1,0 +1,133 @@
+"""One step's dealings with its agent's breaker.
+
+The step asks for permission inside its *open* round trip and reports the
+outcome inside its *seal* round trip, so a closed breaker costs no extra
+round trip. Only failures, refusals and transitions cost one of their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..errors import CircuitOpen, ContractViolation, StoreError
+from ..keys import breaker_cache_key
+from ..lua import Batch
+from ..state import StateStore
+from .policy import Fallback
+from .registry import BreakerRegistry, Permit
+
+if TYPE_CHECKING:
+    from ..agent import Agent
+    from ..state.store import Extra
+
+CACHE_TTL_S = 7 * 24 * 3600
+"""How long an agent's last good output for an input stays usable by the ``cached`` fallback."""
+
+
+class Gate:
+    def __init__(self, store: StateStore, agent: Agent, *, run_id: str, step: str, lease: str,
+                 lease_s: float) -> None:
+        self.store = store
+        self.agent = agent
+        self.run_id = run_id
+        self.step = step
+        self.lease = lease
+        self.lease_s = lease_s
+        self.registry = BreakerRegistry(store.redis, url=store.url) if agent.breaker.enabled \
+            else None
+        self.permit: Permit | None = None
+
+    # -- the open round trip ------------------------------------------------------
+
+    def open_extra(self) -> list[Extra]:
+        if self.registry is None:
+            return []
+        registry = self.registry
+
+        def acquire(batch: Batch) -> int:
+            return registry.queue_acquire(batch, self.agent.name, self.agent.breaker,
+                                          self.lease, self.lease_s)
+
+        return [acquire]
+
+    def take_permit(self, extra: Sequence[Any]) -> Sequence[Any]:
+        """Read the breaker's answer from the open round trip; return the other extras."""
+        if self.registry is None:
+            return extra
+        self.permit = self.registry.permit(extra[0], self.lease)
+        self._log_transition(self.permit.transition)
+        return extra[1:]
+
+    @property
+    def refused(self) -> bool:
+        return self.permit is not None and not self.permit.allowed
+
+    # -- the seal round trip ------------------------------------------------------
+
+    def seal_extra(self, *, latency_ms: float, cache: tuple[str, str] | None) -> list[Extra]:
+        """Record a success (or a slow call) and, for ``cached`` agents, keep the output."""
+        extras: list[Extra] = []
+        if self.registry is not None and self.permit is not None:
+            registry, policy = self.registry, self.agent.breaker
+            slow = policy.slow_call_s is not None and latency_ms > policy.slow_call_s * 1000
+            outcome = "failure" if slow else "success"
+            reason = f"slow call: {latency_ms:.0f} ms" if slow else ""
+
+            def record(batch: Batch) -> int:
+                return registry.queue_record(batch, self.agent.name, policy, outcome,
+                                             self.permit.lease if self.permit else "", reason)
+
+            extras.append(record)
+        if cache is not None and self.agent.fallback is Fallback.CACHED:
+            digest, canonical = cache
+
+            def keep(batch: Batch) -> int:
+                return batch.command("SET", breaker_cache_key(self.agent.name, digest),
+                                     canonical, "EX", CACHE_TTL_S)
+
+            extras.append(keep)
+        return extras
+
+    def after_seal(self, extra: Sequence[Any]) -> None:
+        if self.registry is not None and self.permit is not None and extra:
+            self._log_transition(self.registry.recorded(extra[0]).transition)
+
+    # -- failures ---------------------------------------------------------------------
+
+    def outcome_of(self, exc: BaseException) -> str:
+        """How a failure counts: 'failure', 'success' (an excluded error) or 'ignore'."""
+        if isinstance(exc, CircuitOpen | StoreError):
+            return "ignore"  # the call never ran, or Redis failed, not the agent
+        if isinstance(exc, ContractViolation) and exc.side == "input":
+            return "ignore"  # the upstream's fault
+        if isinstance(exc, self.agent.breaker.excluded):
+            return "success"  # a business answer, not a broken agent
+        return "failure"
+
+    def record_failure(self, exc: BaseException) -> None:
+        """Tell the breaker about a failed call (one round trip, off the happy path)."""
+        self.release(self.outcome_of(exc), f"{type(exc).__name__}: {exc}")
+
+    def release(self, outcome: str = "ignore", reason: str = "") -> None:
+        """Report a call that ends without a seal (or a probe lease the step will not use)."""
+        if self.registry is None or self.permit is None or not self.permit.allowed:
+            return
+        if outcome == "ignore" and not self.permit.lease:
+            return  # nothing to tell: no lease to free, no count to change
+        try:
+            recorded = self.registry.record(self.agent.name, self.agent.breaker, outcome,
+                                            self.permit.lease, reason)
+        except StoreError:
+            return  # the lease expires by itself; the run's failure matters more
+        self.permit = None
+        self._log_transition(recorded.transition)
+
+    def _log_transition(self, transition: str) -> None:
+        if transition:
+            before, after = transition.split(">")
+            try:
+                self.store.note(self.run_id, "breaker.transition", step=self.step,
+                                agent=self.agent.name, **{"from": before, "to": after})
+            except StoreError:
+                pass
