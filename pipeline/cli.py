@@ -175,6 +175,83 @@ def trace(run_id: str, as_json: bool) -> None:
         click.echo(f"+{int(e['at']) - start:>6} ms  {e['event']:<16} {detail}")
 
 
+@main.group(invoke_without_command=True)
+@json_option
+@click.pass_context
+def breakers(ctx: click.Context, as_json: bool) -> None:
+    """List every agent's circuit breaker; `reset` or `open` one by hand."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .agent import agents
+
+    p = _pipeline()
+    snapshots = p.breakers.snapshots((a.name, a.breaker) for a in agents)
+    if as_json:
+        _echo_json([s.to_dict() for s in snapshots])
+        return
+    rows = [("agent", "state", "in a row", "window", "ok", "failed", "refused",
+             "half-open in", "last transition")]
+    for snap in snapshots:
+        d = snap.to_dict()
+        last = d["last_transition"]
+        rows.append((
+            snap.agent,
+            snap.state.value + (" (forced)" if snap.forced else ""),
+            str(snap.consecutive_failures),
+            f"{d['window']['failures']}/{d['window']['calls']} failed",
+            str(snap.successes), str(snap.failures), str(snap.rejected),
+            "-" if snap.half_open_in_s is None else f"{snap.half_open_in_s:.0f}s",
+            f"{last['from']} -> {last['to']}: {last['reason']}" if last else "-",
+        ))
+    click.echo(table(rows))
+
+
+def _breaker_agent(name: str) -> Any:
+    from .agent import agents
+
+    _pipeline()  # imports the agent modules
+    return agents.get(name)
+
+
+@breakers.command("reset")
+@click.argument("agent")
+def breakers_reset(agent: str) -> None:
+    """Close AGENT's breaker and clear its counters."""
+    _pipeline().breakers.reset(_breaker_agent(agent).name)
+    click.echo(f"breaker of {agent}: closed")
+
+
+@breakers.command("open")
+@click.argument("agent")
+def breakers_open(agent: str) -> None:
+    """Force AGENT's breaker open until it is reset."""
+    _pipeline().breakers.force_open(_breaker_agent(agent).name)
+    click.echo(f"breaker of {agent}: open until `pipeline breakers reset {agent}`")
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--output", "source", default=None,
+              help="JSON output to seal for the parked step (file, or - for stdin).")
+@click.option("--wait/--no-wait", default=False, help="Wait for the run to finish.")
+@click.option("--timeout", type=float, default=60.0, show_default=True)
+@json_option
+def resume(run_id: str, source: str | None, wait: bool, timeout: float, as_json: bool) -> None:
+    """Continue RUN, parked for a person: run the parked step again, or seal --output."""
+    output = read_json_input(source) if source is not None else None
+    handle = _pipeline().resume(run_id, output)
+    try:
+        result = handle.wait(timeout) if wait else handle.result()
+    except WaitTimeout as e:
+        result = replace(handle.result(), error=str(e))
+    if as_json:
+        _echo_json(result.to_dict())
+    else:
+        click.echo(f"run {run_id}: {result.status.value} (version {result.version})")
+    if wait and result.status.value != "succeeded":
+        sys.exit(EXIT_RUN_FAILED)
+
+
 @main.command()
 @json_option
 def contracts(as_json: bool) -> None:

@@ -10,8 +10,9 @@ from typing import Any
 from celery import Celery
 
 from .app import create_app
+from .breaker import BreakerRegistry
 from .contracts import Contract
-from .errors import BrokerUnavailable, IdempotencyConflict, WaitTimeout
+from .errors import BrokerUnavailable, IdempotencyConflict, RunNotParked, WaitTimeout
 from .settings import Settings, redact_url
 from .state import RunInfo, RunStatus, StateStore, Version, canonical_json, digest_of
 from .state.version import check_size
@@ -35,6 +36,7 @@ class RunResult:
     version: int
     run_id: str = ""
     error: str | None = None
+    degraded: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -43,6 +45,7 @@ class RunResult:
             "version": self.version,
             "output": self.output,
             "error": self.error,
+            "degraded": self.degraded,
         }
 
 
@@ -59,6 +62,7 @@ class Pipeline:
         self.settings = settings or Settings.from_env()
         self.app = app or create_app(self.settings, fail_fast=True)
         self.store = store or StateStore.from_settings(self.settings)
+        self.breakers = BreakerRegistry(self.store.redis, url=self.store.url)
 
     @classmethod
     def from_env(cls) -> Pipeline:
@@ -120,6 +124,59 @@ class Pipeline:
         self.store.mark_enqueued(run_id)
         return Run(self, run_id)
 
+    def resume(self, run_id: str, output: Any = None) -> Run:
+        """Continue a run parked for a person (the ``park`` fallback).
+
+        Without ``output`` the parked step runs again (its breaker may have
+        closed); with it, ``output`` is checked against the step's output
+        contract and sealed as the step's version, and the run goes on from
+        the next step. Raises ``RunNotParked`` when the run is not waiting.
+        """
+        info = self.store.run_info(run_id)
+        if info.status is not RunStatus.WAITING_FOR_HUMAN or not info.parked_step:
+            raise RunNotParked(
+                f"run {run_id} is {info.status.value}, not waiting_for_human: nothing to resume"
+            )
+        wf = workflows.get(info.workflow)
+        stage = wf.stage_of(info.parked_step)
+        upstream = self._upstream(run_id, wf, stage)
+        parked = next(s for s in wf.stages[stage] if s.key == info.parked_step)
+        if output is not None:
+            wf.contract_of(parked.agent.output).validate(
+                output, side="output", agent=parked.agent.name, run_id=run_id
+            )
+        self.store.resume(run_id, how="output" if output is not None else "rerun")
+        if output is not None:
+            parents = upstream if isinstance(upstream, list) else [upstream]
+            self.store.seal(run_id, step=parked.key, agent=parked.agent.name,
+                            contract=parked.agent.output, payload=output, parents=parents,
+                            final=parked.final, worker="person")
+            if len(wf.stages[stage]) == 1:  # go on from the next stage
+                if parked.final:
+                    return Run(self, run_id)
+                stage += 1
+                upstream = self._upstream(run_id, wf, stage)
+        try:
+            wf.compile(self.app, run_id, start=stage, upstream=upstream).apply_async()
+        except Exception as e:
+            raise BrokerUnavailable(
+                f"cannot enqueue the rest of run {run_id}: {type(e).__name__}: {e}; the run is "
+                "marked running but no step was enqueued"
+            ) from e
+        return Run(self, run_id)
+
+    def _upstream(self, run_id: str, wf: Workflow, stage: int) -> int | list[int]:
+        """What stage ``stage`` of a run receives: version 0, or its upstream's versions."""
+        if stage == 0:
+            return 0
+        keys = [s.key for s in wf.stages[stage - 1]]
+        versions = self.store.sealed_steps(run_id, keys)
+        missing = [k for k, v in zip(keys, versions, strict=True) if v is None]
+        if missing:
+            raise RunNotParked(f"run {run_id}: steps {missing} are not sealed; cannot resume")
+        sealed = [v for v in versions if v is not None]
+        return sealed[0] if len(sealed) == 1 else sealed
+
     @staticmethod
     def run_id_for(workflow: str, idempotency_key: str) -> str:
         """The run id that ``start`` gives a workflow and idempotency key."""
@@ -167,6 +224,7 @@ class Run:
             version=info.output_version if info.output_version is not None else info.head,
             run_id=self.run_id,
             error=info.error,
+            degraded=info.degraded,
         )
 
     def wait(self, timeout: float = DEFAULT_WAIT_TIMEOUT_S) -> RunResult:

@@ -22,11 +22,14 @@ import click
 
 from .app import import_agent_modules
 from .cli import format_history, read_json_input, table
-from .client import Pipeline
+from .client import Pipeline, Run
 from .embedded import EmbeddedRedis, answers
 from .errors import ConfigurationError, PipelineError, StoreUnavailable
 from .local import WorkerProcess
 from .settings import DEFAULT_REDIS_URL, Settings, redact_url
+from .workflow import Workflow
+
+RESET_REASON = "reset by pipeline demo"
 
 
 @contextmanager
@@ -77,42 +80,83 @@ def run_demo(*, source: str | None, concurrency: int, timeout_s: float) -> None:
             "CELERY_BROKER_URL": settings.broker_url,
             "CELERY_RESULT_BACKEND": settings.result_backend,
         }
+        p = Pipeline(settings=settings)
+        workflow = p.workflow(spec["workflow"])
+        _reset_breakers(p, workflow)
         click.echo(f"redis {redact_url(url)}; starting a worker pool of {concurrency} processes")
         with WorkerProcess(env=env, concurrency=concurrency, cwd=os.getcwd()):
-            _run_batch(Pipeline(settings=settings), spec, batch, timeout_s)
+            click.echo(f"\nworkflow {workflow.name}: {workflow.shape()}")
+            runs, elapsed = _run_batch(p, workflow, batch, timeout_s)
+            click.echo(_decisions(spec, runs))
+            ok = sum(r.status().value == "succeeded" for r in runs)
+            click.echo(f"{ok}/{len(runs)} runs succeeded in {elapsed:.2f}s "
+                       f"({len(runs) / elapsed:.1f} runs/s)")
+            _show_lineage(runs)
+            _show_refusal(p, workflow, spec.get("rejected"))
+        if spec.get("chaos"):
+            chaos = spec["chaos"]
+            click.echo(f"\nthe same batch again with PIPELINE_CHAOS={chaos!r} "
+                       "(a new worker pool):")
+            with WorkerProcess(env={**env, "PIPELINE_CHAOS": chaos}, concurrency=concurrency,
+                               cwd=os.getcwd()):
+                runs, _ = _run_batch(p, workflow, batch, timeout_s)
+                click.echo(_decisions(spec, runs))
+                click.echo("\nbreakers:")
+                for snap in p.breakers.snapshots((a.name, a.breaker) for a in workflow.agents()):
+                    last = snap.last_transition
+                    if last and last["reason"] != RESET_REASON:
+                        click.echo(f"  {snap.agent}: {snap.state.value} ({last['reason']}); "
+                                   f"{snap.failures} failed, {snap.rejected} refused")
+            _reset_breakers(p, workflow)
+            click.echo("breakers reset")
         click.echo("worker pool stopped")
 
 
-def _run_batch(p: Pipeline, spec: dict[str, Any], batch: list[Any], timeout_s: float) -> None:
-    workflow = p.workflow(spec["workflow"])
-    click.echo(f"\nworkflow {workflow.name}: {workflow.shape()}")
+def _reset_breakers(p: Pipeline, workflow: Workflow) -> None:
+    for a in workflow.agents():
+        p.breakers.reset(a.name, reason=RESET_REASON)
+
+
+def _run_batch(p: Pipeline, workflow: Workflow, batch: list[Any],
+               timeout_s: float) -> tuple[list[Run], float]:
     started = time.monotonic()
     runs = [p.start(workflow, payload) for payload in batch]
-    results = [r.wait(timeout_s) for r in runs]
-    elapsed = time.monotonic() - started
-    columns: list[tuple[str, str]] = [(c[0], c[1]) for c in spec["columns"]]
-    rows = [tuple(title for title, _ in columns) + ("status", "versions", "ms")]
-    for run, res in zip(runs, results, strict=True):
-        info = run.info()
-        out = res.output if isinstance(res.output, dict) else {}
-        took = ((info.finished_at or info.updated_at) - info.created_at) * 1000
-        rows.append(tuple(_cell(out.get(field)) for _, field in columns)
-                    + (res.status.value, str(info.head + 1), f"{took:.0f}"))
-    click.echo(table(rows))
-    ok = sum(r.status.value == "succeeded" for r in results)
-    click.echo(f"{ok}/{len(results)} runs succeeded in {elapsed:.2f}s "
-               f"({len(results) / elapsed:.1f} runs/s)")
+    for run in runs:
+        run.wait(timeout_s)
+    return runs, time.monotonic() - started
 
-    shown = next((r for r, res in zip(runs, results, strict=True) if res.output), runs[0])
+
+def _decisions(spec: dict[str, Any], runs: list[Run]) -> str:
+    columns: list[tuple[str, str]] = [(c[0], c[1]) for c in spec["columns"]]
+    rows = [tuple(title for title, _ in columns) + ("status", "versions", "ms", "note")]
+    for run in runs:
+        res, info = run.result(), run.info()
+        out = res.output if isinstance(res.output, dict) else {}
+        if not out:  # a failed run: show what it was asked, where the input says
+            out = run.store.get(run.run_id, 0).payload
+        took = ((info.finished_at or info.updated_at) - info.created_at) * 1000
+        note = "degraded: " + ", ".join(
+            v.agent for v in run.history() if v.degraded) if res.degraded else ""
+        if res.error:
+            note = f"{info.failed_agent}: {res.error.split(':')[0]}"
+        rows.append(tuple(_cell(out.get(field)) for _, field in columns)
+                    + (res.status.value, str(info.head + 1), f"{took:.0f}", note))
+    return table(rows)
+
+
+def _show_lineage(runs: list[Run]) -> None:
+    shown = next((r for r in runs if r.result().output), runs[0])
+    history = shown.history()
     click.echo(f"\nlineage of run {shown.run_id} (sealed versions, digests checked):")
-    click.echo(format_history(shown.history()))
-    last = shown.history()[-1]
+    click.echo(format_history(history))
+    last = history[-1]
     click.echo(f"version {last.version} was made from versions "
                f"{', '.join(map(str, last.parents))}:")
     for v in shown.lineage(last.version)[1:]:
         click.echo(f"  v{v.version} {v.agent or '(input)'} <- {list(v.parents) or 'the request'}")
 
-    rejected = spec.get("rejected")
+
+def _show_refusal(p: Pipeline, workflow: Workflow, rejected: str | None) -> None:
     if rejected:
         click.echo(f"\nbad input is refused before anything is enqueued ({rejected}):")
         try:

@@ -125,9 +125,15 @@ class Workflow:
                 else:
                     check_handoff(self._contracts.get(before[0].agent.output), consumer, where)
         for step in self.steps():  # every output, the last step's too
-            self._contracts.get(step.agent.output)
+            output = self._contracts.get(step.agent.output)
+            if step.agent.default_output is not None:  # what the `skip` fallback seals
+                output.validate(step.agent.default_output, side="default output",
+                                agent=step.agent.name)
 
     # -- facts ------------------------------------------------------------------
+
+    def contract_of(self, ref: str) -> Contract:
+        return self._contracts.get(ref)
 
     @property
     def input_contract(self) -> Contract:
@@ -136,6 +142,13 @@ class Workflow:
     @property
     def output_contract(self) -> Contract:
         return self._contracts.get(self.stages[-1][0].agent.output)
+
+    def stage_of(self, step_key: str) -> int:
+        """The index of the stage that holds ``step_key``."""
+        for i, stage in enumerate(self.stages):
+            if any(s.key == step_key for s in stage):
+                return i
+        raise WorkflowDefinitionError(f"workflow {self.name} has no step {step_key!r}")
 
     def steps(self) -> Iterator[Step]:
         for stage in self.stages:
@@ -154,17 +167,21 @@ class Workflow:
 
     # -- compilation ------------------------------------------------------------
 
-    def compile(self, app: Celery, run_id: str) -> Signature:
+    def compile(
+        self, app: Celery, run_id: str, *, start: int = 0, upstream: int | list[int] = 0
+    ) -> Signature:
         """The canvas for one run: chains for sequence, chords for fan-out/fan-in.
 
-        The first step(s) receive version 0, the run's input. One errback with
+        The first step(s) receive version 0, the run's input; to resume a run,
+        ``start`` names the stage to begin at and ``upstream`` what it receives. One errback with
         the ``(request, exc, traceback)`` signature is linked to every step's
         own signature: ``chord.link_error`` would clone it immutable, and an
         immutable errback is called without the request, exception and traceback.
         """
         parts: list[Signature] = []
-        for i, stage in enumerate(self.stages):
-            sigs = [self._signature(app, run_id, s, first=(i == 0), joined=len(stage) > 1)
+        for i, stage in enumerate(self.stages[start:], start):
+            first = upstream if i == start else None
+            sigs = [self._signature(app, run_id, s, upstream=first, joined=len(stage) > 1)
                     for s in stage]
             if len(sigs) == 1:
                 previous = parts[-1] if parts else None
@@ -179,7 +196,7 @@ class Workflow:
 
     @staticmethod
     def _signature(
-        app: Celery, run_id: str, step: Step, *, first: bool, joined: bool
+        app: Celery, run_id: str, step: Step, *, upstream: int | list[int] | None, joined: bool
     ) -> Signature:
         """One step's task. Only a chord member's result is stored (the chord
         joins on it); every other step ignores its Celery result, since the
@@ -190,7 +207,7 @@ class Workflow:
             kwargs["final"] = True
         sig = app.signature(
             step.agent.task_name,
-            args=(0,) if first else (),
+            args=() if upstream is None else (upstream,),
             kwargs=kwargs,
             queue=step.agent.queue,
             ignore_result=not joined,

@@ -20,6 +20,9 @@ DEMO = {
         ("amount", "approved_amount"),
         ("APR", "apr"),
     ],
+    # Then the same batch with income_verification failing: its breaker opens after
+    # five failures, and later runs seal its cached answer, marked degraded.
+    "chaos": "income_verification=error:1",
 }
 """What ``pipeline demo`` runs."""
 

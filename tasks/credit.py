@@ -1,6 +1,12 @@
 """Credit decisioning: credit_score -> (income_verification | risk_assessment |
 fraud_detection) -> final_approval.
 
+Breaker fallbacks: a verified income is slow to change, so income_verification
+reuses its last good answer for the same input (``cached``); fraud_detection
+must never be skipped (``fail``); risk_assessment waits for its breaker to
+half-open (``retry_later``); final_approval hands the case to a person
+(``park``).
+
 Each agent decides only on the sealed version it is handed, never on the
 customer record that other systems keep writing: that is what stops the
 talk's stale-cache bug. Each also leaves an observable side effect in a
@@ -76,7 +82,8 @@ def credit_score(application: dict[str, Any], ctx: StepContext) -> dict[str, Any
 # -- the three parallel assessments ------------------------------------------------
 
 
-@agent(input="credit_score@1", output="income_verification@1", time_limit_s=10)
+@agent(input="credit_score@1", output="income_verification@1", time_limit_s=10,
+       fallback="cached")
 def income_verification(scored: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
     """Check income documents and compute debt-to-income, with and without the new loan."""
     app = scored["application"]
@@ -105,7 +112,8 @@ def _ratio(debt: float, income: float) -> float:
 RATING_LADDER = ("low", "medium", "high", "very_high")
 
 
-@agent(input="credit_score@1", output="risk_assessment@1", time_limit_s=10)
+@agent(input="credit_score@1", output="risk_assessment@1", time_limit_s=10,
+       fallback="retry_later")
 def risk_assessment(scored: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
     """Rate the risk from the sealed score (never from the customer record) and the loan size."""
     score = scored["score"]
@@ -127,7 +135,8 @@ def risk_assessment(scored: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
     }
 
 
-@agent(input="credit_score@1", output="fraud_detection@1", time_limit_s=10)
+@agent(input="credit_score@1", output="fraud_detection@1", time_limit_s=10,
+       fallback="fail")
 def fraud_detection(scored: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
     """Simple fraud rules: location mismatch, disposable email, inquiry bursts, oversized loans."""
     app = scored["application"]
@@ -157,7 +166,8 @@ def fraud_detection(scored: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
 # -- the decision -------------------------------------------------------------------
 
 
-@agent(input="credit_assessments@1", output="credit_decision@1", time_limit_s=10)
+@agent(input="credit_assessments@1", output="credit_decision@1", time_limit_s=10,
+       fallback="park")
 def final_approval(assessed: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
     """Decide, and place a credit-line hold for an approved amount."""
     income = assessed["income_verification"]

@@ -11,6 +11,7 @@ from celery.signals import task_postrun
 from marshmallow import Schema, fields
 
 from pipeline import StepContext, TransientAgentError, Workflow, agent, contract, parallel
+from pipeline.breaker import BreakerPolicy
 
 EXECUTIONS_KEY = "test:executions:{run_id}:{agent}"
 CRASH_AFTER_SEAL_KEY = "test:crash-after-seal:{run_id}"
@@ -145,3 +146,30 @@ def slow_increment(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
 
 
 slow_counting = Workflow("slow_counting", [slow_increment])
+
+
+# -- breakers: one agent per fallback, with a small threshold and a short reset timeout --
+
+QUICK_BREAKER = BreakerPolicy(failure_threshold=2, window=4, min_calls=4, reset_timeout_s=1.0)
+DEFAULT_COUNT = {"n": -1}
+
+
+def _guarded(name: str, fallback: str, **policy: Any) -> Any:
+    def execute(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+        _count(ctx)
+        return {"n": payload["n"] * 10}
+
+    execute.__name__ = execute.__qualname__ = name
+    return agent(name, input="count@1", output="count@1", time_limit_s=5, max_retries=0,
+                 breaker=QUICK_BREAKER, fallback=fallback, **policy)(execute)
+
+
+guarded_fail = _guarded("guarded_fail", "fail")
+guarded_skip = _guarded("guarded_skip", "skip", default_output=DEFAULT_COUNT)
+guarded_cached = _guarded("guarded_cached", "cached")
+guarded_park = _guarded("guarded_park", "park")
+guarded_retry = _guarded("guarded_retry", "retry_later", retry_later_max=5)
+
+for _a in (guarded_fail, guarded_skip, guarded_cached, guarded_retry):
+    Workflow(f"w_{_a.name}", [_a])
+parked_flow = Workflow("w_guarded_park", [increment, guarded_park, double])

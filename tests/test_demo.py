@@ -25,14 +25,22 @@ def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 def test_demo_runs_the_batch_and_shows_decisions_and_lineage(cluster: Cluster) -> None:
     done = run_cli("demo", PIPELINE_REDIS_URL=cluster.url)
     assert done.returncode == 0, done.stderr
-    out = done.stdout
+    out, chaos = done.stdout.split("the same batch again with PIPELINE_CHAOS=")
     assert "8/8 runs succeeded" in out
     lines = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("app-")}
     assert lines["app-1001"][1:3] == ["approved", "759"]
     assert lines["app-1002"][1:3] == ["declined", "300"]
     assert "lineage of run" in out and "final_approval" in out
     assert "ContractViolation" in out and "income.annual" in out  # the refused sample
-    assert "worker pool stopped" in out
+    # with income_verification failing: some runs fail until its breaker opens,
+    # then the rest seal its cached answer, marked degraded
+    rows = [line for line in chaos.splitlines() if line.startswith("app-")]
+    assert len(rows) == 8
+    failed = [r for r in rows if "income_verification: ChaosError" in r]
+    degraded = [r for r in rows if r.endswith("degraded: income_verification")]
+    assert len(failed) >= 5 and degraded and len(failed) + len(degraded) == 8
+    assert "income_verification: open (5 consecutive failures" in chaos
+    assert "breakers reset" in chaos and "worker pool stopped" in chaos
 
 
 def test_demo_with_an_unreachable_redis_url_says_so(cluster: Cluster) -> None:

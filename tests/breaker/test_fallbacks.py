@@ -1,0 +1,133 @@
+"""Each fallback policy end to end, on real workers: a breaker tripped by
+PIPELINE_CHAOS (or opened by hand in another process) refuses the call, and
+the agent's fallback decides what the run does."""
+
+from __future__ import annotations
+
+from pipeline import RunStatus
+from pipeline.breaker import BreakerState
+from tests.agents import DEFAULT_COUNT, EXECUTIONS_KEY, QUICK_BREAKER
+from tests.conftest import Cluster, wait_for
+
+
+def events(run: object, name: str) -> list[dict[str, str]]:
+    return [e for e in run.store.log(run.run_id) if e["event"] == name]  # type: ignore[attr-defined]
+
+
+def executions(cluster: Cluster, run_id: str, agent: str) -> int:
+    return int(cluster.redis.get(EXECUTIONS_KEY.format(run_id=run_id, agent=agent)) or 0)
+
+
+def test_fail_trips_on_chaos_then_fails_fast_with_circuit_open(cluster: Cluster) -> None:
+    cluster.worker(PIPELINE_CHAOS="guarded_fail=error:1")
+    p = cluster.pipeline()
+    first = [p.start("w_guarded_fail", {"n": i}).wait(20) for i in range(2)]
+    assert [r.error.split(":")[0] for r in first if r.error] == ["ChaosError", "ChaosError"]
+    assert p.breakers.snapshot("guarded_fail", QUICK_BREAKER).state is BreakerState.OPEN
+
+    run = p.start("w_guarded_fail", {"n": 9})
+    result = run.wait(20)
+    assert result.status is RunStatus.FAILED and result.error is not None
+    assert result.error.startswith("CircuitOpen") and "fallback 'fail'" in result.error
+    assert executions(cluster, run.run_id, "guarded_fail") == 0  # never called
+    refused = events(run, "step.refused")
+    assert [(e["breaker"], e["fallback"]) for e in refused] == [("open", "fail")]
+
+
+def test_the_run_that_trips_the_breaker_shows_the_transition_in_its_trace(
+    cluster: Cluster,
+) -> None:
+    cluster.worker(PIPELINE_CHAOS="guarded_fail=error:1")
+    p = cluster.pipeline()
+    runs = [p.start("w_guarded_fail", {"n": i}) for i in range(2)]
+    for run in runs:
+        run.wait(20)
+    moved = [e for run in runs for e in events(run, "breaker.transition")]
+    assert [(e["agent"], e["from"], e["to"]) for e in moved] == [
+        ("guarded_fail", "closed", "open")]
+
+
+def test_skip_seals_the_default_output_marked_degraded(cluster: Cluster) -> None:
+    cluster.worker(PIPELINE_CHAOS="guarded_skip=error:1")
+    p = cluster.pipeline()
+    for i in range(2):
+        assert p.start("w_guarded_skip", {"n": i}).wait(20).status is RunStatus.FAILED
+    run = p.start("w_guarded_skip", {"n": 5})
+    result = run.wait(20)
+    assert result.status is RunStatus.SUCCEEDED and result.degraded
+    assert result.output == DEFAULT_COUNT
+    last = run.history()[-1]
+    assert last.degraded and last.agent == "guarded_skip" and last.parents == (0,)
+    assert executions(cluster, run.run_id, "guarded_skip") == 0
+
+
+def test_cached_seals_the_last_good_output_for_the_same_input(cluster: Cluster) -> None:
+    cluster.worker()
+    p = cluster.pipeline()
+    good = p.start("w_guarded_cached", {"n": 4}).wait(20)
+    assert good.status is RunStatus.SUCCEEDED and good.output == {"n": 40}
+    assert not good.degraded
+    p.breakers.force_open("guarded_cached")  # by hand, from this process
+
+    same = p.start("w_guarded_cached", {"n": 4})
+    result = same.wait(20)
+    assert result.status is RunStatus.SUCCEEDED and result.degraded
+    assert result.output == {"n": 40}
+    assert executions(cluster, same.run_id, "guarded_cached") == 0
+    assert events(same, "step.degraded")[0]["source"].startswith("cached output")
+
+    other = p.start("w_guarded_cached", {"n": 5}).wait(20)  # never seen: nothing cached
+    assert other.status is RunStatus.FAILED and other.error is not None
+    assert "no cached output" in other.error
+
+
+def test_park_waits_for_a_person_and_resume_reruns_the_step(cluster: Cluster) -> None:
+    cluster.worker()
+    p = cluster.pipeline()
+    p.breakers.force_open("guarded_park")
+    run = p.start("w_guarded_park", {"n": 2})
+    wait_for(lambda: run.status() is RunStatus.WAITING_FOR_HUMAN, message="the run to park")
+    parked = events(run, "run.parked")
+    assert parked[0]["agent"] == "guarded_park" and "pipeline resume" in parked[0]["alert"]
+    assert run.info().parked_step == "1:guarded_park"
+    assert [v.agent for v in run.history()] == ["", "increment"]
+
+    p.breakers.reset("guarded_park")
+    result = p.resume(run.run_id).wait(20)
+    assert result.status is RunStatus.SUCCEEDED and not result.degraded
+    assert result.output == {"n": (2 + 1) * 10 * 2}
+    assert [v.agent for v in run.history()] == ["", "increment", "guarded_park", "double"]
+
+
+def test_resume_with_an_output_seals_it_and_goes_on(cluster: Cluster) -> None:
+    cluster.worker()
+    p = cluster.pipeline()
+    p.breakers.force_open("guarded_park")  # stays open: the person supplies the output
+    run = p.start("w_guarded_park", {"n": 2})
+    wait_for(lambda: run.status() is RunStatus.WAITING_FOR_HUMAN, message="the run to park")
+    result = p.resume(run.run_id, {"n": 7}).wait(20)
+    assert result.status is RunStatus.SUCCEEDED and result.output == {"n": 14}
+    history = run.history()
+    assert [(v.agent, v.parents, v.payload) for v in history[2:]] == [
+        ("guarded_park", (1,), {"n": 7}), ("double", (2,), {"n": 14})]
+    assert executions(cluster, run.run_id, "guarded_park") == 0
+
+
+def test_retry_later_waits_for_half_open_and_the_probe_closes_the_breaker(
+    cluster: Cluster,
+) -> None:
+    cluster.worker()
+    p = cluster.pipeline()
+    for _ in range(2):  # two failures reported by another process open it for 1 s
+        p.breakers.record("guarded_retry", QUICK_BREAKER, "failure", reason="upstream down")
+    assert p.breakers.snapshot("guarded_retry", QUICK_BREAKER).state is BreakerState.OPEN
+
+    run = p.start("w_guarded_retry", {"n": 3})
+    result = run.wait(30)
+    assert result.status is RunStatus.SUCCEEDED and result.output == {"n": 30}
+    assert not result.degraded
+    assert events(run, "step.refused") and events(run, "step.retry")
+    snap = p.breakers.snapshot("guarded_retry", QUICK_BREAKER)
+    assert snap.state is BreakerState.CLOSED
+    assert snap.last_transition is not None and snap.last_transition["reason"] == \
+        "probe succeeded"
