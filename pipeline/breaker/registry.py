@@ -63,7 +63,7 @@ class Snapshot:
     failures: int
     rejected: int
     opened_at: float | None
-    last_transition: dict[str, str] | None
+    last_transition: dict[str, Any] | None
     half_open_in_s: float | None
     probes: int
 
@@ -181,7 +181,7 @@ class BreakerRegistry:
             if h.get("last_to"):
                 last = {"from": h.get("last_from", ""), "to": h["last_to"],
                         "reason": h.get("last_reason", ""),
-                        "at": str(int(h.get("last_at", "0")) / 1000.0)}
+                        "at": int(h.get("last_at", "0")) / 1000.0}
             out.append(Snapshot(
                 agent=agent, state=state, forced=forced,
                 consecutive_failures=int(h.get("consecutive", 0)), window=h.get("calls", ""),
