@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-$(EXTRAS)
 
-.PHONY: demo test lint typecheck check worker flower clean
+.PHONY: demo test bench lint typecheck check worker flower clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,11 @@ demo: $(VENV)/.installed-embedded
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q
 
+bench: $(VENV)/.installed-bench
+	$(BIN)/python -m bench.breakers
+
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check pipeline tasks config tests
+	$(BIN)/ruff check pipeline tasks config tests bench
 
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy

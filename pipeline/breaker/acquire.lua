@@ -11,11 +11,11 @@
 -- Returns {decision, state, wait_ms, transition}: decision is 'allow' (closed), 'probe'
 -- (half-open, a lease was taken) or 'deny'; wait_ms is how long until a call may be
 -- admitted; transition is '' or 'open>half_open' when this call moved the breaker.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local h = redis.call('HMGET', KEYS[1], 'state', 'opened_at', 'forced')
 local state = h[1] or 'closed'
-if state == 'closed' then return {'allow', 'closed', '0', ''} end
+if state == 'closed' then return {'allow', 'closed', '0', ''} end  -- the hot path: one read
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local transition = ''
 if state == 'open' then
   local waited = now - tonumber(h[2] or '0')

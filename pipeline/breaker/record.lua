@@ -13,14 +13,18 @@
 -- ARGV[9] = most transitions kept in the log
 -- Returns {state, transition, seq}: transition is '' or 'from>to'; seq numbers the
 -- breaker's recorded outcomes, in the order Redis applied them.
-local t = redis.call('TIME')
-local now = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+local function server_now()
+  local t = redis.call('TIME')
+  return tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+end
 local outcome = ARGV[2]
 local h = redis.call('HMGET', KEYS[1], 'state', 'consecutive', 'calls')
 local state = h[1] or 'closed'
 local seq = tostring(redis.call('HINCRBY', KEYS[1], 'seq', 1))
 
 local function move(to, reason)
+  local now = server_now()
+  if to == 'open' then redis.call('HSET', KEYS[1], 'opened_at', now) end
   redis.call('HSET', KEYS[1], 'state', to, 'last_from', state, 'last_to', to,
     'last_reason', reason, 'last_at', now)
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[9], '*', 'at', now, 'agent', ARGV[1],
@@ -43,7 +47,6 @@ if ARGV[3] ~= '' then
     redis.call('HSET', KEYS[1], 'consecutive', '0', 'calls', '')
     return {'closed', move('closed', 'probe succeeded'), seq}
   end
-  redis.call('HSET', KEYS[1], 'opened_at', now)
   return {'open', move('open', 'probe failed: ' .. ARGV[8]), seq}
 end
 
@@ -53,17 +56,14 @@ end
 local bit = outcome == 'failure' and '1' or '0'
 local calls = string.sub((h[3] or '') .. bit, -tonumber(ARGV[5]))
 local consecutive = outcome == 'failure' and tonumber(h[2] or '0') + 1 or 0
-redis.call('HSET', KEYS[1], 'state', 'closed', 'consecutive', tostring(consecutive),
-  'calls', calls)
+redis.call('HSET', KEYS[1], 'consecutive', tostring(consecutive), 'calls', calls)
 if consecutive >= tonumber(ARGV[4]) then
-  redis.call('HSET', KEYS[1], 'opened_at', now)
   return {'open', move('open', consecutive .. ' consecutive failures, last: ' .. ARGV[8]), seq}
 end
 local n = string.len(calls)
 if n >= tonumber(ARGV[6]) then
   local _, failed = string.gsub(calls, '1', '')
   if failed / n > tonumber(ARGV[7]) then
-    redis.call('HSET', KEYS[1], 'opened_at', now)
     return {'open', move('open', string.format('failure rate %d/%d over the last %d calls',
       failed, n, n)), seq}
   end

@@ -15,7 +15,7 @@ from typing import Any, cast
 import redis
 
 from ..keys import breaker_key, breaker_log_key, breaker_probes_key
-from ..lua import Batch, Script
+from ..lua import Arg, Batch, Script
 from ..state.store import translate_errors
 from .policy import BreakerPolicy, BreakerState
 
@@ -89,6 +89,17 @@ def _keys(agent: str) -> list[str]:
     return [breaker_key(agent), breaker_log_key(agent), breaker_probes_key(agent)]
 
 
+def _acquire_args(agent: str, policy: BreakerPolicy, lease: str, lease_s: float) -> list[Arg]:
+    return [agent, int(policy.reset_timeout_s * 1000), policy.half_open_max_calls,
+            int((policy.probe_lease_s or lease_s) * 1000), lease, LOG_MAXLEN]
+
+
+def _record_args(agent: str, policy: BreakerPolicy, outcome: str, lease: str,
+                 reason: str) -> list[Arg]:
+    return [agent, outcome, lease, policy.failure_threshold, policy.window, policy.min_calls,
+            policy.failure_rate, reason[:200], LOG_MAXLEN]
+
+
 class BreakerRegistry:
     """Asks and tells the breakers; every change is one atomic script."""
 
@@ -100,10 +111,7 @@ class BreakerRegistry:
 
     def queue_acquire(self, batch: Batch, agent: str, policy: BreakerPolicy, lease: str,
                       lease_s: float) -> int:
-        return batch.script(ACQUIRE, _keys(agent), [
-            agent, int(policy.reset_timeout_s * 1000), policy.half_open_max_calls,
-            int((policy.probe_lease_s or lease_s) * 1000), lease, LOG_MAXLEN,
-        ])
+        return batch.script(ACQUIRE, _keys(agent), _acquire_args(agent, policy, lease, lease_s))
 
     @staticmethod
     def permit(reply: Any, lease: str) -> Permit:
@@ -116,10 +124,8 @@ class BreakerRegistry:
 
     def queue_record(self, batch: Batch, agent: str, policy: BreakerPolicy, outcome: str,
                      lease: str = "", reason: str = "") -> int:
-        return batch.script(RECORD, _keys(agent), [
-            agent, outcome, lease, policy.failure_threshold, policy.window, policy.min_calls,
-            policy.failure_rate, reason[:200], LOG_MAXLEN,
-        ])
+        return batch.script(RECORD, _keys(agent),
+                            _record_args(agent, policy, outcome, lease, reason))
 
     @staticmethod
     def recorded(reply: Any) -> Recorded:
@@ -132,17 +138,16 @@ class BreakerRegistry:
 
     def acquire(self, agent: str, policy: BreakerPolicy, lease: str,
                 lease_s: float = DEFAULT_PROBE_LEASE_S) -> Permit:
-        batch = Batch(self.redis)
-        self.queue_acquire(batch, agent, policy, lease, lease_s)
         with translate_errors(self.url):
-            return self.permit(batch.execute()[0], lease)
+            reply = ACQUIRE(self.redis, _keys(agent), _acquire_args(agent, policy, lease, lease_s))
+        return self.permit(reply, lease)
 
     def record(self, agent: str, policy: BreakerPolicy, outcome: str, lease: str = "",
                reason: str = "") -> Recorded:
-        batch = Batch(self.redis)
-        self.queue_record(batch, agent, policy, outcome, lease, reason)
         with translate_errors(self.url):
-            return self.recorded(batch.execute()[0])
+            reply = RECORD(self.redis, _keys(agent),
+                           _record_args(agent, policy, outcome, lease, reason))
+        return self.recorded(reply)
 
     def force_open(self, agent: str, reason: str = "forced open by hand") -> None:
         with translate_errors(self.url):
