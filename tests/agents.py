@@ -150,7 +150,7 @@ slow_counting = Workflow("slow_counting", [slow_increment])
 
 # -- breakers: one agent per fallback, with a small threshold and a short reset timeout --
 
-QUICK_BREAKER = BreakerPolicy(failure_threshold=2, window=4, min_calls=4, reset_timeout_s=1.0)
+QUICK_BREAKER = BreakerPolicy(failure_threshold=2, window=4, min_calls=4, reset_timeout_s=5.0)
 DEFAULT_COUNT = {"n": -1}
 
 

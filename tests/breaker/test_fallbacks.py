@@ -61,13 +61,25 @@ def test_skip_seals_the_default_output_marked_degraded(cluster: Cluster) -> None
     assert executions(cluster, run.run_id, "guarded_skip") == 0
 
 
+def trip(cluster: Cluster, agent: str) -> None:
+    """Open ``agent``'s breaker the way production does: a pool whose calls fail."""
+    worker = cluster.worker(PIPELINE_CHAOS=f"{agent}=error:1")
+    p = cluster.pipeline()
+    for i in range(QUICK_BREAKER.failure_threshold):
+        assert p.start(f"w_{agent}", {"n": 100 + i}).wait(20).status is RunStatus.FAILED
+    worker.stop()
+    assert p.breakers.snapshot(agent, QUICK_BREAKER).state is BreakerState.OPEN
+
+
 def test_cached_seals_the_last_good_output_for_the_same_input(cluster: Cluster) -> None:
-    cluster.worker()
+    healthy = cluster.worker()
     p = cluster.pipeline()
     good = p.start("w_guarded_cached", {"n": 4}).wait(20)
     assert good.status is RunStatus.SUCCEEDED and good.output == {"n": 40}
     assert not good.degraded
-    p.breakers.force_open("guarded_cached")  # by hand, from this process
+    healthy.stop()
+    trip(cluster, "guarded_cached")
+    cluster.worker()
 
     same = p.start("w_guarded_cached", {"n": 4})
     result = same.wait(20)
@@ -82,9 +94,13 @@ def test_cached_seals_the_last_good_output_for_the_same_input(cluster: Cluster) 
 
 
 def test_park_waits_for_a_person_and_resume_reruns_the_step(cluster: Cluster) -> None:
-    cluster.worker()
     p = cluster.pipeline()
-    p.breakers.force_open("guarded_park")
+    worker = cluster.worker(PIPELINE_CHAOS="guarded_park=error:1")
+    for i in range(QUICK_BREAKER.failure_threshold):
+        assert p.start("w_guarded_park", {"n": i}).wait(20).status is RunStatus.FAILED
+    worker.stop()
+    cluster.worker()
+    p.breakers.force_open("guarded_park")  # and keep it open while we look
     run = p.start("w_guarded_park", {"n": 2})
     wait_for(lambda: run.status() is RunStatus.WAITING_FOR_HUMAN, message="the run to park")
     parked = events(run, "run.parked")
@@ -116,12 +132,11 @@ def test_resume_with_an_output_seals_it_and_goes_on(cluster: Cluster) -> None:
 def test_retry_later_waits_for_half_open_and_the_probe_closes_the_breaker(
     cluster: Cluster,
 ) -> None:
-    cluster.worker()
     p = cluster.pipeline()
-    for _ in range(2):  # two failures reported by another process open it for 1 s
-        p.breakers.record("guarded_retry", QUICK_BREAKER, "failure", reason="upstream down")
-    assert p.breakers.snapshot("guarded_retry", QUICK_BREAKER).state is BreakerState.OPEN
-
+    trip(cluster, "guarded_retry")  # open for 5 s
+    cluster.worker()
+    half_open_in = p.breakers.snapshot("guarded_retry", QUICK_BREAKER).half_open_in_s
+    assert half_open_in is not None and half_open_in > 0.5, "the worker swap took too long"
     run = p.start("w_guarded_retry", {"n": 3})
     result = run.wait(30)
     assert result.status is RunStatus.SUCCEEDED and result.output == {"n": 30}
