@@ -94,10 +94,10 @@ class Agent:
         self.max_deliveries = max_deliveries or (
             max_retries + 1 + later + DEFAULT_REDELIVERY_ALLOWANCE
         )
-        if self.max_deliveries < max_retries + 1:
+        if self.max_deliveries < max_retries + later + 1:
             raise ValueError(
                 f"agent {name}: max_deliveries {self.max_deliveries} leaves no room for its "
-                f"{max_retries} retries; it must be at least {max_retries + 1}"
+                f"{max_retries + later} retries; it must be at least {max_retries + later + 1}"
             )
         self.description = description or (execute.__doc__ or "").strip().split("\n")[0]
 

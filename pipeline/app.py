@@ -11,6 +11,7 @@ from celery import Celery, Task
 from kombu import Queue
 
 from .agent import Agent, agents
+from .breaker import BreakerRegistry, Fallback
 from .errors import ConfigurationError, StoreError
 from .runner import HARD_TIME_LIMIT_GRACE_S, STORE_RETRY_BACKOFF_MAX_S, run_step
 from .settings import Settings
@@ -94,6 +95,7 @@ def create_app(
             str(getattr(request, "task", "") or "").removeprefix("agent."),
             type(exc).__name__,
             str(exc),
+            f"{getattr(request, 'id', '')}:{getattr(request, 'retries', 0) or 0}",
         )
         try:
             record_failure(store_for(app), *failure)
@@ -103,8 +105,9 @@ def create_app(
             log.warning("run %s: failing it later, Redis is unavailable: %s", failure[0], e)
             app.send_task(FINISH_TASK, args=failure, countdown=1)
 
-    def finish_run(run_id: str, step: str, agent: str, exc_type: str, error: str) -> None:
-        record_failure(store_for(app), run_id, step, agent, exc_type, error)
+    def finish_run(run_id: str, step: str, agent: str, exc_type: str, error: str,
+                   lease: str = "") -> None:
+        record_failure(store_for(app), run_id, step, agent, exc_type, error, lease)
 
     app.task(name=ERRBACK_TASK, ignore_result=True, shared=False)(run_failed_errback)
     app.task(
@@ -127,8 +130,9 @@ def _bind_agent(app: Celery, a: Agent, settings: Settings) -> None:
     # A message stays unacked through its retry countdown and its run, and the
     # broker hands it out again after the visibility timeout: keep the worst
     # case under half of it (celery/celery#5935, kombu#337).
+    later_s = a.breaker.reset_timeout_s if a.fallback is Fallback.RETRY_LATER else 0.0
     worst_s = (a.time_limit_s + HARD_TIME_LIMIT_GRACE_S
-               + max(a.retry_backoff_max_s, STORE_RETRY_BACKOFF_MAX_S))
+               + max(a.retry_backoff_max_s, STORE_RETRY_BACKOFF_MAX_S, later_s))
     if worst_s * 2 > settings.visibility_timeout_s:
         raise ConfigurationError(
             f"agent {a.name}: time limit {a.time_limit_s:g}s plus the longest retry countdown "
@@ -137,7 +141,8 @@ def _bind_agent(app: Celery, a: Agent, settings: Settings) -> None:
             "delivered twice while it waits or runs (celery/celery#5935)"
         )
 
-    def step(self: Task, upstream: Any, *, run_id: str, step: str, final: bool = False) -> int:
+    def step(self: Task, upstream: Any, *, run_id: str, step: str, final: bool = False,
+             refused: int = 0) -> int:
         return run_step(
             self, a, store_for(self.app), upstream,
             run_id=run_id, step=step, final=final, chaos_spec=settings.chaos,
@@ -155,7 +160,8 @@ def _bind_agent(app: Celery, a: Agent, settings: Settings) -> None:
 
 
 def record_failure(
-    store: StateStore, run_id: str, step: str, agent: str, exc_type: str, error: str
+    store: StateStore, run_id: str, step: str, agent: str, exc_type: str, error: str,
+    lease: str = "",
 ) -> None:
     """The run has failed for good: mark it failed, once, naming the agent to blame.
 
@@ -171,6 +177,9 @@ def record_failure(
     elif exc_type in MAIN_PROCESS_FAILURES and store.run_info(run_id).status is RunStatus.RUNNING:
         store.note(run_id, "step.failed", step=step, agent=agent, error_type=exc_type,
                    error=error[:2000])
+        if agent in agents and agents.get(agent).breaker.enabled:  # the runner never saw it
+            BreakerRegistry(store.redis, url=store.url).record(
+                agent, agents.get(agent).breaker, "failure", lease, f"{exc_type}: {error}")
     store.finish(run_id, RunStatus.FAILED, error=f"{exc_type}: {error}"[:2000], agent=agent)
 
 

@@ -233,13 +233,15 @@ def breakers_open(agent: str) -> None:
 @click.argument("run_id")
 @click.option("--output", "source", default=None,
               help="JSON output to seal for the parked step (file, or - for stdin).")
+@click.option("--step", default=None, help="The parked step --output is for (when several).")
 @click.option("--wait/--no-wait", default=False, help="Wait for the run to finish.")
 @click.option("--timeout", type=float, default=60.0, show_default=True)
 @json_option
-def resume(run_id: str, source: str | None, wait: bool, timeout: float, as_json: bool) -> None:
+def resume(run_id: str, source: str | None, step: str | None, wait: bool, timeout: float,
+           as_json: bool) -> None:
     """Continue RUN, parked for a person: run the parked step again, or seal --output."""
     output = read_json_input(source) if source is not None else None
-    handle = _pipeline().resume(run_id, output)
+    handle = _pipeline().resume(run_id, output, step=step)
     try:
         result = handle.wait(timeout) if wait else handle.result()
     except WaitTimeout as e:

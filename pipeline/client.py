@@ -12,7 +12,13 @@ from celery import Celery
 from .app import create_app
 from .breaker import BreakerRegistry
 from .contracts import Contract
-from .errors import BrokerUnavailable, IdempotencyConflict, RunNotParked, WaitTimeout
+from .errors import (
+    BrokerUnavailable,
+    IdempotencyConflict,
+    InputError,
+    RunNotParked,
+    WaitTimeout,
+)
 from .settings import Settings, redact_url
 from .state import RunInfo, RunStatus, StateStore, Version, canonical_json, digest_of
 from .state.version import check_size
@@ -124,44 +130,73 @@ class Pipeline:
         self.store.mark_enqueued(run_id)
         return Run(self, run_id)
 
-    def resume(self, run_id: str, output: Any = None) -> Run:
+    def resume(self, run_id: str, output: Any = None, *, step: str | None = None) -> Run:
         """Continue a run parked for a person (the ``park`` fallback).
 
-        Without ``output`` the parked step runs again (its breaker may have
-        closed); with it, ``output`` is checked against the step's output
-        contract and sealed as the step's version, and the run goes on from
-        the next step. Raises ``RunNotParked`` when the run is not waiting.
+        Without ``output`` the parked step(s) run again (the breaker may have
+        closed); with it, ``output`` is checked against the parked step's
+        output contract and sealed as that step's version (name the step when
+        several are parked), and the run goes on. Raises ``RunNotParked`` when
+        the run is not waiting, or while siblings of a parked parallel step
+        still run (they would otherwise run twice).
         """
         info = self.store.run_info(run_id)
-        if info.status is not RunStatus.WAITING_FOR_HUMAN or not info.parked_step:
+        parked_keys = list(info.parked_steps)
+        if info.status is not RunStatus.WAITING_FOR_HUMAN or not parked_keys:
             raise RunNotParked(
                 f"run {run_id} is {info.status.value}, not waiting_for_human: nothing to resume"
             )
         wf = workflows.get(info.workflow)
-        stage = wf.stage_of(info.parked_step)
-        upstream = self._upstream(run_id, wf, stage)
-        parked = next(s for s in wf.stages[stage] if s.key == info.parked_step)
+        stage = wf.stage_of(parked_keys[0])
+        members = {s.key: s for s in wf.stages[stage]}
+        target = None
         if output is not None:
-            wf.contract_of(parked.agent.output).validate(
-                output, side="output", agent=parked.agent.name, run_id=run_id
+            if step is None and len(parked_keys) > 1:
+                raise InputError(f"run {run_id} has several parked steps "
+                                 f"({', '.join(parked_keys)}): name the one the output is for")
+            target = members.get(step or parked_keys[0])
+            if target is None or target.key not in parked_keys:
+                raise InputError(f"step {step!r} of run {run_id} is not parked "
+                                 f"(parked: {', '.join(parked_keys)})")
+            wf.contract_of(target.agent.output).validate(
+                output, side="output", agent=target.agent.name, run_id=run_id
             )
+        running = [k for k in members if k not in parked_keys]
+        unsealed = [k for k, v in zip(running, self.store.sealed_steps(run_id, running),
+                                      strict=True) if v is None]
+        if unsealed:
+            raise RunNotParked(f"run {run_id}: steps {', '.join(unsealed)} beside the parked one "
+                               "are still running; resume once they have sealed")
+        upstream = self._upstream(run_id, wf, stage)
         self.store.resume(run_id, how="output" if output is not None else "rerun")
-        if output is not None:
-            parents = upstream if isinstance(upstream, list) else [upstream]
-            self.store.seal(run_id, step=parked.key, agent=parked.agent.name,
-                            contract=parked.agent.output, payload=output, parents=parents,
-                            final=parked.final, worker="person")
-            if len(wf.stages[stage]) == 1:  # go on from the next stage
-                if parked.final:
-                    return Run(self, run_id)
-                stage += 1
-                upstream = self._upstream(run_id, wf, stage)
         try:
+            if target is not None:
+                parents = upstream if isinstance(upstream, list) else [upstream]
+                sealing = self.store.seal(
+                    run_id, step=target.key, agent=target.agent.name,
+                    contract=target.agent.output, payload=output, parents=parents,
+                    final=target.final, worker="person",
+                )
+                if sealing.outcome not in ("new", "sealed"):
+                    raise RunNotParked(f"run {run_id} is {sealing.status or 'gone'}; the "
+                                       "output was not sealed")
+                if len(members) == 1:  # go on from the next stage
+                    if target.final:
+                        return Run(self, run_id)
+                    stage += 1
+                    upstream = self._upstream(run_id, wf, stage)
             wf.compile(self.app, run_id, start=stage, upstream=upstream).apply_async()
+        except RunNotParked:
+            raise
         except Exception as e:
+            # Park it again, so that `resume` can be tried once more: a step
+            # sealed meanwhile returns its version when it runs again.
+            for key in parked_keys:
+                self.store.park(run_id, step=key, agent=members[key].agent.name,
+                                reason=f"resume failed: {type(e).__name__}: {e}")
             raise BrokerUnavailable(
-                f"cannot enqueue the rest of run {run_id}: {type(e).__name__}: {e}; the run is "
-                "marked running but no step was enqueued"
+                f"cannot enqueue the rest of run {run_id}: {type(e).__name__}: {e}; the run "
+                "is parked again"
             ) from e
         return Run(self, run_id)
 

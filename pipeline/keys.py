@@ -62,9 +62,9 @@ def breaker_probes_key(agent: str) -> str:
     return f"{PREFIX}:breaker:{{{agent}}}:probes"
 
 
-def breaker_cache_key(agent: str, input_digest: str) -> str:
-    """The agent's last good output for one input digest (the ``cached`` fallback)."""
-    return f"{PREFIX}:breaker:{{{agent}}}:cache:{input_digest}"
+def breaker_cache_key(agent: str, contract: str, input_digest: str) -> str:
+    """The agent's last good output under ``contract`` for one input (``cached`` fallback)."""
+    return f"{PREFIX}:breaker:{{{agent}}}:cache:{contract}:{input_digest}"
 
 
 def version_stream_id(version: int) -> str:

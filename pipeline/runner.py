@@ -108,8 +108,8 @@ def run_step(
         )
         hook_extra = gate.take_permit(opening.extra)
         attempt = opening.deliveries
-        if opening.outcome != "open":
-            gate.release()  # a probe lease this step will not use
+        if opening.outcome not in ("open", "exhausted"):
+            gate.release()  # a probe lease this step will not use (a crash loop counts)
         if opening.outcome == "sealed":
             assert opening.sealed_version is not None
             return opening.sealed_version

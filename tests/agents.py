@@ -173,3 +173,30 @@ guarded_retry = _guarded("guarded_retry", "retry_later", retry_later_max=5)
 for _a in (guarded_fail, guarded_skip, guarded_cached, guarded_retry):
     Workflow(f"w_{_a.name}", [_a])
 parked_flow = Workflow("w_guarded_park", [increment, guarded_park, double])
+
+
+HOLD_KEY = "test:hold:{run_id}"
+
+
+@agent(input="count@1", output="count@1", time_limit_s=10, max_retries=0)
+def pause(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Hold while the test keeps HOLD_KEY for the run (a sibling still at work)."""
+    _count(ctx)
+    while ctx.redis.exists(HOLD_KEY.format(run_id=ctx.run_id)):
+        time.sleep(0.02)
+    return {"n": payload["n"] + 1}
+
+
+@contract("park_pair", 1)
+class ParkPair(Schema):
+    guarded_park = fields.Nested(Count, required=True)
+    pause = fields.Nested(Count, required=True)
+
+
+@agent(input="park_pair@1", output="count@1", time_limit_s=5, max_retries=0)
+def park_join(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Add the two branches."""
+    return {"n": payload["guarded_park"]["n"] + payload["pause"]["n"]}
+
+
+parked_pair = Workflow("w_parked_pair", [increment, parallel(guarded_park, pause), park_join])

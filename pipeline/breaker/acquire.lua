@@ -32,9 +32,11 @@ if state == 'open' then
     'from', 'open', 'to', state, 'reason', 'reset timeout elapsed')
   transition = 'open>half_open'
 end
--- half-open: admit a probe while fewer than the allowed number hold a live lease
+-- half-open: admit a probe while fewer than the allowed number hold a live lease; a
+-- probe delivered again (its worker died) keeps the lease it holds
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', tostring(now))
-if redis.call('ZCARD', KEYS[3]) < tonumber(ARGV[3]) then
+if redis.call('ZSCORE', KEYS[3], ARGV[5])
+    or redis.call('ZCARD', KEYS[3]) < tonumber(ARGV[3]) then
   redis.call('ZADD', KEYS[3], tostring(now + tonumber(ARGV[4])), ARGV[5])
   redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[4]) * 2)
   return {'probe', state, '0', transition}

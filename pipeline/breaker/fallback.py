@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING, Any
 from celery import Task
 from celery.exceptions import Ignore
 
+from ..contracts import contracts
 from ..errors import CircuitOpen, RunNotFound
 from ..keys import breaker_cache_key
 from ..state import StateStore, Version, canonical_json, digest_of
-from .policy import Fallback
+from .policy import BreakerState, Fallback
 from .registry import Permit
 
 if TYPE_CHECKING:
@@ -44,10 +45,12 @@ def take_fallback(
     """Seal a stand-in, park the run, retry later, or raise ``CircuitOpen``."""
     policy = agent.fallback
     why = f"agent {agent.name}'s breaker is {permit.state.value}"
-    if permit.wait_s > 0:
-        why += f" (half-open in {permit.wait_s:.1f}s)"
-    elif permit.wait_s < 0:
+    if permit.wait_s < 0:
         why += " (forced open until reset)"
+    elif permit.state is BreakerState.OPEN:
+        why += f" (half-open in {permit.wait_s:.1f}s)"
+    else:
+        why += f" (its probe slots are taken, for up to {permit.wait_s:.1f}s)"
     store.note(run_id, "step.refused", step=step, agent=agent.name,
                breaker=permit.state.value, fallback=policy.value, reason=why)
 
@@ -68,20 +71,27 @@ def take_fallback(
         return seal_degraded(agent.default_output, "default output")
     if policy is Fallback.CACHED:
         digest = input_digest(inputs, fan_in)
-        cached = store.redis.get(breaker_cache_key(agent.name, digest))
+        cached = store.redis.get(breaker_cache_key(agent.name, agent.output, digest))
         if cached is None:
             raise CircuitOpen(f"run {run_id} step {step}: {why}, and no cached output of "
                               f"{agent.name} exists for this input (digest {digest[:12]})")
-        return seal_degraded(json.loads(cached), f"cached output for input {digest[:12]}")
+        payload = json.loads(cached)
+        contracts.get(agent.output).validate(payload, side="cached output", agent=agent.name,
+                                             run_id=run_id)
+        return seal_degraded(payload, f"cached output for input {digest[:12]}")
     if policy is Fallback.PARK:
         store.park(run_id, step=step, agent=agent.name,
                    reason=f"{why}; resume with `pipeline resume {run_id} [--output FILE]`")
         raise Ignore()
-    if policy is Fallback.RETRY_LATER and task.request.retries < agent.retry_later_max:
+    refused = int((task.request.kwargs or {}).get("refused", 0))
+    if policy is Fallback.RETRY_LATER and refused < agent.retry_later_max:
         wait = permit.wait_s if permit.wait_s > 0 else agent.breaker.reset_timeout_s
         countdown = max(MIN_RETRY_LATER_S, min(wait, agent.breaker.reset_timeout_s))
         store.note(run_id, "step.retry", step=step, agent=agent.name, error_type="CircuitOpen",
                    error=why, countdown_s=countdown)
-        raise task.retry(countdown=countdown, max_retries=agent.retry_later_max)
+        # its own count, in the message: the agent's retries for errors stay its own
+        kwargs = {**(task.request.kwargs or {}), "refused": refused + 1}
+        raise task.retry(countdown=countdown, kwargs=kwargs,
+                         max_retries=task.request.retries + 1)
     tail = (f" after {agent.retry_later_max} retries" if policy is Fallback.RETRY_LATER else "")
     raise CircuitOpen(f"run {run_id} step {step}: {why}; fallback '{policy.value}'{tail}")

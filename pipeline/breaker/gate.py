@@ -25,6 +25,17 @@ CACHE_TTL_S = 7 * 24 * 3600
 """How long an agent's last good output for an input stays usable by the ``cached`` fallback."""
 
 
+def outcome_of(agent: Agent, exc: BaseException) -> str:
+    """How a failure counts: 'failure', or 'ignore' (it says nothing of the agent's health)."""
+    if isinstance(exc, CircuitOpen | StoreError):
+        return "ignore"  # the call never ran, or Redis failed, not the agent
+    if isinstance(exc, ContractViolation) and exc.side == "input":
+        return "ignore"  # the upstream's fault
+    if isinstance(exc, agent.breaker.excluded):
+        return "ignore"  # a business answer, not a broken agent
+    return "failure"
+
+
 class Gate:
     def __init__(self, store: StateStore, agent: Agent, *, run_id: str, step: str, lease: str,
                  lease_s: float) -> None:
@@ -83,8 +94,10 @@ class Gate:
             digest, canonical = cache
 
             def keep(batch: Batch) -> int:
-                return batch.command("SET", breaker_cache_key(self.agent.name, digest),
-                                     canonical, "EX", CACHE_TTL_S)
+                return batch.command(
+                    "SET", breaker_cache_key(self.agent.name, self.agent.output, digest),
+                    canonical, "EX", CACHE_TTL_S,
+                )
 
             extras.append(keep)
         return extras
@@ -95,19 +108,9 @@ class Gate:
 
     # -- failures ---------------------------------------------------------------------
 
-    def outcome_of(self, exc: BaseException) -> str:
-        """How a failure counts: 'failure', 'success' (an excluded error) or 'ignore'."""
-        if isinstance(exc, CircuitOpen | StoreError):
-            return "ignore"  # the call never ran, or Redis failed, not the agent
-        if isinstance(exc, ContractViolation) and exc.side == "input":
-            return "ignore"  # the upstream's fault
-        if isinstance(exc, self.agent.breaker.excluded):
-            return "success"  # a business answer, not a broken agent
-        return "failure"
-
     def record_failure(self, exc: BaseException) -> None:
         """Tell the breaker about a failed call (one round trip, off the happy path)."""
-        self.release(self.outcome_of(exc), f"{type(exc).__name__}: {exc}")
+        self.release(outcome_of(self.agent, exc), f"{type(exc).__name__}: {exc}")
 
     def release(self, outcome: str = "ignore", reason: str = "") -> None:
         """Report a call that ends without a seal (or a probe lease the step will not use)."""

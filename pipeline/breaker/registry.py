@@ -168,7 +168,7 @@ class BreakerRegistry:
             pipe = self.redis.pipeline(transaction=False)
             for agent, _ in pairs:
                 pipe.hgetall(breaker_key(agent))
-                pipe.zcard(breaker_probes_key(agent))
+                pipe.zrange(breaker_probes_key(agent), 0, -1, withscores=True)
             pipe.time()
             replies = pipe.execute()
         seconds, micros = replies[-1]
@@ -193,7 +193,7 @@ class BreakerRegistry:
                 successes=int(h.get("successes", 0)), failures=int(h.get("failures", 0)),
                 rejected=int(h.get("rejected", 0)), opened_at=opened,
                 last_transition=last, half_open_in_s=half_open_in,
-                probes=int(replies[2 * i + 1]),
+                probes=sum(1 for _, until in replies[2 * i + 1] if until > now * 1000),
             ))
         return out
 

@@ -268,21 +268,23 @@ class StateStore:
         with translate_errors(self.url):
             return bool(PARK(self.redis, [keys.run, keys.log], [step, agent, reason]))
 
-    def resume(self, run_id: str, *, how: str) -> str:
-        """Set a parked run running again; returns the step it was parked at."""
+    def resume(self, run_id: str, *, how: str) -> list[str]:
+        """Set a parked run running again; returns the steps it was parked at."""
         keys = RunKeys(run_id)
         with translate_errors(self.url):
-            reply = RESUME(self.redis, [keys.run, keys.log], [how])
+            reply = RESUME(self.redis, [keys.run, keys.log, keys.deliveries], [how])
         if reply[0] != "resumed":
             if not reply[1]:
                 raise RunNotFound(_no_run(run_id))
             raise RunNotParked(
                 f"run {run_id} is {reply[1]}, not waiting_for_human: there is nothing to resume"
             )
-        return str(reply[1])
+        return [step for step in str(reply[1]).split(",") if step]
 
     def sealed_steps(self, run_id: str, steps: Sequence[str]) -> list[int | None]:
         """The versions sealed for these step keys (None where not sealed)."""
+        if not steps:
+            return []
         with translate_errors(self.url):
             found = self.redis.hmget(RunKeys(run_id).steps, list(steps))
         return [None if v is None else int(v) for v in cast(list[str | None], found)]

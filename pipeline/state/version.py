@@ -134,7 +134,12 @@ class RunInfo:
     input_contract: str
     idempotency_key: str | None
     degraded: bool = False
-    parked_step: str | None = None
+    parked_steps: tuple[str, ...] = ()
+
+    @property
+    def parked_step(self) -> str | None:
+        """The first step parked for a person (see ``parked_steps`` for all)."""
+        return self.parked_steps[0] if self.parked_steps else None
 
     @classmethod
     def from_hash(cls, run_id: str, h: dict[str, str]) -> RunInfo:
@@ -155,7 +160,7 @@ class RunInfo:
             input_contract=h.get("input_contract", ""),
             idempotency_key=h.get("idempotency_key") or None,
             degraded=h.get("degraded") == "1",
-            parked_step=h.get("parked_step") or None,
+            parked_steps=tuple(s for s in h.get("parked_steps", "").split(",") if s),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -174,4 +179,5 @@ class RunInfo:
             "idempotency_key": self.idempotency_key,
             "degraded": self.degraded,
             "parked_step": self.parked_step,
+            "parked_steps": list(self.parked_steps),
         }

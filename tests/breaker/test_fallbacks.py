@@ -4,10 +4,16 @@ the agent's fallback decides what the run does."""
 
 from __future__ import annotations
 
-from pipeline import RunStatus
+import dataclasses
+import uuid
+
+import pytest
+
+from pipeline import Pipeline, RunStatus
 from pipeline.breaker import BreakerState
-from tests.agents import DEFAULT_COUNT, EXECUTIONS_KEY, QUICK_BREAKER
-from tests.conftest import Cluster, wait_for
+from pipeline.errors import BrokerUnavailable, RunNotParked
+from tests.agents import DEFAULT_COUNT, EXECUTIONS_KEY, HOLD_KEY, QUICK_BREAKER, guarded_park
+from tests.conftest import Cluster, settings_for, wait_for
 
 
 def events(run: object, name: str) -> list[dict[str, str]]:
@@ -146,3 +152,49 @@ def test_retry_later_waits_for_half_open_and_the_probe_closes_the_breaker(
     assert snap.state is BreakerState.CLOSED
     assert snap.last_transition is not None and snap.last_transition["reason"] == \
         "probe succeeded"
+
+
+def test_resume_waits_for_siblings_still_running_so_none_runs_twice(cluster: Cluster) -> None:
+    cluster.worker()
+    p = cluster.pipeline()
+    p.breakers.force_open("guarded_park")
+    key = f"pair-{uuid.uuid4()}"
+    run_id = Pipeline.run_id_for("w_parked_pair", key)
+    cluster.redis.set(HOLD_KEY.format(run_id=run_id), "1", ex=60)
+    run = p.start("w_parked_pair", {"n": 1}, idempotency_key=key)
+    wait_for(lambda: run.status() is RunStatus.WAITING_FOR_HUMAN, message="the run to park")
+    p.breakers.reset("guarded_park")
+    with pytest.raises(RunNotParked, match="steps 1.1:pause beside the parked one are still"):
+        p.resume(run_id)
+    cluster.redis.delete(HOLD_KEY.format(run_id=run_id))
+    wait_for(lambda: "pause" in {v.agent for v in run.history()}, message="the sibling to seal")
+    result = p.resume(run_id).wait(20)
+    assert result.status is RunStatus.SUCCEEDED and result.output == {"n": 2 * 10 + 3}
+    assert executions(cluster, run_id, "pause") == 1
+
+
+def test_a_run_parked_and_resumed_many_times_is_not_taken_for_a_crash_loop(
+    cluster: Cluster,
+) -> None:
+    cluster.worker()
+    p = cluster.pipeline()
+    p.breakers.force_open("guarded_park")
+    run = p.start("w_guarded_park", {"n": 1})
+    for _ in range(guarded_park.max_deliveries + 1):
+        wait_for(lambda: run.status() is RunStatus.WAITING_FOR_HUMAN, message="a park")
+        p.resume(run.run_id)  # the breaker is still open: it parks again
+    wait_for(lambda: run.status() is RunStatus.WAITING_FOR_HUMAN, message="the last park")
+    assert not [e for e in run.store.log(run.run_id) if e["event"] == "step.exhausted"]
+
+
+def test_resume_that_cannot_enqueue_parks_the_run_again(cluster: Cluster) -> None:
+    cluster.worker()
+    p = cluster.pipeline()
+    p.breakers.force_open("guarded_park")
+    run = p.start("w_guarded_park", {"n": 1})
+    wait_for(lambda: run.status() is RunStatus.WAITING_FOR_HUMAN, message="the run to park")
+    settings = dataclasses.replace(settings_for(cluster.url), broker_url="redis://127.0.0.1:1/0")
+    with pytest.raises(BrokerUnavailable, match="parked again"):
+        Pipeline(settings=settings).resume(run.run_id)
+    assert run.status() is RunStatus.WAITING_FOR_HUMAN
+    assert run.info().parked_steps == ("1:guarded_park",)

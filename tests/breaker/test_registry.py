@@ -574,3 +574,31 @@ def test_snapshots_of_several_agents_come_back_in_the_order_asked(
     assert [(s.agent, s.state, s.probes) for s in snaps] == [
         (opened, OPEN, 0), (closed, CLOSED, 0), (half, HALF_OPEN, 1)]
     assert snaps[0].half_open_in_s is None  # forced: no half-open to wait for
+
+
+def test_a_probe_delivered_again_keeps_its_own_lease(registry: BreakerRegistry) -> None:
+    """A probe whose worker died is delivered again with the same lease id: it must
+    get its slot back, not be refused by its own lease."""
+    agent = f"t{uuid.uuid4().hex[:8]}"
+    policy = BreakerPolicy(failure_threshold=1, reset_timeout_s=0.05, window=1, min_calls=1)
+    registry.record(agent, policy, "failure")
+    wait_for(lambda: registry.acquire(agent, policy, "task-1:0", 30).decision == "probe",
+             message="the breaker to half-open")
+    assert registry.acquire(agent, policy, "task-1:0", 30).decision == "probe"
+    assert registry.acquire(agent, policy, "task-2:0", 30).decision == "deny"
+
+
+def test_an_excluded_error_says_nothing_of_the_agents_health() -> None:
+    from pipeline.agent import Agent
+    from pipeline.breaker.gate import outcome_of
+    from pipeline.errors import ContractViolation
+
+    class Rejected(Exception):
+        pass
+
+    a = Agent(name="t_excluded", execute=lambda p, c: p, input="count@1", output="count@1",
+              breaker=BreakerPolicy(excluded=(Rejected,)))
+    assert outcome_of(a, Rejected("no")) == "ignore"
+    assert outcome_of(a, RuntimeError("down")) == "failure"
+    assert outcome_of(a, ContractViolation("x", side="output")) == "failure"
+    assert outcome_of(a, ContractViolation("x", side="input")) == "ignore"
