@@ -8,6 +8,7 @@ if its worker dies (unlike resilience4j#903).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -85,19 +86,30 @@ class Snapshot:
         }
 
 
-def _keys(agent: str) -> list[str]:
-    return [breaker_key(agent), breaker_log_key(agent), breaker_probes_key(agent)]
+# Keys and policy arguments are built once per agent: they sit on every step's path.
+@functools.lru_cache(maxsize=1024)
+def _keys(agent: str) -> tuple[str, str, str]:
+    return breaker_key(agent), breaker_log_key(agent), breaker_probes_key(agent)
+
+
+@functools.lru_cache(maxsize=1024)
+def _acquire_policy(agent: str, policy: BreakerPolicy, lease_s: float) -> tuple[Arg, ...]:
+    return (agent, int(policy.reset_timeout_s * 1000), policy.half_open_max_calls,
+            int((policy.probe_lease_s or lease_s) * 1000))
+
+
+@functools.lru_cache(maxsize=1024)
+def _record_policy(policy: BreakerPolicy) -> tuple[Arg, ...]:
+    return (policy.failure_threshold, policy.window, policy.min_calls, policy.failure_rate)
 
 
 def _acquire_args(agent: str, policy: BreakerPolicy, lease: str, lease_s: float) -> list[Arg]:
-    return [agent, int(policy.reset_timeout_s * 1000), policy.half_open_max_calls,
-            int((policy.probe_lease_s or lease_s) * 1000), lease, LOG_MAXLEN]
+    return [*_acquire_policy(agent, policy, lease_s), lease, LOG_MAXLEN]
 
 
 def _record_args(agent: str, policy: BreakerPolicy, outcome: str, lease: str,
                  reason: str) -> list[Arg]:
-    return [agent, outcome, lease, policy.failure_threshold, policy.window, policy.min_calls,
-            policy.failure_rate, reason[:200], LOG_MAXLEN]
+    return [agent, outcome, lease, *_record_policy(policy), reason[:200], LOG_MAXLEN]
 
 
 class BreakerRegistry:
