@@ -8,6 +8,7 @@ the sealed version it needs. Each agent becomes a Celery task named
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ DEFAULT_MAX_RETRIES = 3
 DEFAULT_RETRY_BACKOFF_S = 1.0
 DEFAULT_RETRY_BACKOFF_MAX_S = 60.0
 DEFAULT_TIME_LIMIT_S = 30.0
+DEFAULT_COMPENSATION_RETRIES = 3
 DEFAULT_REDELIVERY_ALLOWANCE = 3
 """Deliveries allowed beyond the retries: broker redeliveries after a lost worker."""
 
@@ -39,6 +41,12 @@ class StepContext:
     redis: redis.Redis
     worker: str = ""
     notes: dict[str, Any] = field(default_factory=dict)
+
+    def remember(self, data: Any) -> None:
+        """Record what this step's compensation will need (JSON): it gets it as ``data``."""
+        from .keys import RunKeys  # the agent module stays free of storage imports
+
+        self.redis.hset(RunKeys(self.run_id).undo, self.step, json.dumps(data))
 
 
 Execute = Callable[[Any, StepContext], Any]
@@ -67,6 +75,7 @@ class Agent:
         fallback: Fallback | str = Fallback.FAIL,
         default_output: Any = None,
         retry_later_max: int = DEFAULT_RETRY_LATER_MAX,
+        compensation_retries: int = DEFAULT_COMPENSATION_RETRIES,
         description: str = "",
     ) -> None:
         if not name or not name.replace("_", "").isalnum():
@@ -90,6 +99,7 @@ class Agent:
             raise ValueError(f"agent {name}: fallback 'skip' needs a default_output to seal")
         self.default_output = default_output
         self.retry_later_max = retry_later_max
+        self.compensation_retries = compensation_retries
         later = retry_later_max if self.fallback is Fallback.RETRY_LATER else 0
         self.max_deliveries = max_deliveries or (
             max_retries + 1 + later + DEFAULT_REDELIVERY_ALLOWANCE

@@ -10,6 +10,7 @@ from typing import Any
 from celery import Celery, Task
 from kombu import Queue
 
+from . import saga
 from .agent import Agent, agents
 from .breaker import BreakerRegistry, Fallback
 from .errors import ConfigurationError, StoreError
@@ -23,7 +24,7 @@ __all__ = ["create_app", "import_agent_modules", "store_for"]
 log = logging.getLogger(__name__)
 
 
-FINISH_TASK = "pipeline.finish_run"
+FINISH_TASK = "pipeline.record_failure"
 CLIENT_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5,
                        "interval_max": 0.5}
 MAIN_PROCESS_FAILURES = ("TimeLimitExceeded", "WorkerLostError")
@@ -71,7 +72,10 @@ def create_app(
         task_default_queue=settings.default_queue,
         task_queues=[Queue(settings.default_queue)]
         + [Queue(q) for q in sorted({a.queue for a in agents})],
-        task_routes={a.task_name: {"queue": a.queue} for a in agents},
+        task_routes={
+            **{a.task_name: {"queue": a.queue} for a in agents},
+            **{f"compensate.{a.name}": {"queue": a.queue} for a in agents},
+        },
         task_send_sent_event=True,
         worker_send_task_events=True,
         result_expires=24 * 3600,
@@ -98,7 +102,7 @@ def create_app(
             f"{getattr(request, 'id', '')}:{getattr(request, 'retries', 0) or 0}",
         )
         try:
-            record_failure(store_for(app), *failure)
+            record_failure(app, store_for(app), *failure)
         except StoreError as e:
             # Celery only logs an errback's exception: hand the work to a task
             # that retries, so a Redis blip cannot leave the run running.
@@ -107,9 +111,16 @@ def create_app(
 
     def finish_run(run_id: str, step: str, agent: str, exc_type: str, error: str,
                    lease: str = "") -> None:
-        record_failure(store_for(app), run_id, step, agent, exc_type, error, lease)
+        record_failure(app, store_for(app), run_id, step, agent, exc_type, error, lease)
+
+    def compensate_run_task(run_id: str, redrive: bool = False) -> None:
+        saga.compensate_run(app, store_for(app), run_id, redrive)
 
     app.task(name=ERRBACK_TASK, ignore_result=True, shared=False)(run_failed_errback)
+    app.task(
+        name=saga.COMPENSATE_RUN_TASK, ignore_result=True, shared=False,
+        autoretry_for=(StoreError,), retry_backoff=True, retry_backoff_max=30, max_retries=20,
+    )(compensate_run_task)
     app.task(
         name=FINISH_TASK, ignore_result=True, shared=False, autoretry_for=(StoreError,),
         retry_backoff=True, retry_backoff_max=30, max_retries=20,
@@ -148,6 +159,14 @@ def _bind_agent(app: Celery, a: Agent, settings: Settings) -> None:
             run_id=run_id, step=step, final=final, chaos_spec=settings.chaos,
         )
 
+    def compensate(self: Task, run_id: str, step: str) -> None:
+        saga.compensate_step(self.app, self, store_for(self.app), a, run_id, step)
+
+    compensate.__doc__ = f"Undo a step of agent {a.name} (saga)."
+    app.task(
+        name=f"compensate.{a.name}", shared=False, bind=True, ignore_result=True,
+        soft_time_limit=a.time_limit_s, time_limit=a.time_limit_s + HARD_TIME_LIMIT_GRACE_S,
+    )(compensate)
     step.__doc__ = a.description or f"Run agent {a.name} as one step of a workflow."
     app.task(
         name=a.task_name,
@@ -160,17 +179,16 @@ def _bind_agent(app: Celery, a: Agent, settings: Settings) -> None:
 
 
 def record_failure(
-    store: StateStore, run_id: str, step: str, agent: str, exc_type: str, error: str,
-    lease: str = "",
+    app: Celery, store: StateStore, run_id: str, step: str, agent: str, exc_type: str,
+    error: str, lease: str = "",
 ) -> None:
-    """The run has failed for good: mark it failed, once, naming the agent to blame.
+    """The run has failed for good: start its compensation, once, naming the agent to blame.
 
     Celery may report one failure several times: once per failed chord member
     and again for the chord's body, whose ``ChordError`` names the member by
     task id; the runner logged each step's task id when it opened, so the
     member is found there. Failures raised in the worker's main process (the
-    hard time limit) never reached the runner, so they are logged here. The
-    saga issue replaces this with compensation.
+    hard time limit) never reached the runner, so they are logged here.
     """
     if exc_type == "ChordError":
         agent, exc_type, error = _chord_member(store, run_id, error) or (agent, exc_type, error)
@@ -180,7 +198,7 @@ def record_failure(
         if agent in agents and agents.get(agent).breaker.enabled:  # the runner never saw it
             BreakerRegistry(store.redis, url=store.url).record(
                 agent, agents.get(agent).breaker, "failure", lease, f"{exc_type}: {error}")
-    store.finish(run_id, RunStatus.FAILED, error=f"{exc_type}: {error}"[:2000], agent=agent)
+    saga.start(app, store, run_id, reason=f"{exc_type}: {error}"[:2000], agent=agent)
 
 
 def _chord_member(store: StateStore, run_id: str, error: str) -> tuple[str, str, str] | None:

@@ -40,13 +40,28 @@ class RunKeys:
         """Hash step key -> number of times the step was delivered to a worker."""
         return f"{PREFIX}:{{{self.run_id}}}:deliveries"
 
+    @property
+    def saga(self) -> str:
+        """Hash: the compensation plan, its stage, and each step's compensation outcome."""
+        return f"{PREFIX}:{{{self.run_id}}}:saga"
+
+    @property
+    def undo(self) -> str:
+        """Hash step key -> the compensation data its agent chose to record (JSON)."""
+        return f"{PREFIX}:{{{self.run_id}}}:undo"
+
     def all(self) -> list[str]:
         """Every key of the run, in the order the Lua scripts expect them."""
-        return [self.states, self.steps, self.run, self.log, self.deliveries]
+        return [self.states, self.steps, self.run, self.log, self.deliveries, self.saga,
+                self.undo]
 
 
 def run_keys(run_id: str) -> RunKeys:
     return RunKeys(run_id)
+
+
+DEAD_LETTERS = f"{PREFIX}:dead"
+"""Stream: compensations that failed for good (run, agent, version, error)."""
 
 
 def breaker_key(agent: str) -> str:

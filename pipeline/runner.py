@@ -12,6 +12,7 @@ step, and ``StepHooks.on_failure`` sees every failure before it is raised.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -36,6 +37,7 @@ from .errors import (
     StoreUnavailable,
     VersionNotFound,
 )
+from .keys import DEAD_LETTERS, RunKeys
 from .state import Opening, StateStore, Version, canonical_json
 from .state.store import Extra
 
@@ -190,6 +192,9 @@ def run_step(
         raise
     except ContractViolation as e:  # never retried: the same input breaks it again
         _fail(agent, run_id, step, e, store, attempt=attempt, gate=gate)
+        if e.side == "output" and not store.run_info(run_id).status.is_live:
+            # its side effects happened, and the saga planned without it
+            _compensate_self(agent, store, run_id, step, opening.inputs, output, attempt)
         raise
     except agent.retry_on as e:
         if task.request.retries < agent.max_retries:
@@ -207,10 +212,11 @@ def run_step(
     if sealing.outcome == "missing":
         raise RunNotFound(f"run {run_id} disappeared while step {step} ran")
     if sealing.outcome == "aborted":
-        # The run stopped while this step ran: nothing is sealed. The saga
-        # (next issue) compensates this step's side effects here.
+        # The run stopped while this step ran: nothing is sealed, and the saga
+        # planned without it, so the step undoes its own side effects.
         _note(store, run_id, "step.discarded", step=step, agent=agent.name,
               reason=f"run is {sealing.status}")
+        _compensate_self(agent, store, run_id, step, opening.inputs, output, attempt)
         raise Ignore()
     assert sealing.version is not None
     return sealing.version
@@ -218,6 +224,39 @@ def run_step(
 
 def _store_countdown_s(retries: int) -> float:
     return float(min(2**retries, STORE_RETRY_BACKOFF_MAX_S))
+
+
+def _compensate_self(agent: Agent, store: StateStore, run_id: str, step: str,
+                     inputs: Sequence[Version], output: Any, attempt: int) -> None:
+    """Undo a step whose output will never be sealed, now, in this worker."""
+    if agent.compensate is None:
+        return
+    from .saga import CompensationContext  # saga imports the runner's app, not the reverse
+
+    data = store.redis.hget(RunKeys(run_id).undo, step)
+    ctx = CompensationContext(
+        run_id=run_id, step=step, agent=agent.name,
+        input=_input_payload(inputs, len(inputs) > 1),
+        input_versions=tuple(v.version for v in inputs), output=output, version=None,
+        data=json.loads(data) if data else None, attempt=attempt, redis=store.redis,
+    )
+    try:
+        agent.compensate(ctx)
+    except Exception as e:
+        _note(store, run_id, "step.self_compensation_failed", step=step, agent=agent.name,
+              error=f"{type(e).__name__}: {e}"[:2000])
+        _dead_letter_self(store, run_id, step, agent.name, f"{type(e).__name__}: {e}")
+        return
+    _note(store, run_id, "step.self_compensated", step=step, agent=agent.name)
+
+
+def _dead_letter_self(store: StateStore, run_id: str, step: str, agent: str, error: str) -> None:
+    try:
+        store.redis.xadd(DEAD_LETTERS, {"run_id": run_id, "step": step, "agent": agent,
+                                        "version": "", "error": error[:2000]},
+                         maxlen=100_000, approximate=True)
+    except Exception:  # noqa: BLE001 - best effort; the trace has it already
+        log.warning("run %s: could not dead-letter %s's self-compensation", run_id, step)
 
 
 def _input_payload(inputs: Sequence[Version], fan_in: bool) -> Any:

@@ -23,6 +23,7 @@ from typing import Any
 import redis
 
 from pipeline import StepContext, Workflow, agent, parallel
+from pipeline.saga import CompensationContext
 
 from .contracts import band_of
 
@@ -36,6 +37,11 @@ APR_BY_RATING = {"low": 6.9, "medium": 9.9}
 def record(ctx: StepContext, entry: dict[str, Any]) -> None:
     """Write this step's side effect to the run's ledger (idempotent per run and agent)."""
     ctx.redis.hset(LEDGER_KEY.format(run_id=ctx.run_id), ctx.agent, json.dumps(entry))
+
+
+def release(ctx: CompensationContext) -> None:
+    """Undo a step's side effect: drop its ledger entry (idempotent)."""
+    ctx.redis.hdel(LEDGER_KEY.format(run_id=ctx.run_id), ctx.agent)
 
 
 def ledger(client: redis.Redis, run_id: str) -> dict[str, dict[str, Any]]:
@@ -67,9 +73,11 @@ def credit_score(application: dict[str, Any], ctx: StepContext) -> dict[str, Any
     score = compute_score(application["credit_history"])
     band = band_of(score)
     applicant_id = application["applicant"]["id"]
-    # The legacy customer record other systems read (and sometimes overwrite).
-    ctx.redis.hset(CUSTOMER_KEY.format(applicant_id=applicant_id),
-                   mapping={"score": score, "band": band, "run_id": ctx.run_id})
+    # The legacy customer record other systems read (and sometimes overwrite);
+    # what it held before is remembered so that a compensation can put it back.
+    record_key = CUSTOMER_KEY.format(applicant_id=applicant_id)
+    ctx.remember({"customer_record": ctx.redis.hgetall(record_key)})
+    ctx.redis.hset(record_key, mapping={"score": score, "band": band, "run_id": ctx.run_id})
     record(ctx, {"kind": "bureau_inquiry", "applicant_id": applicant_id, "score": score})
     return {
         "application_id": application["application_id"],
@@ -77,6 +85,18 @@ def credit_score(application: dict[str, Any], ctx: StepContext) -> dict[str, Any
         "band": band,
         "application": application,
     }
+
+
+@credit_score.compensator
+def undo_credit_score(ctx: CompensationContext) -> None:
+    """Put the customer record back as it was, and drop the bureau inquiry."""
+    record_key = CUSTOMER_KEY.format(applicant_id=ctx.input["applicant"]["id"])
+    previous = (ctx.data or {}).get("customer_record") or {}
+    if ctx.redis.hget(record_key, "run_id") == ctx.run_id:  # nobody wrote it since
+        ctx.redis.delete(record_key)
+        if previous:
+            ctx.redis.hset(record_key, mapping=previous)
+    release(ctx)
 
 
 # -- the three parallel assessments ------------------------------------------------
@@ -201,6 +221,10 @@ def final_approval(assessed: dict[str, Any], ctx: StepContext) -> dict[str, Any]
         "approved_amount": amount,
         "apr": APR_BY_RATING[risk["rating"]] if approved else None,
     }
+
+
+for _agent in (income_verification, risk_assessment, fraud_detection, final_approval):
+    _agent.compensator(release)  # each undoes its ledger entry: the hold, the checks
 
 
 credit_decision = Workflow(

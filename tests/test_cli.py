@@ -125,7 +125,7 @@ def test_run_whose_agent_fails_exits_1_and_names_the_agent(cluster: Cluster) -> 
     result = invoke(cluster.url, "run", WORKFLOW, "--input", GOOD, "--wait", "--json")
     assert result.exit_code == 1, result.output
     data = json.loads(result.stdout)
-    assert (data["status"], data["output"]) == ("failed", None)
+    assert (data["status"], data["output"]) == ("compensated", None)
     assert "ChaosError" in data["error"] and "risk_assessment" in data["error"]
     info = cluster.pipeline().run(data["run_id"]).info()
     assert info.failed_agent == "risk_assessment"

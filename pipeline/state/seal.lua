@@ -4,6 +4,7 @@
 -- KEYS[3] = pipeline:{run}:run         (hash: the run's record)
 -- KEYS[4] = pipeline:{run}:log         (stream: what happened)
 -- KEYS[5] = pipeline:{run}:deliveries  (hash step key -> deliveries so far)
+-- KEYS[6..] = the run's other keys (saga, undo): given their retention with the rest
 -- ARGV[1] = step key
 -- ARGV[2] = agent name
 -- ARGV[3] = output contract (name@version)

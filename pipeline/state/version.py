@@ -23,6 +23,11 @@ class RunStatus(StrEnum):
     WAITING_FOR_HUMAN = "waiting_for_human"
 
     @property
+    def is_live(self) -> bool:
+        """Steps may still open and seal."""
+        return self in (RunStatus.RUNNING, RunStatus.WAITING_FOR_HUMAN)
+
+    @property
     def is_final(self) -> bool:
         return self not in (RunStatus.RUNNING, RunStatus.COMPENSATING,
                             RunStatus.WAITING_FOR_HUMAN)

@@ -1,0 +1,204 @@
+"""Compensation (saga): undo a failed run's sealed steps, newest first, once each.
+
+The canvas's errback only *begins* the saga (one atomic guard per run, however
+many times Celery calls it) and enqueues ``pipeline.compensate_run``. That task
+plans from the state stream, never from the errback's request: every sealed
+agent version, and every step whose output broke its contract (its side
+effects happened), grouped by workflow stage, newest stage first. A stage's
+compensations run side by side, each on its agent's queue; the last one in
+moves the saga to the next stage (Redis counts them, in one script), and the
+last stage ends the run ``compensated`` or ``compensation_failed``. A
+compensation that keeps failing goes to the dead-letter stream ``pipeline:dead``
+and the saga goes on; ``pipeline compensate RUN`` re-drives what is still owed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from celery import Celery, Task
+
+from .agent import Agent, agents
+from .errors import RunNotFound, StoreError
+from .keys import DEAD_LETTERS, RunKeys
+from .lua import Script
+from .state import RunStatus, StateStore, Version
+from .state.store import translate_errors
+from .workflow import workflows
+
+__all__ = ["CompensationContext", "begin", "compensate_run", "compensate_step", "redrive"]
+
+log = logging.getLogger(__name__)
+
+COMPENSATE_RUN_TASK = "pipeline.compensate_run"
+DEFAULT_COMPENSATION_RETRIES = 3
+DEAD_LETTERS_MAXLEN = 100_000
+
+_PKG = "pipeline.state"
+BEGIN = Script(_PKG, "saga_begin.lua")
+PLAN = Script(_PKG, "saga_plan.lua")
+DONE = Script(_PKG, "saga_done.lua")
+REDRIVE = Script(_PKG, "saga_redrive.lua")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CompensationContext:
+    """What an agent's ``compensate`` receives to undo its step.
+
+    ``output`` is the sealed output (``version`` its number), or the output
+    that broke the contract (``version`` None); ``data`` is what the agent
+    recorded at execute time with ``ctx.remember``. Compensations must be
+    idempotent: a worker killed mid-compensation runs it again.
+    """
+
+    run_id: str
+    step: str
+    agent: str
+    input: Any
+    input_versions: tuple[int, ...]
+    output: Any
+    version: int | None
+    data: Any
+    attempt: int
+    redis: redis.Redis
+
+
+def begin(store: StateStore, run_id: str, *, reason: str, agent: str = "") -> bool:
+    """Mark the run compensating, once; True for the call that did it."""
+    keys = RunKeys(run_id)
+    with translate_errors(store.url):
+        reply = BEGIN(store.redis, [keys.run, keys.log, keys.saga], [reason[:2000], agent])
+    if reply[0] == "missing":
+        raise RunNotFound(f"no run {run_id!r} to compensate")
+    return bool(reply[0] == "started")
+
+
+def start(app: Celery, store: StateStore, run_id: str, *, reason: str, agent: str = "") -> bool:
+    """Begin the saga and enqueue its planner; False when it had begun already."""
+    if not begin(store, run_id, reason=reason, agent=agent):
+        return False
+    app.send_task(COMPENSATE_RUN_TASK, args=(run_id,), queue=app.conf.task_default_queue)
+    return True
+
+
+def plan(store: StateStore, run_id: str, *, owed_only: bool = False) -> list[list[str]]:
+    """Stages of step keys to compensate, newest first (see the module docstring)."""
+    info = store.run_info(run_id)
+    wf = workflows.get(info.workflow)
+    sealed = {v.step: v for v in store.history(run_id)[1:] if not v.degraded}
+    broken = {e["step"] for e in store.log(run_id)
+              if e.get("event") == "step.failed" and e.get("side") == "output"}
+    steps = set(sealed) | broken
+    if owed_only:
+        with translate_errors(store.url):
+            saga = store.redis.hgetall(RunKeys(run_id).saga)
+        steps = {s for s in steps if saga.get(f"c:{s}") != "done"}
+    by_stage: dict[int, list[str]] = {}
+    for step in steps:
+        by_stage.setdefault(wf.stage_of(step), []).append(step)
+    return [sorted(by_stage[i]) for i in sorted(by_stage, reverse=True)]
+
+
+def compensate_run(app: Celery, store: StateStore, run_id: str, redrive: bool = False) -> None:
+    """The saga's planner: record the plan and dispatch its first stage."""
+    info = store.run_info(run_id)
+    if info.status is not RunStatus.COMPENSATING:
+        log.info("run %s is %s: nothing to compensate", run_id, info.status.value)
+        return
+    stages = plan(store, run_id, owed_only=redrive)
+    keys = RunKeys(run_id)
+    with translate_errors(store.url):
+        reply = PLAN(store.redis, [keys.run, keys.log, keys.saga],
+                     [json.dumps(stages), "1" if redrive else "0"])
+    if reply[0] == "empty":
+        store.finish(run_id, RunStatus.FAILED, error=info.error or "",
+                     agent=info.failed_agent or "")
+        return
+    _dispatch(app, run_id, reply[2:])
+
+
+def compensate_step(app: Celery, task: Task, store: StateStore, agent: Agent, run_id: str,
+                    step: str) -> None:
+    """Undo one step, retrying with backoff; record it done or dead, and move the saga on."""
+    keys = RunKeys(run_id)
+    with translate_errors(store.url):
+        state = store.redis.hget(keys.saga, f"c:{step}")
+    if state in ("done", "dead"):
+        return  # recorded already: a redelivered message
+    outcome, detail = "done", ""
+    if agent.compensate is not None:
+        try:
+            agent.compensate(_context(store, agent, run_id, step, task.request.retries + 1))
+        except Exception as e:
+            if task.request.retries < agent.compensation_retries:
+                countdown = agent.retry_countdown_s(task.request.retries)
+                store.note(run_id, "compensation.retry", step=step, agent=agent.name,
+                           attempt=task.request.retries + 1, error_type=type(e).__name__,
+                           error=str(e)[:500], countdown_s=countdown)
+                raise task.retry(exc=e, countdown=countdown,
+                                 max_retries=agent.compensation_retries) from e
+            outcome, detail = "dead", f"{type(e).__name__}: {e}"[:2000]
+            _dead_letter(store, run_id, step, agent.name, detail)
+    with translate_errors(store.url):
+        reply = DONE(store.redis, keys.all(),
+                     [step, outcome, agent.name, detail, store.retention_s])
+    if reply[0] == "next":
+        _dispatch(app, run_id, reply[1:])
+
+
+def redrive(app: Celery, store: StateStore, run_id: str) -> None:
+    """Compensate again what a ``compensation_failed`` run still owes."""
+    keys = RunKeys(run_id)
+    with translate_errors(store.url):
+        reply = REDRIVE(store.redis, [keys.run, keys.log, keys.saga], [])
+    if reply[0] != "ok":
+        if not reply[1]:
+            raise RunNotFound(f"no run {run_id!r}")
+        raise StoreError(f"run {run_id} is {reply[1]}, not compensation_failed: nothing to "
+                         "re-drive")
+    app.send_task(COMPENSATE_RUN_TASK, args=(run_id,), kwargs={"redrive": True},
+                  queue=app.conf.task_default_queue)
+
+
+def _dispatch(app: Celery, run_id: str, steps: Sequence[str]) -> None:
+    for step in steps:
+        name = step.split(":", 1)[1]
+        app.send_task(f"compensate.{name}", args=(run_id, step), queue=agents.get(name).queue)
+
+
+def _context(store: StateStore, agent: Agent, run_id: str, step: str,
+             attempt: int) -> CompensationContext:
+    keys = RunKeys(run_id)
+    with translate_errors(store.url):
+        sealed = store.redis.hget(keys.steps, step)
+        data = store.redis.hget(keys.undo, step)
+    output_version: Version | None = store.get(run_id, int(sealed)) if sealed else None
+    if output_version is not None:
+        parents = output_version.parents
+        output = output_version.payload
+    else:  # its output broke the contract: never sealed, taken from the trace
+        started = [e for e in store.log(run_id)
+                   if e.get("event") == "step.started" and e.get("step") == step]
+        parents = tuple(int(v) for v in started[-1]["inputs"].split(",")) if started else ()
+        output = None
+    inputs = [store.get(run_id, p) for p in parents]
+    payload = inputs[0].payload if len(inputs) == 1 else {v.agent: v.payload for v in inputs}
+    return CompensationContext(
+        run_id=run_id, step=step, agent=agent.name, input=payload,
+        input_versions=tuple(parents), output=output,
+        version=output_version.version if output_version else None,
+        data=json.loads(data) if data else None, attempt=attempt, redis=store.redis,
+    )
+
+
+def _dead_letter(store: StateStore, run_id: str, step: str, agent: str, error: str) -> None:
+    version = store.redis.hget(RunKeys(run_id).steps, step) or ""
+    with translate_errors(store.url):
+        store.redis.xadd(DEAD_LETTERS, {"run_id": run_id, "step": step, "agent": agent,
+                                        "version": version, "error": error},
+                         maxlen=DEAD_LETTERS_MAXLEN, approximate=True)
