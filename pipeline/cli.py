@@ -241,7 +241,31 @@ def resume(run_id: str, source: str | None, step: str | None, wait: bool, timeou
            as_json: bool) -> None:
     """Continue RUN, parked for a person: run the parked step again, or seal --output."""
     output = read_json_input(source) if source is not None else None
-    handle = _pipeline().resume(run_id, output, step=step)
+    _report(_pipeline().resume(run_id, output, step=step), wait, timeout, as_json,
+            ok="succeeded")
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--wait/--no-wait", default=False, help="Wait for the compensation to end.")
+@click.option("--timeout", type=float, default=60.0, show_default=True)
+@json_option
+def cancel(run_id: str, wait: bool, timeout: float, as_json: bool) -> None:
+    """Stop RUN and compensate every step it sealed, newest first."""
+    _report(_pipeline().cancel(run_id), wait, timeout, as_json, ok="compensated")
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--wait/--no-wait", default=False, help="Wait for the compensation to end.")
+@click.option("--timeout", type=float, default=60.0, show_default=True)
+@json_option
+def compensate(run_id: str, wait: bool, timeout: float, as_json: bool) -> None:
+    """Re-drive a compensation_failed RUN: compensate only what it still owes."""
+    _report(_pipeline().compensate(run_id), wait, timeout, as_json, ok="compensated")
+
+
+def _report(handle: Any, wait: bool, timeout: float, as_json: bool, *, ok: str) -> None:
     try:
         result = handle.wait(timeout) if wait else handle.result()
     except WaitTimeout as e:
@@ -249,8 +273,8 @@ def resume(run_id: str, source: str | None, step: str | None, wait: bool, timeou
     if as_json:
         _echo_json(result.to_dict())
     else:
-        click.echo(f"run {run_id}: {result.status.value} (version {result.version})")
-    if wait and result.status.value != "succeeded":
+        click.echo(f"run {handle.run_id}: {handle.status().value}")
+    if wait and result.status.value != ok:
         sys.exit(EXIT_RUN_FAILED)
 
 

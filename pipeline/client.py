@@ -9,6 +9,7 @@ from typing import Any
 
 from celery import Celery
 
+from . import saga
 from .app import create_app
 from .breaker import BreakerRegistry
 from .contracts import Contract
@@ -16,6 +17,7 @@ from .errors import (
     BrokerUnavailable,
     IdempotencyConflict,
     InputError,
+    RunNotLive,
     RunNotParked,
     WaitTimeout,
 )
@@ -198,6 +200,18 @@ class Pipeline:
                 f"cannot enqueue the rest of run {run_id}: {type(e).__name__}: {e}; the run "
                 "is parked again"
             ) from e
+        return Run(self, run_id)
+
+    def cancel(self, run_id: str, reason: str = "cancelled by hand") -> Run:
+        """Stop a live run and compensate what it sealed; ``RunNotLive`` if it has ended."""
+        if not saga.start(self.app, self.store, run_id, reason=reason):
+            status = self.store.run_info(run_id).status.value
+            raise RunNotLive(f"run {run_id} is {status}: there is nothing to cancel")
+        return Run(self, run_id)
+
+    def compensate(self, run_id: str) -> Run:
+        """Re-drive a ``compensation_failed`` run: compensate only what is still owed."""
+        saga.redrive(self.app, self.store, run_id)
         return Run(self, run_id)
 
     def _upstream(self, run_id: str, wf: Workflow, stage: int) -> int | list[int]:

@@ -101,6 +101,7 @@ def run_demo(*, source: str | None, concurrency: int, timeout_s: float) -> None:
                                cwd=os.getcwd()):
                 runs, _ = _run_batch(p, workflow, batch, timeout_s)
                 click.echo(_decisions(spec, runs))
+                _show_compensation(runs)
                 click.echo("\nbreakers:")
                 for snap in p.breakers.snapshots((a.name, a.breaker) for a in workflow.agents()):
                     last = snap.last_transition
@@ -154,6 +155,20 @@ def _show_lineage(runs: list[Run]) -> None:
                f"{', '.join(map(str, last.parents))}:")
     for v in shown.lineage(last.version)[1:]:
         click.echo(f"  v{v.version} {v.agent or '(input)'} <- {list(v.parents) or 'the request'}")
+
+
+def _show_compensation(runs: list[Run]) -> None:
+    """The saga's trail for the first run that did not succeed."""
+    failed = next((r for r in runs if r.status().value != "succeeded"), None)
+    if failed is None:
+        return
+    entries = failed.store.log(failed.run_id)
+    start = next(i for i, e in enumerate(entries) if e["event"] == "run.compensating")
+    click.echo(f"\ncompensation of run {failed.run_id} ({failed.status().value}), newest first:")
+    t0 = int(entries[start]["at"])
+    for e in entries[start:]:
+        what = e.get("step") or e.get("reason", "")
+        click.echo(f"  +{int(e['at']) - t0:>4} ms  {e['event']:<22} {what}"[:110])
 
 
 def _show_refusal(p: Pipeline, workflow: Workflow, rejected: str | None) -> None:

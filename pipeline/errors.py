@@ -36,6 +36,7 @@ __all__ = [
     "DeliveryLimitExceeded",
     "CircuitOpen",
     "RunNotParked",
+    "RunNotLive",
     "StepTimeLimitExceeded",
     "WaitTimeout",
 ]
@@ -166,6 +167,10 @@ class CircuitOpen(StepError):
 
 class RunNotParked(StoreError):
     """Raised when a run asked to resume is not waiting for a person."""
+
+
+class RunNotLive(StoreError):
+    """Raised when a run asked to stop or re-drive is not in a state that allows it."""
 
 
 class StepTimeLimitExceeded(StepError):

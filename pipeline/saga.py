@@ -24,7 +24,7 @@ import redis
 from celery import Celery, Task
 
 from .agent import Agent, agents
-from .errors import RunNotFound, StoreError
+from .errors import RunNotFound, RunNotLive
 from .keys import DEAD_LETTERS, RunKeys
 from .lua import Script
 from .state import RunStatus, StateStore, Version
@@ -159,7 +159,7 @@ def redrive(app: Celery, store: StateStore, run_id: str) -> None:
     if reply[0] != "ok":
         if not reply[1]:
             raise RunNotFound(f"no run {run_id!r}")
-        raise StoreError(f"run {run_id} is {reply[1]}, not compensation_failed: nothing to "
+        raise RunNotLive(f"run {run_id} is {reply[1]}, not compensation_failed: nothing to "
                          "re-drive")
     app.send_task(COMPENSATE_RUN_TASK, args=(run_id,), kwargs={"redrive": True},
                   queue=app.conf.task_default_queue)

@@ -36,10 +36,13 @@ def test_demo_runs_the_batch_and_shows_decisions_and_lineage(cluster: Cluster) -
     # then the rest seal its cached answer, marked degraded
     rows = [line for line in chaos.splitlines() if line.startswith("app-")]
     assert len(rows) == 8
-    failed = [r for r in rows if "income_verification: ChaosError" in r]
+    failed = [r for r in rows if "income_verification: ChaosError" in r and "compensated" in r]
     degraded = [r for r in rows if r.endswith("degraded: income_verification")]
     assert len(failed) >= 5 and degraded and len(failed) + len(degraded) == 8
     assert "income_verification: open (5 consecutive failures" in chaos
+    trail = chaos.split("compensation of run ")[1]
+    assert "run.compensating" in trail and "compensation.done      0:credit_score" in trail
+    assert trail.index("1.") < trail.index("0:credit_score") < trail.index("run.compensated")
     assert "breakers reset" in chaos and "worker pool stopped" in chaos
 
 

@@ -1,4 +1,5 @@
--- Force an agent's breaker open (until reset) or reset it to closed, by hand.
+-- Force an agent's breaker open (until reset) or reset it to closed, by hand (a reset
+-- clears its counters too).
 -- KEYS[1] = pipeline:breaker:{agent}         (hash: state, counters, opened_at, last transition)
 -- KEYS[2] = pipeline:breaker:{agent}:log     (stream: the breaker's transitions)
 -- KEYS[3] = pipeline:breaker:{agent}:probes  (zset: probe lease id -> lease expiry, ms)
@@ -16,6 +17,7 @@ if to == 'open' then
   redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', now, 'forced', '1')
 else
   redis.call('HSET', KEYS[1], 'state', 'closed', 'consecutive', '0', 'calls', '', 'forced', '0')
+  redis.call('HDEL', KEYS[1], 'successes', 'failures', 'rejected', 'opened_at')
 end
 redis.call('HSET', KEYS[1], 'last_from', from, 'last_to', to, 'last_reason', ARGV[3],
   'last_at', now)

@@ -378,8 +378,9 @@ class SerialModel:
             return self._move("open")
         return ""
 
-    def reset(self) -> None:
+    def reset(self) -> None:  # a reset by hand clears the totals too
         self.consecutive, self.calls = 0, ""
+        self.successes = self.failures = 0
         self._move("closed")
 
     def _move(self, to: str) -> str:
