@@ -42,6 +42,20 @@ def import_agent_modules(modules: tuple[str, ...]) -> None:
             ) from e
 
 
+def restore_sweep(visibility_timeout_s: int) -> dict[str, int]:
+    """How often a worker looks for messages a killed worker left unacked.
+
+    kombu sweeps every ``unacked_restore_interval`` x ``unacked_restore_throttle``
+    seconds (10 x 10 by default), and hands out only messages older than the
+    visibility timeout: with a short timeout, the sweep would bound recovery
+    instead. Sweep at least every tenth of the timeout (kombu's default from
+    1000 s up).
+    """
+    every = max(1, min(100, visibility_timeout_s // 10))
+    interval = min(10, every)
+    return {"unacked_restore_interval": interval, "unacked_restore_throttle": every // interval}
+
+
 def create_app(
     settings: Settings | None = None, *, main: str = "pipeline", fail_fast: bool = False
 ) -> Celery:
@@ -67,7 +81,8 @@ def create_app(
         worker_prefetch_multiplier=1,
         worker_deduplicate_successful_tasks=True,
         task_allow_error_cb_on_chord_header=True,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s,
+                                  **restore_sweep(settings.visibility_timeout_s)},
         broker_connection_retry_on_startup=True,
         task_default_queue=settings.default_queue,
         task_queues=[Queue(settings.default_queue)]

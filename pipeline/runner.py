@@ -193,8 +193,10 @@ def run_step(
     except ContractViolation as e:  # never retried: the same input breaks it again
         _fail(agent, run_id, step, e, store, attempt=attempt, gate=gate)
         if e.side == "output" and not store.run_info(run_id).status.is_live:
-            # its side effects happened, and the saga planned without it
-            _compensate_self(agent, store, run_id, step, opening.inputs, output, attempt)
+            # Its side effects happened, and the saga may have planned without
+            # it; when the planner did find it, only one of the two undoes it.
+            _compensate_self(agent, store, run_id, step, opening.inputs, output, attempt,
+                             claim=True)
         raise
     except agent.retry_on as e:
         if task.request.retries < agent.max_retries:
@@ -227,11 +229,20 @@ def _store_countdown_s(retries: int) -> float:
 
 
 def _compensate_self(agent: Agent, store: StateStore, run_id: str, step: str,
-                     inputs: Sequence[Version], output: Any, attempt: int) -> None:
-    """Undo a step whose output will never be sealed, now, in this worker."""
+                     inputs: Sequence[Version], output: Any, attempt: int, *,
+                     claim: bool = False) -> None:
+    """Undo a step whose output will never be sealed, now, in this worker.
+
+    With ``claim``, first take the step's compensation from the saga, which
+    also owes it when its planner found the step in the log: whichever of the
+    two claims it first (``HSETNX`` on ``c:<step>``) undoes it.
+    """
     if agent.compensate is None:
         return
-    from .saga import CompensationContext  # saga imports the runner's app, not the reverse
+    from .saga import SELF_COMPENSATED, CompensationContext  # saga imports the runner's app
+
+    if claim and not store.redis.hsetnx(RunKeys(run_id).saga, f"c:{step}", SELF_COMPENSATED):
+        return  # the saga compensates it, or has
 
     data = store.redis.hget(RunKeys(run_id).undo, step)
     ctx = CompensationContext(

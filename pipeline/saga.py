@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 COMPENSATE_RUN_TASK = "pipeline.compensate_run"
 DEFAULT_COMPENSATION_RETRIES = 3
 DEAD_LETTERS_MAXLEN = 100_000
+SELF_COMPENSATED = "self"
+"""``c:<step>`` in the saga hash of a step that claimed its own compensation (runner)."""
 
 _PKG = "pipeline.state"
 BEGIN = Script(_PKG, "saga_begin.lua")
@@ -127,11 +129,22 @@ def compensate_step(app: Celery, task: Task, store: StateStore, agent: Agent, ru
     """Undo one step, retrying with backoff; record it done or dead, and move the saga on."""
     keys = RunKeys(run_id)
     with translate_errors(store.url):
-        state = store.redis.hget(keys.saga, f"c:{step}")
+        # Claim the step: a step whose output broke its contract after the saga
+        # began may have compensated itself, claiming it first (runner).
+        claimed = store.redis.hsetnx(keys.saga, f"c:{step}", "claimed")
+        state = "claimed" if claimed else store.redis.hget(keys.saga, f"c:{step}")
     if state in ("done", "dead"):
-        return  # recorded already: a redelivered message
+        # Recorded already: this message was delivered again, perhaps because
+        # the worker died before it handed over to the next stage. Hand over
+        # again: a compensation sent twice is recorded once.
+        if store.run_info(run_id).status is RunStatus.COMPENSATING:
+            with translate_errors(store.url):
+                reply = PLAN(store.redis, [keys.run, keys.log, keys.saga], ["[]", "0"])
+            if reply[0] == "stage":
+                _dispatch(app, run_id, [s for s in reply[2:] if s != step])
+        return
     outcome, detail = "done", ""
-    if agent.compensate is not None:
+    if agent.compensate is not None and state != SELF_COMPENSATED:
         try:
             agent.compensate(_context(store, agent, run_id, step, task.request.retries + 1))
         except Exception as e:

@@ -12,8 +12,17 @@ from marshmallow import Schema, fields
 
 from pipeline import StepContext, TransientAgentError, Workflow, agent, contract, parallel
 from pipeline.breaker import BreakerPolicy
+from pipeline.saga import CompensationContext
+from tests.quick_agents import (
+    COMP_TRIES_KEY,
+    EXECUTIONS_KEY,
+    HOLD_KEY,
+    book,
+    finish_undo,
+    hold,
+    undo,
+)
 
-EXECUTIONS_KEY = "test:executions:{run_id}:{agent}"
 CRASH_AFTER_SEAL_KEY = "test:crash-after-seal:{run_id}"
 CRASHED_TASK_KEY = "test:crashed-task:{run_id}"
 
@@ -175,9 +184,6 @@ for _a in (guarded_fail, guarded_skip, guarded_cached, guarded_retry):
 parked_flow = Workflow("w_guarded_park", [increment, guarded_park, double])
 
 
-HOLD_KEY = "test:hold:{run_id}"
-
-
 @agent(input="count@1", output="count@1", time_limit_s=10, max_retries=0)
 def pause(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
     """Hold while the test keeps HOLD_KEY for the run (a sibling still at work)."""
@@ -200,3 +206,95 @@ def park_join(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
 
 
 parked_pair = Workflow("w_parked_pair", [increment, parallel(guarded_park, pause), park_join])
+
+
+# -- saga: steps with side effects that their compensations undo --------------------
+
+COMP_FAIL_KEY = "test:comp-fail:{run_id}"
+"""While it holds a positive count, fickle's compensation fails (one DECR per try)."""
+SAGA = {"time_limit_s": 5, "max_retries": 0, "compensate": undo}
+
+
+@agent(input="count@1", output="count@1", **SAGA)
+def booked(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Add one, leaving a side effect that its compensation undoes."""
+    book(ctx)
+    return {"n": payload["n"] + 1}
+
+
+@agent(input="count@1", output="count@1", **SAGA)
+def tripwire(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Add one, leaving a side effect; the tests fail it with PIPELINE_CHAOS."""
+    book(ctx)
+    return {"n": payload["n"] + 1}
+
+
+@agent(input="count@1", output="count@1", **SAGA)
+def snag(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Like tripwire: a second agent to fail in the same parallel group."""
+    book(ctx)
+    return {"n": payload["n"] + 1}
+
+
+@agent(input="count@1", output="count@1", time_limit_s=10, max_retries=0, compensate=undo)
+def lagger(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Wait while the test holds the run, then add one, leaving a side effect."""
+    hold(ctx)
+    book(ctx)
+    return {"n": payload["n"] + 1}
+
+
+@agent(input="count@1", output="count@1", time_limit_s=1, max_retries=0, compensate=undo)
+def slowpoke(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Add one, leaving a side effect; a one-second limit for the `slow` chaos mode."""
+    book(ctx)
+    return {"n": payload["n"] + 1}
+
+
+@agent(input="count@1", output="count@1", time_limit_s=5, max_retries=0, retry_backoff_s=0.1,
+       retry_backoff_max_s=1.0, compensation_retries=3)
+def fickle(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Add one, leaving a side effect whose compensation fails while COMP_FAIL_KEY says so."""
+    book(ctx)
+    return {"n": payload["n"] + 1}
+
+
+@fickle.compensator
+def undo_fickle(ctx: CompensationContext) -> None:
+    ctx.redis.incr(COMP_TRIES_KEY.format(run_id=ctx.run_id, agent=ctx.agent))
+    if int(ctx.redis.decr(COMP_FAIL_KEY.format(run_id=ctx.run_id))) >= 0:
+        raise RuntimeError(f"run {ctx.run_id}: fickle's compensation fails on purpose")
+    finish_undo(ctx)
+
+
+@contract("lag_pair", 1)
+class LagPair(Schema):
+    tripwire = fields.Nested(Count, required=True)
+    lagger = fields.Nested(Count, required=True)
+
+
+@contract("snag_pair", 1)
+class SnagPair(Schema):
+    tripwire = fields.Nested(Count, required=True)
+    snag = fields.Nested(Count, required=True)
+
+
+@agent(input="lag_pair@1", output="count@1", **SAGA)
+def lag_join(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Add the two branches."""
+    book(ctx)
+    return {"n": payload["tripwire"]["n"] + payload["lagger"]["n"]}
+
+
+@agent(input="snag_pair@1", output="count@1", **SAGA)
+def snag_join(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Add the two branches."""
+    book(ctx)
+    return {"n": payload["tripwire"]["n"] + payload["snag"]["n"]}
+
+
+saga_slow = Workflow("saga_slow", [booked, slowpoke])
+saga_late = Workflow("saga_late", [booked, parallel(tripwire, lagger), lag_join])
+saga_snag = Workflow("saga_snag", [booked, parallel(tripwire, snag), snag_join])
+saga_fickle = Workflow("saga_fickle", [booked, fickle, tripwire])
+saga_held = Workflow("saga_held", [booked, lagger])
