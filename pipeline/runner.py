@@ -37,7 +37,7 @@ from .errors import (
     StoreUnavailable,
     VersionNotFound,
 )
-from .keys import DEAD_LETTERS, RunKeys
+from .keys import RunKeys
 from .state import Opening, StateStore, Version, canonical_json
 from .state.store import Extra
 
@@ -239,7 +239,11 @@ def _compensate_self(agent: Agent, store: StateStore, run_id: str, step: str,
     """
     if agent.compensate is None:
         return
-    from .saga import SELF_COMPENSATED, CompensationContext  # saga imports the runner's app
+    from .saga import (  # saga imports the app, which imports the runner
+        SELF_COMPENSATED,
+        CompensationContext,
+        dead_letter,
+    )
 
     if claim and not store.redis.hsetnx(RunKeys(run_id).saga, f"c:{step}", SELF_COMPENSATED):
         return  # the saga compensates it, or has
@@ -256,18 +260,12 @@ def _compensate_self(agent: Agent, store: StateStore, run_id: str, step: str,
     except Exception as e:
         _note(store, run_id, "step.self_compensation_failed", step=step, agent=agent.name,
               error=f"{type(e).__name__}: {e}"[:2000])
-        _dead_letter_self(store, run_id, step, agent.name, f"{type(e).__name__}: {e}")
+        try:
+            dead_letter(store, run_id, step, agent.name, f"{type(e).__name__}: {e}")
+        except StoreError:
+            log.warning("run %s: could not dead-letter %s's self-compensation", run_id, step)
         return
     _note(store, run_id, "step.self_compensated", step=step, agent=agent.name)
-
-
-def _dead_letter_self(store: StateStore, run_id: str, step: str, agent: str, error: str) -> None:
-    try:
-        store.redis.xadd(DEAD_LETTERS, {"run_id": run_id, "step": step, "agent": agent,
-                                        "version": "", "error": error[:2000]},
-                         maxlen=100_000, approximate=True)
-    except Exception:  # noqa: BLE001 - best effort; the trace has it already
-        log.warning("run %s: could not dead-letter %s's self-compensation", run_id, step)
 
 
 def _input_payload(inputs: Sequence[Version], fan_in: bool) -> Any:

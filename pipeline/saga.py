@@ -31,7 +31,8 @@ from .state import RunStatus, StateStore, Version
 from .state.store import translate_errors
 from .workflow import workflows
 
-__all__ = ["CompensationContext", "begin", "compensate_run", "compensate_step", "redrive"]
+__all__ = ["CompensationContext", "begin", "compensate_run", "compensate_step", "dead_letter",
+           "redrive"]
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ def compensate_step(app: Celery, task: Task, store: StateStore, agent: Agent, ru
                 raise task.retry(exc=e, countdown=countdown,
                                  max_retries=agent.compensation_retries) from e
             outcome, detail = "dead", f"{type(e).__name__}: {e}"[:2000]
-            _dead_letter(store, run_id, step, agent.name, detail)
+            dead_letter(store, run_id, step, agent.name, detail)
     with translate_errors(store.url):
         reply = DONE(store.redis, keys.all(),
                      [step, outcome, agent.name, detail, store.retention_s])
@@ -209,9 +210,10 @@ def _context(store: StateStore, agent: Agent, run_id: str, step: str,
     )
 
 
-def _dead_letter(store: StateStore, run_id: str, step: str, agent: str, error: str) -> None:
-    version = store.redis.hget(RunKeys(run_id).steps, step) or ""
+def dead_letter(store: StateStore, run_id: str, step: str, agent: str, error: str) -> None:
+    """Add a compensation that failed for good to ``pipeline:dead`` for a person."""
     with translate_errors(store.url):
+        version = store.redis.hget(RunKeys(run_id).steps, step) or ""
         store.redis.xadd(DEAD_LETTERS, {"run_id": run_id, "step": step, "agent": agent,
-                                        "version": version, "error": error},
+                                        "version": version, "error": error[:2000]},
                          maxlen=DEAD_LETTERS_MAXLEN, approximate=True)
