@@ -143,6 +143,22 @@ def create_app(
     return app
 
 
+class CompensationTask(Task):  # type: ignore[misc]
+    """A compensation that failed outside the agent's code (Redis, its hard time limit)
+    is recorded dead, so the saga goes on instead of waiting for it forever."""
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
+                   einfo: Any) -> None:
+        run_id, step = args[0], args[1]
+        detail = f"{type(exc).__name__}: {exc}"[:2000]
+        try:
+            saga.give_up_or_record(self.app, store_for(self.app), run_id, step,
+                                   self.name.removeprefix("compensate."), "dead", detail)
+        except Exception:  # noqa: BLE001 - nothing more can be done from here
+            log.exception("run %s: could not record the failed compensation of %s",
+                          run_id, step)
+
+
 def store_for(app: Celery) -> StateStore:
     """The state store of ``app`` (one connection pool per app and process)."""
     store: StateStore | None = getattr(app, "_pipeline_store", None)
@@ -180,7 +196,10 @@ def _bind_agent(app: Celery, a: Agent, settings: Settings) -> None:
     compensate.__doc__ = f"Undo a step of agent {a.name} (saga)."
     app.task(
         name=f"compensate.{a.name}", shared=False, bind=True, ignore_result=True,
-        soft_time_limit=a.time_limit_s, time_limit=a.time_limit_s + HARD_TIME_LIMIT_GRACE_S,
+        base=CompensationTask, soft_time_limit=a.time_limit_s,
+        time_limit=a.time_limit_s + HARD_TIME_LIMIT_GRACE_S,
+        autoretry_for=(StoreError,), retry_backoff=True, retry_backoff_max=30,
+        max_retries=max(a.compensation_retries, 8),
     )(compensate)
     step.__doc__ = a.description or f"Run agent {a.name} as one step of a workflow."
     app.task(

@@ -114,36 +114,46 @@ def compensate_run(app: Celery, store: StateStore, run_id: str, redrive: bool = 
         log.info("run %s is %s: nothing to compensate", run_id, info.status.value)
         return
     stages = plan(store, run_id, owed_only=redrive)
-    keys = RunKeys(run_id)
-    with translate_errors(store.url):
-        reply = PLAN(store.redis, [keys.run, keys.log, keys.saga],
-                     [json.dumps(stages), "1" if redrive else "0"])
-    if reply[0] == "empty":
+    if not stages and not redrive:  # nothing had run: nothing to undo
         store.finish(run_id, RunStatus.FAILED, error=info.error or "",
                      agent=info.failed_agent or "")
         return
-    _dispatch(app, run_id, reply[2:])
+    keys = RunKeys(run_id)
+    with translate_errors(store.url):
+        PLAN(store.redis, [keys.run, keys.log, keys.saga],
+             [json.dumps(stages), "1" if redrive else "0"])
+    advance(app, store, run_id)
+
+
+def advance(app: Celery, store: StateStore, run_id: str, step: str = "", outcome: str = "done",
+            agent: str = "", detail: str = "") -> str:
+    """Record ``step``'s outcome (if any) and dispatch what the saga owes next."""
+    with translate_errors(store.url):
+        reply = DONE(store.redis, RunKeys(run_id).all(),
+                     [step, outcome, agent, detail, store.retention_s])
+    if reply[0] == "next":
+        _dispatch(app, run_id, reply[1:])
+    return str(reply[0])
 
 
 def compensate_step(app: Celery, task: Task, store: StateStore, agent: Agent, run_id: str,
                     step: str) -> None:
     """Undo one step, retrying with backoff; record it done or dead, and move the saga on."""
     keys = RunKeys(run_id)
+    mine = f"claimed:{task.request.id}"
     with translate_errors(store.url):
-        # Claim the step: a step whose output broke its contract after the saga
-        # began may have compensated itself, claiming it first (runner).
-        claimed = store.redis.hsetnx(keys.saga, f"c:{step}", "claimed")
-        state = "claimed" if claimed else store.redis.hget(keys.saga, f"c:{step}")
+        # Claim the step: one compensation task at a time undoes it. A step
+        # whose output broke its contract after the saga began may have claimed
+        # it first and undone itself (runner).
+        claimed = store.redis.hsetnx(keys.saga, f"c:{step}", mine)
+        state = mine if claimed else store.redis.hget(keys.saga, f"c:{step}")
     if state in ("done", "dead"):
-        # Recorded already: this message was delivered again, perhaps because
-        # the worker died before it handed over to the next stage. Hand over
-        # again: a compensation sent twice is recorded once.
-        if store.run_info(run_id).status is RunStatus.COMPENSATING:
-            with translate_errors(store.url):
-                reply = PLAN(store.redis, [keys.run, keys.log, keys.saga], ["[]", "0"])
-            if reply[0] == "stage":
-                _dispatch(app, run_id, [s for s in reply[2:] if s != step])
+        # Recorded already: delivered again, perhaps because the worker died
+        # before it handed over to the next stage. Hand over again.
+        advance(app, store, run_id)
         return
+    if state not in (mine, SELF_COMPENSATED):
+        return  # another task holds it (a duplicate message): it will record it
     outcome, detail = "done", ""
     if agent.compensate is not None and state != SELF_COMPENSATED:
         try:
@@ -157,12 +167,14 @@ def compensate_step(app: Celery, task: Task, store: StateStore, agent: Agent, ru
                 raise task.retry(exc=e, countdown=countdown,
                                  max_retries=agent.compensation_retries) from e
             outcome, detail = "dead", f"{type(e).__name__}: {e}"[:2000]
-            dead_letter(store, run_id, step, agent.name, detail)
-    with translate_errors(store.url):
-        reply = DONE(store.redis, keys.all(),
-                     [step, outcome, agent.name, detail, store.retention_s])
-    if reply[0] == "next":
-        _dispatch(app, run_id, reply[1:])
+    give_up_or_record(app, store, run_id, step, agent.name, outcome, detail)
+
+
+def give_up_or_record(app: Celery, store: StateStore, run_id: str, step: str, agent: str,
+                      outcome: str, detail: str) -> None:
+    """Record a compensation's outcome once; a dead one also goes to ``pipeline:dead``."""
+    if advance(app, store, run_id, step, outcome, agent, detail) != "dup" and outcome == "dead":
+        dead_letter(store, run_id, step, agent, detail)
 
 
 def redrive(app: Celery, store: StateStore, run_id: str) -> None:

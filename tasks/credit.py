@@ -76,7 +76,9 @@ def credit_score(application: dict[str, Any], ctx: StepContext) -> dict[str, Any
     # The legacy customer record other systems read (and sometimes overwrite);
     # what it held before is remembered so that a compensation can put it back.
     record_key = CUSTOMER_KEY.format(applicant_id=applicant_id)
-    ctx.remember({"customer_record": ctx.redis.hgetall(record_key)})
+    previous = ctx.redis.hgetall(record_key)
+    if previous.get("run_id") != ctx.run_id:  # not this run's own earlier write (a rerun)
+        ctx.remember({"customer_record": previous})
     ctx.redis.hset(record_key, mapping={"score": score, "band": band, "run_id": ctx.run_id})
     record(ctx, {"kind": "bureau_inquiry", "applicant_id": applicant_id, "score": score})
     return {

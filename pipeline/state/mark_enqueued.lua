@@ -1,5 +1,5 @@
 -- Record that the run's canvas reached the broker: lift the time-to-live a run
--- gets at creation, unless the run already finished (its retention then stands).
+-- gets at creation, unless the run already ended (its retention then stands).
 -- KEYS[1] = pipeline:{run}:states  (stream of sealed versions)
 -- KEYS[2] = pipeline:{run}:steps   (hash step key -> version)
 -- KEYS[3] = pipeline:{run}:run     (hash: the run's record)
@@ -8,7 +8,7 @@
 local status = redis.call('HGET', KEYS[3], 'status')
 if not status then return 0 end
 redis.call('HSET', KEYS[3], 'enqueued', '1')
-if status == 'running' then
-  for i = 1, #KEYS do redis.call('PERSIST', KEYS[i]) end
+if status ~= 'succeeded' and status ~= 'failed' and status ~= 'compensated' then
+  for i = 1, #KEYS do redis.call('PERSIST', KEYS[i]) end  -- not over: no expiry
 end
 return 1
