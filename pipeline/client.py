@@ -22,8 +22,8 @@ from .errors import (
     WaitTimeout,
 )
 from .settings import Settings, redact_url
-from .state import RunInfo, RunStatus, StateStore, Version, canonical_json, digest_of
-from .state.version import check_size
+from .state import RunInfo, RunStatus, StateStore, Version
+from .state.version import sealable
 from .workflow import Workflow, workflows
 
 __all__ = ["Pipeline", "Run", "RunResult"]
@@ -89,8 +89,7 @@ class Pipeline:
         reusing it with another payload raises ``IdempotencyConflict``.
         """
         wf = workflow if isinstance(workflow, Workflow) else workflows.get(workflow)
-        canonical = canonical_json(payload)
-        check_size(canonical, self.store.max_payload_bytes, f"input of workflow {wf.name}")
+        form = sealable(payload, self.store.max_payload_bytes, f"input of workflow {wf.name}")
         contract: Contract = wf.input_contract
         contract.validate(payload, side="input", agent=wf.stages[0][0].agent.name)
         run_id = (
@@ -104,9 +103,10 @@ class Pipeline:
             payload=payload,
             contract=contract.ref,
             idempotency_key=idempotency_key,
+            form=form,
         )
         if not created.created:
-            if created.workflow != wf.name or created.input_digest != digest_of(canonical):
+            if created.workflow != wf.name or created.input_digest != form.digest:
                 raise IdempotencyConflict(
                     f"idempotency key {idempotency_key!r} already started run {run_id} of "
                     f"workflow {created.workflow} with a different payload; use a new key for "

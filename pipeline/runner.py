@@ -38,8 +38,9 @@ from .errors import (
     VersionNotFound,
 )
 from .keys import RunKeys
-from .state import Opening, StateStore, Version, canonical_json
+from .state import Opening, StateStore, Version
 from .state.store import Extra
+from .state.version import sealable
 
 __all__ = ["StepHooks", "hooks", "run_step"]
 
@@ -156,9 +157,10 @@ def run_step(
             output, side="output", agent=agent.name, run_id=run_id
         )
         latency_ms = (time.monotonic() - started) * 1000.0
+        form = sealable(output, store.max_payload_bytes, f"run {run_id} agent {agent.name} output")
         cache = None
         if agent.fallback is Fallback.CACHED:
-            cache = (input_digest(opening.inputs, fan_in), canonical_json(output))
+            cache = (input_digest(opening.inputs, fan_in), form.text)
         sealing = store.seal(
             run_id,
             step=step,
@@ -171,6 +173,7 @@ def run_step(
             latency_ms=latency_ms,
             extra=gate.seal_extra(latency_ms=latency_ms, cache=cache)
             + [e for h in hooks for e in h.seal_extra(agent, ok=True, latency_ms=latency_ms)],
+            form=form,
         )
         gate.after_seal(sealing.extra)
     except (Ignore, Retry):

@@ -14,7 +14,7 @@ from ..errors import RunNotFound, RunNotParked, StoreError, StoreUnavailable, Ve
 from ..keys import RunKeys, version_stream_id
 from ..lua import Batch, Script
 from ..settings import DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_RETENTION_S, Settings, redact_url
-from .version import RunInfo, RunStatus, Version, canonical_json, check_size, digest_of
+from .version import RunInfo, RunStatus, Sealable, Version, sealable
 
 _PKG = "pipeline.state"
 CREATE_RUN = Script(_PKG, "create_run.lua")
@@ -131,11 +131,14 @@ class StateStore:
         payload: Any,
         contract: str,
         idempotency_key: str | None = None,
+        form: Sealable | None = None,
     ) -> Created:
-        """Create the run and seal its input as version 0; a no-op if the run exists."""
-        canonical = canonical_json(payload)
-        check_size(canonical, self.max_payload_bytes, f"input of workflow {workflow}")
-        digest = digest_of(canonical)
+        """Create the run and seal its input as version 0; a no-op if the run exists.
+
+        ``form`` is the payload already checked by ``sealable`` (not done twice).
+        """
+        form = form or sealable(payload, self.max_payload_bytes, f"input of workflow {workflow}")
+        canonical, digest = form.text, form.digest
         keys = RunKeys(run_id)
         with translate_errors(self.url):
             reply = CREATE_RUN(
@@ -215,6 +218,7 @@ class StateStore:
         worker: str = "",
         latency_ms: float = 0.0,
         extra: Sequence[Extra] = (),
+        form: Sealable | None = None,
     ) -> Sealing:
         """Append ``payload`` as the run's next version, once per step key.
 
@@ -222,8 +226,8 @@ class StateStore:
         Raises ``PayloadTooLarge`` or ``ContractViolation`` (not JSON) before
         anything reaches Redis.
         """
-        canonical = canonical_json(payload)
-        check_size(canonical, self.max_payload_bytes, f"run {run_id} agent {agent} output")
+        form = form or sealable(payload, self.max_payload_bytes,
+                                f"run {run_id} agent {agent} output")
         keys = RunKeys(run_id)
         batch = Batch(self.redis)
         batch.script(
@@ -233,8 +237,8 @@ class StateStore:
                 step,
                 agent,
                 contract,
-                canonical,
-                digest_of(canonical),
+                form.text,
+                form.digest,
                 json.dumps([int(p) for p in parents]),
                 "1" if final else "0",
                 self.retention_s,

@@ -33,38 +33,51 @@ class RunStatus(StrEnum):
                             RunStatus.WAITING_FOR_HUMAN)
 
 
+def _encode(payload: Any) -> tuple[str, bytes]:
+    """Canonical JSON text of a payload and its UTF-8 bytes, each made once."""
+    try:
+        text = json.dumps(
+            payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
+        return text, text.encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as e:  # UnicodeEncodeError is a ValueError
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise ContractViolation(
+            f"payload is not JSON: {reason}", errors={"<payload>": [f"not JSON: {reason}"]}
+        ) from None
+
+
 def canonical_json(payload: Any) -> str:
     """The one JSON text of a payload that its digest is taken over.
 
     Raises ``ContractViolation`` when the payload is not JSON (a set, a NaN,
     a lone surrogate that UTF-8 cannot carry, nesting Python cannot walk).
     """
-    try:
-        text = json.dumps(
-            payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        )
-        text.encode("utf-8")
-    except (TypeError, ValueError, RecursionError) as e:  # UnicodeEncodeError is a ValueError
-        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
-        raise ContractViolation(
-            f"payload is not JSON: {reason}", errors={"<payload>": [f"not JSON: {reason}"]}
-        ) from None
-    return text
+    return _encode(payload)[0]
 
 
 def digest_of(canonical: str) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def check_size(canonical: str, limit: int, where: str) -> int:
-    size = len(canonical.encode("utf-8"))
-    if size > limit:
+@dataclass(frozen=True, slots=True)
+class Sealable:
+    """A payload ready to seal: its canonical text and digest, serialized and hashed once."""
+
+    text: str
+    digest: str
+
+
+def sealable(payload: Any, limit: int, where: str) -> Sealable:
+    """Check that ``payload`` is JSON and within ``limit`` bytes; ``PayloadTooLarge`` if not."""
+    text, data = _encode(payload)
+    if len(data) > limit:
         raise PayloadTooLarge(
-            f"{where}: payload is {size:,} bytes of canonical JSON, over the limit of "
+            f"{where}: payload is {len(data):,} bytes of canonical JSON, over the limit of "
             f"{limit:,} bytes (PIPELINE_MAX_PAYLOAD_BYTES); store large data elsewhere and "
             "seal a reference to it"
         )
-    return size
+    return Sealable(text, hashlib.sha256(data).hexdigest())
 
 
 @dataclass(frozen=True, slots=True)
