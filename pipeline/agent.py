@@ -9,7 +9,7 @@ the sealed version it needs. Each agent becomes a Celery task named
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +40,19 @@ class StepContext:
     input_versions: tuple[int, ...]
     redis: redis.Redis
     worker: str = ""
+    event: str = ""
+    """The id of the event this step handles (choreography), else ''."""
+    event_type: str = ""
     notes: dict[str, Any] = field(default_factory=dict)
+
+    def report_usage(self, *, prompt_tokens: int = 0, completion_tokens: int = 0,
+                     model: str = "") -> None:
+        """Record what the call cost; it is sealed into the step's trace entry."""
+        usage = self.notes.setdefault("usage", {"prompt_tokens": 0, "completion_tokens": 0})
+        usage["prompt_tokens"] += int(prompt_tokens)
+        usage["completion_tokens"] += int(completion_tokens)
+        if model:
+            usage["model"] = model
 
     def remember(self, data: Any) -> None:
         """Record what this step's compensation will need (JSON): it gets it as ``data``."""
@@ -76,10 +88,20 @@ class Agent:
         default_output: Any = None,
         retry_later_max: int = DEFAULT_RETRY_LATER_MAX,
         compensation_retries: int = DEFAULT_COMPENSATION_RETRIES,
+        on: Sequence[str] = (),
+        emits: str | None = None,
         description: str = "",
     ) -> None:
+        from .events import check_event_type, check_pattern  # events imports nothing of ours
+
         if not name or not name.replace("_", "").isalnum():
             raise ValueError(f"agent name {name!r} must be letters, digits and underscores")
+        if isinstance(on, str):
+            on = (on,)
+        for pattern in on:
+            check_pattern(pattern, f"agent {name}: on")
+        if emits is not None:
+            check_event_type(emits, f"agent {name}: emits")
         if time_limit_s <= 0:
             raise ValueError(f"agent {name}: time_limit_s must be positive")
         self.name = name
@@ -100,6 +122,8 @@ class Agent:
         self.default_output = default_output
         self.retry_later_max = retry_later_max
         self.compensation_retries = compensation_retries
+        self.on = tuple(on)
+        self.emits = emits
         later = retry_later_max if self.fallback is Fallback.RETRY_LATER else 0
         self.max_deliveries = max_deliveries or (
             max_retries + 1 + later + DEFAULT_REDELIVERY_ALLOWANCE
@@ -114,6 +138,12 @@ class Agent:
     @property
     def task_name(self) -> str:
         return f"agent.{self.name}"
+
+    def subscribes_to(self, event_type: str) -> str | None:
+        """The first of this agent's ``on`` patterns that matches ``event_type``, or None."""
+        from .events import matches
+
+        return next((p for p in self.on if matches(p, event_type)), None)
 
     def compensator(self, fn: Compensate) -> Compensate:
         """Decorator: set the function that undoes this agent's step."""

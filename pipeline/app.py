@@ -10,14 +10,15 @@ from typing import Any
 from celery import Celery, Task
 from kombu import Queue
 
-from . import saga
+from . import choreography, saga
 from .agent import Agent, agents
 from .breaker import BreakerRegistry, Fallback
 from .errors import ConfigurationError, StoreError
+from .events import failure_event
 from .runner import HARD_TIME_LIMIT_GRACE_S, STORE_RETRY_BACKOFF_MAX_S, run_step
 from .settings import Settings
 from .state import RunStatus, StateStore
-from .workflow import ERRBACK_TASK
+from .workflow import ERRBACK_TASK, workflows
 
 __all__ = ["create_app", "import_agent_modules", "store_for"]
 
@@ -68,6 +69,9 @@ def create_app(
     """
     settings = settings or Settings.from_env()
     import_agent_modules(settings.agent_modules)
+    for flow in workflows:  # every subscriber is known now: check the event flows
+        if isinstance(flow, choreography.Choreography):
+            flow.check()
     app = Celery(main, broker=settings.broker_url, backend=settings.result_backend)
     app.conf.update(
         # JSON only: pickle is remote code execution for anyone who can write to the broker.
@@ -115,6 +119,7 @@ def create_app(
             type(exc).__name__,
             str(exc),
             f"{getattr(request, 'id', '')}:{getattr(request, 'retries', 0) or 0}",
+            str(kwargs.get("event", "")),
         )
         try:
             record_failure(app, store_for(app), *failure)
@@ -125,8 +130,8 @@ def create_app(
             app.send_task(FINISH_TASK, args=failure, countdown=1)
 
     def finish_run(run_id: str, step: str, agent: str, exc_type: str, error: str,
-                   lease: str = "") -> None:
-        record_failure(app, store_for(app), run_id, step, agent, exc_type, error, lease)
+                   lease: str = "", event: str = "") -> None:
+        record_failure(app, store_for(app), run_id, step, agent, exc_type, error, lease, event)
 
     def compensate_run_task(run_id: str, redrive: bool = False) -> None:
         saga.compensate_run(app, store_for(app), run_id, redrive)
@@ -184,10 +189,11 @@ def _bind_agent(app: Celery, a: Agent, settings: Settings) -> None:
         )
 
     def step(self: Task, upstream: Any, *, run_id: str, step: str, final: bool = False,
-             refused: int = 0) -> int:
+             refused: int = 0, event: str = "", event_type: str = "") -> int:
         return run_step(
             self, a, store_for(self.app), upstream,
-            run_id=run_id, step=step, final=final, chaos_spec=settings.chaos,
+            run_id=run_id, step=step, final=final, event=event, event_type=event_type,
+            chaos_spec=settings.chaos,
         )
 
     def compensate(self: Task, run_id: str, step: str) -> None:
@@ -214,7 +220,7 @@ def _bind_agent(app: Celery, a: Agent, settings: Settings) -> None:
 
 def record_failure(
     app: Celery, store: StateStore, run_id: str, step: str, agent: str, exc_type: str,
-    error: str, lease: str = "",
+    error: str, lease: str = "", event: str = "",
 ) -> None:
     """The run has failed for good: start its compensation, once, naming the agent to blame.
 
@@ -222,7 +228,8 @@ def record_failure(
     and again for the chord's body, whose ``ChordError`` names the member by
     task id; the runner logged each step's task id when it opened, so the
     member is found there. Failures raised in the worker's main process (the
-    hard time limit) never reached the runner, so they are logged here.
+    hard time limit) never reached the runner, so they are logged here. A
+    failed event delivery (``event``) also publishes ``<agent>.failed``.
     """
     if exc_type == "ChordError":
         agent, exc_type, error = _chord_member(store, run_id, error) or (agent, exc_type, error)
@@ -232,7 +239,12 @@ def record_failure(
         if agent in agents and agents.get(agent).breaker.enabled:  # the runner never saw it
             BreakerRegistry(store.redis, url=store.url).record(
                 agent, agents.get(agent).breaker, "failure", lease, f"{exc_type}: {error}")
-    saga.start(app, store, run_id, reason=f"{exc_type}: {error}"[:2000], agent=agent)
+    reason = f"{exc_type}: {error}"
+    if event:
+        task_id = lease.rsplit(":", 1)[0]
+        failed = choreography.fail_delivery(store, run_id, step, agent, task_id)
+        reason = f"{failure_event(agent)} ({failed or 'recorded before'}): {reason}"
+    saga.start(app, store, run_id, reason=reason[:2000], agent=agent)
 
 
 def _chord_member(store: StateStore, run_id: str, error: str) -> tuple[str, str, str] | None:

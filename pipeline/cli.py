@@ -175,6 +175,75 @@ def trace(run_id: str, as_json: bool) -> None:
         click.echo(f"+{int(e['at']) - start:>6} ms  {e['event']:<16} {detail}")
 
 
+@main.command()
+@click.argument("run_id")
+@json_option
+def events(run_id: str, as_json: bool) -> None:
+    """Show a choreographed run's events: cause, subscribers, and each delivery's state."""
+    from .ledger import events as read_events
+
+    p = _pipeline()
+    views = read_events(p.store, run_id)
+    if as_json:
+        _echo_json([v.to_dict() for v in views])
+        return
+    info = p.store.run_info(run_id)
+    click.echo(f"run {run_id} of {info.workflow}: {info.status.value}")
+    if not views:
+        click.echo("no events: this run is not a choreography")
+        return
+    start = views[0].at
+    rows = [("event", "type", "cause", "by", "version", "+ms", "delivery", "state", "attempts",
+             "latency", "detail")]
+    for v in views:
+        head = (v.event_id, v.type + (" (terminal)" if v.terminal else "")
+                + (" (failure)" if v.failure else ""), v.cause or "-", v.publisher,
+                str(v.version) if v.version >= 0 else "-", str(v.at - start))
+        if v.failure:
+            rows.append(head + ("-", "saga", "", "", "handed to the saga"))
+        for i, d in enumerate(v.deliveries):
+            detail = (f"v{d.version}" if d.version is not None else "") or d.error[:60]
+            rows.append((head if i == 0 else ("",) * 6) + (
+                d.agent, d.state, str(d.attempts or ""),
+                "" if d.latency_ms is None else f"{d.latency_ms:.0f} ms", detail))
+    click.echo(table(rows))
+    for v in views:
+        if v.unrouted:
+            click.echo(f"warning: {v.event_id} {v.type} from {v.publisher} is unrouted: no "
+                       "agent subscribes to it", err=True)
+
+
+@main.command()
+@click.argument("run_id")
+@click.argument("agent")
+@json_option
+def explain(run_id: str, agent: str, as_json: bool) -> None:
+    """Why AGENT did or did not react in RUN: its subscriptions, the events, each delivery."""
+    from .agent import agents
+    from .ledger import explain as explain_agent
+
+    p = _pipeline()
+    known = agents.get(agent) if agent in agents else None
+    why = explain_agent(p.store, run_id, agent, known)
+    if as_json:
+        _echo_json(why.to_dict())
+        return
+    click.echo(f"agent {why.agent}: on {', '.join(why.on) or '(nothing)'}; emits "
+               f"{why.emits or '(nothing)'}; input {why.input_contract or '?'}")
+    for row in why.events:
+        click.echo(f"  {row['event_id']:<4} {row['type']:<24} {row['why']}")
+    click.echo(why.summary)
+
+
+@main.command()
+@click.argument("run_id")
+@click.argument("event_id")
+def redeliver(run_id: str, event_id: str) -> None:
+    """Send EVENT_ID of RUN to its subscribers again; a handled delivery records a duplicate."""
+    subs = _pipeline().redeliver(run_id, event_id)
+    click.echo(f"{event_id} sent again to {', '.join(subs) or 'nobody (it had no subscriber)'}")
+
+
 @main.group(invoke_without_command=True)
 @json_option
 @click.pass_context

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from dataclasses import dataclass
@@ -12,11 +13,13 @@ from celery import Celery
 from . import saga
 from .app import create_app
 from .breaker import BreakerRegistry
+from .choreography import Choreography, redeliver
 from .contracts import Contract
 from .errors import (
     BrokerUnavailable,
     IdempotencyConflict,
     InputError,
+    PipelineError,
     RunNotLive,
     RunNotParked,
     WaitTimeout,
@@ -24,7 +27,7 @@ from .errors import (
 from .settings import Settings, redact_url
 from .state import RunInfo, RunStatus, StateStore, Version
 from .state.version import sealable
-from .workflow import Workflow, workflows
+from .workflow import Flow, Workflow, workflows
 
 __all__ = ["Pipeline", "Run", "RunResult"]
 
@@ -76,11 +79,19 @@ class Pipeline:
     def from_env(cls) -> Pipeline:
         return cls(settings=Settings.from_env())
 
-    def workflow(self, name: str) -> Workflow:
+    def workflow(self, name: str) -> Flow:
         return workflows.get(name)
 
+    def redeliver(self, run_id: str, event_id: str) -> list[str]:
+        """Send event ``event_id`` of a run to its subscribers again; the subscribers.
+
+        Deliveries are at least once and handling once per (event, subscriber):
+        a subscriber that handled it records a ``duplicate`` and does nothing.
+        """
+        return redeliver(self.app, self.store, run_id, event_id)
+
     def start(
-        self, workflow: str | Workflow, payload: Any, idempotency_key: str | None = None
+        self, workflow: str | Flow, payload: Any, idempotency_key: str | None = None
     ) -> Run:
         """Check ``payload`` against the workflow's input contract, then enqueue the run.
 
@@ -88,10 +99,10 @@ class Pipeline:
         The same idempotency key (for the same workflow) returns the same run;
         reusing it with another payload raises ``IdempotencyConflict``.
         """
-        wf = workflow if isinstance(workflow, Workflow) else workflows.get(workflow)
+        wf = workflows.get(workflow) if isinstance(workflow, str) else workflow
         form = sealable(payload, self.store.max_payload_bytes, f"input of workflow {wf.name}")
         contract: Contract = wf.input_contract
-        contract.validate(payload, side="input", agent=wf.stages[0][0].agent.name)
+        contract.validate(payload, side="input", agent=wf.entry_agent)
         run_id = (
             self.run_id_for(wf.name, idempotency_key)
             if idempotency_key is not None
@@ -117,9 +128,13 @@ class Pipeline:
             # The first start died between creating the run and enqueuing it:
             # enqueue now. Were both to enqueue, every step is still sealed
             # once per step key.
-        canvas = wf.compile(self.app, run_id)
         try:
-            canvas.apply_async()
+            wf.enqueue(self.app, self.store, run_id)
+        except PipelineError:  # Redis, for a choreography's starting event
+            if created.created:
+                with contextlib.suppress(PipelineError):
+                    self.store.delete_run(run_id)
+            raise
         except Exception as e:  # kombu's, redis-py's, or Celery's backend RuntimeError
             if created.created:
                 self.store.delete_run(run_id)
@@ -148,7 +163,11 @@ class Pipeline:
             raise RunNotParked(
                 f"run {run_id} is {info.status.value}, not waiting_for_human: nothing to resume"
             )
-        wf = workflows.get(info.workflow)
+        flow = workflows.get(info.workflow)
+        if isinstance(flow, Choreography):
+            return flow.resume(self, run_id, output, step)
+        assert isinstance(flow, Workflow)
+        wf = flow
         stage = wf.stage_of(parked_keys[0])
         members = {s.key: s for s in wf.stages[stage]}
         target = None

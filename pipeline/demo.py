@@ -27,7 +27,7 @@ from .embedded import EmbeddedRedis, answers
 from .errors import ConfigurationError, PipelineError, StoreUnavailable
 from .local import WorkerProcess
 from .settings import DEFAULT_REDIS_URL, Settings, redact_url
-from .workflow import Workflow
+from .workflow import Flow
 
 RESET_REASON = "reset by pipeline demo"
 
@@ -113,12 +113,12 @@ def run_demo(*, source: str | None, concurrency: int, timeout_s: float) -> None:
         click.echo("worker pool stopped")
 
 
-def _reset_breakers(p: Pipeline, workflow: Workflow) -> None:
+def _reset_breakers(p: Pipeline, workflow: Flow) -> None:
     for a in workflow.agents():
         p.breakers.reset(a.name, reason=RESET_REASON)
 
 
-def _run_batch(p: Pipeline, workflow: Workflow, batch: list[Any],
+def _run_batch(p: Pipeline, workflow: Flow, batch: list[Any],
                timeout_s: float) -> tuple[list[Run], float]:
     started = time.monotonic()
     runs = [p.start(workflow, payload) for payload in batch]
@@ -171,7 +171,7 @@ def _show_compensation(runs: list[Run]) -> None:
         click.echo(f"  +{int(e['at']) - t0:>4} ms  {e['event']:<22} {what}"[:110])
 
 
-def _show_refusal(p: Pipeline, workflow: Workflow, rejected: str | None) -> None:
+def _show_refusal(p: Pipeline, workflow: Flow, rejected: str | None) -> None:
     if rejected:
         click.echo(f"\nbad input is refused before anything is enqueued ({rejected}):")
         try:

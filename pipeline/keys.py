@@ -50,10 +50,21 @@ class RunKeys:
         """Hash step key -> the compensation data its agent chose to record (JSON)."""
         return f"{PREFIX}:{{{self.run_id}}}:undo"
 
+    @property
+    def ledger(self) -> str:
+        """Hash delivery key (``<event>:<agent>``) -> its state (choreography):
+        ``dispatched``, ``running:<task>``, ``handled:<task>`` or ``failed:<task>``."""
+        return f"{PREFIX}:{{{self.run_id}}}:ledger"
+
+    @property
+    def events(self) -> str:
+        """Hash event id -> the event (JSON), and ``src:<publisher>`` -> the id it published."""
+        return f"{PREFIX}:{{{self.run_id}}}:events"
+
     def all(self) -> list[str]:
         """Every key of the run, in the order the Lua scripts expect them."""
         return [self.states, self.steps, self.run, self.log, self.deliveries, self.saga,
-                self.undo]
+                self.undo, self.ledger, self.events]
 
 
 def run_keys(run_id: str) -> RunKeys:

@@ -27,6 +27,7 @@ from .agent import Agent, StepContext
 from .breaker.fallback import input_digest, take_fallback
 from .breaker.gate import Gate
 from .breaker.policy import Fallback
+from .choreography import Delivery
 from .contracts import contracts
 from .errors import (
     ContractViolation,
@@ -81,9 +82,15 @@ def run_step(
     run_id: str,
     step: str,
     final: bool = False,
+    event: str = "",
+    event_type: str = "",
     chaos_spec: str = "",
 ) -> int:
     """Run one step of one run; return the version it sealed (or had sealed).
+
+    With ``event`` the step is the delivery of that event (choreography): it
+    claims the delivery when it opens, and the round trip that seals it also
+    ends the delivery and publishes what the agent emits.
 
     Every failure between open and seal goes through one path: it is logged
     in the run's trace and shown to the hooks, then retried (a transient
@@ -97,6 +104,8 @@ def run_step(
     gate = Gate(store, agent, run_id=run_id, step=step,
                 lease=f"{task.request.id}:{task.request.retries}",
                 lease_s=agent.time_limit_s + HARD_TIME_LIMIT_GRACE_S)
+    delivery = Delivery(agent, run_id=run_id, step=step, event=event) if event else None
+    task_id = str(task.request.id or "")
     attempt = 0
     try:
         opening = store.open_step(
@@ -106,7 +115,8 @@ def run_step(
             inputs=inputs,
             max_deliveries=agent.max_deliveries,
             worker=worker,
-            task_id=str(task.request.id or ""),
+            task_id=task_id,
+            claim=delivery is not None,
             extra=gate.open_extra() + [e for h in hooks for e in h.open_extra(agent)],
         )
         hook_extra = gate.take_permit(opening.extra)
@@ -115,7 +125,15 @@ def run_step(
             gate.release()  # a probe lease this step will not use (a crash loop counts)
         if opening.outcome == "sealed":
             assert opening.sealed_version is not None
+            if delivery is not None and opening.handover:
+                delivery.hand_over_again(task.app, store, task_id)
             return opening.sealed_version
+        if opening.outcome == "duplicate":  # recorded by the open script
+            raise Ignore()
+        if opening.outcome == "unknown":
+            store.note(run_id, "delivery.unknown", step=step, agent=agent.name,
+                       task_id=task_id, reason="no such event delivery was published")
+            raise Ignore()
         if opening.outcome in ("aborted", "missing"):
             # The run ended (failed, compensating) or expired: stop quietly,
             # without failing the task, so no errback fires for a finished run.
@@ -136,7 +154,7 @@ def run_step(
             assert gate.permit is not None
             return take_fallback(task, agent, store, gate.permit, run_id=run_id, step=step,
                                  inputs=opening.inputs, fan_in=fan_in, final=final,
-                                 worker=worker)
+                                 worker=worker, delivery=delivery)
 
         payload = _input_payload(opening.inputs, fan_in)
         contracts.get(agent.input).validate(
@@ -151,6 +169,8 @@ def run_step(
             input_versions=tuple(v.version for v in opening.inputs),
             redis=store.redis,
             worker=worker,
+            event=event,
+            event_type=event_type,
         )
         output = _execute(agent, payload, ctx, chaos_spec)
         contracts.get(agent.output).validate(
@@ -172,8 +192,10 @@ def run_step(
             worker=worker,
             latency_ms=latency_ms,
             extra=gate.seal_extra(latency_ms=latency_ms, cache=cache)
-            + [e for h in hooks for e in h.seal_extra(agent, ok=True, latency_ms=latency_ms)],
+            + [e for h in hooks for e in h.seal_extra(agent, ok=True, latency_ms=latency_ms)]
+            + ([delivery.seal_extra(store, task_id)] if delivery is not None else []),
             form=form,
+            trace=_usage_fields(ctx),
         )
         gate.after_seal(sealing.extra)
     except (Ignore, Retry):
@@ -224,7 +246,17 @@ def run_step(
         _compensate_self(agent, store, run_id, step, opening.inputs, output, attempt)
         raise Ignore()
     assert sealing.version is not None
+    if delivery is not None:
+        delivery.hand_over(task.app, store, sealing.extra[-1])
     return sealing.version
+
+
+def _usage_fields(ctx: StepContext) -> dict[str, str | int]:
+    """Token usage the agent reported, for the step's trace entry."""
+    usage = ctx.notes.get("usage")
+    if not usage:
+        return {}
+    return {k: usage[k] for k in ("prompt_tokens", "completion_tokens", "model") if k in usage}
 
 
 def _store_countdown_s(retries: int) -> float:

@@ -24,7 +24,7 @@ import redis
 from celery import Celery, Task
 
 from .agent import Agent, agents
-from .errors import RunNotFound, RunNotLive
+from .errors import RunNotFound, RunNotLive, UnknownWorkflow
 from .keys import DEAD_LETTERS, RunKeys
 from .lua import Script
 from .state import RunStatus, StateStore, Version
@@ -90,21 +90,33 @@ def start(app: Celery, store: StateStore, run_id: str, *, reason: str, agent: st
 
 
 def plan(store: StateStore, run_id: str, *, owed_only: bool = False) -> list[list[str]]:
-    """Stages of step keys to compensate, newest first (see the module docstring)."""
+    """Stages of step keys to compensate, newest first (see the module docstring):
+    a workflow's by stage, a choreography's one step a stage, newest sealed first."""
     info = store.run_info(run_id)
-    wf = workflows.get(info.workflow)
     sealed = {v.step: v for v in store.history(run_id)[1:] if not v.degraded}
     broken = {e["step"] for e in store.log(run_id)
               if e.get("event") == "step.failed" and e.get("side") == "output"}
-    steps = set(sealed) | broken
     if owed_only:
         with translate_errors(store.url):
             saga = store.redis.hgetall(RunKeys(run_id).saga)
-        steps = {s for s in steps if saga.get(f"c:{s}") != "done"}
-    by_stage: dict[int, list[str]] = {}
-    for step in steps:
-        by_stage.setdefault(wf.stage_of(step), []).append(step)
-    return [sorted(by_stage[i]) for i in sorted(by_stage, reverse=True)]
+        sealed = {s: v for s, v in sealed.items() if saga.get(f"c:{s}") != "done"}
+        broken = {s for s in broken if saga.get(f"c:{s}") != "done"}
+    try:
+        wf = workflows.get(info.workflow)
+    except UnknownWorkflow:
+        # A worker deployed without the flow's module can still undo the run: one step at
+        # a time, newest first, is a valid order for any flow (only slower).
+        log.warning("run %s: workflow %s is not registered here; compensating one step at "
+                    "a time, newest first", run_id, info.workflow)
+        return newest_first(sealed, broken)
+    return wf.compensation_stages(sealed, broken)
+
+
+def newest_first(sealed: dict[str, Version], broken: set[str]) -> list[list[str]]:
+    """One step a stage, in reverse order of sealing; steps whose output broke its
+    contract (never sealed) first."""
+    order = sorted(sealed, key=lambda step: sealed[step].version, reverse=True)
+    return [[step] for step in sorted(broken - set(sealed))] + [[s] for s in order]
 
 
 def compensate_run(app: Celery, store: StateStore, run_id: str, redrive: bool = False) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from celery import Celery, chain, chord, group
 from celery.canvas import Signature
@@ -19,7 +19,10 @@ from .agent import Agent, AgentRegistry, agents
 from .contracts import Contract, ContractRegistry, check_handoff, contracts, fan_in_schema
 from .errors import ContractMismatch, UnknownWorkflow, WorkflowDefinitionError
 
-__all__ = ["Parallel", "Step", "Workflow", "WorkflowRegistry", "parallel", "workflows"]
+if TYPE_CHECKING:
+    from .state import StateStore, Version
+
+__all__ = ["Flow", "Parallel", "Step", "Workflow", "WorkflowRegistry", "parallel", "workflows"]
 
 ERRBACK_TASK = "pipeline.run_failed"
 
@@ -45,8 +48,40 @@ class Step:
     final: bool = False
 
 
+class Flow(Protocol):
+    """What the client, the saga and the CLI ask of a workflow or a choreography."""
+
+    name: str
+    kind: str
+    description: str
+
+    @property
+    def input_contract(self) -> Contract: ...
+
+    @property
+    def output_contract(self) -> Contract: ...
+
+    @property
+    def entry_agent(self) -> str: ...
+
+    def contract_of(self, ref: str) -> Contract: ...
+
+    def agents(self) -> list[Agent]: ...
+
+    def shape(self) -> str: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def compensation_stages(self, sealed: dict[str, Version],
+                            broken: set[str]) -> list[list[str]]: ...
+
+    def enqueue(self, app: Celery, store: StateStore, run_id: str) -> None: ...
+
+
 class Workflow:
     """A named, checked sequence of steps and parallel groups."""
+
+    kind = "workflow"
 
     def __init__(
         self,
@@ -150,6 +185,23 @@ class Workflow:
                 return i
         raise WorkflowDefinitionError(f"workflow {self.name} has no step {step_key!r}")
 
+    @property
+    def entry_agent(self) -> str:
+        """Who the run's input is for (named in a refused input's error)."""
+        return self.stages[0][0].agent.name
+
+    def compensation_stages(self, sealed: dict[str, Version], broken: set[str]) -> list[list[str]]:
+        """The steps to undo, grouped by stage, newest stage first; a stage's steps
+        are compensated side by side."""
+        by_stage: dict[int, list[str]] = {}
+        for step in set(sealed) | broken:
+            by_stage.setdefault(self.stage_of(step), []).append(step)
+        return [sorted(by_stage[i]) for i in sorted(by_stage, reverse=True)]
+
+    def enqueue(self, app: Celery, store: StateStore, run_id: str) -> None:
+        """Send the run's canvas to the broker."""
+        self.compile(app, run_id).apply_async()
+
     def steps(self) -> Iterator[Step]:
         for stage in self.stages:
             yield from stage
@@ -218,6 +270,7 @@ class Workflow:
     def describe(self) -> dict[str, Any]:
         return {
             "workflow": self.name,
+            "kind": self.kind,
             "shape": self.shape(),
             "input_contract": self.input_contract.ref,
             "output_contract": self.output_contract.ref,
@@ -229,21 +282,23 @@ class Workflow:
 
 
 class WorkflowRegistry:
-    def __init__(self) -> None:
-        self._by_name: dict[str, Workflow] = {}
+    """Workflows and choreographies by name: one namespace, since ``pipeline run`` takes both."""
 
-    def register(self, wf: Workflow) -> Workflow:
+    def __init__(self) -> None:
+        self._by_name: dict[str, Flow] = {}
+
+    def register(self, wf: Flow) -> Flow:
         self._by_name[wf.name] = wf
         return wf
 
-    def get(self, name: str) -> Workflow:
+    def get(self, name: str) -> Flow:
         try:
             return self._by_name[name]
         except KeyError:
             known = ", ".join(sorted(self._by_name)) or "none"
             raise UnknownWorkflow(f"unknown workflow {name!r} (registered: {known})") from None
 
-    def __iter__(self) -> Iterator[Workflow]:
+    def __iter__(self) -> Iterator[Flow]:
         return iter(sorted(self._by_name.values(), key=lambda w: w.name))
 
 

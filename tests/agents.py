@@ -12,6 +12,7 @@ from marshmallow import Schema, fields
 
 from pipeline import StepContext, TransientAgentError, Workflow, agent, contract, parallel
 from pipeline.breaker import BreakerPolicy
+from pipeline.choreography import Choreography
 from pipeline.saga import CompensationContext
 from tests.quick_agents import (
     COMP_TRIES_KEY,
@@ -298,3 +299,93 @@ saga_late = Workflow("saga_late", [booked, parallel(tripwire, lagger), lag_join]
 saga_snag = Workflow("saga_snag", [booked, parallel(tripwire, snag), snag_join])
 saga_fickle = Workflow("saga_fickle", [booked, fickle, tripwire])
 saga_held = Workflow("saga_held", [booked, lagger])
+
+
+# -- choreography: tick.requested -> ticker -> tick.ticked -> tocker -> tick.tocked ----------
+
+TICK_HOLD_KEY = "test:tick-hold:{run_id}"
+"""The ticker waits while this key exists (its delivery stays in flight)."""
+CRASH_BEFORE_DISPATCH_KEY = "test:crash-before-dispatch:{run_id}"
+"""The pool process dies once after a delivery sealed and before it dispatched what it
+published, for a run whose test set this key."""
+
+
+def _count_execution(ctx: StepContext) -> None:
+    ctx.redis.incr(EXECUTIONS_KEY.format(run_id=ctx.run_id, agent=ctx.agent))
+
+
+@agent(input="count@1", output="count@1", on=["tick.requested"], emits="tick.ticked",
+       time_limit_s=10, max_retries=0, compensate=undo)
+def ticker(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Count one; hold while the test asks."""
+    _count_execution(ctx)
+    book(ctx)
+    deadline = time.monotonic() + 8
+    while ctx.redis.exists(TICK_HOLD_KEY.format(run_id=ctx.run_id)) and \
+            time.monotonic() < deadline:
+        time.sleep(0.02)
+    return {"n": payload["n"] + 1}
+
+
+@agent(input="count@1", output="count@1", on=["tick.ticked"], emits="tick.tocked",
+       time_limit_s=5, max_retries=0, compensate=undo)
+def tocker(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Double it."""
+    _count_execution(ctx)
+    book(ctx)
+    return {"n": payload["n"] * 2}
+
+
+ticking = Choreography("ticking", start="tick.requested", terminal=["tick.tocked"],
+                       input="count@1")
+
+
+# -- choreography with an event nobody subscribes to: stray.noticed ---------------------------
+
+@agent(input="count@1", output="count@1", on=["stray.requested"], emits="stray.done",
+       time_limit_s=5, max_retries=0)
+def stray_main(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Pass it on."""
+    return {"n": payload["n"]}
+
+
+@agent(input="count@1", output="count@1", on=["stray.requested"], emits="stray.noticed",
+       time_limit_s=5, max_retries=0)
+def stray_side(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Publish an event no agent listens to."""
+    return {"n": payload["n"]}
+
+
+straying = Choreography("straying", start="stray.requested", terminal=["stray.done"],
+                        input="count@1")
+
+
+def _crash_before_dispatch() -> None:
+    """Wrap the dispatch of published events: die once, for a run whose test asked, after
+    the delivery sealed and published and before its tasks reached the broker."""
+    import pipeline.choreography as choreography
+
+    real = choreography.dispatch
+
+    def dispatch(app: Any, run_id: str, handover: Any) -> None:
+        if handover.event != "e1" and os.environ.get("PIPELINE_TEST_CRASH_BEFORE_DISPATCH"):
+            from pipeline.app import store_for
+
+            if store_for(app).redis.delete(CRASH_BEFORE_DISPATCH_KEY.format(run_id=run_id)):
+                os._exit(1)
+        real(app, run_id, handover)
+
+    choreography.dispatch = dispatch  # type: ignore[assignment]
+
+
+_crash_before_dispatch()
+
+
+# -- a flow whose second agent is deployed only where the client runs (tests.late_subscriber) --
+
+@agent(input="count@1", output="count@1", on=["dangle.requested"], emits="dangle.next",
+       time_limit_s=5, max_retries=0, compensate=undo)
+def dangle_first(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Pass it on to whoever subscribes."""
+    book(ctx)
+    return {"n": payload["n"] + 1}

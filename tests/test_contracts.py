@@ -64,11 +64,12 @@ APPROVED = {
 DECLINED = {**APPROVED, "decision": "declined", "reasons": ["very high credit risk"],
             "risk_rating": "very_high", "approved_amount": 0.0, "apr": None}
 GOOD_FINDINGS = {
-    "topic": "celery",
-    "findings": [{"claim": "celery per a", "source": "a"},
-                 {"claim": "celery per b", "source": "b"}],
+    "question": "how do breakers work?",
+    "findings": [{"passage": "A breaker opens.", "source": "a#1", "score": 2.5},
+                 {"passage": "It half-opens later.", "source": "b#3", "score": 1.0}],
     "confidence": 0.7,
     "sources": ["a", "b"],
+    "retrieved_at": "2026-11-24T10:00:00+00:00",
 }
 
 # (contract, good payload, paths its schema-level rules may name besides the changed leaf)
@@ -78,7 +79,8 @@ GOOD_PAYLOADS = [
     ("credit_assessments@1", GOOD_ASSESSMENTS, set()),
     ("credit_decision@1", APPROVED, {"approved_amount", "apr"}),
     ("credit_decision@1", DECLINED, {"approved_amount", "apr"}),
-    ("research_findings@1", GOOD_FINDINGS, {"confidence"}),
+    ("research_findings@1", GOOD_FINDINGS, set()),
+    ("confident_findings@1", GOOD_FINDINGS, {"confidence"}),
 ]
 
 
@@ -139,14 +141,16 @@ def test_a_payload_that_is_not_an_object_is_refused_at_the_root(payload: Any, ki
 
 @pytest.mark.parametrize("confidence", [0.0, 0.5, 0.69, 0.6999])
 def test_findings_below_minimum_confidence_are_refused_on_confidence(confidence: float) -> None:
-    e = violation("research_findings@1", {**GOOD_FINDINGS, "confidence": confidence})
+    e = violation("confident_findings@1", {**GOOD_FINDINGS, "confidence": confidence})
     assert list(e.errors) == ["confidence"]
     assert "below 0.7" in e.errors["confidence"][0]
+    # research may publish them: the consumer's contract is the one that refuses
+    contracts.get("research_findings@1").validate({**GOOD_FINDINGS, "confidence": confidence})
 
 
 @pytest.mark.parametrize("confidence", [0.7, 0.85, 1.0])
 def test_findings_at_or_above_minimum_confidence_are_accepted(confidence: float) -> None:
-    contracts.get("research_findings@1").validate({**GOOD_FINDINGS, "confidence": confidence})
+    contracts.get("confident_findings@1").validate({**GOOD_FINDINGS, "confidence": confidence})
 
 
 @pytest.mark.parametrize(
@@ -231,10 +235,11 @@ def test_flatten_errors_wraps_a_lone_message_in_a_list() -> None:
 
 
 def test_flatten_errors_on_real_marshmallow_errors_of_a_list_of_objects() -> None:
-    payload = {**GOOD_FINDINGS, "findings": [{"claim": "ok", "source": "a"}, {"source": 3}]}
+    payload = {**GOOD_FINDINGS, "findings": [{"passage": "ok", "source": "a", "score": 1},
+                                             {"source": 3, "score": 1}]}
     errors = ResearchFindings().validate(payload)
     assert flatten_errors(errors) == {
-        "findings.1.claim": ["Missing data for required field."],
+        "findings.1.passage": ["Missing data for required field."],
         "findings.1.source": ["Not a valid string."],
     }
 

@@ -248,7 +248,7 @@ def test_shipped_workflows_are_registered_with_their_contracts() -> None:
     assert credit.shape() == (
         "credit_score -> (income_verification | risk_assessment | fraud_detection) "
         "-> final_approval")
-    assert workflows.get("research_report").shape() == "research -> analysis -> report"
+    assert workflows.get("research_chain").shape() == "research -> analysis -> report"
     assert workflows.get("counting").shape() == "increment -> double"
 
 
@@ -331,7 +331,7 @@ def test_credit_workflow_compiles_to_step_then_chord_of_three_into_final(app: Ce
     assert body.options["queue"] == "agents.final_approval"
 
 
-@pytest.mark.parametrize("name", ["credit_decision", "research_report", "counting"])
+@pytest.mark.parametrize("name", ["credit_decision", "research_chain", "counting"])
 def test_every_step_of_a_compiled_workflow_links_the_run_failed_errback(
     app: Celery, name: str
 ) -> None:
@@ -343,7 +343,7 @@ def test_every_step_of_a_compiled_workflow_links_the_run_failed_errback(
     assert ERRBACK_TASK in app.tasks
 
 
-@pytest.mark.parametrize("name", ["credit_decision", "research_report", "counting"])
+@pytest.mark.parametrize("name", ["credit_decision", "research_chain", "counting"])
 def test_compiled_steps_carry_references_never_payloads(app: Celery, name: str) -> None:
     sigs = list(signatures(workflows.get(name).compile(app, "run-r")))
     for sig in sigs:

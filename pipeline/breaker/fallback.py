@@ -18,6 +18,7 @@ from .registry import Permit
 
 if TYPE_CHECKING:
     from ..agent import Agent
+    from ..choreography import Delivery
 
 MIN_RETRY_LATER_S = 1.0
 
@@ -41,6 +42,7 @@ def take_fallback(
     fan_in: bool,
     final: bool,
     worker: str,
+    delivery: Delivery | None = None,
 ) -> int:
     """Seal a stand-in, park the run, retry later, or raise ``CircuitOpen``."""
     policy = agent.fallback
@@ -55,15 +57,19 @@ def take_fallback(
                breaker=permit.state.value, fallback=policy.value, reason=why)
 
     def seal_degraded(payload: Any, source: str) -> int:
+        task_id = str(task.request.id or "")
         sealing = store.seal(run_id, step=step, agent=agent.name, contract=agent.output,
                              payload=payload, parents=[v.version for v in inputs],
-                             final=final, degraded=True, worker=worker)
+                             final=final, degraded=True, worker=worker,
+                             extra=[delivery.seal_extra(store, task_id)] if delivery else ())
         if sealing.outcome == "missing":
             raise RunNotFound(f"run {run_id} disappeared while step {step} fell back")
         if sealing.outcome == "aborted":
             raise Ignore()
         store.note(run_id, "step.degraded", step=step, agent=agent.name, source=source,
                    version=int(sealing.version or 0))
+        if delivery is not None:
+            delivery.hand_over(task.app, store, sealing.extra[-1])
         assert sealing.version is not None
         return sealing.version
 
@@ -82,6 +88,8 @@ def take_fallback(
     if policy is Fallback.PARK:
         store.park(run_id, step=step, agent=agent.name,
                    reason=f"{why}; resume with `pipeline resume {run_id} [--output FILE]`")
+        if delivery is not None:  # a resume hands the delivery out again
+            delivery.release(store, str(task.request.id or ""))
         raise Ignore()
     refused = int((task.request.kwargs or {}).get("refused", 0))
     if policy is Fallback.RETRY_LATER and refused < agent.retry_later_max:

@@ -9,29 +9,60 @@
 -- ARGV[3] = most deliveries allowed for this step
 -- ARGV[4] = worker host name (for the trace)
 -- ARGV[5] = Celery task id (for the trace: a chord's error names its failed member by it)
--- ARGV[6..] = input version numbers
+-- KEYS[6..7] = saga, undo (unused here)
+-- KEYS[8] = pipeline:{run}:ledger      (hash delivery key -> state; choreography only)
+-- ARGV[6] = '' for a workflow step; for an event delivery (choreography), the task id
+--           that claims it: one task handles a delivery, any other is a duplicate
+-- ARGV[7..] = input version numbers
 -- Returns one of:
---   {'sealed', version}              the step was sealed already: do nothing
+--   {'sealed', version, own}         the step was sealed already: do nothing (own is '1'
+--                                    when its handover may not be done: this task handled
+--                                    it, or its handler died between seal and handover)
+--   {'duplicate', state}             another task holds or ended this delivery: do nothing
+--   {'unknown'}                      no such delivery was ever published
 --   {'missing'}                      no such run (never created, or expired)
 --   {'aborted', status}              the run is not running any more
 --   {'exhausted', deliveries}        delivered too often: a crash loop
 --   {'noversion', version}           an input version does not exist
 --   {'open', deliveries, at_ms, fields1, fields2, ...}  the input versions' entries
+local t = redis.call('TIME')
+local now = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+local claim = ARGV[6]
+local function duplicate(state)
+  redis.call('XADD', KEYS[4], '*', 'event', 'delivery.duplicate', 'at', now, 'step', ARGV[1],
+    'agent', ARGV[2], 'worker', ARGV[4], 'task_id', ARGV[5], 'state', state or '')
+end
 local sealed = redis.call('HGET', KEYS[2], ARGV[1])
-if sealed then return {'sealed', sealed} end
+if sealed then
+  if claim == '' then return {'sealed', sealed, '0'} end
+  if redis.call('EXISTS', KEYS[3]) == 0 then return {'sealed', sealed, '0'} end
+  local state = redis.call('HGET', KEYS[8], ARGV[1]) or ''
+  duplicate(state)
+  -- this task handled it, or a handler sealed it and died before handing over: the
+  -- caller finishes the handover (idempotent)
+  local own = state == 'handled:' .. claim or string.sub(state, 1, 8) == 'running:'
+  return {'sealed', sealed, own and '1' or '0'}
+end
 local status = redis.call('HGET', KEYS[3], 'status')
 if not status then return {'missing'} end
 if status ~= 'running' and status ~= 'waiting_for_human' then return {'aborted', status} end
+if claim ~= '' then
+  local state = redis.call('HGET', KEYS[8], ARGV[1])
+  if not state then return {'unknown'} end
+  if state ~= 'dispatched' and state ~= 'running:' .. claim then
+    duplicate(state)
+    return {'duplicate', state}
+  end
+  redis.call('HSET', KEYS[8], ARGV[1], 'running:' .. claim)
+end
 local n = redis.call('HINCRBY', KEYS[5], ARGV[1], 1)
-local t = redis.call('TIME')
-local now = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 if n > tonumber(ARGV[3]) then
   redis.call('XADD', KEYS[4], '*', 'event', 'step.exhausted', 'at', now, 'step', ARGV[1],
     'agent', ARGV[2], 'attempt', tostring(n), 'worker', ARGV[4], 'task_id', ARGV[5])
   return {'exhausted', tostring(n)}
 end
 local out = {'open', tostring(n), now}
-for i = 6, #ARGV do
+for i = 7, #ARGV do
   local id = ARGV[i] .. '-1'
   local e = redis.call('XRANGE', KEYS[1], id, id)
   if #e == 0 then return {'noversion', ARGV[i]} end
@@ -39,5 +70,5 @@ for i = 6, #ARGV do
 end
 redis.call('XADD', KEYS[4], '*', 'event', 'step.started', 'at', now, 'step', ARGV[1],
   'agent', ARGV[2], 'attempt', tostring(n), 'worker', ARGV[4], 'task_id', ARGV[5],
-  'inputs', table.concat(ARGV, ',', 6))
+  'inputs', table.concat(ARGV, ',', 7))
 return out

@@ -16,6 +16,7 @@
 -- ARGV[9] = '1' when the output is degraded, else '0'
 -- ARGV[10] = worker host name
 -- ARGV[11] = the step's latency so far, milliseconds
+-- ARGV[12..] = more field, value pairs for the step's trace entry (token usage)
 -- Returns {'new', version, at_ms}, {'sealed', version} (this step key was sealed
 -- before: the same version, nothing written), {'missing'} or {'aborted', status}.
 local sealed = redis.call('HGET', KEYS[2], ARGV[1])
@@ -33,9 +34,11 @@ redis.call('XADD', KEYS[1], v .. '-1',
 redis.call('HSET', KEYS[2], ARGV[1], v)
 redis.call('HSET', KEYS[3], 'updated_at', now)
 if ARGV[9] == '1' then redis.call('HSET', KEYS[3], 'degraded', '1') end
-redis.call('XADD', KEYS[4], '*', 'event', 'step.sealed', 'at', now, 'step', ARGV[1],
-  'agent', ARGV[2], 'version', v, 'parents', ARGV[6], 'worker', ARGV[10],
-  'latency_ms', ARGV[11], 'degraded', ARGV[9])
+local entry = {'event', 'step.sealed', 'at', now, 'step', ARGV[1], 'agent', ARGV[2],
+  'version', v, 'parents', ARGV[6], 'worker', ARGV[10], 'latency_ms', ARGV[11],
+  'degraded', ARGV[9]}
+for i = 12, #ARGV do entry[#entry + 1] = ARGV[i] end
+redis.call('XADD', KEYS[4], '*', unpack(entry))
 if ARGV[7] == '1' then
   redis.call('HSET', KEYS[3], 'status', 'succeeded', 'output_version', v, 'finished_at', now)
   redis.call('XADD', KEYS[4], '*', 'event', 'run.succeeded', 'at', now, 'version', v)

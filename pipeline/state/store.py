@@ -78,9 +78,10 @@ class Created:
 class Opening:
     """What opening a step found. Exactly one of the outcomes is set."""
 
-    outcome: str  # open | sealed | missing | aborted | exhausted | noversion
+    outcome: str  # open | sealed | missing | aborted | exhausted | noversion | duplicate | unknown
     inputs: tuple[Version, ...] = ()
     sealed_version: int | None = None
+    handover: bool = False  # sealed, and its handover (choreography) may not have happened
     status: str | None = None
     deliveries: int = 0
     opened_at: float = 0.0
@@ -167,15 +168,21 @@ class StateStore:
         max_deliveries: int,
         worker: str = "",
         task_id: str = "",
+        claim: bool = False,
         extra: Sequence[Extra] = (),
     ) -> Opening:
-        """Open a step in one round trip: status, seal check, delivery count, inputs."""
+        """Open a step in one round trip: status, seal check, delivery count, inputs.
+
+        With ``claim`` (an event delivery), the task ``task_id`` claims the
+        delivery: a delivery another task holds or ended is a ``duplicate``.
+        """
         keys = RunKeys(run_id)
         batch = Batch(self.redis)
         batch.script(
             OPEN_STEP,
             keys.all(),
-            [step, agent, max_deliveries, worker, task_id, *(int(v) for v in inputs)],
+            [step, agent, max_deliveries, worker, task_id, task_id if claim else "",
+             *(int(v) for v in inputs)],
         )
         extra_idx = [queue(batch) for queue in extra]
         with translate_errors(self.url):
@@ -195,7 +202,12 @@ class StateStore:
                 extra=extras,
             )
         if outcome == "sealed":
-            return Opening("sealed", sealed_version=int(reply[1]), extra=extras)
+            return Opening("sealed", sealed_version=int(reply[1]), handover=reply[2] == "1",
+                           extra=extras)
+        if outcome == "duplicate":
+            return Opening("duplicate", status=reply[1], extra=extras)
+        if outcome == "unknown":
+            return Opening("unknown", extra=extras)
         if outcome == "aborted":
             return Opening("aborted", status=reply[1], extra=extras)
         if outcome == "exhausted":
@@ -219,10 +231,12 @@ class StateStore:
         latency_ms: float = 0.0,
         extra: Sequence[Extra] = (),
         form: Sealable | None = None,
+        trace: dict[str, str | int] | None = None,
     ) -> Sealing:
         """Append ``payload`` as the run's next version, once per step key.
 
         A step key sealed before returns its version and writes nothing.
+        ``trace`` adds fields to the step's trace entry (token usage).
         Raises ``PayloadTooLarge`` or ``ContractViolation`` (not JSON) before
         anything reaches Redis.
         """
@@ -245,6 +259,7 @@ class StateStore:
                 "1" if degraded else "0",
                 worker,
                 f"{latency_ms:.3f}",
+                *(x for pair in (trace or {}).items() for x in pair),
             ],
         )
         extra_idx = [queue(batch) for queue in extra]

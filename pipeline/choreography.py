@@ -1,0 +1,447 @@
+"""Choreography: agents that react to events instead of being called (DESIGN section 9).
+
+``Choreography("research_report", start="research.requested",
+terminal=["report.completed"], input="research_question@1")`` declares a flow;
+the agents declare what they react to (``on=["research.*"]``) and what they
+publish (``emits="research.completed"``). Adding an agent is subscribing it:
+nothing else changes.
+
+A run's events and deliveries are recorded in Redis, so every flow can be
+explained after the fact. Publishing records the event (id, type, cause,
+version) and one ``dispatched`` delivery per subscriber, then sends one Celery
+task per subscriber on its queue. Delivery is at least once; handling is once
+per (event, subscriber): the delivery is the step key ``<event>:<agent>``, the
+first task to open it claims it, and any other task delivering it is recorded
+``duplicate`` and does nothing. A delivery ends in the same round trip that
+seals its output (``emit.lua``, queued behind ``seal.lua``), which also
+publishes what the agent emits; the run succeeds when a terminal event has
+been published and no delivery is outstanding. A handler that fails for good
+publishes ``<agent>.failed`` and the saga compensates, newest first, what was
+sealed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from celery import Celery
+
+from .agent import Agent, AgentRegistry, agents
+from .contracts import Contract, ContractRegistry, check_handoff, contracts
+from .errors import (
+    ContractMismatch,
+    InputError,
+    PipelineError,
+    RunNotParked,
+    WorkflowDefinitionError,
+)
+from .events import check_event_type, failure_event
+from .keys import RunKeys
+from .lua import Batch, Script
+from .state import StateStore, Version
+from .state.store import Extra, translate_errors
+
+if TYPE_CHECKING:
+    from .client import Pipeline, Run
+
+__all__ = ["Choreography", "Delivery", "Handover", "dispatch", "fail_delivery", "publish"]
+
+log = logging.getLogger(__name__)
+
+EMIT = Script("pipeline.state", "emit.lua")
+START = "start"
+"""The publisher key of a run's starting event."""
+CLIENT = "client"
+
+
+@dataclass(frozen=True, slots=True)
+class Handover:
+    """What ``emit.lua`` answered: an event to dispatch, or how the run stands."""
+
+    outcome: str  # published | again | succeeded | stalled | done | missing | unsealed
+    event: str = ""
+    version: int = -1
+    subscribers: tuple[str, ...] = ()
+    event_type: str = ""
+
+    @classmethod
+    def from_reply(cls, reply: Sequence[Any]) -> Handover:
+        if reply[0] in ("published", "again"):
+            return cls(reply[0], str(reply[1]), int(reply[3]), tuple(reply[4:]), str(reply[2]))
+        if reply[0] == "succeeded":
+            return cls("succeeded", version=int(reply[1]))
+        return cls(str(reply[0]))
+
+
+class Choreography:
+    """A named event flow: where it starts, which events end it. Checked by :meth:`check`."""
+
+    kind = "choreography"
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        start: str,
+        terminal: Sequence[str],
+        input: str,
+        description: str = "",
+        agent_registry: AgentRegistry = agents,
+        contract_registry: ContractRegistry = contracts,
+        register: bool = True,
+    ) -> None:
+        if not name:
+            raise WorkflowDefinitionError("a choreography needs a name")
+        if isinstance(terminal, str):
+            terminal = (terminal,)
+        if not terminal:
+            raise WorkflowDefinitionError(f"choreography {name}: no terminal event type")
+        try:
+            check_event_type(start, f"choreography {name}: start")
+            for t in terminal:
+                check_event_type(t, f"choreography {name}: terminal")
+        except ValueError as e:
+            raise WorkflowDefinitionError(str(e)) from None
+        self.name = name
+        self.start_event = start
+        self.terminal = tuple(terminal)
+        self.input = input
+        self.description = description
+        self._agents = agent_registry
+        self._contracts = contract_registry
+        contract_registry.get(input)  # UnknownContract now, not at the first run
+        if register:
+            from .workflow import workflows
+
+            workflows.register(self)
+
+    # -- routing ----------------------------------------------------------------
+
+    def subscribers(self, event_type: str) -> list[Agent]:
+        """The registered agents whose ``on`` matches ``event_type``, by name."""
+        return [a for a in self._agents if a.subscribes_to(event_type)]
+
+    def edges(self) -> Iterator[tuple[str, Agent]]:
+        """(event type, subscriber) for every event the flow can publish, from the start."""
+        seen_events: set[str] = set()
+        todo = [self.start_event]
+        while todo:
+            event = todo.pop(0)
+            if event in seen_events:
+                continue
+            seen_events.add(event)
+            for a in self.subscribers(event):
+                yield event, a
+                if a.emits is not None:
+                    todo.append(a.emits)
+
+    def check(self) -> None:
+        """Refuse a flow that cannot work: no subscriber for the start, a handoff whose
+        contracts do not line up, a cycle, or a terminal event nothing publishes."""
+        edges = list(self.edges())
+        if not any(event == self.start_event for event, _ in edges):
+            raise WorkflowDefinitionError(
+                f"choreography {self.name}: no agent subscribes to its start event "
+                f"{self.start_event!r}; give one `on=[{self.start_event!r}]`"
+            )
+        producers: dict[str, list[Agent]] = {}
+        for _, a in edges:
+            if a.emits is not None:
+                producers.setdefault(a.emits, []).append(a)
+        for event, a in edges:
+            consumer = self._contracts.get(a.input)
+            sources = ([(CLIENT, self._contracts.get(self.input))] if event == self.start_event
+                       else [(p.name, self._contracts.get(p.output)) for p in producers[event]])
+            for publisher, produced in sources:
+                check_handoff(produced, consumer,
+                              f"choreography {self.name}, event {event} from {publisher} to "
+                              f"{a.name}")
+        self._check_acyclic(edges)
+        published = set(producers)
+        if not published & set(self.terminal):
+            raise WorkflowDefinitionError(
+                f"choreography {self.name}: no agent reachable from {self.start_event!r} "
+                f"publishes a terminal event ({', '.join(self.terminal)}); the run could "
+                "never end"
+            )
+        outputs = {p.output for t in self.terminal for p in producers.get(t, [])}
+        if len(outputs) > 1:
+            raise ContractMismatch(
+                f"choreography {self.name}: its terminal events carry different contracts "
+                f"({', '.join(sorted(outputs))}); a run's output has one contract"
+            )
+
+    def _check_acyclic(self, edges: list[tuple[str, Agent]]) -> None:
+        following: dict[str, list[str]] = {}
+        for event, a in edges:
+            if a.emits is not None:
+                following.setdefault(event, []).append(a.emits)
+
+        def visit(event: str, path: list[str]) -> None:
+            if event in path:
+                loop = " -> ".join(path[path.index(event):] + [event])
+                raise WorkflowDefinitionError(
+                    f"choreography {self.name}: events loop ({loop}); every run would "
+                    "publish forever"
+                )
+            for nxt in following.get(event, []):
+                visit(nxt, path + [event])
+
+        visit(self.start_event, [])
+
+    # -- facts (what the client, the saga and the CLI ask of any flow) -----------------
+
+    @property
+    def input_contract(self) -> Contract:
+        return self._contracts.get(self.input)
+
+    @property
+    def output_contract(self) -> Contract:
+        for t in self.terminal:
+            for _, a in self.edges():
+                if a.emits == t:
+                    return self._contracts.get(a.output)
+        raise WorkflowDefinitionError(f"choreography {self.name}: nothing publishes "
+                                      f"{', '.join(self.terminal)}")
+
+    @property
+    def entry_agent(self) -> str:
+        """Who the run's input is for (named in a refused input's error)."""
+        return ",".join(a.name for a in self.subscribers(self.start_event)) or self.name
+
+    def contract_of(self, ref: str) -> Contract:
+        return self._contracts.get(ref)
+
+    def agents(self) -> list[Agent]:
+        found: dict[str, Agent] = {}
+        for _, a in self.edges():
+            found.setdefault(a.name, a)
+        return list(found.values())
+
+    def shape(self) -> str:
+        """``research.requested -> research; research.completed -> analysis, audit; ...``."""
+        by_event: dict[str, list[str]] = {}
+        for event, a in self.edges():
+            by_event.setdefault(event, []).append(a.name)
+        routes = "; ".join(f"{e} -> {', '.join(names)}" for e, names in by_event.items())
+        return f"{routes}; ends at {' | '.join(self.terminal)}"
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "workflow": self.name,
+            "kind": self.kind,
+            "shape": self.shape(),
+            "start": self.start_event,
+            "terminal": list(self.terminal),
+            "subscriptions": [{"agent": a.name, "on": list(a.on), "emits": a.emits}
+                              for a in self.agents()],
+            "input_contract": self.input_contract.ref,
+            "output_contract": self.output_contract.ref,
+            "description": self.description,
+        }
+
+    def compensation_stages(self, sealed: dict[str, Version], broken: set[str]) -> list[list[str]]:
+        """Newest first, one step a stage: the reverse of the order they were sealed.
+        Steps whose output broke its contract (never sealed) come first."""
+        from .saga import newest_first  # the saga imports the app, which imports this
+
+        return newest_first(sealed, broken)
+
+    # -- running ------------------------------------------------------------------
+
+    def enqueue(self, app: Celery, store: StateStore, run_id: str) -> None:
+        """Publish the run's starting event (once) and dispatch its deliveries."""
+        subs = [a.name for a in self.subscribers(self.start_event)]
+        handover = publish(store, run_id, source=START, event_type=self.start_event,
+                           publisher=CLIENT, version=0, subscribers=subs,
+                           terminal=self.terminal)
+        if handover.outcome in ("published", "again"):
+            dispatch(app, run_id, handover)
+
+    def resume(self, pipeline: Pipeline, run_id: str, output: Any = None,
+               step: str | None = None) -> Run:
+        """Hand a parked delivery out again, or seal ``output`` for it and publish."""
+        from .client import Run
+
+        store = pipeline.store
+        parked = list(store.run_info(run_id).parked_steps)
+        targets = parked if step is None else [k for k in parked if k == step]
+        if output is not None and len(targets) != 1:
+            raise InputError(f"run {run_id}: name the one parked delivery the output is for "
+                             f"(parked: {', '.join(parked) or 'none'})")
+        if not targets:
+            raise InputError(f"delivery {step!r} of run {run_id} is not parked "
+                             f"(parked: {', '.join(parked)})")
+        store.resume(run_id, how="output" if output is not None else "rerun")
+        for key in targets:
+            event_id, name = key.split(":", 1)
+            a = self._agents.get(name)
+            event = event_record(store, run_id, event_id)
+            if output is None:
+                dispatch(pipeline.app, run_id,
+                         Handover("again", event_id, int(event["version"]), (name,),
+                                  str(event["type"])))
+                continue
+            self._contracts.get(a.output).validate(output, side="output", agent=name,
+                                                   run_id=run_id)
+            delivery = Delivery(a, run_id=run_id, step=key, event=event_id)
+            sealing = store.seal(run_id, step=key, agent=name, contract=a.output,
+                                 payload=output, parents=[int(event["version"])],
+                                 worker="person", extra=[delivery.seal_extra(store, "person")])
+            if sealing.outcome not in ("new", "sealed"):
+                raise RunNotParked(f"run {run_id} is {sealing.status or 'gone'}; the output "
+                                   "was not sealed")
+            delivery.hand_over(pipeline.app, store, sealing.extra[-1])
+        return Run(pipeline, run_id)
+
+    def __repr__(self) -> str:
+        return f"Choreography({self.name!r}, {self.start_event} -> {'|'.join(self.terminal)})"
+
+
+def choreography_of(name: str) -> Choreography | None:
+    from .workflow import workflows
+
+    try:
+        flow = workflows.get(name)
+    except PipelineError:
+        return None
+    return flow if isinstance(flow, Choreography) else None
+
+
+class Delivery:
+    """One event delivery's dealings with the ledger, inside a step (the runner's helper)."""
+
+    def __init__(self, agent: Agent, *, run_id: str, step: str, event: str) -> None:
+        self.agent = agent
+        self.run_id = run_id
+        self.step = step
+        self.event = event
+
+    def seal_extra(self, store: StateStore, task_id: str) -> Extra:
+        """Queue ``emit.lua`` behind the seal: end this delivery and publish what it emits."""
+        a = self.agent
+        subs = [s.name for s in agents if s.subscribes_to(a.emits)] if a.emits else []
+
+        def emit(batch: Batch) -> int:
+            return batch.script(EMIT, RunKeys(self.run_id).all(), _emit_args(
+                delivery=self.step, outcome="handled", task_id=task_id, source=self.step,
+                event_type=a.emits or "", publisher=a.name, cause=self.event, version="",
+                terminal=(), failure=False, retention_s=store.retention_s,
+                subscribers=subs))
+
+        return emit
+
+    def hand_over(self, app: Celery, store: StateStore, reply: Any) -> Handover:
+        """Dispatch what the delivery published; begin the saga if the flow stalled."""
+        if isinstance(reply, Exception):
+            raise reply
+        handover = Handover.from_reply(reply)
+        if handover.outcome in ("published", "again"):
+            dispatch(app, self.run_id, handover)
+        elif handover.outcome == "stalled":
+            _stalled(app, store, self.run_id)
+        return handover
+
+    def hand_over_again(self, app: Celery, store: StateStore, task_id: str) -> None:
+        """A redelivered handler whose step is sealed: finish its handover (idempotent)."""
+        batch = Batch(store.redis)
+        index = self.seal_extra(store, task_id)(batch)
+        with translate_errors(store.url):
+            reply = batch.execute()[index]
+        self.hand_over(app, store, reply)
+
+    def release(self, store: StateStore, task_id: str) -> None:
+        """Give up this task's claim (the run parked): a resume hands the delivery out again."""
+        with translate_errors(store.url):
+            key = RunKeys(self.run_id).ledger
+            if store.redis.hget(key, self.step) == f"running:{task_id}":
+                store.redis.hset(key, self.step, "dispatched")
+
+
+def _emit_args(*, delivery: str, outcome: str, task_id: str, source: str, event_type: str,
+               publisher: str, cause: str, version: str, terminal: Sequence[str], failure: bool,
+               retention_s: int, subscribers: Sequence[str]) -> list[str | int]:
+    return [delivery, outcome, task_id, source, event_type, publisher, cause, version,
+            ",".join(terminal), "1" if failure else "0", retention_s, *subscribers]
+
+
+def publish(store: StateStore, run_id: str, *, source: str, event_type: str, publisher: str,
+            version: int, subscribers: Sequence[str], terminal: Sequence[str] = ()) -> Handover:
+    """Record an event outside any delivery (a run's start), once per ``source``;
+    ``terminal`` (with the start) names the event types that end the run."""
+    with translate_errors(store.url):
+        reply = EMIT(store.redis, RunKeys(run_id).all(), _emit_args(
+            delivery="", outcome="", task_id="", source=source, event_type=event_type,
+            publisher=publisher, cause="", version=str(version), terminal=terminal,
+            failure=False, retention_s=store.retention_s, subscribers=subscribers))
+    return Handover.from_reply(reply)
+
+
+def dispatch(app: Celery, run_id: str, handover: Handover) -> None:
+    """Send one task per subscriber, on its queue, carrying the event id and its version."""
+    from .workflow import ERRBACK_TASK
+
+    for name in handover.subscribers:
+        a = agents.get(name)
+        sig = app.signature(
+            a.task_name, args=(handover.version,),
+            kwargs={"run_id": run_id, "step": f"{handover.event}:{name}",
+                    "event": handover.event, "event_type": handover.event_type},
+            queue=a.queue, ignore_result=True,
+        )
+        sig.link_error(app.signature(ERRBACK_TASK))
+        sig.apply_async()
+
+
+def fail_delivery(store: StateStore, run_id: str, step: str, agent: str, task_id: str) -> str:
+    """Record a delivery that failed for good and publish ``<agent>.failed``; its event id."""
+    cause = step.split(":", 1)[0]
+    with translate_errors(store.url):
+        reply = EMIT(store.redis, RunKeys(run_id).all(), _emit_args(
+            delivery=step, outcome="failed", task_id=task_id, source=step,
+            event_type=failure_event(agent), publisher=agent, cause=cause, version="",
+            terminal=(), failure=True, retention_s=store.retention_s, subscribers=()))
+    handover = Handover.from_reply(reply)
+    return handover.event
+
+
+def _stalled(app: Celery, store: StateStore, run_id: str) -> None:
+    from . import saga
+
+    flow = choreography_of(store.run_info(run_id).workflow)
+    ends = " | ".join(flow.terminal) if flow else "its terminal event"
+    unrouted = [f"{e['type']} ({e['event_id']})" for e in store.log(run_id)
+                if e.get("event") == "event.unrouted"]
+    reason = (f"choreography stalled: no delivery is outstanding and no terminal event "
+              f"({ends}) was published"
+              + (f"; unrouted: {', '.join(unrouted)}" if unrouted else ""))
+    saga.start(app, store, run_id, reason=reason)
+
+
+def event_record(store: StateStore, run_id: str, event_id: str) -> dict[str, Any]:
+    with translate_errors(store.url):
+        raw = store.redis.hget(RunKeys(run_id).events, event_id)
+    if raw is None:
+        raise InputError(f"run {run_id} has no event {event_id!r}")
+    event: dict[str, Any] = json.loads(raw)
+    return event
+
+
+def redeliver(app: Celery, store: StateStore, run_id: str, event_id: str) -> list[str]:
+    """Send an event's deliveries again, to every subscriber (an operator's at-least-once).
+
+    Handling stays once per (event, subscriber): a delivery handled before is
+    recorded ``duplicate`` and does nothing.
+    """
+    event = event_record(store, run_id, event_id)
+    subs = tuple(str(s) for s in event.get("subscribers", []))
+    if event.get("failure"):
+        raise InputError(f"event {event_id} of run {run_id} is a failure event, handled by "
+                         "the saga: there is nothing to redeliver")
+    dispatch(app, run_id, Handover("again", event_id, int(event["version"]), subs,
+                                   str(event["type"])))
+    return list(subs)
