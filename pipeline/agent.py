@@ -92,7 +92,11 @@ class Agent:
         emits: str | None = None,
         description: str = "",
     ) -> None:
-        from .events import check_event_type, check_pattern  # events imports nothing of ours
+        from .events import (  # events imports nothing of ours
+            check_event_type,
+            check_not_failure,
+            check_pattern,
+        )
 
         if not name or not name.replace("_", "").isalnum():
             raise ValueError(f"agent name {name!r} must be letters, digits and underscores")
@@ -100,8 +104,10 @@ class Agent:
             on = (on,)
         for pattern in on:
             check_pattern(pattern, f"agent {name}: on")
+            check_not_failure(pattern, f"agent {name}: on")
         if emits is not None:
             check_event_type(emits, f"agent {name}: emits")
+            check_not_failure(emits, f"agent {name}: emits")
         if time_limit_s <= 0:
             raise ValueError(f"agent {name}: time_limit_s must be positive")
         self.name = name

@@ -240,10 +240,9 @@ def record_failure(
             BreakerRegistry(store.redis, url=store.url).record(
                 agent, agents.get(agent).breaker, "failure", lease, f"{exc_type}: {error}")
     reason = f"{exc_type}: {error}"
-    if event:
-        task_id = lease.rsplit(":", 1)[0]
-        failed = choreography.fail_delivery(store, run_id, step, agent, task_id)
-        reason = f"{failure_event(agent)} ({failed or 'recorded before'}): {reason}"
+    if event:  # the failure event begins the saga; start() enqueues its planner
+        choreography.fail_delivery(store, run_id, step, agent, lease.rsplit(":", 1)[0], reason)
+        reason = f"{failure_event(agent)}: {reason}"
     saga.start(app, store, run_id, reason=reason[:2000], agent=agent)
 
 

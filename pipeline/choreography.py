@@ -28,11 +28,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from celery import Celery
+from celery import Celery, Task
 
 from .agent import Agent, AgentRegistry, agents
 from .contracts import Contract, ContractRegistry, check_handoff, contracts
 from .errors import (
+    BrokerUnavailable,
     ContractMismatch,
     InputError,
     PipelineError,
@@ -56,13 +57,15 @@ EMIT = Script("pipeline.state", "emit.lua")
 START = "start"
 """The publisher key of a run's starting event."""
 CLIENT = "client"
+HANDOVER_RETRIES = 8
+HANDOVER_BACKOFF_MAX_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
 class Handover:
     """What ``emit.lua`` answered: an event to dispatch, or how the run stands."""
 
-    outcome: str  # published | again | succeeded | stalled | done | missing | unsealed
+    outcome: str  # published | again | succeeded | compensating | done | missing | unsealed
     event: str = ""
     version: int = -1
     subscribers: tuple[str, ...] = ()
@@ -74,6 +77,8 @@ class Handover:
             return cls(reply[0], str(reply[1]), int(reply[3]), tuple(reply[4:]), str(reply[2]))
         if reply[0] == "succeeded":
             return cls("succeeded", version=int(reply[1]))
+        if reply[0] == "compensating":  # the call began the saga: reason in event_type
+            return cls("compensating", event_type=str(reply[1]))
         return cls(str(reply[0]))
 
 
@@ -259,44 +264,64 @@ class Choreography:
         handover = publish(store, run_id, source=START, event_type=self.start_event,
                            publisher=CLIENT, version=0, subscribers=subs,
                            terminal=self.terminal)
-        if handover.outcome in ("published", "again"):
-            dispatch(app, run_id, handover)
+        follow_up(app, store, run_id, handover)
 
     def resume(self, pipeline: Pipeline, run_id: str, output: Any = None,
                step: str | None = None) -> Run:
-        """Hand a parked delivery out again, or seal ``output`` for it and publish."""
+        """Continue a run whose deliveries parked: seal ``output`` for one of them (named by
+        ``step`` when several parked) and publish what its agent emits; every other parked
+        delivery (all of them, without ``output``) is handed out again."""
         from .client import Run
 
         store = pipeline.store
         parked = list(store.run_info(run_id).parked_steps)
-        targets = parked if step is None else [k for k in parked if k == step]
-        if output is not None and len(targets) != 1:
-            raise InputError(f"run {run_id}: name the one parked delivery the output is for "
-                             f"(parked: {', '.join(parked) or 'none'})")
-        if not targets:
+        if step is not None and step not in parked:
             raise InputError(f"delivery {step!r} of run {run_id} is not parked "
-                             f"(parked: {', '.join(parked)})")
+                             f"(parked: {', '.join(parked) or 'none'})")
+        target = None
+        if output is not None:
+            if step is None and len(parked) != 1:
+                raise InputError(f"run {run_id} has several parked deliveries "
+                                 f"({', '.join(parked)}): name the one the output is for")
+            target = step or parked[0]
+            self._contracts.get(self._agents.get(target.split(":", 1)[1]).output).validate(
+                output, side="output", agent=target.split(":", 1)[1], run_id=run_id)
         store.resume(run_id, how="output" if output is not None else "rerun")
-        for key in targets:
-            event_id, name = key.split(":", 1)
-            a = self._agents.get(name)
-            event = event_record(store, run_id, event_id)
-            if output is None:
-                dispatch(pipeline.app, run_id,
-                         Handover("again", event_id, int(event["version"]), (name,),
-                                  str(event["type"])))
-                continue
-            self._contracts.get(a.output).validate(output, side="output", agent=name,
-                                                   run_id=run_id)
-            delivery = Delivery(a, run_id=run_id, step=key, event=event_id)
-            sealing = store.seal(run_id, step=key, agent=name, contract=a.output,
-                                 payload=output, parents=[int(event["version"])],
-                                 worker="person", extra=[delivery.seal_extra(store, "person")])
-            if sealing.outcome not in ("new", "sealed"):
-                raise RunNotParked(f"run {run_id} is {sealing.status or 'gone'}; the output "
-                                   "was not sealed")
-            delivery.hand_over(pipeline.app, store, sealing.extra[-1])
+        try:
+            for key in parked:
+                event_id, name = key.split(":", 1)
+                event = event_record(store, run_id, event_id)
+                if key == target:
+                    self._seal_for(pipeline, run_id, key, output, int(event["version"]))
+                else:
+                    dispatch(pipeline.app, run_id, Handover(
+                        "again", event_id, int(event["version"]), (name,), str(event["type"])))
+        except RunNotParked:
+            raise
+        except Exception as e:
+            # Park them again, so that `resume` can be tried once more: a delivery sealed
+            # meanwhile is a duplicate when it is handed out again.
+            for key in parked:
+                store.park(run_id, step=key, agent=key.split(":", 1)[1],
+                           reason=f"resume failed: {type(e).__name__}: {e}")
+            raise BrokerUnavailable(f"cannot hand out the parked deliveries of run {run_id}: "
+                                    f"{type(e).__name__}: {e}; the run is parked again") from e
         return Run(pipeline, run_id)
+
+    def _seal_for(self, pipeline: Pipeline, run_id: str, key: str, output: Any,
+                  version: int) -> None:
+        """Seal a person's output for a parked delivery and publish what its agent emits."""
+        store = pipeline.store
+        event_id, name = key.split(":", 1)
+        a = self._agents.get(name)
+        delivery = Delivery(a, run_id=run_id, step=key, event=event_id)
+        sealing = store.seal(run_id, step=key, agent=name, contract=a.output, payload=output,
+                             parents=[version], worker="person",
+                             extra=[delivery.seal_extra(store, "person")])
+        if sealing.outcome not in ("new", "sealed"):
+            raise RunNotParked(f"run {run_id} is {sealing.status or 'gone'}; the output was "
+                               "not sealed")
+        delivery.hand_over(pipeline.app, store, sealing.extra[-1])
 
     def __repr__(self) -> str:
         return f"Choreography({self.name!r}, {self.start_event} -> {'|'.join(self.terminal)})"
@@ -336,23 +361,35 @@ class Delivery:
         return emit
 
     def hand_over(self, app: Celery, store: StateStore, reply: Any) -> Handover:
-        """Dispatch what the delivery published; begin the saga if the flow stalled."""
+        """Dispatch what the delivery published; enqueue the saga's planner if it stalled."""
         if isinstance(reply, Exception):
             raise reply
         handover = Handover.from_reply(reply)
-        if handover.outcome in ("published", "again"):
-            dispatch(app, self.run_id, handover)
-        elif handover.outcome == "stalled":
-            _stalled(app, store, self.run_id)
+        follow_up(app, store, self.run_id, handover)
         return handover
 
-    def hand_over_again(self, app: Celery, store: StateStore, task_id: str) -> None:
+    def hand_over_or_retry(self, task: Task, store: StateStore, reply: Any) -> None:
+        """Hand over; if sending fails (the broker, Redis), retry the task: the retry opens
+        the step as sealed by this task and sends what nobody has picked up. A delivery
+        that was handled is never failed, and so never compensated, for a broker blip."""
+        try:
+            self.hand_over(task.app, store, reply)
+        except Exception as e:
+            retries = int(task.request.retries or 0)
+            if retries >= HANDOVER_RETRIES:
+                raise
+            log.warning("run %s: %s sealed, handing over failed (%s); retrying", self.run_id,
+                        self.step, e)
+            raise task.retry(exc=e, countdown=float(min(2**retries, HANDOVER_BACKOFF_MAX_S)),
+                             max_retries=HANDOVER_RETRIES) from e
+
+    def hand_over_again(self, task: Task, store: StateStore, task_id: str) -> None:
         """A redelivered handler whose step is sealed: finish its handover (idempotent)."""
         batch = Batch(store.redis)
         index = self.seal_extra(store, task_id)(batch)
         with translate_errors(store.url):
             reply = batch.execute()[index]
-        self.hand_over(app, store, reply)
+        self.hand_over_or_retry(task, store, reply)
 
     def release(self, store: StateStore, task_id: str) -> None:
         """Give up this task's claim (the run parked): a resume hands the delivery out again."""
@@ -381,6 +418,16 @@ def publish(store: StateStore, run_id: str, *, source: str, event_type: str, pub
     return Handover.from_reply(reply)
 
 
+def follow_up(app: Celery, store: StateStore, run_id: str, handover: Handover) -> None:
+    """Send what a publication owes: its deliveries, or the planner of the saga it began."""
+    if handover.outcome in ("published", "again"):
+        dispatch(app, run_id, handover)
+    elif handover.outcome == "compensating":
+        from . import saga  # the saga imports the app, which imports this
+
+        saga.start(app, store, run_id, reason=handover.event_type)
+
+
 def dispatch(app: Celery, run_id: str, handover: Handover) -> None:
     """Send one task per subscriber, on its queue, carrying the event id and its version."""
     from .workflow import ERRBACK_TASK
@@ -397,29 +444,18 @@ def dispatch(app: Celery, run_id: str, handover: Handover) -> None:
         sig.apply_async()
 
 
-def fail_delivery(store: StateStore, run_id: str, step: str, agent: str, task_id: str) -> str:
-    """Record a delivery that failed for good and publish ``<agent>.failed``; its event id."""
+def fail_delivery(store: StateStore, run_id: str, step: str, agent: str, task_id: str,
+                  reason: str) -> Handover:
+    """Record a delivery that failed for good, publish ``<agent>.failed`` and begin the
+    saga, in one script (no sibling can end the run in between)."""
     cause = step.split(":", 1)[0]
     with translate_errors(store.url):
         reply = EMIT(store.redis, RunKeys(run_id).all(), _emit_args(
-            delivery=step, outcome="failed", task_id=task_id, source=step,
+            delivery=step, outcome="failed", task_id=task_id, source=f"{step}#failed",
             event_type=failure_event(agent), publisher=agent, cause=cause, version="",
-            terminal=(), failure=True, retention_s=store.retention_s, subscribers=()))
-    handover = Handover.from_reply(reply)
-    return handover.event
-
-
-def _stalled(app: Celery, store: StateStore, run_id: str) -> None:
-    from . import saga
-
-    flow = choreography_of(store.run_info(run_id).workflow)
-    ends = " | ".join(flow.terminal) if flow else "its terminal event"
-    unrouted = [f"{e['type']} ({e['event_id']})" for e in store.log(run_id)
-                if e.get("event") == "event.unrouted"]
-    reason = (f"choreography stalled: no delivery is outstanding and no terminal event "
-              f"({ends}) was published"
-              + (f"; unrouted: {', '.join(unrouted)}" if unrouted else ""))
-    saga.start(app, store, run_id, reason=reason)
+            terminal=(), failure=True, retention_s=store.retention_s,
+            subscribers=(reason[:2000],)))
+    return Handover.from_reply(reply)
 
 
 def event_record(store: StateStore, run_id: str, event_id: str) -> dict[str, Any]:

@@ -13,11 +13,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from .errors import InputError, PipelineError, WaitTimeout
+
+if TYPE_CHECKING:
+    from .ledger import EventView
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -192,9 +195,18 @@ def events(run_id: str, as_json: bool) -> None:
     if not views:
         click.echo("no events: this run is not a choreography")
         return
-    start = views[0].at
-    rows = [("event", "type", "cause", "by", "version", "+ms", "delivery", "state", "attempts",
-             "latency", "detail")]
+    click.echo(format_events(views))
+    for v in views:
+        if v.unrouted:
+            click.echo(f"warning: {v.event_id} {v.type} from {v.publisher} is unrouted: no "
+                       "agent subscribes to it", err=True)
+
+
+def format_events(views: Sequence[EventView]) -> str:
+    """The ledger as a table: one row per delivery, under the event it delivers."""
+    start = views[0].at if views else 0
+    rows: list[tuple[str, ...]] = [("event", "type", "cause", "by", "version", "+ms", "delivery",
+                                    "state", "attempts", "latency", "detail")]
     for v in views:
         head = (v.event_id, v.type + (" (terminal)" if v.terminal else "")
                 + (" (failure)" if v.failure else ""), v.cause or "-", v.publisher,
@@ -206,11 +218,7 @@ def events(run_id: str, as_json: bool) -> None:
             rows.append((head if i == 0 else ("",) * 6) + (
                 d.agent, d.state, str(d.attempts or ""),
                 "" if d.latency_ms is None else f"{d.latency_ms:.0f} ms", detail))
-    click.echo(table(rows))
-    for v in views:
-        if v.unrouted:
-            click.echo(f"warning: {v.event_id} {v.type} from {v.publisher} is unrouted: no "
-                       "agent subscribes to it", err=True)
+    return table(rows)
 
 
 @main.command()

@@ -20,8 +20,9 @@ from typing import Any
 
 import click
 
+from .agent import agents
 from .app import import_agent_modules
-from .cli import format_history, read_json_input, table
+from .cli import format_events, format_history, read_json_input, table
 from .client import Pipeline, Run
 from .embedded import EmbeddedRedis, answers
 from .errors import ConfigurationError, PipelineError, StoreUnavailable
@@ -93,6 +94,8 @@ def run_demo(*, source: str | None, concurrency: int, timeout_s: float) -> None:
                        f"({len(runs) / elapsed:.1f} runs/s)")
             _show_lineage(runs)
             _show_refusal(p, workflow, spec.get("rejected"))
+            if spec.get("choreography"):
+                _show_choreography(p, spec["choreography"], timeout_s)
         if spec.get("chaos"):
             chaos = spec["chaos"]
             click.echo(f"\nthe same batch again with PIPELINE_CHAOS={chaos!r} "
@@ -169,6 +172,37 @@ def _show_compensation(runs: list[Run]) -> None:
     for e in entries[start:]:
         what = e.get("step") or e.get("reason", "")
         click.echo(f"  +{int(e['at']) - t0:>4} ms  {e['event']:<22} {what}"[:110])
+
+
+def _show_choreography(p: Pipeline, spec: dict[str, Any], timeout_s: float) -> None:
+    """Run the event-driven flow on each sample: its ledger, and why an agent did not react."""
+    from .ledger import events, explain
+
+    flow = p.workflow(spec["workflow"])
+    _reset_breakers(p, flow)
+    click.echo(f"\nchoreography {flow.name}: {flow.shape()}")
+    for source in spec["inputs"]:
+        payload = read_json_input(source)
+        run = p.start(flow, payload)
+        result = run.wait(timeout_s)
+        info = run.info()
+        took = ((info.finished_at or info.updated_at) - info.created_at) * 1000
+        click.echo(f"\n{json.dumps(payload)}: {result.status.value} in {took:.0f} ms "
+                   f"(run {run.run_id})")
+        click.echo(format_events(events(p.store, run.run_id)))
+        if result.output:
+            click.echo(str(result.output.get("body", "")))
+        tokens = [e for e in p.store.log(run.run_id) if e["event"] == "step.sealed"]
+        used = sum(int(e.get("prompt_tokens", 0)) + int(e.get("completion_tokens", 0))
+                   for e in tokens)
+        click.echo(f"token usage reported by the agents: {used}")
+        if result.error:
+            agent = info.failed_agent or spec["explain"]
+            why = explain(p.store, run.run_id, agent, agents.get(agent))
+            click.echo(f"pipeline explain {run.run_id} {agent}:\n  {why.summary}")
+            undone = [e["step"] for e in p.store.log(run.run_id)
+                      if e["event"] == "compensation.done"]
+            click.echo(f"compensated, newest first: {', '.join(undone) or 'nothing'}")
 
 
 def _show_refusal(p: Pipeline, workflow: Flow, rejected: str | None) -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["check_event_type", "check_pattern", "failure_event", "matches"]
+__all__ = ["check_event_type", "check_not_failure", "check_pattern", "failure_event",
+           "matches"]
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9_-]+$")
 MAX_EVENT_TYPE_LEN = 200
@@ -38,12 +39,23 @@ def check_pattern(pattern: str, where: str) -> None:
     _check(pattern, where, wildcards=True)
 
 
+def check_not_failure(event_type: str, where: str) -> None:
+    """``<x>.failed`` is reserved for failure events, which go to the saga, never to agents."""
+    if event_type.rsplit(".", 1)[-1] == FAILED:
+        raise ValueError(f"{where}: {event_type!r} ends in '.{FAILED}', which is reserved: a "
+                         "handler that fails publishes <agent>.failed and the saga, not an "
+                         "agent, handles it")
+
+
 def matches(pattern: str, event_type: str) -> bool:
     """Whether ``pattern`` matches ``event_type``: ``*`` is one whole segment."""
     want, have = pattern.split("."), event_type.split(".")
     return len(want) == len(have) and all(w in ("*", h) for w, h in zip(want, have, strict=True))
 
 
+FAILED = "failed"
+
+
 def failure_event(agent: str) -> str:
     """The event a handler that failed for good publishes: ``<agent>.failed``."""
-    return f"{agent}.failed"
+    return f"{agent}.{FAILED}"

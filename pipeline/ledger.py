@@ -155,6 +155,7 @@ class Explanation:
 def explain(store: StateStore, run_id: str, name: str, known: Agent | None) -> Explanation:
     """Which of ``name``'s subscriptions matched which events, and each delivery's fate."""
     views = events(store, run_id)
+    status = store.run_info(run_id).status.value
     routed_to = {v.event_id for v in views if name in v.subscribers}
     if known is None and not routed_to:
         raise UnknownAgent(f"agent {name!r} is not registered here and no event of run "
@@ -171,7 +172,7 @@ def explain(store: StateStore, run_id: str, name: str, known: Agent | None) -> E
         deliveries = [d for d in v.deliveries if d.agent == name]
         rows.append({"event_id": v.event_id, "type": v.type, "matched": matched,
                      "routed": routed, "deliveries": [asdict(d) for d in deliveries],
-                     "why": _why(v, matched, routed, deliveries, views)})
+                     "why": _why(v, matched, routed, deliveries, views, status)})
     handled = [r for r in rows if any(d["state"] == "handled" for d in r["deliveries"])]
     relevant = [r for r in rows if r["matched"] or r["routed"]]
     if handled:
@@ -192,11 +193,8 @@ def explain(store: StateStore, run_id: str, name: str, known: Agent | None) -> E
 
 
 def _why(event: EventView, matched: str | None, routed: bool,
-         deliveries: Sequence[DeliveryView], views: Sequence[EventView]) -> str:
+         deliveries: Sequence[DeliveryView], views: Sequence[EventView], status: str) -> str:
     if matched and not routed:
-        if event.failure:
-            return (f"matches {matched!r}, but failure events go to the saga, not to "
-                    "subscribers")
         return (f"matches {matched!r}, but {event.publisher} did not route it here "
                 f"(routed to: {', '.join(event.subscribers) or 'nobody'}): the publishing "
                 "worker did not have this subscription when it published")
@@ -216,12 +214,14 @@ def _why(event: EventView, matched: str | None, routed: bool,
                  if first.contract else "")
         failure = next((v for v in views if v.failure and v.cause == event.event_id
                         and v.publisher == first.agent), None)
-        published = (f"; it published {failure.event_id} {failure.type} and the run was "
-                     "compensated" if failure else "")
+        published = (f"; it published {failure.event_id} {failure.type} and the run is "
+                     f"{status}" if failure else "")
         return f"{how}: failed after {first.attempts} attempt(s): {where}{first.error}" \
                f"{published}{tail}"
+    ended = status not in ("running", "waiting_for_human")
     return {
-        "dispatched": f"{how}: dispatched, not picked up yet (is a worker serving its queue?)",
+        "dispatched": f"{how}: dispatched, never picked up before the run ended ({status})"
+        if ended else f"{how}: dispatched, not picked up yet (is a worker serving its queue?)",
         "running": f"{how}: running on {first.worker or 'a worker'} ({first.attempts} "
                    "attempt(s) so far)",
         "discarded": f"{how}: it finished after the run had stopped; nothing was sealed and "

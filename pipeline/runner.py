@@ -126,7 +126,7 @@ def run_step(
         if opening.outcome == "sealed":
             assert opening.sealed_version is not None
             if delivery is not None and opening.handover:
-                delivery.hand_over_again(task.app, store, task_id)
+                delivery.hand_over_again(task, store, task_id)
             return opening.sealed_version
         if opening.outcome == "duplicate":  # recorded by the open script
             raise Ignore()
@@ -208,8 +208,9 @@ def run_step(
         _fail(agent, run_id, step, exc, store, attempt=attempt, gate=gate)
         raise exc from None
     except StoreUnavailable as e:
-        # Redis went away mid-step: nothing was sealed (a seal is one atomic
-        # script), so running the step again later is safe.
+        # Redis went away mid-step. A seal is one atomic script: either nothing
+        # was sealed, or the step was and its reply was lost; running the step
+        # again opens it as sealed (and a delivery finishes its handover).
         if task.request.retries < STORE_RETRIES:
             raise task.retry(exc=e, countdown=_store_countdown_s(task.request.retries),
                              max_retries=STORE_RETRIES) from e
@@ -247,7 +248,7 @@ def run_step(
         raise Ignore()
     assert sealing.version is not None
     if delivery is not None:
-        delivery.hand_over(task.app, store, sealing.extra[-1])
+        delivery.hand_over_or_retry(task, store, sealing.extra[-1])
     return sealing.version
 
 

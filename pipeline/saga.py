@@ -71,22 +71,30 @@ class CompensationContext:
     redis: redis.Redis
 
 
-def begin(store: StateStore, run_id: str, *, reason: str, agent: str = "") -> bool:
-    """Mark the run compensating, once; True for the call that did it."""
+def begin(store: StateStore, run_id: str, *, reason: str, agent: str = "") -> tuple[bool, bool]:
+    """Mark the run compensating, once: (True for the call that did it, whether the saga
+    still needs its planner: begun, here or elsewhere, and not planned yet)."""
     keys = RunKeys(run_id)
     with translate_errors(store.url):
         reply = BEGIN(store.redis, [keys.run, keys.log, keys.saga], [reason[:2000], agent])
     if reply[0] == "missing":
         raise RunNotFound(f"no run {run_id!r} to compensate")
-    return bool(reply[0] == "started")
+    if reply[0] == "started":
+        return True, True
+    return False, reply[1] == "compensating" and reply[2] == "0"
 
 
 def start(app: Celery, store: StateStore, run_id: str, *, reason: str, agent: str = "") -> bool:
-    """Begin the saga and enqueue its planner; False when it had begun already."""
-    if not begin(store, run_id, reason=reason, agent=agent):
-        return False
-    app.send_task(COMPENSATE_RUN_TASK, args=(run_id,), queue=app.conf.task_default_queue)
-    return True
+    """Begin the saga and enqueue its planner; False when it had begun already.
+
+    A saga begun elsewhere (a choreography's failure event) and not planned yet gets its
+    planner enqueued here too: planning twice is harmless, never planning leaves the run
+    compensating for good.
+    """
+    started, unplanned = begin(store, run_id, reason=reason, agent=agent)
+    if started or unplanned:
+        app.send_task(COMPENSATE_RUN_TASK, args=(run_id,), queue=app.conf.task_default_queue)
+    return started
 
 
 def plan(store: StateStore, run_id: str, *, owed_only: bool = False) -> list[list[str]]:

@@ -1,4 +1,5 @@
-"""The example deployment's agents: credit decisioning, and research -> analysis -> report."""
+"""The example deployment's agents: credit decisioning, and research -> analysis -> report
+(choreographed by events, and orchestrated)."""
 
 from pathlib import Path
 
@@ -23,6 +24,13 @@ DEMO = {
     # Then the same batch with income_verification failing: its breaker opens after
     # five failures, and later runs seal its cached answer, marked degraded.
     "chaos": "income_verification=error:1",
+    # The research flow, choreographed by events: a question the corpus answers, and one it
+    # does not (its research is refused at the analysis contract, and compensated).
+    "choreography": {
+        "workflow": "research_report",
+        "inputs": [str(SAMPLES / "research.json"), str(SAMPLES / "research_off_topic.json")],
+        "explain": "analysis",
+    },
 }
 """What ``pipeline demo`` runs."""
 

@@ -310,15 +310,11 @@ CRASH_BEFORE_DISPATCH_KEY = "test:crash-before-dispatch:{run_id}"
 published, for a run whose test set this key."""
 
 
-def _count_execution(ctx: StepContext) -> None:
-    ctx.redis.incr(EXECUTIONS_KEY.format(run_id=ctx.run_id, agent=ctx.agent))
-
-
 @agent(input="count@1", output="count@1", on=["tick.requested"], emits="tick.ticked",
        time_limit_s=10, max_retries=0, compensate=undo)
 def ticker(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
     """Count one; hold while the test asks."""
-    _count_execution(ctx)
+    _count(ctx)
     book(ctx)
     deadline = time.monotonic() + 8
     while ctx.redis.exists(TICK_HOLD_KEY.format(run_id=ctx.run_id)) and \
@@ -331,7 +327,7 @@ def ticker(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
        time_limit_s=5, max_retries=0, compensate=undo)
 def tocker(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
     """Double it."""
-    _count_execution(ctx)
+    _count(ctx)
     book(ctx)
     return {"n": payload["n"] * 2}
 
@@ -389,3 +385,10 @@ def dangle_first(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
     """Pass it on to whoever subscribes."""
     book(ctx)
     return {"n": payload["n"] + 1}
+
+
+# -- choreography with a breaker that parks: guard.requested -> guard_park -> guard.done -----
+
+guard_park = _guarded("guard_park", "park", on=["guard.requested"], emits="guard.done")
+guarding = Choreography("guarding", start="guard.requested", terminal=["guard.done"],
+                        input="count@1")

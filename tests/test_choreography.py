@@ -80,6 +80,12 @@ def test_an_agent_cannot_emit_a_pattern() -> None:
               emits="research.*")
 
 
+@pytest.mark.parametrize("policy", [{"on": ["*.failed"]}, {"emits": "payment.failed"}])
+def test_failure_events_are_reserved_for_the_saga(policy: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="reserved"):
+        Agent(name="x", execute=lambda p, c: p, input="count@1", output="count@1", **policy)
+
+
 def _flow(*defs: tuple[str, list[str], str | None, str, str], terminal: str = "t.done",
           start: str = "t.start") -> Choreography:
     registry = AgentRegistry()
@@ -185,10 +191,91 @@ def test_nothing_outstanding_and_no_terminal_event_stalls_the_run(client_only: P
     run_id = _new_run(p)
     reply = publish(p.store, run_id, source="start", event_type="tick.lost", publisher="client",
                     version=0, subscribers=[], terminal=["tick.tocked"])
-    assert reply.outcome == "stalled"
+    # The same script that saw the stall began the saga (the caller enqueues its planner).
+    assert reply.outcome == "compensating"
+    assert reply.event_type == ("choreography stalled: no delivery is outstanding and no "
+                                "terminal event (tick.tocked) was published; unrouted: "
+                                "tick.lost (e1)")
+    assert p.store.run_info(run_id).status is RunStatus.COMPENSATING
+    assert [e["event"] for e in p.store.log(run_id)][-2:] == ["event.unrouted",
+                                                              "run.compensating"]
+
+
+def _handle(p: Pipeline, run_id: str, step: str, task: str, *, emits: str = "",
+            subscribers: tuple[str, ...] = ()) -> Any:
+    """Open, seal and end one delivery the way a worker does (open, then seal + emit)."""
+    from pipeline.choreography import EMIT, Handover, _emit_args
+
+    event, agent = step.split(":")
+    opened = p.store.open_step(run_id, step=step, agent=agent, inputs=[0], max_deliveries=5,
+                               task_id=task, claim=True)
+    assert opened.outcome == "open"
+    p.store.seal(run_id, step=step, agent=agent, contract="count@1", payload={"n": 1},
+                 parents=[0])
+    reply = EMIT(p.store.redis, RunKeys(run_id).all(), _emit_args(
+        delivery=step, outcome="handled", task_id=task, source=step, event_type=emits,
+        publisher=agent, cause=event, version="", terminal=(), failure=False,
+        retention_s=60, subscribers=subscribers))
+    return Handover.from_reply(reply)
+
+
+def test_a_failure_begins_the_saga_in_the_same_script_so_no_sibling_can_end_the_run(
+    client_only: Pipeline,
+) -> None:
+    from pipeline.choreography import fail_delivery
+
+    p = client_only
+    run_id = _new_run(p)
+    publish(p.store, run_id, source="start", event_type="tick.requested", publisher="client",
+            version=0, subscribers=["ticker", "tocker"], terminal=["tick.requested.done"])
+    _handle(p, run_id, "e1:ticker", "t1", emits="tick.requested.done")  # terminal, no subs
+    failed = fail_delivery(p.store, run_id, "e1:tocker", "tocker", "t2", "ValueError: boom")
+    assert failed.outcome == "compensating"
+    info = p.store.run_info(run_id)
+    assert info.status is RunStatus.COMPENSATING and info.failed_agent == "tocker"
+    assert info.error == "tocker.failed (e3): ValueError: boom"
+    # recorded again (a redelivered errback): nothing new, the saga is begun once
+    again = fail_delivery(p.store, run_id, "e1:tocker", "tocker", "t2", "ValueError: boom")
+    assert again.outcome == "done"
     log = p.store.log(run_id)
-    assert [e["event"] for e in log][-1] == "event.unrouted"
-    assert log[-1]["type"] == "tick.lost"
+    assert sum(e["event"] == "run.compensating" for e in log) == 1
+    assert [e["type"] for e in log if e["event"] == "event.published"] == [
+        "tick.requested", "tick.requested.done", "tocker.failed"]
+
+
+def test_a_waiting_run_ends_once_nothing_is_outstanding_and_an_unknown_delivery_counts_not(
+    client_only: Pipeline,
+) -> None:
+    p = client_only
+    run_id = _new_run(p)
+    publish(p.store, run_id, source="start", event_type="tick.requested", publisher="client",
+            version=0, subscribers=["ticker"], terminal=["tick.requested.done"])
+    from pipeline.choreography import EMIT, _emit_args
+
+    EMIT(p.store.redis, RunKeys(run_id).all(), _emit_args(  # no such delivery: ignored
+        delivery="e9:ghost", outcome="failed", task_id="x", source="e9:ghost#failed",
+        event_type="", publisher="ghost", cause="e9", version="", terminal=(), failure=False,
+        retention_s=60, subscribers=()))
+    assert p.store.redis.hget(RunKeys(run_id).run, "outstanding") == "1"
+    assert p.store.park(run_id, step="e0:other", agent="other", reason="test")
+    done = _handle(p, run_id, "e1:ticker", "t1", emits="tick.requested.done")
+    assert (done.outcome, done.version) == ("succeeded", 1)
+    assert p.store.run_info(run_id).status is RunStatus.SUCCEEDED
+
+
+def test_the_ledger_lives_as_long_as_its_run(client_only: Pipeline) -> None:
+    p = client_only
+    run_id = _new_run(p)
+    keys = RunKeys(run_id)
+    publish(p.store, run_id, source="start", event_type="tick.requested", publisher="client",
+            version=0, subscribers=["ticker"], terminal=["tick.tocked"])
+    r = p.store.redis
+    assert 0 < r.ttl(keys.ledger) <= r.ttl(keys.run)  # never enqueued: it goes with the run
+    p.store.mark_enqueued(run_id)
+    assert r.ttl(keys.run) == r.ttl(keys.ledger) == r.ttl(keys.events) == -1  # live: kept
+    _handle(p, run_id, "e1:ticker", "t1", emits="tick.tocked")
+    assert p.store.run_info(run_id).status is RunStatus.SUCCEEDED
+    assert 0 < r.ttl(keys.ledger) <= 60 and 0 < r.ttl(keys.events) <= 60
 
 
 def test_a_second_task_delivering_the_same_event_is_a_duplicate(client_only: Pipeline) -> None:
@@ -399,7 +486,7 @@ def test_low_confidence_research_is_refused_at_the_analysis_boundary_and_compens
     why = invoke_cli(cluster.url, "explain", run.run_id, "analysis")
     assert why.exit_code == 0
     assert "contract confident_findings@1 refused field(s) confidence" in why.stdout
-    assert "it published e3 analysis.failed and the run was compensated" in why.stdout
+    assert "it published e3 analysis.failed and the run is compensated" in why.stdout
     report_why = explain(p.store, run.run_id, "report", research.report)
     assert report_why.summary.startswith("report never reacted: none of this run's events")
     # The research cache is cleared; the auditor's record of it is retracted.
@@ -462,3 +549,31 @@ def test_a_flow_whose_publisher_knows_no_subscriber_stalls_and_explain_says_why(
     assert why.events[1]["why"] == (
         "matches 'dangle.next', but dangle_first did not route it here (routed to: nobody): "
         "the publishing worker did not have this subscription when it published")
+
+
+def test_a_parked_delivery_takes_a_persons_output_or_is_handed_out_again(
+    cluster: Cluster,
+) -> None:
+    r = cluster.redis
+    cluster.worker()
+    p = cluster.pipeline()
+    p.breakers.force_open("guard_park")
+    by_hand = p.start("guarding", {"n": 2})
+    wait_for(lambda: by_hand.status() is RunStatus.WAITING_FOR_HUMAN, 20, "the run to park")
+    assert deliveries(p, by_hand.run_id) == {"e1:guard_park": ["parked"]}
+
+    result = p.resume(by_hand.run_id, {"n": 99}).wait(20)
+
+    assert result.status is RunStatus.SUCCEEDED and result.output == {"n": 99}
+    assert deliveries(p, by_hand.run_id) == {"e1:guard_park": ["handled"]}
+    assert executions(r, by_hand.run_id, "guard_park") == 0
+
+    again = p.start("guarding", {"n": 3})
+    wait_for(lambda: again.status() is RunStatus.WAITING_FOR_HUMAN, 20, "the run to park")
+    with pytest.raises(InputError, match="is not parked"):
+        p.resume(again.run_id, step="e9:guard_park")
+    p.breakers.reset("guard_park")
+    result = p.resume(again.run_id).wait(20)
+    assert result.status is RunStatus.SUCCEEDED and result.output == {"n": 30}
+    assert executions(r, again.run_id, "guard_park") == 1
+    assert deliveries(p, again.run_id) == {"e1:guard_park": ["handled"]}

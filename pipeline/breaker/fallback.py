@@ -69,7 +69,7 @@ def take_fallback(
         store.note(run_id, "step.degraded", step=step, agent=agent.name, source=source,
                    version=int(sealing.version or 0))
         if delivery is not None:
-            delivery.hand_over(task.app, store, sealing.extra[-1])
+            delivery.hand_over_or_retry(task, store, sealing.extra[-1])
         assert sealing.version is not None
         return sealing.version
 

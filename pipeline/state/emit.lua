@@ -5,7 +5,8 @@
 -- ARGV[1] = the delivery this call ends ('<event>:<agent>'), or '' (a start)
 -- ARGV[2] = how it ended: 'handled' (its step is sealed) or 'failed'; '' with no delivery
 -- ARGV[3] = the task that ended it (ledger: handled:<task> / failed:<task>)
--- ARGV[4] = what publishes: a delivery key or 'start' (one event per publisher, ever)
+-- ARGV[4] = what publishes: a delivery key, '<delivery>#failed', or 'start' (one event per
+--           publisher, ever: publishing again returns the first event)
 -- ARGV[5] = type of the event to publish, or '' to publish nothing
 -- ARGV[6] = publisher (agent name, or 'client')
 -- ARGV[7] = the event that caused this one ('' for a start)
@@ -13,42 +14,55 @@
 --           or the causing event's version (failed)
 -- ARGV[9] = the run's terminal event types, comma-separated: given with its starting
 --           event and kept in the run's record ('' afterwards: the record says)
--- ARGV[10] = '1' for a failure event: recorded, handed to the saga, never routed
+-- ARGV[10] = '1' for a failure event: recorded, never routed; it begins the saga
 -- ARGV[11] = retention of a finished run, seconds
--- ARGV[12..] = the subscribers of the event (agent names), as routed by the publisher
+-- ARGV[12..] = the subscribers of the event (agent names), as routed by the publisher;
+--              for a failure event, ARGV[12] is why the delivery failed (the saga's reason)
+-- The saga begins here, atomically with what ends the run's progress (a failure event, or
+-- nothing outstanding and no terminal event), exactly as saga_begin.lua does: no sibling
+-- can end the run 'succeeded' in between. The caller then enqueues the saga's planner.
 -- Returns one of:
 --   {'missing'}                        no such run
 --   {'unsealed'}                       'handled' for a step that is not sealed: nothing done
 --   {'published', id, type, version, sub...}  a new event, and the deliveries to dispatch
 --   {'again', id, type, version, sub...}      published before: deliveries not picked up
 --   {'succeeded', version}             a terminal event was published, nothing is outstanding
---   {'stalled'}                        nothing is outstanding and no terminal event came
---   {'done', status}                   nothing to publish (or the run is not running)
+--   {'compensating', reason}           this call began the saga (a failure, or a stall)
+--   {'done', status}                   nothing to publish, or the run is not live
 local status = redis.call('HGET', KEYS[3], 'status')
 if not status then return {'missing'} end
 local t = redis.call('TIME')
 local now = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 local live = status == 'running' or status == 'waiting_for_human'
+local delivery, failure = ARGV[1], ARGV[10] == '1'
 if ARGV[9] ~= '' then redis.call('HSET', KEYS[3], 'terminal_types', ARGV[9]) end
 local terminal = false
 for tt in string.gmatch(redis.call('HGET', KEYS[3], 'terminal_types') or '', '[^,]+') do
   if tt == ARGV[5] then terminal = true end
 end
-local delivery, failure = ARGV[1], ARGV[10] == '1'
 
-local function keep_with_run()  -- the ledger and events share the run's expiry, if any
+local function keep_with_run()  -- the ledger and events expire with the run, or never
   local ttl = redis.call('PTTL', KEYS[3])
-  if ttl > 0 then
-    redis.call('PEXPIRE', KEYS[8], ttl)
-    redis.call('PEXPIRE', KEYS[9], ttl)
+  for i = 8, 9 do
+    if ttl > 0 then redis.call('PEXPIRE', KEYS[i], ttl) else redis.call('PERSIST', KEYS[i]) end
   end
 end
 
--- 1. End the delivery, once.
+local function begin_saga(reason, agent)  -- as saga_begin.lua
+  if redis.call('HSETNX', KEYS[6], 'started', '1') == 0 then return false end
+  redis.call('HSET', KEYS[3], 'status', 'compensating', 'error', reason, 'failed_agent', agent,
+    'updated_at', now)
+  redis.call('HSET', KEYS[6], 'reason', reason, 'started_at', now)
+  redis.call('XADD', KEYS[4], '*', 'event', 'run.compensating', 'at', now, 'reason', reason,
+    'agent', agent)
+  return true
+end
+
+-- 1. End the delivery, once (only one that was published: dispatched, or claimed).
 if delivery ~= '' then
   local state = redis.call('HGET', KEYS[8], delivery) or ''
   local kind = string.match(state, '^[a-z]+') or ''
-  if kind ~= 'handled' and kind ~= 'failed' then
+  if kind == 'dispatched' or kind == 'running' then
     local version = redis.call('HGET', KEYS[2], delivery)
     if ARGV[2] == 'handled' and not version then return {'unsealed'} end
     redis.call('HSET', KEYS[8], delivery, ARGV[2] .. ':' .. ARGV[3])
@@ -64,18 +78,15 @@ if ARGV[5] ~= '' then
   local id = redis.call('HGET', KEYS[9], 'src:' .. ARGV[4])
   if id then
     local event = cjson.decode(redis.call('HGET', KEYS[9], id))
-    local out = {'again', id, event.type, tostring(event.version)}
+    published = {'again', id, event.type, tostring(event.version)}
     if live then
       for _, sub in ipairs(event.subscribers) do
         if redis.call('HGET', KEYS[8], id .. ':' .. sub) == 'dispatched' then
-          out[#out + 1] = sub
+          published[#published + 1] = sub
         end
       end
     end
-    keep_with_run()
-    return out
-  end
-  if live or failure then
+  elseif live or failure then
     local version = ARGV[8]
     if version == '' then
       if failure then
@@ -101,6 +112,9 @@ if ARGV[5] ~= '' then
     if #subs == 0 and not failure and not terminal then
       redis.call('XADD', KEYS[4], '*', 'event', 'event.unrouted', 'at', now, 'event_id', id,
         'type', ARGV[5], 'publisher', ARGV[6])
+      local unrouted = redis.call('HGET', KEYS[3], 'unrouted')
+      redis.call('HSET', KEYS[3], 'unrouted',
+        (unrouted and unrouted .. ', ' or '') .. ARGV[5] .. ' (' .. id .. ')')
     end
     for _, sub in ipairs(subs) do
       redis.call('HSET', KEYS[8], id .. ':' .. sub, 'dispatched')
@@ -115,8 +129,21 @@ if ARGV[5] ~= '' then
 end
 keep_with_run()
 
--- 3. The run ends when nothing is outstanding (a failure is the saga's to end).
-if status == 'running' and not failure then
+-- 3. A failure ends the run's progress: the saga takes over.
+if failure then
+  if live then
+    local reason = ARGV[5] .. ' (' .. (published and published[2] or '?') .. '): ' ..
+      (ARGV[12] or '')
+    if begin_saga(string.sub(reason, 1, 2000), ARGV[6]) then
+      return {'compensating', reason}
+    end
+  end
+  return {'done', redis.call('HGET', KEYS[3], 'status')}
+end
+
+-- 4. The run ends when nothing is outstanding: succeeded after a terminal event, else
+-- stalled (compensated). A run waiting for a person ends too once nothing is outstanding.
+if live then
   local outstanding = tonumber(redis.call('HGET', KEYS[3], 'outstanding') or '0')
   if outstanding <= 0 then
     local output = redis.call('HGET', KEYS[3], 'output_version')
@@ -126,7 +153,11 @@ if status == 'running' and not failure then
       for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[11]) end
       return {'succeeded', output}
     end
-    return {'stalled'}
+    local unrouted = redis.call('HGET', KEYS[3], 'unrouted')
+    local reason = 'choreography stalled: no delivery is outstanding and no terminal event (' ..
+      (redis.call('HGET', KEYS[3], 'terminal_types') or '') .. ') was published' ..
+      (unrouted and ('; unrouted: ' .. unrouted) or '')
+    if begin_saga(string.sub(reason, 1, 2000), '') then return {'compensating', reason} end
   end
 end
 if published then return published end

@@ -4,6 +4,7 @@
 -- KEYS[2] = pipeline:{run}:steps   (hash step key -> version)
 -- KEYS[3] = pipeline:{run}:run     (hash: the run's record)
 -- KEYS[4] = pipeline:{run}:log     (stream: what happened)
+-- KEYS[5..] = the run's other keys (deliveries, saga, undo, ledger, events)
 -- Returns 1, or 0 when the run no longer exists (nothing is re-created).
 local status = redis.call('HGET', KEYS[3], 'status')
 if not status then return 0 end

@@ -16,8 +16,7 @@
 -- ARGV[7..] = input version numbers
 -- Returns one of:
 --   {'sealed', version, own}         the step was sealed already: do nothing (own is '1'
---                                    when its handover may not be done: this task handled
---                                    it, or its handler died between seal and handover)
+--                                    when this task sealed it: its handover may not be done)
 --   {'duplicate', state}             another task holds or ended this delivery: do nothing
 --   {'unknown'}                      no such delivery was ever published
 --   {'missing'}                      no such run (never created, or expired)
@@ -38,9 +37,9 @@ if sealed then
   if redis.call('EXISTS', KEYS[3]) == 0 then return {'sealed', sealed, '0'} end
   local state = redis.call('HGET', KEYS[8], ARGV[1]) or ''
   duplicate(state)
-  -- this task handled it, or a handler sealed it and died before handing over: the
-  -- caller finishes the handover (idempotent)
-  local own = state == 'handled:' .. claim or string.sub(state, 1, 8) == 'running:'
+  -- this task handled it, or sealed it and lost the rest (its worker died, or the reply of
+  -- the seal round trip): the caller finishes the handover (idempotent)
+  local own = state == 'handled:' .. claim or state == 'running:' .. claim
   return {'sealed', sealed, own and '1' or '0'}
 end
 local status = redis.call('HGET', KEYS[3], 'status')

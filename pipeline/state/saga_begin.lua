@@ -6,11 +6,16 @@
 -- KEYS[3] = pipeline:{run}:saga  (hash: the compensation's state)
 -- ARGV[1] = why (error text, or 'cancelled by hand')
 -- ARGV[2] = agent to blame ('' when none)
--- Returns {'started'}, {'already', status} or {'missing'}.
+-- Returns {'started'}, {'already', status, planned} or {'missing'}; planned is '1' once
+-- the planner recorded its plan (a saga begun elsewhere, say by emit.lua, and not planned
+-- yet still needs its planner enqueued).
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'missing'} end
-if status ~= 'running' and status ~= 'waiting_for_human' then return {'already', status} end
-if redis.call('HSETNX', KEYS[3], 'started', '1') == 0 then return {'already', status} end
+local planned = redis.call('HEXISTS', KEYS[3], 'plan') == 1 and '1' or '0'
+if status ~= 'running' and status ~= 'waiting_for_human' then
+  return {'already', status, planned}
+end
+if redis.call('HSETNX', KEYS[3], 'started', '1') == 0 then return {'already', status, planned} end
 local t = redis.call('TIME')
 local now = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 redis.call('HSET', KEYS[1], 'status', 'compensating', 'error', ARGV[1], 'failed_agent', ARGV[2],

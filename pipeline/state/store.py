@@ -156,7 +156,7 @@ class StateStore:
         """Record that the run's canvas reached the broker (it then lives until it ends)."""
         keys = RunKeys(run_id)
         with translate_errors(self.url):
-            MARK_ENQUEUED(self.redis, [keys.states, keys.steps, keys.run, keys.log], [])
+            MARK_ENQUEUED(self.redis, keys.all(), [])
 
     def open_step(
         self,
