@@ -32,6 +32,14 @@ def test_demo_runs_the_batch_and_shows_decisions_and_lineage(cluster: Cluster) -
     assert lines["app-1002"][1:3] == ["declined", "300"]
     assert "lineage of run" in out and "final_approval" in out
     assert "ContractViolation" in out and "income.annual" in out  # the refused sample
+    # the research flow, choreographed: one question answered, one refused and compensated
+    answered, refused = out.split("choreography research_report: ")[1].split('{"question"')[1:]
+    assert ": succeeded in " in answered and "report.completed (terminal)" in answered
+    assert "1. Breakers stop cascading failures. [circuit-breakers#3]" in answered
+    assert ": compensated in " in refused and "analysis.failed (failure)" in refused
+    assert "contract confident_findings@1 refused field(s) confidence" in refused
+    undone = refused.split("compensated, newest first: ")[1].splitlines()[0]
+    assert undone.split(", ")[-1] == "e1:research"  # the first sealed, undone last
     # with income_verification failing: some runs fail until its breaker opens,
     # then the rest seal its cached answer, marked degraded
     rows = [line for line in chaos.splitlines() if line.startswith("app-")]
