@@ -71,6 +71,13 @@ def run_keys(run_id: str) -> RunKeys:
     return RunKeys(run_id)
 
 
+RUNS_INDEX = f"{PREFIX}:runs"
+"""Sorted set: run id -> when it was created (ms). ``pipeline runs`` reads it; a run that
+expired is dropped from it when found missing."""
+
+METRICS_PREFIX = f"{PREFIX}:{{metrics}}"
+"""Counters the exporter reads (one hash tag: one slot on a cluster)."""
+
 DEAD_LETTERS = f"{PREFIX}:dead"
 """Stream: compensations that failed for good (run, agent, version, error)."""
 

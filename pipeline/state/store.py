@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from typing import Any, cast
 import redis
 
 from ..errors import RunNotFound, RunNotParked, StoreError, StoreUnavailable, VersionNotFound
-from ..keys import RunKeys, version_stream_id
+from ..keys import RUNS_INDEX, RunKeys, version_stream_id
 from ..lua import Batch, Script
 from ..settings import DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_RETENTION_S, Settings, redact_url
 from .version import RunInfo, RunStatus, Sealable, Version, sealable
@@ -141,12 +142,14 @@ class StateStore:
         form = form or sealable(payload, self.max_payload_bytes, f"input of workflow {workflow}")
         canonical, digest = form.text, form.digest
         keys = RunKeys(run_id)
+        batch = Batch(self.redis)
+        batch.script(CREATE_RUN, [keys.states, keys.steps, keys.run, keys.log],
+                     [workflow, canonical, digest, contract, idempotency_key or "",
+                      UNENQUEUED_TTL_S])
+        # the index, in the same round trip (a run created before keeps its first score)
+        batch.command("ZADD", RUNS_INDEX, "NX", int(time.time() * 1000), run_id)
         with translate_errors(self.url):
-            reply = CREATE_RUN(
-                self.redis,
-                [keys.states, keys.steps, keys.run, keys.log],
-                [workflow, canonical, digest, contract, idempotency_key or "", UNENQUEUED_TTL_S],
-            )
+            reply = _raise_if_error(batch.execute()[0])
         if reply[0] == "created":
             return Created(run_id, True, workflow, digest)
         return Created(run_id, False, reply[1], reply[2], enqueued=reply[3] == "1",
@@ -321,6 +324,7 @@ class StateStore:
         """Remove every key of a run (only for a run that was never enqueued)."""
         with translate_errors(self.url):
             self.redis.delete(*RunKeys(run_id).all())
+            self.redis.zrem(RUNS_INDEX, run_id)
 
     # -- reads ------------------------------------------------------------------
 
