@@ -13,6 +13,7 @@ from click.testing import CliRunner, Result
 
 from pipeline import Pipeline
 from pipeline.cli import main
+from pipeline.keys import RUNS_INDEX
 from tasks import SAMPLES
 from tests.conftest import AGENT_MODULES, Cluster
 
@@ -57,7 +58,9 @@ def footprint(p: Pipeline) -> tuple[set[str], dict[str, int]]:
     """What a start can leave behind: the pipeline's keys and every broker queue's length."""
     r = p.store.redis
     queues = sorted(q.name for q in p.app.conf.task_queues)
-    return set(r.scan_iter("pipeline:*")), {q: r.llen(q) for q in queues}
+    indexed = {f"pipeline:{{{run_id}}}:indexed" for run_id in r.zrange(RUNS_INDEX, 0, -1)}
+    keys = set(r.scan_iter("pipeline:*")) - {RUNS_INDEX} | indexed
+    return keys, {q: r.llen(q) for q in queues}
 
 
 @pytest.fixture
