@@ -10,7 +10,7 @@ from typing import Any
 from celery import Celery, Task
 from kombu import Queue
 
-from . import choreography, saga
+from . import choreography, metrics, saga
 from .agent import Agent, agents
 from .breaker import BreakerRegistry, Fallback
 from .errors import ConfigurationError, StoreError
@@ -103,6 +103,11 @@ def create_app(
     if fail_fast:
         app.conf.result_backend_transport_options = {"retry_policy": CLIENT_RETRY_POLICY}
     app.pipeline_settings = settings
+    metrics.install_hooks()
+    if settings.otel:
+        from . import otel  # the `otel` extra
+
+        otel.install(app)
     for a in agents:
         _bind_agent(app, a, settings)
     # Not bound: Celery passes (request, exc, traceback) only to an errback

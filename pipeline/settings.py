@@ -28,6 +28,8 @@ class Settings:
     agent_modules: tuple[str, ...] = DEFAULT_AGENT_MODULES
     chaos: str = ""
     default_queue: str = DEFAULT_QUEUE
+    otel: bool = False
+    """PIPELINE_OTEL=1: one OpenTelemetry span per step (the ``otel`` extra)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -49,6 +51,7 @@ class Settings:
                 else DEFAULT_AGENT_MODULES
             ),
             chaos=env.get("PIPELINE_CHAOS", ""),
+            otel=env.get("PIPELINE_OTEL", "").strip().lower() in ("1", "true", "yes", "on"),
         )
 
     def with_redis(self, url: str) -> Settings:
