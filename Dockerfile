@@ -1,9 +1,9 @@
-# The image every pipeline process runs from (workers, Flower, the CLI).
+# The image every pipeline process runs from (workers, Flower, the exporter, the CLI).
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY pipeline ./pipeline
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir ".[metrics]"
 COPY config ./config
 COPY tasks ./tasks
 COPY flowerconfig.py ./

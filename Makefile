@@ -15,7 +15,7 @@ $(VENV)/.installed-%: pyproject.toml | $(VENV)/bin/python
 	touch $@
 
 demo: $(VENV)/.installed-embedded
-	$(BIN)/pipeline demo
+	$(BIN)/pipeline demo $(if $(FLOWER),--flower)
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q

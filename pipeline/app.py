@@ -57,6 +57,26 @@ def restore_sweep(visibility_timeout_s: int) -> dict[str, int]:
     return {"unacked_restore_interval": interval, "unacked_restore_throttle": every // interval}
 
 
+def broker_options(settings: Settings) -> dict[str, Any]:
+    """Transport options for the broker ``settings`` names.
+
+    Redis: the visibility timeout (a message unacked that long is handed out
+    again) and the sweep that restores a dead worker's messages. RabbitMQ has
+    neither: it requeues a dead worker's messages when its connection drops, and
+    closes the channel of a consumer that holds a message unacked longer than
+    its ``consumer_timeout`` (30 min by default), requeueing it. With
+    ``task_acks_late`` a message stays unacked while its step runs and through
+    its retry countdown, so set PIPELINE_VISIBILITY_TIMEOUT_S to the broker's
+    consumer timeout: every agent's worst case then stays under half of it.
+    Publisher confirms make ``start`` return only once RabbitMQ holds the run's
+    first message.
+    """
+    if settings.broker_is_redis:
+        return {"visibility_timeout": settings.visibility_timeout_s,
+                **restore_sweep(settings.visibility_timeout_s)}
+    return {"confirm_publish": True}
+
+
 def create_app(
     settings: Settings | None = None, *, main: str = "pipeline", fail_fast: bool = False
 ) -> Celery:
@@ -85,8 +105,7 @@ def create_app(
         worker_prefetch_multiplier=1,
         worker_deduplicate_successful_tasks=True,
         task_allow_error_cb_on_chord_header=True,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s,
-                                  **restore_sweep(settings.visibility_timeout_s)},
+        broker_transport_options=broker_options(settings),
         broker_connection_retry_on_startup=True,
         task_default_queue=settings.default_queue,
         task_queues=[Queue(settings.default_queue)]

@@ -258,10 +258,13 @@ class Choreography:
 
     # -- running ------------------------------------------------------------------
 
-    def enqueue(self, app: Celery, store: StateStore, run_id: str) -> None:
-        """Publish the run's starting event (once) and dispatch its deliveries."""
-        subs = [a.name for a in self.subscribers(self.start_event)]
-        handover = publish(store, run_id, source=START, event_type=self.start_event,
+    def enqueue(self, app: Celery, store: StateStore, run_id: str,
+                event_type: str | None = None) -> None:
+        """Publish the run's starting event (once) and dispatch its deliveries; a replay
+        starts at ``event_type`` instead, carrying version 0."""
+        event_type = event_type or self.start_event
+        subs = [a.name for a in self.subscribers(event_type)]
+        handover = publish(store, run_id, source=START, event_type=event_type,
                            publisher=CLIENT, version=0, subscribers=subs,
                            terminal=self.terminal)
         follow_up(app, store, run_id, handover)

@@ -9,18 +9,16 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import click
 
 from .errors import InputError, PipelineError, WaitTimeout
-
-if TYPE_CHECKING:
-    from .ledger import EventView
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -88,14 +86,20 @@ def read_json_input(source: str) -> Any:
 @click.option("--wait/--no-wait", default=False, help="Wait for the run to finish.")
 @click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait.")
 @click.option("--idempotency-key", default=None, help="Same key, same run.")
+@click.option("--batch", is_flag=True,
+              help="The input is a JSON list: start one run per payload, wait for all with a "
+                   "progress bar, and print a summary.")
 @json_option
 def run(
     workflow: str, source: str, wait: bool, timeout: float, idempotency_key: str | None,
-    as_json: bool,
+    batch: bool, as_json: bool,
 ) -> None:
-    """Start WORKFLOW on a JSON payload."""
+    """Start WORKFLOW on a JSON payload (or, with --batch, on each of a list)."""
     payload = read_json_input(source)
     p = _pipeline()
+    if batch:
+        _run_batch(p, workflow, payload, idempotency_key, timeout, as_json)
+        return
     handle = p.start(workflow, payload, idempotency_key=idempotency_key)
     try:
         result = handle.wait(timeout) if wait else handle.result()
@@ -113,6 +117,67 @@ def run(
             click.echo(json.dumps(result.output, indent=2, ensure_ascii=False))
     if wait and result.status.value != "succeeded":
         sys.exit(EXIT_RUN_FAILED)
+
+
+def _run_batch(p: Any, workflow: str, payloads: Any, key: str | None, timeout: float,
+               as_json: bool) -> None:
+    if not isinstance(payloads, list) or not payloads:
+        raise InputError("--batch needs a non-empty JSON list of payloads")
+    wf = p.workflow(workflow)
+    for i, payload in enumerate(payloads):  # every payload checked before any run starts
+        try:
+            wf.input_contract.validate(payload, side="input", agent=wf.entry_agent)
+        except PipelineError as e:
+            raise InputError(f"payload {i} of the batch: {e}") from None
+    handles = [p.start(wf, payload, idempotency_key=f"{key}:{i}" if key else None)
+               for i, payload in enumerate(payloads)]
+    results = wait_all(handles, timeout, f"{len(handles)} runs of {workflow}")
+    if as_json:
+        _echo_json([{"workflow": workflow, **r.to_dict()} for r in results])
+    else:
+        click.echo(summarize(handles, results))
+    if any(r.status.value != "succeeded" for r in results):
+        sys.exit(EXIT_RUN_FAILED)
+
+
+def wait_all(handles: Sequence[Any], timeout: float, label: str) -> list[Any]:
+    """Wait for every run, with a progress bar on a terminal; a run still going after
+    ``timeout`` seconds in all is reported as it stands."""
+    deadline = time.monotonic() + timeout
+    results = []
+    with click.progressbar(length=len(handles), label=label, file=sys.stderr) as bar:
+        for handle in handles:
+            try:
+                results.append(handle.wait(max(0.001, deadline - time.monotonic())))
+            except WaitTimeout as e:
+                results.append(replace(handle.result(), error=str(e)))
+            bar.update(1)
+    return results
+
+
+def summarize(handles: Sequence[Any], results: Sequence[Any]) -> str:
+    """How a batch went: counts by status, latency percentiles, and the runs that failed."""
+    counts: dict[str, int] = {}
+    took = []
+    for handle, result in zip(handles, results, strict=True):
+        counts[result.status.value] = counts.get(result.status.value, 0) + 1
+        info = handle.info()
+        if info.finished_at:
+            took.append((info.finished_at - info.created_at) * 1000)
+    took.sort()
+    rows = [("status", "runs")] + [(k, str(v)) for k, v in sorted(counts.items())]
+    lines = [table(rows)]
+    if took:
+        p50, p95 = took[len(took) // 2], took[min(len(took) - 1, int(len(took) * 0.95))]
+        lines.append(f"latency: median {p50:.0f} ms, p95 {p95:.0f} ms, max {took[-1]:.0f} ms "
+                     f"({len(took)} finished)")
+    failed = [(h, r) for h, r in zip(handles, results, strict=True)
+              if r.status.value != "succeeded"]
+    for h, r in failed[:10]:
+        lines.append(f"  {h.run_id}: {r.status.value}: {(r.error or '')[:100]}")
+    if len(failed) > 10:
+        lines.append(f"  ... and {len(failed) - 10} more (pipeline runs --status ...)")
+    return "\n".join(lines)
 
 
 @main.command()
@@ -164,83 +229,17 @@ def format_history(versions: Sequence[Any]) -> str:
 
 @main.command()
 @click.argument("run_id")
+@click.option("--from-version", "version", type=click.IntRange(0), required=True,
+              help="The sealed version the new run starts from (its version 0).")
+@click.option("--wait/--no-wait", default=False, help="Wait for the new run to finish.")
+@click.option("--timeout", type=float, default=60.0, show_default=True)
 @json_option
-def trace(run_id: str, as_json: bool) -> None:
-    """Show what happened in a run, in order (its log)."""
-    entries = _pipeline().store.log(run_id)
-    if as_json:
-        _echo_json(entries)
-        return
-    start = int(entries[0]["at"]) if entries else 0
-    for e in entries:
-        rest = {k: v for k, v in e.items() if k not in ("id", "at", "event")}
-        detail = " ".join(f"{k}={v}" for k, v in rest.items())
-        click.echo(f"+{int(e['at']) - start:>6} ms  {e['event']:<16} {detail}")
-
-
-@main.command()
-@click.argument("run_id")
-@json_option
-def events(run_id: str, as_json: bool) -> None:
-    """Show a choreographed run's events: cause, subscribers, and each delivery's state."""
-    from .ledger import events as read_events
-
-    p = _pipeline()
-    views = read_events(p.store, run_id)
-    if as_json:
-        _echo_json([v.to_dict() for v in views])
-        return
-    info = p.store.run_info(run_id)
-    click.echo(f"run {run_id} of {info.workflow}: {info.status.value}")
-    if not views:
-        click.echo("no events: this run is not a choreography")
-        return
-    click.echo(format_events(views))
-    for v in views:
-        if v.unrouted:
-            click.echo(f"warning: {v.event_id} {v.type} from {v.publisher} is unrouted: no "
-                       "agent subscribes to it", err=True)
-
-
-def format_events(views: Sequence[EventView]) -> str:
-    """The ledger as a table: one row per delivery, under the event it delivers."""
-    start = views[0].at if views else 0
-    rows: list[tuple[str, ...]] = [("event", "type", "cause", "by", "version", "+ms", "delivery",
-                                    "state", "attempts", "latency", "detail")]
-    for v in views:
-        head = (v.event_id, v.type + (" (terminal)" if v.terminal else "")
-                + (" (failure)" if v.failure else ""), v.cause or "-", v.publisher,
-                str(v.version) if v.version >= 0 else "-", str(v.at - start))
-        if v.failure:
-            rows.append(head + ("-", "saga", "", "", "handed to the saga"))
-        for i, d in enumerate(v.deliveries):
-            detail = (f"v{d.version}" if d.version is not None else "") or d.error[:60]
-            rows.append((head if i == 0 else ("",) * 6) + (
-                d.agent, d.state, str(d.attempts or ""),
-                "" if d.latency_ms is None else f"{d.latency_ms:.0f} ms", detail))
-    return table(rows)
-
-
-@main.command()
-@click.argument("run_id")
-@click.argument("agent")
-@json_option
-def explain(run_id: str, agent: str, as_json: bool) -> None:
-    """Why AGENT did or did not react in RUN: its subscriptions, the events, each delivery."""
-    from .agent import agents
-    from .ledger import explain as explain_agent
-
-    p = _pipeline()
-    known = agents.get(agent) if agent in agents else None
-    why = explain_agent(p.store, run_id, agent, known)
-    if as_json:
-        _echo_json(why.to_dict())
-        return
-    click.echo(f"agent {why.agent}: on {', '.join(why.on) or '(nothing)'}; emits "
-               f"{why.emits or '(nothing)'}; input {why.input_contract or '?'}")
-    for row in why.events:
-        click.echo(f"  {row['event_id']:<4} {row['type']:<24} {row['why']}")
-    click.echo(why.summary)
+def replay(run_id: str, version: int, wait: bool, timeout: float, as_json: bool) -> None:
+    """Start a new run from sealed version N of RUN: a fork that runs only what came after."""
+    handle = _pipeline().replay(run_id, version)
+    if not as_json:
+        click.echo(f"run {handle.run_id} replays {run_id} from version {version}")
+    _report(handle, wait, timeout, as_json, ok="succeeded")
 
 
 @main.command()
@@ -356,6 +355,19 @@ def _report(handle: Any, wait: bool, timeout: float, as_json: bool, *, ok: str) 
 
 
 @main.command()
+@click.option("--address", default="127.0.0.1", show_default=True,
+              help="Where to listen (0.0.0.0 to let Prometheus in from other hosts).")
+@click.option("--port", type=click.IntRange(1, 65535), default=9808, show_default=True)
+def exporter(address: str, port: int) -> None:
+    """Serve Prometheus metrics read from Redis (breakers, runs, latency, compensations)."""
+    from .metrics import serve
+    from .settings import Settings
+
+    click.echo(f"serving metrics on http://{address}:{port}/metrics", err=True)
+    serve(Settings.from_env(), address, port)
+
+
+@main.command()
 @json_option
 def contracts(as_json: bool) -> None:
     """List the registered data contracts and their fields."""
@@ -406,11 +418,18 @@ def workflows(as_json: bool) -> None:
               "deployment's sample batch).")
 @click.option("--concurrency", default=2, show_default=True, help="Worker pool processes.")
 @click.option("--timeout", type=float, default=60.0, show_default=True)
-def demo(source: str | None, concurrency: int, timeout: float) -> None:
+@click.option("--flower", is_flag=True, help="Also start Flower (basic auth) and print its URL "
+              "and credentials.")
+@click.option("--hold", "hold_s", type=float, default=None,
+              help="With --flower: keep Flower up this many seconds at the end (default: "
+                   "until Enter on a terminal).")
+def demo(source: str | None, concurrency: int, timeout: float, flower: bool,
+         hold_s: float | None) -> None:
     """Start Redis (if needed) and a worker pool, run a batch, show the results."""
     from .demo import run_demo
 
-    run_demo(source=source, concurrency=concurrency, timeout_s=timeout)
+    run_demo(source=source, concurrency=concurrency, timeout_s=timeout, flower=flower,
+             hold_s=hold_s)
 
 
 def table(rows: Sequence[Sequence[str]]) -> str:
@@ -424,6 +443,8 @@ def table(rows: Sequence[Sequence[str]]) -> str:
 def _time(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
+
+from . import cli_observe  # noqa: E402,F401  (registers trace, inspect, graph, runs, events...)
 
 if __name__ == "__main__":
     main()

@@ -128,22 +128,30 @@ class Pipeline:
             # The first start died between creating the run and enqueuing it:
             # enqueue now. Were both to enqueue, every step is still sealed
             # once per step key.
-        try:
-            wf.enqueue(self.app, self.store, run_id)
-        except PipelineError:  # Redis, for a choreography's starting event
-            if created.created:
-                with contextlib.suppress(PipelineError):
+        tracing: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+        if self.settings.otel:  # the span every step of the run descends from
+            from . import otel
+
+            tracing = otel.run_span(wf.name, run_id)
+        with tracing:
+            try:
+                wf.enqueue(self.app, self.store, run_id)
+            except PipelineError:  # Redis, for a choreography's starting event
+                if created.created:
+                    with contextlib.suppress(PipelineError):
+                        self.store.delete_run(run_id)
+                raise
+            except Exception as e:  # kombu's, redis-py's, or Celery's backend RuntimeError
+                if created.created:
                     self.store.delete_run(run_id)
-            raise
-        except Exception as e:  # kombu's, redis-py's, or Celery's backend RuntimeError
-            if created.created:
-                self.store.delete_run(run_id)
-            raise BrokerUnavailable(
-                f"cannot enqueue run {run_id}: the broker at "
-                f"{redact_url(self.settings.broker_url)} or the result backend at "
-                f"{redact_url(self.settings.result_backend)} failed ({type(e).__name__}: {e}); "
-                + ("nothing was kept" if created.created else "start it again with the same key")
-            ) from e
+                raise BrokerUnavailable(
+                    f"cannot enqueue run {run_id}: the broker at "
+                    f"{redact_url(self.settings.broker_url)} or the result backend at "
+                    f"{redact_url(self.settings.result_backend)} failed "
+                    f"({type(e).__name__}: {e}); "
+                    + ("nothing was kept" if created.created
+                       else "start it again with the same key")
+                ) from e
         self.store.mark_enqueued(run_id)
         return Run(self, run_id)
 
@@ -220,6 +228,66 @@ class Pipeline:
                 "is parked again"
             ) from e
         return Run(self, run_id)
+
+    def replay(self, run_id: str, from_version: int) -> Run:
+        """Start a new run from sealed version ``from_version`` of ``run_id`` (a fork).
+
+        The new run's version 0 is that version (same payload, same digest); it runs
+        what came after it: the workflow's next stage, or the subscribers of the event its
+        agent publishes. Both runs' records name each other. Nothing before the version
+        runs again.
+        """
+        info = self.store.run_info(run_id)
+        flow = workflows.get(info.workflow)
+        source = self.store.get(run_id, from_version)  # digest checked
+        where = f"run {run_id} version {from_version} ({source.agent or 'the input'})"
+        if isinstance(flow, Choreography):
+            event_type = flow.start_event
+            if from_version:
+                emits = self._emits(source.agent)
+                if not emits:
+                    raise InputError(f"{where}: its agent publishes nothing, so nothing comes "
+                                     "after it to replay")
+                event_type = emits
+            if not flow.subscribers(event_type):
+                raise InputError(f"{where}: no agent subscribes to {event_type}")
+            consumers = [a.input for a in flow.subscribers(event_type)]
+        else:
+            assert isinstance(flow, Workflow)
+            stage = 0 if from_version == 0 else flow.stage_of(source.step) + 1
+            if stage >= len(flow.stages):
+                raise InputError(f"{where} is the run's output: nothing comes after it")
+            if from_version and len(flow.stages[stage - 1]) > 1:
+                group = ", ".join(s.agent.name for s in flow.stages[stage - 1])
+                raise InputError(f"{where} is one of a parallel group ({group}); replay "
+                                 "from the version that joins them, or from 0")
+            consumers = [s.agent.input for s in flow.stages[stage]]
+        for ref in consumers:  # what the first replayed step will check, checked now
+            flow.contract_of(ref).validate(source.payload, side="input", agent=where,
+                                           run_id=run_id, version=from_version)
+        new_id = str(uuid.uuid4())
+        self.store.create_run(new_id, workflow=flow.name, payload=source.payload,
+                              contract=source.contract)
+        self.store.link_replay(run_id, from_version, new_id)
+        try:
+            if isinstance(flow, Choreography):
+                flow.enqueue(self.app, self.store, new_id, event_type)
+            else:
+                assert isinstance(flow, Workflow)
+                flow.compile(self.app, new_id, start=stage, upstream=0).apply_async()
+        except PipelineError:
+            raise
+        except Exception as e:
+            raise BrokerUnavailable(f"cannot enqueue replay {new_id} of run {run_id}: "
+                                    f"{type(e).__name__}: {e}") from e
+        self.store.mark_enqueued(new_id)
+        return Run(self, new_id)
+
+    @staticmethod
+    def _emits(agent_name: str) -> str | None:
+        from .agent import agents
+
+        return agents.get(agent_name).emits if agent_name in agents else None
 
     def cancel(self, run_id: str, reason: str = "cancelled by hand") -> Run:
         """Stop a live run and compensate what it sealed; ``RunNotLive`` if it has ended."""

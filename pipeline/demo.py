@@ -9,9 +9,12 @@ run with a ``DEMO`` mapping in one of its agent modules (``tasks.DEMO``).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
+import secrets
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,11 +25,12 @@ import click
 
 from .agent import agents
 from .app import import_agent_modules
-from .cli import format_events, format_history, read_json_input, table
+from .cli import format_history, read_json_input, table, wait_all
+from .cli_observe import format_events
 from .client import Pipeline, Run
-from .embedded import EmbeddedRedis, answers
+from .embedded import EmbeddedRedis, answers, free_port
 from .errors import ConfigurationError, PipelineError, StoreUnavailable
-from .local import WorkerProcess
+from .local import FlowerProcess, WorkerProcess
 from .settings import DEFAULT_REDIS_URL, Settings, redact_url
 from .workflow import Flow
 
@@ -63,7 +67,8 @@ def demo_spec(settings: Settings) -> dict[str, Any]:
     )
 
 
-def run_demo(*, source: str | None, concurrency: int, timeout_s: float) -> None:
+def run_demo(*, source: str | None, concurrency: int, timeout_s: float, flower: bool = False,
+             hold_s: float | None = None) -> None:
     settings = Settings.from_env()
     spec = demo_spec(settings)
     batch = read_json_input(source or spec["input"])
@@ -84,36 +89,69 @@ def run_demo(*, source: str | None, concurrency: int, timeout_s: float) -> None:
         p = Pipeline(settings=settings)
         workflow = p.workflow(spec["workflow"])
         _reset_breakers(p, workflow)
-        click.echo(f"redis {redact_url(url)}; starting a worker pool of {concurrency} processes")
-        with WorkerProcess(env=env, concurrency=concurrency, cwd=os.getcwd()):
-            click.echo(f"\nworkflow {workflow.name}: {workflow.shape()}")
-            runs, elapsed = _run_batch(p, workflow, batch, timeout_s)
+        with contextlib.ExitStack() as stack:
+            if flower:
+                stack.callback(_flower(env).stop)
+            _demo_body(p, spec, workflow, batch, env, concurrency, timeout_s, url)
+            if flower:
+                _hold(hold_s)
+
+
+def _flower(env: dict[str, str]) -> FlowerProcess:
+    """Flower with basic auth: the credentials in FLOWER_BASIC_AUTH, else made up now."""
+    given = os.environ.get("FLOWER_BASIC_AUTH")
+    credentials = given or f"demo:{secrets.token_urlsafe(12)}"
+    fl = FlowerProcess(env=env, credentials=credentials, port=free_port(), cwd=os.getcwd())
+    fl.start()  # the caller's exit stack stops it
+    user, password = credentials.split(",")[0].split(":", 1)
+    shown = "from FLOWER_BASIC_AUTH" if given else password
+    click.echo(f"flower: {fl.url} (user {user}, password {shown}); every agent task shows "
+               "there as agent.<name>")
+    return fl
+
+
+def _hold(hold_s: float | None) -> None:
+    """Keep Flower up for a look: until Enter on a terminal, else ``hold_s`` seconds."""
+    if hold_s is None and sys.stdin.isatty():
+        click.prompt("flower stays up: press Enter to stop it", default="",
+                     show_default=False)
+    elif hold_s:
+        click.echo(f"flower stays up for {hold_s:g}s")
+        time.sleep(hold_s)
+
+
+def _demo_body(p: Pipeline, spec: dict[str, Any], workflow: Flow, batch: list[Any],
+               env: dict[str, str], concurrency: int, timeout_s: float, url: str) -> None:
+    click.echo(f"redis {redact_url(url)}; starting a worker pool of {concurrency} processes")
+    with WorkerProcess(env=env, concurrency=concurrency, cwd=os.getcwd()):
+        click.echo(f"\nworkflow {workflow.name}: {workflow.shape()}")
+        runs, elapsed = _run_batch(p, workflow, batch, timeout_s)
+        click.echo(_decisions(spec, runs))
+        ok = sum(r.status().value == "succeeded" for r in runs)
+        click.echo(f"{ok}/{len(runs)} runs succeeded in {elapsed:.2f}s "
+                   f"({len(runs) / elapsed:.1f} runs/s)")
+        _show_lineage(runs)
+        _show_refusal(p, workflow, spec.get("rejected"))
+        if spec.get("choreography"):
+            _show_choreography(p, spec["choreography"], timeout_s)
+    if spec.get("chaos"):
+        chaos = spec["chaos"]
+        click.echo(f"\nthe same batch again with PIPELINE_CHAOS={chaos!r} "
+                   "(a new worker pool):")
+        with WorkerProcess(env={**env, "PIPELINE_CHAOS": chaos}, concurrency=concurrency,
+                           cwd=os.getcwd()):
+            runs, _ = _run_batch(p, workflow, batch, timeout_s)
             click.echo(_decisions(spec, runs))
-            ok = sum(r.status().value == "succeeded" for r in runs)
-            click.echo(f"{ok}/{len(runs)} runs succeeded in {elapsed:.2f}s "
-                       f"({len(runs) / elapsed:.1f} runs/s)")
-            _show_lineage(runs)
-            _show_refusal(p, workflow, spec.get("rejected"))
-            if spec.get("choreography"):
-                _show_choreography(p, spec["choreography"], timeout_s)
-        if spec.get("chaos"):
-            chaos = spec["chaos"]
-            click.echo(f"\nthe same batch again with PIPELINE_CHAOS={chaos!r} "
-                       "(a new worker pool):")
-            with WorkerProcess(env={**env, "PIPELINE_CHAOS": chaos}, concurrency=concurrency,
-                               cwd=os.getcwd()):
-                runs, _ = _run_batch(p, workflow, batch, timeout_s)
-                click.echo(_decisions(spec, runs))
-                _show_compensation(runs)
-                click.echo("\nbreakers:")
-                for snap in p.breakers.snapshots((a.name, a.breaker) for a in workflow.agents()):
-                    last = snap.last_transition
-                    if last and last["reason"] != RESET_REASON:
-                        click.echo(f"  {snap.agent}: {snap.state.value} ({last['reason']}); "
-                                   f"{snap.failures} failed, {snap.rejected} refused")
-            _reset_breakers(p, workflow)
-            click.echo("breakers reset")
-        click.echo("worker pool stopped")
+            _show_compensation(runs)
+            click.echo("\nbreakers:")
+            for snap in p.breakers.snapshots((a.name, a.breaker) for a in workflow.agents()):
+                last = snap.last_transition
+                if last and last["reason"] != RESET_REASON:
+                    click.echo(f"  {snap.agent}: {snap.state.value} ({last['reason']}); "
+                               f"{snap.failures} failed, {snap.rejected} refused")
+        _reset_breakers(p, workflow)
+        click.echo("breakers reset")
+    click.echo("worker pool stopped")
 
 
 def _reset_breakers(p: Pipeline, workflow: Flow) -> None:
@@ -125,8 +163,7 @@ def _run_batch(p: Pipeline, workflow: Flow, batch: list[Any],
                timeout_s: float) -> tuple[list[Run], float]:
     started = time.monotonic()
     runs = [p.start(workflow, payload) for payload in batch]
-    for run in runs:
-        run.wait(timeout_s)
+    wait_all(runs, timeout_s, f"{len(runs)} runs of {workflow.name}")
     return runs, time.monotonic() - started
 
 

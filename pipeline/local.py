@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -128,6 +129,62 @@ class WorkerProcess:
         shutil.rmtree(self.logfile.parent, ignore_errors=True)
 
     def __enter__(self) -> WorkerProcess:
+        return self.start()
+
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class FlowerProcess:
+    """``celery -A <app> flower`` with basic auth, on a loopback port, read from the
+    project directory (where ``flowerconfig.py`` refuses to run without credentials)."""
+
+    def __init__(self, *, env: Mapping[str, str], credentials: str, port: int,
+                 cwd: str | None = None, app: str = "config") -> None:
+        self.port = port
+        self.credentials = credentials
+        self.url = f"http://127.0.0.1:{port}"
+        self.cmd = [sys.executable, "-m", "celery", "-A", app, "flower"]
+        self.env = {**os.environ, **env, "FLOWER_BASIC_AUTH": credentials,
+                    "FLOWER_PORT": str(port), "FLOWER_ADDRESS": "127.0.0.1"}
+        self.cwd = cwd
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> FlowerProcess:
+        self.process = subprocess.Popen(self.cmd, cwd=self.cwd, env=self.env,
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                err = self.process.stderr.read().decode(errors="replace") \
+                    if self.process.stderr else ""
+                raise ConfigurationError(f"flower exited at start: {err[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return self
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise ConfigurationError(f"flower not listening on {self.url} after "
+                                 f"{READY_TIMEOUT_S:g}s")
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process.stderr is not None:
+            self.process.stderr.close()
+
+    def __enter__(self) -> FlowerProcess:
         return self.start()
 
     def __exit__(

@@ -1,7 +1,385 @@
-"""Prometheus metrics read from Redis, served by ``pipeline exporter`` (being built)."""
+"""Prometheus metrics read from Redis at scrape time, served by ``pipeline exporter``.
+
+Workers serve no metrics: they only count, in Redis, what the exporter reports.
+A step's latency rides its seal round trip (three ``HINCRBY`` queued on the
+seal's batch, never inside the run's Lua script: on a cluster the counters live
+in another slot); a step that fails for good, and a compensation once recorded,
+cost one ``HINCRBY`` of their own, off the happy path. Every counter is a hash
+under ``pipeline:{metrics}`` (one hash tag: one slot).
+
+The exporter reads those hashes, the breakers, the dead-letter stream and the
+runs index when Prometheus scrapes it. A run in a status that never changes is
+read once and remembered (with its expiry) in the exporter, so a scrape reads
+only the live runs. Flower's own ``/metrics`` keeps covering tasks and workers.
+"""
 
 from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+import redis
+
+from . import runner
+from .agent import Agent
+from .breaker import BreakerRegistry, Snapshot
+from .errors import ConfigurationError, StoreError
+from .keys import DEAD_LETTERS, METRICS_PREFIX, RUNS_INDEX, RunKeys
+from .lua import Batch
+from .settings import Settings
+from .state import RunStatus, StateStore
+from .state.store import Extra, translate_errors
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from prometheus_client.metrics_core import Metric
+
+__all__ = ["DEFAULT_ADDRESS", "DEFAULT_PORT", "MetricsHooks", "PipelineCollector", "RunCensus",
+           "count_compensation", "install_hooks", "serve", "start"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ADDRESS = "127.0.0.1"
+DEFAULT_PORT = 9808
+LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000,
+                      60_000, 120_000, 300_000)
+"""Upper bounds of the step latency histogram (an agent may call a model for minutes)."""
+
+LATENCY = f"{METRICS_PREFIX}:latency"
+"""Hash ``<agent>:<bound ms>`` / ``<agent>:inf`` -> steps whose latency fell in that bucket
+(not cumulative), ``<agent>:count`` -> steps, ``<agent>:sum_us`` -> their total latency (µs)."""
+FAILURES = f"{METRICS_PREFIX}:failures"
+"""Hash agent -> steps of the agent that failed for good (not retried)."""
+COMPENSATIONS = f"{METRICS_PREFIX}:compensations"
+"""Hash ``<agent>:done`` / ``<agent>:dead`` -> compensations recorded with that outcome."""
+
+NEW_RUN_GRACE_MS = 60_000
+"""An indexed run not found is dropped from the index only when seen before or older than
+this: on a cluster, the index may be written before the run's keys."""
+READ_PAGE = 1000
+SETTLED = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.COMPENSATED})
+"""Statuses a run never leaves (``compensation_failed`` may be re-driven)."""
+BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
+INSTALL_HINT = "pip install celery-agent-pipeline[metrics]"
+
+
+# -- recording, in the workers -------------------------------------------------------------
+
+
+def _hincrby(key: str, field: str, amount: int) -> Extra:
+    def queue(batch: Batch) -> int:
+        return batch.command("HINCRBY", key, field, amount)
+
+    return queue
+
+
+def latency_extra(agent: str, latency_ms: float) -> list[Extra]:
+    """The three ``HINCRBY`` that observe one step's latency, to queue on its seal."""
+    bucket = next((str(b) for b in LATENCY_BUCKETS_MS if latency_ms <= b), "inf")
+    return [_hincrby(LATENCY, f"{agent}:{bucket}", 1), _hincrby(LATENCY, f"{agent}:count", 1),
+            _hincrby(LATENCY, f"{agent}:sum_us", round(latency_ms * 1000))]
+
+
+def _bump(client: redis.Redis, key: str, field: str) -> None:
+    """One counter, best effort: a metric never fails the work it counts."""
+    try:
+        client.hincrby(key, field, 1)
+    except redis.RedisError as e:
+        log.warning("could not count %s %s: %s", key, field, e)
+
+
+def count_compensation(client: redis.Redis, agent: str, outcome: str) -> None:
+    """Count a compensation recorded ``done`` or ``dead`` (the saga calls it once each)."""
+    _bump(client, COMPENSATIONS, f"{agent}:{outcome}")
+
+
+def _worker_redis() -> redis.Redis | None:
+    """The state client of the app whose task is running in this process, if any."""
+    from celery import current_task
+
+    app = getattr(current_task, "app", None)
+    if app is None or getattr(app, "pipeline_settings", None) is None:
+        return None
+    from .app import store_for  # the app imports this module
+
+    return store_for(app).redis
+
+
+class MetricsHooks(runner.StepHooks):
+    """Count each step's latency on its seal round trip, and its failures for good."""
+
+    def seal_extra(self, agent: Agent, *, ok: bool, latency_ms: float) -> Sequence[Extra]:
+        return latency_extra(agent.name, latency_ms)
+
+    def on_failure(self, agent: Agent, run_id: str, step: str, exc: BaseException) -> None:
+        client = _worker_redis()
+        if client is not None:
+            _bump(client, FAILURES, agent.name)
+
+
+_install_lock = threading.Lock()
 
 
 def install_hooks() -> None:
     """Register the step hooks that record what the exporter reports (idempotent)."""
+    with _install_lock:
+        if not any(isinstance(h, MetricsHooks) for h in runner.hooks):
+            runner.hooks.append(MetricsHooks())
+
+
+# -- reading, in the exporter --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Settled:
+    workflow: str
+    status: str
+    expires_at_ms: float | None  # this process's clock; None when the run never expires
+
+
+class RunCensus:
+    """How many indexed runs are in each (workflow, status).
+
+    Runs already in a status they never leave are read once and remembered
+    until they expire; the live ones are read at every count, in pipelined
+    pages. A run found missing is dropped from the index (``ZREM``).
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+        self._settled: dict[str, _Settled] = {}
+        self._live: set[str] = set()
+
+    def count(self) -> Counter[tuple[str, str]]:
+        now_ms = time.time() * 1000
+        indexed = {str(m): float(s) for m, s in self.redis.zscan_iter(RUNS_INDEX,
+                                                                        count=READ_PAGE)}
+        for run_id in self._settled.keys() - indexed.keys():
+            del self._settled[run_id]  # dropped from the index elsewhere
+        due = [run_id for run_id in indexed if run_id not in self._settled
+               or _expired(self._settled[run_id], now_ms)]
+        counts: Counter[tuple[str, str]] = Counter()
+        live: set[str] = set()
+        gone: list[str] = []
+        for run_id, (workflow, status), ttl_ms in self._read(due):
+            was_settled = self._settled.pop(run_id, None) is not None  # it was due to expire
+            if status is None:
+                seen = was_settled or run_id in self._live
+                if seen or now_ms - indexed[run_id] > NEW_RUN_GRACE_MS:
+                    gone.append(run_id)
+            elif status in SETTLED:
+                expires = now_ms + ttl_ms if ttl_ms > 0 else None
+                self._settled[run_id] = _Settled(workflow or "", status, expires)
+            else:
+                counts[(workflow or "", status)] += 1
+                live.add(run_id)
+        for run in self._settled.values():
+            counts[(run.workflow, run.status)] += 1
+        self._live = live
+        for i in range(0, len(gone), READ_PAGE):
+            self.redis.zrem(RUNS_INDEX, *gone[i:i + READ_PAGE])
+        return counts
+
+    def _read(self, run_ids: Sequence[str]) -> Iterator[tuple[str, list[str | None], int]]:
+        for i in range(0, len(run_ids), READ_PAGE):
+            page = run_ids[i:i + READ_PAGE]
+            pipe = self.redis.pipeline(transaction=False)
+            for run_id in page:
+                pipe.hmget(RunKeys(run_id).run, ["workflow", "status"])
+                pipe.pttl(RunKeys(run_id).run)
+            replies = pipe.execute()
+            for j, run_id in enumerate(page):
+                yield run_id, replies[2 * j], int(replies[2 * j + 1])
+
+
+def _expired(run: _Settled, now_ms: float) -> bool:
+    return run.expires_at_ms is not None and now_ms >= run.expires_at_ms
+
+
+@dataclass(frozen=True, slots=True)
+class _Reading:
+    latency: dict[str, str]
+    failures: dict[str, str]
+    compensations: dict[str, str]
+    dead_letters: int
+    breakers: list[Snapshot]
+    runs: Counter[tuple[str, str]]
+
+
+class PipelineCollector:
+    """A prometheus_client collector that reads the pipeline's state from Redis on scrape."""
+
+    def __init__(self, store: StateStore, *, agents: Iterable[Agent] = (),
+                 workflows: Iterable[str] = ()) -> None:
+        self.store = store
+        self.agents = list(agents)
+        self.workflows = sorted(workflows)
+        self.census = RunCensus(store.redis)
+        self._lock = threading.Lock()  # the HTTP server answers scrapes in threads
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        up = GaugeMetricFamily("pipeline_redis_up",
+                               "1 when the exporter could read the pipeline's Redis at this "
+                               "scrape, else 0 (and no other pipeline_ metric is reported)")
+        try:
+            with self._lock:
+                reading = self._read()
+        except StoreError as e:
+            log.warning("scrape failed: %s", e)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield from self._families(reading)
+
+    def _read(self) -> _Reading:
+        with translate_errors(self.store.url):
+            pipe = self.store.redis.pipeline(transaction=False)
+            pipe.hgetall(LATENCY)
+            pipe.hgetall(FAILURES)
+            pipe.hgetall(COMPENSATIONS)
+            pipe.xlen(DEAD_LETTERS)
+            latency, failures, compensations, dead = pipe.execute()
+            runs = self.census.count()
+        registry = BreakerRegistry(self.store.redis, url=self.store.url)
+        breakers = registry.snapshots((a.name, a.breaker) for a in self.agents
+                                      if a.breaker.enabled)
+        return _Reading(latency, failures, compensations, int(dead), breakers, runs)
+
+    def _families(self, r: _Reading) -> Iterator[Metric]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        names = {a.name for a in self.agents}
+        state = GaugeMetricFamily("pipeline_breaker_state",
+                                  "Circuit breaker of each agent: 0 closed, 1 half_open, 2 open",
+                                  labels=["agent"])
+        calls = CounterMetricFamily("pipeline_breaker_calls",
+                                    "Calls each agent's breaker counted, by outcome (success, "
+                                    "failure, rejected); `pipeline breakers reset` restarts them",
+                                    labels=["agent", "outcome"])
+        for snap in r.breakers:
+            state.add_metric([snap.agent], BREAKER_STATES[snap.state.value])
+            for outcome, n in (("success", snap.successes), ("failure", snap.failures),
+                               ("rejected", snap.rejected)):
+                calls.add_metric([snap.agent, outcome], n)
+        yield state
+        yield calls
+
+        runs = GaugeMetricFamily("pipeline_runs",
+                                 "Runs in the runs index (pipeline:runs) by workflow and status; "
+                                 "finished runs leave it when they expire",
+                                 labels=["workflow", "status"])
+        for workflow in sorted(set(self.workflows) | {w for w, _ in r.runs}):
+            for status in RunStatus:
+                runs.add_metric([workflow, status.value], r.runs.get((workflow, status.value), 0))
+        yield runs
+
+        latency = HistogramMetricFamily("pipeline_step_latency_seconds",
+                                        "Time from a step's start to its seal, per agent "
+                                        "(sealed steps only; fallbacks excluded)",
+                                        labels=["agent"])
+        by_agent = _split(r.latency)
+        for agent in sorted(names | by_agent.keys()):
+            fields = by_agent.get(agent, {})
+            observed = sorted((int(k), int(v)) for k, v in fields.items() if k.isdigit())
+            buckets = [(str(b / 1000), sum(n for le, n in observed if le <= b))
+                       for b in LATENCY_BUCKETS_MS]
+            count = int(fields.get("count", 0))
+            latency.add_metric([agent], buckets + [("+Inf", count)],
+                               sum_value=int(fields.get("sum_us", 0)) / 1e6)
+        yield latency
+
+        failures = CounterMetricFamily("pipeline_step_failures",
+                                       "Steps that failed for good (not retried), per agent",
+                                       labels=["agent"])
+        for agent in sorted(names | r.failures.keys()):
+            failures.add_metric([agent], int(r.failures.get(agent, 0)))
+        yield failures
+
+        compensations = CounterMetricFamily("pipeline_compensations",
+                                            "Compensations recorded by the saga, per agent and "
+                                            "outcome (done, or dead: dead-lettered)",
+                                            labels=["agent", "outcome"])
+        done = _split(r.compensations)
+        for agent in sorted({a.name for a in self.agents if a.compensate} | done.keys()):
+            for outcome in ("done", "dead"):
+                compensations.add_metric([agent, outcome], int(done.get(agent, {}).get(outcome, 0)))
+        yield compensations
+
+        dead = GaugeMetricFamily("pipeline_dead_letters",
+                                 "Entries in the dead-letter stream pipeline:dead (compensations "
+                                 "that failed for good, waiting for a person)")
+        dead.add_metric([], r.dead_letters)
+        yield dead
+
+
+def _split(fields: dict[str, str]) -> dict[str, dict[str, str]]:
+    """``{"a:count": "3"}`` -> ``{"a": {"count": "3"}}``."""
+    out: dict[str, dict[str, str]] = {}
+    for key, value in fields.items():
+        agent, _, part = key.rpartition(":")
+        out.setdefault(agent, {})[part] = value
+    return out
+
+
+# -- serving ---------------------------------------------------------------------------
+
+
+def _prometheus() -> Any:
+    try:
+        import prometheus_client
+    except ImportError:
+        raise ConfigurationError(
+            f"the exporter needs prometheus-client: {INSTALL_HINT}"
+        ) from None
+    return prometheus_client
+
+
+def start(settings: Settings, address: str = DEFAULT_ADDRESS,
+          port: int = DEFAULT_PORT) -> WSGIServer:
+    """Serve ``/metrics`` on ``address:port`` from a daemon thread; ``shutdown()`` stops it.
+
+    Imports the agent modules (the breakers are per agent). Raises
+    ``ConfigurationError`` without the ``metrics`` extra or when the port is taken.
+    """
+    prometheus_client = _prometheus()
+    from .agent import agents
+    from .app import import_agent_modules  # the app imports this module
+    from .workflow import workflows
+
+    import_agent_modules(settings.agent_modules)
+    registry = prometheus_client.CollectorRegistry()
+    registry.register(PipelineCollector(StateStore.from_settings(settings), agents=agents,
+                                        workflows=[w.name for w in workflows]))
+    try:
+        server, _ = prometheus_client.start_wsgi_server(port, addr=address, registry=registry)
+    except OSError as e:
+        raise ConfigurationError(
+            f"the exporter cannot listen on {address}:{port}: {e.strerror or e}; "
+            "pass another --port or --address"
+        ) from e
+    return cast("WSGIServer", server)
+
+
+def serve(settings: Settings, address: str = DEFAULT_ADDRESS, port: int = DEFAULT_PORT) -> None:
+    """Serve ``/metrics`` until the process is stopped (``pipeline exporter``)."""
+    server = start(settings, address, port)
+    log.info("pipeline exporter: http://%s:%d/metrics", address, port)
+    try:
+        threading.Event().wait()
+    finally:
+        server.shutdown()
+        server.server_close()

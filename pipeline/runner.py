@@ -117,6 +117,7 @@ def run_step(
             worker=worker,
             task_id=task_id,
             claim=delivery is not None,
+            queue=agent.queue,
             extra=gate.open_extra() + [e for h in hooks for e in h.open_extra(agent)],
         )
         hook_extra = gate.take_permit(opening.extra)
@@ -195,7 +196,7 @@ def run_step(
             + [e for h in hooks for e in h.seal_extra(agent, ok=True, latency_ms=latency_ms)]
             + ([delivery.seal_extra(store, task_id)] if delivery is not None else []),
             form=form,
-            trace=_usage_fields(ctx),
+            trace={**_usage_fields(ctx), **gate.trace_fields()},
         )
         gate.after_seal(sealing.extra)
     except (Ignore, Retry):
@@ -335,6 +336,7 @@ def _fail(
         "error_type": type(exc).__name__,
         "error": str(exc)[:2000],
     }
+    fields.update(gate.trace_fields())
     if isinstance(exc, ContractViolation):
         fields["contract"] = exc.contract
         fields["side"] = exc.side

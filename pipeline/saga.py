@@ -192,9 +192,16 @@ def compensate_step(app: Celery, task: Task, store: StateStore, agent: Agent, ru
 
 def give_up_or_record(app: Celery, store: StateStore, run_id: str, step: str, agent: str,
                       outcome: str, detail: str) -> None:
-    """Record a compensation's outcome once; a dead one also goes to ``pipeline:dead``."""
-    if advance(app, store, run_id, step, outcome, agent, detail) != "dup" and outcome == "dead":
+    """Record a compensation's outcome once; a dead one also goes to ``pipeline:dead``.
+    Each outcome recorded is counted for the exporter (a separate command: the counters
+    live in another slot than the run's keys)."""
+    from .metrics import count_compensation
+
+    if advance(app, store, run_id, step, outcome, agent, detail) == "dup":
+        return
+    if outcome == "dead":
         dead_letter(store, run_id, step, agent, detail)
+    count_compensation(store.redis, agent, outcome)
 
 
 def redrive(app: Celery, store: StateStore, run_id: str) -> None:

@@ -20,8 +20,11 @@ DEFAULT_QUEUE = "pipeline"
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     redis_url: str = DEFAULT_REDIS_URL
+    """State, logs, breakers: a Redis, or a Redis Cluster (``redis+cluster://host:port``)."""
     broker_url: str = DEFAULT_REDIS_URL
+    """Celery's broker: a plain Redis or RabbitMQ (``amqp://``)."""
     result_backend: str = DEFAULT_REDIS_URL
+    """Celery's results: a plain Redis (workflow chords count on it)."""
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     retention_s: int = DEFAULT_RETENTION_S
     visibility_timeout_s: int = DEFAULT_VISIBILITY_TIMEOUT_S
@@ -34,12 +37,13 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
-        redis_url = _redis_url(env, "PIPELINE_REDIS_URL", DEFAULT_REDIS_URL)
+        redis_url = _state_url(env)
+        broker_url = _broker_url(env, redis_url)
         modules = env.get("PIPELINE_AGENT_MODULES")
         return cls(
             redis_url=redis_url,
-            broker_url=_redis_url(env, "CELERY_BROKER_URL", redis_url),
-            result_backend=_redis_url(env, "CELERY_RESULT_BACKEND", redis_url),
+            broker_url=broker_url,
+            result_backend=_result_backend(env, redis_url, broker_url),
             max_payload_bytes=_int(env, "PIPELINE_MAX_PAYLOAD_BYTES", DEFAULT_MAX_PAYLOAD_BYTES),
             retention_s=_int(env, "PIPELINE_RETENTION_S", DEFAULT_RETENTION_S),
             visibility_timeout_s=_int(
@@ -54,20 +58,111 @@ class Settings:
             otel=env.get("PIPELINE_OTEL", "").strip().lower() in ("1", "true", "yes", "on"),
         )
 
+    @property
+    def broker_is_redis(self) -> bool:
+        """Whether Celery's broker is a Redis (else RabbitMQ)."""
+        return _scheme(self.broker_url) in REDIS_SCHEMES
+
     def with_redis(self, url: str) -> Settings:
-        """The same settings with state, broker and results all on ``url``."""
+        """The same settings with state, broker and results all on ``url`` (a plain Redis)."""
+        if is_cluster_url(url):
+            raise ConfigurationError(
+                f"{redact_url(url)} is a Redis Cluster: Celery's broker and result backend "
+                "need a plain Redis; set broker_url and result_backend apart"
+            )
         return replace(self, redis_url=url, broker_url=url, result_backend=url)
 
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+"""PIPELINE_REDIS_URL only: a Redis Cluster, reached through any one of its nodes."""
+AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
+"""CELERY_BROKER_URL only: RabbitMQ."""
+
+_REDIS_FORMS = "redis://host:port/db (rediss:// for TLS, unix:// for a socket)"
+_CLUSTER_FORMS = "redis+cluster://host:port for a Redis Cluster (rediss+cluster:// for TLS)"
+_AMQP_FORMS = "amqp://user:password@host:5672/vhost for RabbitMQ (amqps:// for TLS)"
 
 
-def _redis_url(env: Mapping[str, str], name: str, default: str) -> str:
-    url = env.get(name) or default
-    if urlsplit(url).scheme not in REDIS_SCHEMES:
+def is_cluster_url(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster (``redis+cluster://`` or ``rediss+cluster://``)."""
+    return _scheme(url) in CLUSTER_SCHEMES
+
+
+def cluster_node_url(url: str) -> str:
+    """The ``redis://`` (or ``rediss://``) URL of the node a cluster URL names."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme.removesuffix("+cluster"), parts.netloc, parts.path,
+                       parts.query, parts.fragment))
+
+
+def _scheme(url: str) -> str:
+    return urlsplit(url).scheme.lower()
+
+
+def _state_url(env: Mapping[str, str]) -> str:
+    name = "PIPELINE_REDIS_URL"
+    url = env.get(name) or DEFAULT_REDIS_URL
+    scheme = _scheme(url)
+    if scheme in CLUSTER_SCHEMES:
+        parts = urlsplit(url)
+        if not parts.hostname or parts.path.strip("/") not in ("", "0"):
+            raise ConfigurationError(
+                f"{name}={redact_url(url)}: a cluster URL names one node, "
+                "redis+cluster://[user:password@]host:port, and no database but 0"
+            )
+        return url
+    if scheme not in REDIS_SCHEMES:
         raise ConfigurationError(
-            f"{name}={redact_url(url)} is not a Redis URL; expected redis://host:port/db "
-            "(rediss:// for TLS, unix:// for a socket)"
+            f"{name}={redact_url(url)} is not a Redis URL; expected {_REDIS_FORMS}, or "
+            f"{_CLUSTER_FORMS}"
+        )
+    return url
+
+
+def _broker_url(env: Mapping[str, str], redis_url: str) -> str:
+    name = "CELERY_BROKER_URL"
+    url = env.get(name)
+    if not url:
+        if is_cluster_url(redis_url):
+            raise ConfigurationError(
+                f"PIPELINE_REDIS_URL={redact_url(redis_url)} is a Redis Cluster, which Celery "
+                f"cannot use as its broker: set {name} to a plain Redis, {_REDIS_FORMS}, or "
+                f"to {_AMQP_FORMS}"
+            )
+        return redis_url
+    scheme = _scheme(url)
+    if scheme in CLUSTER_SCHEMES:
+        raise ConfigurationError(
+            f"{name}={redact_url(url)}: Celery cannot use a Redis Cluster as its broker; "
+            f"expected a plain Redis, {_REDIS_FORMS}, or {_AMQP_FORMS}"
+        )
+    if scheme not in REDIS_SCHEMES + AMQP_SCHEMES:
+        raise ConfigurationError(
+            f"{name}={redact_url(url)} is not a Redis or RabbitMQ URL; expected "
+            f"{_REDIS_FORMS}, or {_AMQP_FORMS}"
+        )
+    return url
+
+
+def _result_backend(env: Mapping[str, str], redis_url: str, broker_url: str) -> str:
+    """A plain Redis: chords count on it (RabbitMQ's ``rpc://`` has no chords)."""
+    name = "CELERY_RESULT_BACKEND"
+    url = env.get(name)
+    if not url:
+        if not is_cluster_url(redis_url):
+            return redis_url
+        if _scheme(broker_url) in REDIS_SCHEMES:
+            return broker_url
+        raise ConfigurationError(
+            f"PIPELINE_REDIS_URL={redact_url(redis_url)} is a Redis Cluster and the broker is "
+            f"RabbitMQ: set {name} to a plain Redis, {_REDIS_FORMS} (chords need it)"
+        )
+    if _scheme(url) not in REDIS_SCHEMES:
+        raise ConfigurationError(
+            f"{name}={redact_url(url)} is not a plain Redis URL; expected {_REDIS_FORMS}. "
+            "Results stay on a Redis whatever the broker (workflow chords count on it), and "
+            "Celery cannot keep them on a Redis Cluster"
         )
     return url
 

@@ -250,7 +250,7 @@ def test_history_without_json_prints_a_table_in_version_order(
 def test_trace_json_tells_what_happened_in_order(finished: str, redis_url: str) -> None:
     result = invoke(redis_url, "trace", finished, "--json")
     assert result.exit_code == 0, result.output
-    entries = json.loads(result.stdout)
+    entries = json.loads(result.stdout)["log"]
     events = [e["event"] for e in entries]
     assert events[0] == "run.created" and events[-1] == "run.succeeded"
     sealed = [e for e in entries if e["event"] == "step.sealed"]

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 import pytest
 import redis
@@ -93,3 +99,53 @@ def test_demo_starts_an_embedded_redis_when_nothing_answers() -> None:
     assert done.returncode == 0, done.stderr
     assert "started an embedded one at redis://127.0.0.1:" in done.stdout
     assert "8/8 runs succeeded" in done.stdout and "worker pool stopped" in done.stdout
+
+
+def test_demo_with_flower_prints_its_url_and_credentials_and_flower_requires_them(
+    cluster: Cluster,
+) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "demo", "--flower", "--hold", "60"],
+        cwd=ROOT, env={**os.environ, "PIPELINE_CHAOS": "", "PIPELINE_REDIS_URL": cluster.url,
+                       "FLOWER_BASIC_AUTH": ""},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = ""
+        for line in proc.stdout:
+            if line.startswith("flower: "):
+                break
+        found = re.match(r"flower: (http://127\.0\.0\.1:\d+) \(user (\w+), password (\S+)\)",
+                         line)
+        assert found, line
+        url, user, password = found.groups()
+
+        def status(auth: str | None) -> int:
+            request = urllib.request.Request(f"{url}/api/workers")
+            if auth:
+                request.add_header("Authorization",
+                                   "Basic " + base64.b64encode(auth.encode()).decode())
+            try:
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    return int(response.status)
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        assert status(None) == 401
+        assert status(f"{user}:{password}") == 200
+        for line in proc.stdout:  # the demo goes on; Flower sees its agent tasks
+            if line.startswith("flower stays up"):
+                break
+        tasks = urllib.request.Request(f"{url}/api/tasks?limit=1000")
+        tasks.add_header("Authorization",
+                         "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+        with urllib.request.urlopen(tasks, timeout=5) as response:
+            names = {t["name"] for t in json.load(response).values()}
+        assert {"agent.credit_score", "agent.final_approval", "agent.research"} <= names
+    finally:
+        proc.send_signal(signal.SIGINT)  # the demo stops what it started
+        proc.wait(60)
+    port = int(url.rsplit(":", 1)[1])
+    with pytest.raises(OSError):  # Flower is gone with it
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()

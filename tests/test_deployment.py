@@ -1,30 +1,43 @@
 """The deployment files: docker-compose.yml, Procfile, the Celery settings, Flower's auth.
 
-Docker does not run here, so the compose file is checked by reading it: every
-agent queue has a pool, Redis persists, Flower demands credentials.
+Docker does not run here, so the compose file is checked by reading it (and by
+``docker-compose config`` where that is installed): every agent queue has a pool,
+every command and option it names exists, Redis persists, Flower demands
+credentials. The Procfile's pools run for real under honcho.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import functools
+import json
 import os
+import re
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import click
 import pytest
 import yaml
 
+from pipeline import RunStatus
 from pipeline.embedded import free_port
-from tests.conftest import ROOT, wait_for
+from tests.conftest import ROOT, Cluster, wait_for
 
 COMPOSE = yaml.safe_load((Path(ROOT) / "docker-compose.yml").read_text())
 PROCFILE = dict(
-    line.split(": ", 1) for line in (Path(ROOT) / "Procfile").read_text().splitlines() if line
+    line.split(": ", 1) for line in (Path(ROOT) / "Procfile").read_text().splitlines()
+    if line and not line.startswith("#")
 )
+SAMPLES = Path(ROOT) / "tasks" / "samples"
+BIN = Path(sys.executable).parent
 
 
 def served_queues(commands: list[str]) -> set[str]:
@@ -48,6 +61,9 @@ def test_compose_runs_a_pool_for_every_agent_queue() -> None:
     services = COMPOSE["services"]
     workers = [s["command"] for name, s in services.items() if name.startswith("worker-")]
     assert served_queues(workers) == agent_queues()
+    assert all(s["deploy"]["replicas"] >= 2 for n, s in services.items()
+               if n.startswith("worker-"))
+    assert "agents.audit" in served_queues([services["worker-research"]["command"]])
     for name, service in services.items():
         if name != "redis":
             env = service["environment"]
@@ -74,6 +90,145 @@ def test_procfile_runs_redis_flower_and_a_pool_for_every_queue() -> None:
         == agent_queues()
     assert "--appendonly yes" in PROCFILE["redis"]
     assert PROCFILE["flower"] == "celery -A config flower"
+    assert PROCFILE["exporter"].startswith("pipeline exporter ")
+
+
+# -- every command, option and queue the files name exists -------------------------------
+
+@functools.cache
+def celery_options(subcommand: str) -> set[str]:
+    """The options ``celery -A config <subcommand> --help`` lists, run for real (Flower's
+    plugin included)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "config", subcommand, "--help"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "FLOWER_BASIC_AUTH": "x:y", "PIPELINE_AGENT_MODULES": "tasks"},
+    )
+    assert done.returncode == 0, f"celery has no subcommand {subcommand}: {done.stderr[-500:]}"
+    return set(re.findall(r"(?<![\w-])--?[A-Za-z][\w-]*", done.stdout))
+
+
+def pipeline_options(subcommand: str) -> set[str]:
+    from pipeline.cli import main
+
+    command = main.get_command(click.Context(main), subcommand)
+    assert command is not None, f"`pipeline {subcommand}` is not a command of the pipeline CLI"
+    return {opt for param in command.params for opt in param.opts}
+
+
+def unknown_parts(command: str) -> list[str]:
+    """What in ``command`` names no existing program, subcommand, option or queue."""
+    argv = shlex.split(command)
+    options = [a.split("=", 1)[0] for a in argv if a.startswith("-")]
+    if argv[0] == "redis-server":
+        return []  # its options are Redis settings, checked by Redis at start
+    if argv[0] == "pipeline":
+        known = pipeline_options(argv[1]) | {"--help"}
+        return [o for o in options if o not in known]
+    if argv[:3] != ["celery", "-A", "config"]:
+        return [argv[0]]
+    known = celery_options(argv[3])
+    wrong = [o for o in options[1:] if o not in known]  # -A is celery's own
+    queues = served_queues([command]) - agent_queues()
+    return wrong + sorted(queues)
+
+
+def compose_commands() -> dict[str, str]:
+    out = {}
+    for name, service in COMPOSE["services"].items():
+        command = service.get("command")
+        out[name] = command if isinstance(command, str) else shlex.join(command)
+    return out
+
+
+def test_compose_names_only_commands_options_and_queues_that_exist() -> None:
+    commands = compose_commands()
+    assert {n: unknown_parts(c) for n, c in commands.items()} == {n: [] for n in commands}
+    assert commands["exporter"] == "pipeline exporter --address 0.0.0.0 --port 9808"
+    assert COMPOSE["services"]["exporter"]["ports"] == ["127.0.0.1:9808:9808"]
+
+
+def test_procfile_names_only_commands_options_and_queues_that_exist() -> None:
+    assert {n: unknown_parts(c) for n, c in PROCFILE.items()} == {n: [] for n in PROCFILE}
+
+
+def compose_tool() -> list[str] | None:
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    if shutil.which("docker") and subprocess.run(
+            ["docker", "compose", "version"], capture_output=True, timeout=30).returncode == 0:
+        return ["docker", "compose"]
+    return None
+
+
+def test_docker_compose_config_accepts_the_file() -> None:
+    tool = compose_tool()
+    if tool is None:
+        pytest.skip("neither docker-compose nor the docker compose plugin is installed")
+    done = subprocess.run(
+        [*tool, "-f", str(Path(ROOT) / "docker-compose.yml"), "config", "--quiet"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "FLOWER_BASIC_AUTH": "ops:secret"},
+    )
+    assert done.returncode == 0, done.stderr
+
+
+# -- the Procfile's pools, run by honcho --------------------------------------------------
+
+@pytest.mark.workers
+def test_honcho_runs_the_procfile_pools_and_each_serves_its_queues(
+    cluster: Cluster, tmp_path: Path,
+) -> None:
+    pools = sorted(n for n in PROCFILE if n.startswith("worker_"))  # no redis, flower, exporter
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PIPELINE_REDIS_URL": cluster.url, "CELERY_BROKER_URL": cluster.url,
+           "CELERY_RESULT_BACKEND": cluster.url, "PIPELINE_AGENT_MODULES": "tasks",
+           "PIPELINE_CHAOS": ""}
+    log = tmp_path / "honcho.log"
+    with open(log, "wb") as out:
+        honcho = subprocess.Popen(
+            [str(BIN / "honcho"), "--no-colour", "-e", os.devnull, "-f", "Procfile",
+             "start", *pools],
+            cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: nothing outlives the test
+        )
+    try:
+        wait_for(lambda: all(_line_with(log, f"{pool.removeprefix('worker_')}@", " ready.")
+                             for pool in pools),
+                 timeout_s=60, message=f"honcho's pools to be ready (log: {log})")
+        p = cluster.pipeline()
+        credit = p.start("credit_decision", json.loads((SAMPLES / "good.json").read_text()))
+        research = p.start("research_report",
+                           json.loads((SAMPLES / "research.json").read_text()))
+        for run in (credit, research):
+            result = run.wait(60)
+            assert result.status is RunStatus.SUCCEEDED, result.error
+        served_by = {e["agent"]: e["worker"].split("@")[0]
+                     for run in (credit, research) for e in p.store.log(run.run_id)
+                     if e["event"] == "step.sealed"}
+        assert served_by == {
+            "credit_score": "credit_score", "income_verification": "assessments",
+            "risk_assessment": "assessments", "fraud_detection": "assessments",
+            "final_approval": "approval", "research": "research", "analysis": "research",
+            "report": "research", "audit": "research"}
+    finally:
+        honcho.send_signal(signal.SIGTERM)  # honcho stops every pool (warm shutdown)
+        try:
+            honcho.wait(30)
+        except subprocess.TimeoutExpired:
+            honcho.kill()
+            honcho.wait()
+        with contextlib.suppress(ProcessLookupError):  # anything left of its group
+            os.killpg(honcho.pid, signal.SIGKILL)
+
+
+def _line_with(path: Path, *parts: str) -> str:
+    if not path.exists():
+        return ""
+    for line in path.read_text(errors="replace").splitlines():
+        if all(part in line for part in parts):
+            return line
+    return ""
 
 
 def test_the_celery_app_accepts_json_only_and_survives_lost_workers() -> None:

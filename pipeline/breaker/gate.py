@@ -102,6 +102,12 @@ class Gate:
             extras.append(keep)
         return extras
 
+    def trace_fields(self) -> dict[str, str]:
+        """The breaker's state when it let the call through, for the step's trace entry."""
+        if self.permit is None:
+            return {}
+        return {"breaker": self.permit.state.value}
+
     def after_seal(self, extra: Sequence[Any]) -> None:
         if self.registry is not None and self.permit is not None and extra:
             self._log_transition(self.registry.recorded(extra[0]).transition)

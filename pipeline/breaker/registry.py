@@ -13,10 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
-import redis
-
 from ..keys import breaker_key, breaker_log_key, breaker_probes_key
-from ..lua import Arg, Batch, Script
+from ..lua import Arg, Batch, Client, Script, route
 from ..state.store import translate_errors
 from .policy import BreakerPolicy, BreakerState
 
@@ -115,7 +113,7 @@ def _record_args(agent: str, policy: BreakerPolicy, outcome: str, lease: str,
 class BreakerRegistry:
     """Asks and tells the breakers; every change is one atomic script."""
 
-    def __init__(self, client: redis.Redis, *, url: str = "") -> None:
+    def __init__(self, client: Client, *, url: str = "") -> None:
         self.redis = client
         self.url = url
 
@@ -175,18 +173,30 @@ class BreakerRegistry:
         return self.snapshots([(agent, policy)])[0]
 
     def snapshots(self, agents: Iterable[tuple[str, BreakerPolicy]]) -> list[Snapshot]:
+        """Every breaker's state in one round trip, timed by the clock of the Redis that
+        holds it (its scripts' clock): on a cluster, one TIME per node."""
         pairs = list(agents)
+        if not pairs:
+            return []
+        clocks: dict[str, int] = {}  # node -> index of its TIME among the replies
+        clock_of: list[int] = []
         with translate_errors(self.url):
             pipe = self.redis.pipeline(transaction=False)
             for agent, _ in pairs:
                 pipe.hgetall(breaker_key(agent))
                 pipe.zrange(breaker_probes_key(agent), 0, -1, withscores=True)
-            pipe.time()
+            for agent, _ in pairs:
+                where = route(self.redis, breaker_key(agent))
+                node = str(getattr(where.get("target_nodes"), "name", ""))
+                if node not in clocks:
+                    clocks[node] = 2 * len(pairs) + len(clocks)
+                    pipe.execute_command("TIME", **where)  # pipe.time() is refused on a cluster
+                clock_of.append(clocks[node])
             replies = pipe.execute()
-        seconds, micros = replies[-1]
-        now = seconds + micros / 1e6
         out = []
         for i, (agent, policy) in enumerate(pairs):
+            seconds, micros = replies[clock_of[i]]
+            now = seconds + micros / 1e6
             h = cast(dict[str, str], replies[2 * i])
             state = BreakerState(h.get("state", "closed"))
             opened = int(h["opened_at"]) / 1000.0 if h.get("opened_at") else None

@@ -13,7 +13,8 @@
 -- KEYS[8] = pipeline:{run}:ledger      (hash delivery key -> state; choreography only)
 -- ARGV[6] = '' for a workflow step; for an event delivery (choreography), the task id
 --           that claims it: one task handles a delivery, any other is a duplicate
--- ARGV[7..] = input version numbers
+-- ARGV[7] = the queue the step was delivered on (for the trace)
+-- ARGV[8..] = input version numbers
 -- Returns one of:
 --   {'sealed', version, own}         the step was sealed already: do nothing (own is '1'
 --                                    when this task sealed it: its handover may not be done)
@@ -61,7 +62,7 @@ if n > tonumber(ARGV[3]) then
   return {'exhausted', tostring(n)}
 end
 local out = {'open', tostring(n), now}
-for i = 7, #ARGV do
+for i = 8, #ARGV do
   local id = ARGV[i] .. '-1'
   local e = redis.call('XRANGE', KEYS[1], id, id)
   if #e == 0 then return {'noversion', ARGV[i]} end
@@ -69,5 +70,5 @@ for i = 7, #ARGV do
 end
 redis.call('XADD', KEYS[4], '*', 'event', 'step.started', 'at', now, 'step', ARGV[1],
   'agent', ARGV[2], 'attempt', tostring(n), 'worker', ARGV[4], 'task_id', ARGV[5],
-  'inputs', table.concat(ARGV, ',', 7))
+  'queue', ARGV[7], 'inputs', table.concat(ARGV, ',', 8))
 return out

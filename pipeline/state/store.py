@@ -10,11 +10,20 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
+from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 
 from ..errors import RunNotFound, RunNotParked, StoreError, StoreUnavailable, VersionNotFound
 from ..keys import RUNS_INDEX, RunKeys, version_stream_id
-from ..lua import Batch, Script
-from ..settings import DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_RETENTION_S, Settings, redact_url
+from ..lua import Batch, Client, Script, route
+from ..settings import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    DEFAULT_RETENTION_S,
+    Settings,
+    cluster_node_url,
+    is_cluster_url,
+    redact_url,
+)
 from .version import RunInfo, RunStatus, Sealable, Version, sealable
 
 _PKG = "pipeline.state"
@@ -26,6 +35,7 @@ NOTE = Script(_PKG, "note.lua")
 MARK_ENQUEUED = Script(_PKG, "mark_enqueued.lua")
 PARK = Script(_PKG, "park.lua")
 RESUME = Script(_PKG, "resume.lua")
+HSET_LIVE = Script(_PKG, "hset_live.lua")
 
 UNENQUEUED_TTL_S = 24 * 3600
 """A run whose canvas never reached the broker is removed after this long."""
@@ -38,15 +48,26 @@ Extra = Callable[[Batch], int]
 """Queues one more call on a step's round trip and returns its index in the batch."""
 
 
-def connect(url: str) -> redis.Redis:
-    """A Redis client for the pipeline's state, with timeouts a worker can live with."""
-    return redis.Redis.from_url(
-        url,
-        decode_responses=True,
-        socket_connect_timeout=5,
-        socket_timeout=30,
-        health_check_interval=30,
-    )
+CLIENT_OPTIONS: dict[str, Any] = {
+    "decode_responses": True,
+    "socket_connect_timeout": 5,
+    "socket_timeout": 30,
+    "health_check_interval": 30,
+}
+"""Timeouts a worker can live with (an XREAD BLOCK stays well under the socket timeout)."""
+
+
+def connect(url: str) -> Client:
+    """A client for the pipeline's state: a ``RedisCluster`` for ``redis+cluster://``.
+
+    A plain Redis client connects on first use; a cluster client asks the node
+    the URL names for the cluster's slot table at once, so an unreachable
+    cluster raises ``StoreUnavailable`` here.
+    """
+    if not is_cluster_url(url):
+        return redis.Redis.from_url(url, **CLIENT_OPTIONS)
+    with translate_errors(url):
+        return RedisCluster.from_url(cluster_node_url(url), **CLIENT_OPTIONS)
 
 
 @contextmanager
@@ -56,12 +77,14 @@ def translate_errors(url: str) -> Iterator[None]:
         yield
     except redis.AuthenticationError as e:
         raise StoreUnavailable(f"Redis at {redact_url(url)} refused the credentials: {e}") from e
-    except (redis.ConnectionError, redis.TimeoutError) as e:
+    except (redis.ConnectionError, redis.TimeoutError, RedisClusterException) as e:
         raise StoreUnavailable(
             f"cannot reach Redis at {redact_url(url)}: {e}; is it running, and is "
             "PIPELINE_REDIS_URL right?"
         ) from e
     except redis.RedisError as e:  # read-only replica, OOM, MISCONF, NOPERM...
+        if isinstance(e, redis.exceptions.ClusterDownError):  # a failover under way
+            raise StoreUnavailable(f"Redis Cluster at {redact_url(url)} is down: {e}") from e
         raise StoreError(f"Redis at {redact_url(url)} refused the command: {e}") from e
 
 
@@ -103,13 +126,15 @@ class StateStore:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: Client,
         *,
         url: str = "",
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         retention_s: int = DEFAULT_RETENTION_S,
     ) -> None:
-        self.redis = client
+        # Typed as a plain Redis for the code that hands it on (the step's context, the
+        # metrics): a RedisCluster answers the same commands about the keys of one slot.
+        self.redis = cast(redis.Redis, client)
         self.url = url or _url_of(client)
         self.max_payload_bytes = max_payload_bytes
         self.retention_s = retention_s
@@ -155,6 +180,15 @@ class StateStore:
         return Created(run_id, False, reply[1], reply[2], enqueued=reply[3] == "1",
                        age_s=int(reply[4]) / 1000.0)
 
+    def link_replay(self, source: str, version: int, replay: str) -> None:
+        """Name each run in the other's record: ``replay_of`` and ``replay:<run>``."""
+        batch = Batch(self.redis)
+        batch.script(HSET_LIVE, [RunKeys(replay).run], ["replay_of", f"{source}@{version}"])
+        batch.script(HSET_LIVE, [RunKeys(source).run], [f"replay:{replay}", str(version)])
+        with translate_errors(self.url):
+            for reply in batch.execute():
+                _raise_if_error(reply)
+
     def mark_enqueued(self, run_id: str) -> None:
         """Record that the run's canvas reached the broker (it then lives until it ends)."""
         keys = RunKeys(run_id)
@@ -172,6 +206,7 @@ class StateStore:
         worker: str = "",
         task_id: str = "",
         claim: bool = False,
+        queue: str = "",
         extra: Sequence[Extra] = (),
     ) -> Opening:
         """Open a step in one round trip: status, seal check, delivery count, inputs.
@@ -184,7 +219,7 @@ class StateStore:
         batch.script(
             OPEN_STEP,
             keys.all(),
-            [step, agent, max_deliveries, worker, task_id, task_id if claim else "",
+            [step, agent, max_deliveries, worker, task_id, task_id if claim else "", queue,
              *(int(v) for v in inputs)],
         )
         extra_idx = [queue(batch) for queue in extra]
@@ -390,11 +425,15 @@ class StateStore:
         return [{"id": sid, **fields} for sid, fields in entries]
 
     def wait_log(self, run_id: str, after: str, block_ms: int) -> str:
-        """Block until the run's log has an entry after ``after``; its last id."""
+        """Block until the run's log has an entry after ``after``; its last id.
+
+        On a cluster the XREAD goes straight to the node that owns the run's slot.
+        """
         key = RunKeys(run_id).log
+        command = ("XREAD", "COUNT", 100, "BLOCK", block_ms, "STREAMS", key, after)
         with translate_errors(self.url):
-            reply = cast(list[tuple[str, Entries]],
-                         self.redis.xread({key: after}, count=100, block=block_ms))
+            reply = cast(list[tuple[str, Entries]], self.redis.execute_command(  # type: ignore[no-untyped-call]
+                *command, **route(self.redis, key)))
         if not reply:
             return after
         return reply[0][1][-1][0]
@@ -421,7 +460,13 @@ def _no_run(run_id: str) -> str:
     )
 
 
-def _url_of(client: redis.Redis) -> str:
+def _url_of(client: Client) -> str:
+    """Where ``client`` points, for error messages (no credentials in it)."""
+    if isinstance(client, RedisCluster):
+        node = client.get_default_node()  # type: ignore[no-untyped-call]
+        return f"redis+cluster://{node.host}:{node.port}"
     kw = client.connection_pool.connection_kwargs
-    host = kw.get("host", "localhost")
-    return f"redis://{host}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+    if "path" in kw:
+        return f"unix://{kw['path']}?db={kw.get('db', 0)}"
+    scheme = "rediss" if kw.get("ssl") or "ssl_cert_reqs" in kw else "redis"
+    return f"{scheme}://{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"

@@ -153,6 +153,10 @@ class RunInfo:
     idempotency_key: str | None
     degraded: bool = False
     parked_steps: tuple[str, ...] = ()
+    replay_of: str = ""
+    """``<run>@<version>``: this run was replayed from that sealed version."""
+    replays: tuple[str, ...] = ()
+    """Runs replayed from this one."""
 
     @property
     def parked_step(self) -> str | None:
@@ -179,6 +183,8 @@ class RunInfo:
             idempotency_key=h.get("idempotency_key") or None,
             degraded=h.get("degraded") == "1",
             parked_steps=tuple(s for s in h.get("parked_steps", "").split(",") if s),
+            replay_of=h.get("replay_of", ""),
+            replays=tuple(sorted(k.removeprefix("replay:") for k in h if k.startswith("replay:"))),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -197,5 +203,7 @@ class RunInfo:
             "idempotency_key": self.idempotency_key,
             "degraded": self.degraded,
             "parked_step": self.parked_step,
+            "replay_of": self.replay_of or None,
+            "replays": list(self.replays),
             "parked_steps": list(self.parked_steps),
         }

@@ -1,0 +1,271 @@
+"""The ``pipeline`` commands that explain runs: trace, inspect, graph, runs, events, explain."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from .cli import _echo_json, _pipeline, _time, json_option, main, table
+from .errors import InputError
+
+if TYPE_CHECKING:
+    from .ledger import EventView
+    from .observe import Call, Usage
+    from .state import RunInfo
+
+
+def _calls_table(run_calls: Sequence[Call], start: int) -> str:
+    rows: list[tuple[str, ...]] = [("+ms", "step", "agent", "try", "worker", "queue", "status",
+                                    "latency", "in", "out", "breaker", "fallback", "tokens",
+                                    "error")]
+    for c in run_calls:
+        rows.append((
+            str(c.started_at - start), c.step, c.agent, str(c.attempt), c.worker, c.queue,
+            c.status + (" (degraded)" if c.degraded and c.status == "ok" else ""),
+            "" if c.latency_ms is None else f"{c.latency_ms:.0f} ms",
+            ",".join(map(str, c.inputs)), "" if c.output is None else str(c.output),
+            c.breaker, c.fallback,
+            str(c.prompt_tokens + c.completion_tokens) if c.prompt_tokens or c.completion_tokens
+            else "",
+            f"{c.error_type}: {c.error}"[:80] if c.error_type else c.error[:80],
+        ))
+    return table(rows)
+
+
+def _tokens_line(per: dict[str, Usage], total: Usage) -> str:
+    parts = [f"{agent} {u.total:,}" for agent, u in sorted(per.items()) if u.total]
+    return (f"tokens: {total.total:,} (prompt {total.prompt_tokens:,}, completion "
+            f"{total.completion_tokens:,})" + (f"; by agent: {', '.join(parts)}" if parts else ""))
+
+
+def _header(info: RunInfo, total: Usage) -> list[str]:
+    took = ((info.finished_at or info.updated_at) - info.created_at) * 1000
+    lines = [f"run       {info.run_id}",
+             f"workflow  {info.workflow}",
+             f"status    {info.status.value}" + (" (degraded)" if info.degraded else ""),
+             f"created   {_time(info.created_at)}",
+             f"duration  {took:.0f} ms" + ("" if info.finished_at else " so far"),
+             f"tokens    {total.total:,} (prompt {total.prompt_tokens:,}, completion "
+             f"{total.completion_tokens:,}) in {total.calls} calls"]
+    if info.replay_of:
+        lines.append(f"replay of {info.replay_of}")
+    if info.replays:
+        lines.append(f"replayed  as {', '.join(info.replays)}")
+    if info.error:
+        lines.append(f"error     {info.failed_agent}: {info.error}")
+    return lines
+
+
+@main.command()
+@click.argument("run_id")
+@json_option
+def trace(run_id: str, as_json: bool) -> None:
+    """Every call of a run, one row per attempt, with its tokens; then the run's log."""
+    from .observe import calls, usage
+
+    p = _pipeline()
+    info = p.store.run_info(run_id)
+    entries = p.store.log(run_id)
+    run_calls = calls(entries)
+    per, total = usage(run_calls)
+    if as_json:
+        _echo_json({
+            "run_id": run_id, "workflow": info.workflow, "status": info.status.value,
+            "calls": [c.to_dict() for c in run_calls],
+            "tokens": {"total": total.to_dict(),
+                       "by_agent": {a: u.to_dict() for a, u in sorted(per.items())}},
+            "log": entries,
+        })
+        return
+    start = int(entries[0]["at"]) if entries else 0
+    click.echo(f"run {run_id} of {info.workflow}: {info.status.value}")
+    click.echo(_calls_table(run_calls, start))
+    click.echo(_tokens_line(per, total))
+    click.echo("\nlog:")
+    for e in entries:
+        rest = {k: v for k, v in e.items() if k not in ("id", "at", "event")}
+        detail = " ".join(f"{k}={v}" for k, v in rest.items())
+        click.echo(f"+{int(e['at']) - start:>6} ms  {e['event']:<16} {detail}")
+
+
+@main.command()
+@click.argument("run_id")
+@json_option
+def inspect(run_id: str, as_json: bool) -> None:
+    """One page on a run: header, lineage tree, calls, compensations."""
+    from .observe import calls, compensations, lineage_tree, usage
+
+    p = _pipeline()
+    info = p.store.run_info(run_id)
+    entries = p.store.log(run_id)
+    history = p.store.history(run_id)
+    run_calls = calls(entries)
+    per, total = usage(run_calls)
+    undone = compensations(entries)
+    if as_json:
+        _echo_json({
+            "run": {**info.to_dict(), "tokens": total.to_dict()},
+            "versions": [v.to_dict() for v in history],
+            "calls": [c.to_dict() for c in run_calls],
+            "tokens_by_agent": {a: u.to_dict() for a, u in sorted(per.items())},
+            "compensations": undone,
+        })
+        return
+    start = int(entries[0]["at"]) if entries else 0
+    for line in _header(info, total):
+        click.echo(line)
+    click.echo("\nlineage (newest first; each version above what it was made from):")
+    for line in lineage_tree(history, info.output_version):
+        click.echo(f"  {line}")
+    others = [v for v in history if v.version not in _reached(history, info.output_version)]
+    if info.output_version is not None and others:
+        click.echo("  not in the output's lineage: " + ", ".join(
+            f"v{v.version} {v.agent or '(input)'}" for v in others))
+    click.echo("\ncalls:")
+    click.echo(_calls_table(run_calls, start))
+    click.echo(_tokens_line(per, total))
+    if undone:
+        click.echo("\ncompensation:")
+        for e in undone:
+            what = e.get("step") or e.get("reason", "")
+            click.echo(f"  +{int(e['at']) - start:>6} ms  {e['event']:<24} {what}"[:120])
+
+
+def _reached(history: Sequence[Any], head: int | None) -> set[int]:
+    if head is None:
+        return {v.version for v in history}
+    parents = {v.version: v.parents for v in history}
+    seen: set[int] = set()
+    todo = [head]
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo += list(parents.get(n, ()))
+    return seen
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--output", "-o", "target", default=None,
+              help="Write here (.dot, or .svg when Graphviz's `dot` is installed); default "
+                   "stdout.")
+@click.option("--format", "fmt", type=click.Choice(["dot", "svg"]), default=None,
+              help="Default: from the file name, else dot.")
+def graph(run_id: str, target: str | None, fmt: str | None) -> None:
+    """Write a run's lineage as Graphviz DOT, or SVG when `dot` is installed."""
+    from .observe import lineage_dot, render_svg
+
+    p = _pipeline()
+    dot = lineage_dot(p.store.run_info(run_id), p.store.history(run_id))
+    fmt = fmt or ("svg" if target and target.endswith(".svg") else "dot")
+    data: bytes = dot.encode()
+    if fmt == "svg":
+        svg = render_svg(dot)
+        if svg is None:
+            raise InputError("SVG needs Graphviz's `dot` on PATH (apt install graphviz); "
+                             "write DOT instead (--format dot) and render it elsewhere")
+        data = svg
+    if target is None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+        return
+    try:
+        Path(target).write_bytes(data)
+    except OSError as e:
+        raise InputError(f"cannot write {target}: {e.strerror or e}") from None
+    click.echo(f"wrote {target} ({len(data):,} bytes, {fmt})", err=True)
+
+
+@main.command()
+@click.option("--status", default=None, help="Only runs with this status.")
+@click.option("--workflow", default=None, help="Only runs of this workflow.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True)
+@json_option
+def runs(status: str | None, workflow: str | None, limit: int, as_json: bool) -> None:
+    """List recent runs, newest first, from the index kept in Redis."""
+    from .observe import runs as recent
+    from .state import RunStatus
+
+    if status is not None and status not in {s.value for s in RunStatus}:
+        raise InputError(f"--status {status!r} is not a run status (one of "
+                         f"{', '.join(s.value for s in RunStatus)})")
+    rows = recent(_pipeline().store, status=status, workflow=workflow, limit=limit)
+    if as_json:
+        _echo_json([r.to_dict() for r in rows])
+        return
+    out = [("run", "workflow", "status", "created", "ms", "versions", "error")]
+    for r in rows:
+        took = "" if r.finished_at is None else f"{(r.finished_at - r.created_at) * 1000:.0f}"
+        out.append((r.run_id, r.workflow, r.status + (" (degraded)" if r.degraded else ""),
+                    _time(r.created_at), took, str(r.head + 1), r.error[:60]))
+    click.echo(table(out))
+
+
+def format_events(views: Sequence[EventView]) -> str:
+    """The ledger as a table: one row per delivery, under the event it delivers."""
+    start = views[0].at if views else 0
+    rows: list[tuple[str, ...]] = [("event", "type", "cause", "by", "version", "+ms", "delivery",
+                                    "state", "attempts", "latency", "detail")]
+    for v in views:
+        head = (v.event_id, v.type + (" (terminal)" if v.terminal else "")
+                + (" (failure)" if v.failure else ""), v.cause or "-", v.publisher,
+                str(v.version) if v.version >= 0 else "-", str(v.at - start))
+        if v.failure:
+            rows.append(head + ("-", "saga", "", "", "handed to the saga"))
+        for i, d in enumerate(v.deliveries):
+            detail = (f"v{d.version}" if d.version is not None else "") or d.error[:60]
+            rows.append((head if i == 0 else ("",) * 6) + (
+                d.agent, d.state, str(d.attempts or ""),
+                "" if d.latency_ms is None else f"{d.latency_ms:.0f} ms", detail))
+    return table(rows)
+
+
+@main.command()
+@click.argument("run_id")
+@json_option
+def events(run_id: str, as_json: bool) -> None:
+    """Show a choreographed run's events: cause, subscribers, and each delivery's state."""
+    from .ledger import events as read_events
+
+    p = _pipeline()
+    views = read_events(p.store, run_id)
+    if as_json:
+        _echo_json([v.to_dict() for v in views])
+        return
+    info = p.store.run_info(run_id)
+    click.echo(f"run {run_id} of {info.workflow}: {info.status.value}")
+    if not views:
+        click.echo("no events: this run is not a choreography")
+        return
+    click.echo(format_events(views))
+    for v in views:
+        if v.unrouted:
+            click.echo(f"warning: {v.event_id} {v.type} from {v.publisher} is unrouted: no "
+                       "agent subscribes to it", err=True)
+
+
+@main.command()
+@click.argument("run_id")
+@click.argument("agent")
+@json_option
+def explain(run_id: str, agent: str, as_json: bool) -> None:
+    """Why AGENT did or did not react in RUN: its subscriptions, the events, each delivery."""
+    from .agent import agents
+    from .ledger import explain as explain_agent
+
+    p = _pipeline()
+    known = agents.get(agent) if agent in agents else None
+    why = explain_agent(p.store, run_id, agent, known)
+    if as_json:
+        _echo_json(why.to_dict())
+        return
+    click.echo(f"agent {why.agent}: on {', '.join(why.on) or '(nothing)'}; emits "
+               f"{why.emits or '(nothing)'}; input {why.input_contract or '?'}")
+    for row in why.events:
+        click.echo(f"  {row['event_id']:<4} {row['type']:<24} {row['why']}")
+    click.echo(why.summary)

@@ -1,0 +1,288 @@
+"""What happened in a run, read back from its log and its versions: the calls (one row per
+attempt), token usage, the lineage tree and graph, the compensations, the runs index.
+
+Nothing here writes (except dropping expired runs from the index); every figure is derived
+from what the runner, the saga and the breaker gate already log in the run's stream, so a
+trace can never disagree with the run.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, cast
+
+from .keys import RUNS_INDEX, RunKeys
+from .state import RunInfo, RunStatus, StateStore, Version
+from .state.store import translate_errors
+
+__all__ = ["Call", "Usage", "calls", "compensations", "lineage_dot", "lineage_tree", "runs",
+           "usage"]
+
+ENDINGS = {
+    "step.sealed": "ok",
+    "step.failed": "failed",
+    "step.retry": "retried",
+    "step.refused": "refused",
+    "step.skipped": "skipped",
+    "step.discarded": "discarded",
+    "step.exhausted": "exhausted",
+}
+
+
+@dataclass(slots=True)
+class Call:
+    """One attempt of one step: what the agent received, produced, took and cost."""
+
+    step: str
+    agent: str
+    attempt: int
+    worker: str = ""
+    queue: str = ""
+    started_at: int = 0  # ms, the server's clock
+    latency_ms: float | None = None
+    inputs: list[int] = field(default_factory=list)
+    output: int | None = None
+    status: str = "running"  # running ok failed retried refused skipped discarded exhausted
+    error_type: str = ""
+    error: str = ""
+    breaker: str = ""
+    fallback: str = ""
+    degraded: bool = False
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    model: str = ""
+    task_id: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def calls(log: Sequence[dict[str, str]]) -> list[Call]:
+    """Every call attempt of a run, in the order they started."""
+    out: list[Call] = []
+    open_calls: dict[str, Call] = {}
+    for e in log:
+        kind, step = e.get("event", ""), e.get("step", "")
+        if kind == "step.started":
+            call = Call(step=step, agent=e.get("agent", ""), attempt=int(e.get("attempt", 1)),
+                        worker=e.get("worker", ""), queue=e.get("queue", ""),
+                        started_at=int(e["at"]), task_id=e.get("task_id", ""),
+                        inputs=[int(v) for v in e.get("inputs", "").split(",") if v])
+            open_calls[step] = call
+            out.append(call)
+            continue
+        if kind not in ENDINGS and kind != "step.degraded":
+            continue
+        found = open_calls.get(step)
+        if found is None:  # ended without opening: a crash loop's refusal, a late note
+            if kind not in ("step.exhausted", "step.failed"):
+                continue
+            found = Call(step=step, agent=e.get("agent", ""), attempt=int(e.get("attempt", 0)),
+                         started_at=int(e["at"]))
+            out.append(found)
+        call = found
+        if kind == "step.degraded":  # a fallback sealed a stand-in
+            call.status, call.degraded = "ok", True
+            call.output = int(e.get("version", 0))
+            call.fallback = call.fallback or e.get("source", "")
+            _end(call, e)
+            continue
+        call.status = ENDINGS[kind]
+        call.error_type = e.get("error_type", call.error_type)
+        call.error = e.get("error", e.get("reason", call.error))
+        call.breaker = e.get("breaker", call.breaker)
+        if kind == "step.refused":
+            call.fallback = e.get("fallback", "")
+        if kind == "step.sealed":
+            call.output = int(e["version"])
+            call.degraded = e.get("degraded") == "1"
+            call.prompt_tokens = int(e.get("prompt_tokens", 0))
+            call.completion_tokens = int(e.get("completion_tokens", 0))
+            call.model = e.get("model", "")
+            call.latency_ms = float(e.get("latency_ms", 0.0))
+        else:
+            _end(call, e)
+        if kind != "step.refused":
+            open_calls.pop(step, None)
+    return out
+
+
+def _end(call: Call, entry: dict[str, str]) -> None:
+    if call.latency_ms is None:
+        call.latency_ms = float(int(entry["at"]) - call.started_at)
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    calls: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_dict(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "total_tokens": self.total,
+                "calls": self.calls}
+
+
+def usage(run_calls: Iterable[Call]) -> tuple[dict[str, Usage], Usage]:
+    """Token usage per agent and in total, from the calls that sealed."""
+    per: dict[str, Usage] = {}
+    total = Usage()
+    for c in run_calls:
+        u = per.setdefault(c.agent, Usage())
+        u.calls += 1
+        total.calls += 1
+        for target in (u, total):
+            target.prompt_tokens += c.prompt_tokens
+            target.completion_tokens += c.completion_tokens
+    return per, total
+
+
+def compensations(log: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    """The saga's entries (and steps that undid themselves), in order."""
+    kinds = ("run.compensating", "compensation.", "step.self_compensat", "run.compensated",
+             "run.compensation_failed", "step.discarded")
+    return [e for e in log if e.get("event", "").startswith(kinds)]
+
+
+# -- lineage -----------------------------------------------------------------------------
+
+
+def lineage_tree(history: Sequence[Version], head: int | None = None) -> list[str]:
+    """The versions as a tree, newest first: each version above the versions it was made
+    from, indented. A version reached twice (a diamond) is shown once, then referred to."""
+    by_version = {v.version: v for v in history}
+    roots = [head] if head is not None else _tips(history)
+    lines: list[str] = []
+    shown: set[int] = set()
+
+    def walk(n: int, prefix: str, last: bool, top: bool) -> None:
+        v = by_version[n]
+        branch = "" if top else ("`-- " if last else "|-- ")
+        label = (f"v{v.version} {v.agent or '(input)'} {v.contract} {v.digest[:12]}"
+                 + (" DEGRADED" if v.degraded else "") + (f" [{v.step}]" if v.agent else ""))
+        if n in shown:
+            lines.append(f"{prefix}{branch}v{v.version} (above)")
+            return
+        shown.add(n)
+        lines.append(f"{prefix}{branch}{label}")
+        child_prefix = prefix + ("" if top else ("    " if last else "|   "))
+        parents = list(v.parents)
+        for i, p in enumerate(parents):
+            walk(p, child_prefix, i == len(parents) - 1, False)
+
+    for root in roots:
+        walk(root, "", True, True)
+    return lines
+
+
+def _tips(history: Sequence[Version]) -> list[int]:
+    """Versions no other version was made from (the ends of the run's lineage)."""
+    used = {p for v in history for p in v.parents}
+    return sorted((v.version for v in history if v.version not in used), reverse=True)
+
+
+def lineage_dot(info: RunInfo, history: Sequence[Version]) -> str:
+    """The lineage as Graphviz DOT: one node per version, an edge from each parent."""
+    def q(text: str) -> str:  # labels keep their \n line breaks (DOT's own escape)
+        return '"' + text.replace('"', '\\"') + '"'
+
+    lines = [f"digraph {q('run ' + info.run_id)} {{", "  rankdir=LR;",
+             f"  label={q(f'{info.workflow} {info.run_id} ({info.status.value})')};",
+             "  node [shape=box, fontname=Helvetica];"]
+    for v in history:
+        label = (f"v{v.version} {v.agent or 'input'}\\n{v.contract}\\n{v.digest[:12]}"
+                 + ("\\nDEGRADED" if v.degraded else ""))
+        style = ", style=filled, fillcolor=\"#f8d7a8\"" if v.degraded else ""
+        if v.version == info.output_version:
+            style += ", penwidth=2"
+        lines.append(f"  v{v.version} [label={q(label)}{style}];")
+    for v in history:
+        for p in v.parents:
+            lines.append(f"  v{p} -> v{v.version};")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def render_svg(dot_source: str) -> bytes | None:
+    """SVG from DOT with Graphviz's ``dot`` when it is installed, else None."""
+    binary = shutil.which("dot")
+    if binary is None:
+        return None
+    done = subprocess.run([binary, "-Tsvg"], input=dot_source.encode(), capture_output=True,
+                          timeout=60, check=True)
+    return done.stdout
+
+
+# -- the runs index ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RunRow:
+    run_id: str
+    workflow: str
+    status: str
+    created_at: float
+    finished_at: float | None
+    head: int
+    error: str
+    degraded: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+FIELDS = ("workflow", "status", "created_at", "finished_at", "head", "error", "degraded")
+
+
+INDEX_GRACE_MS = 60_000
+"""A run missing from Redis is dropped from the index only once its entry is this old: on
+a cluster the index entry may land before the run's own keys."""
+
+
+def runs(store: StateStore, *, status: str | None = None, workflow: str | None = None,
+         limit: int = 20, page: int = 200) -> list[RunRow]:
+    """The newest runs in the index, filtered; runs that expired are dropped from it."""
+    if status is not None:
+        RunStatus(status)  # ValueError names the status
+    found: list[RunRow] = []
+    start = 0
+    with translate_errors(store.url):
+        while len(found) < limit:
+            scored = cast(list[tuple[str, float]], store.redis.zrevrange(
+                RUNS_INDEX, start, start + page - 1, withscores=True))
+            if not scored:
+                break
+            ids = [run_id for run_id, _ in scored]
+            old_enough = {run_id for run_id, score in scored
+                          if score < time.time() * 1000 - INDEX_GRACE_MS}
+            pipe = store.redis.pipeline(transaction=False)
+            for run_id in ids:
+                pipe.hmget(RunKeys(run_id).run, FIELDS)
+            gone = []
+            for run_id, values in zip(ids, pipe.execute(), strict=True):
+                h = dict(zip(FIELDS, values, strict=True))
+                if h["status"] is None:
+                    if run_id in old_enough:
+                        gone.append(run_id)
+                    continue
+                if (status and h["status"] != status) or (workflow and h["workflow"] != workflow):
+                    continue
+                found.append(RunRow(
+                    run_id=run_id, workflow=h["workflow"] or "", status=h["status"],
+                    created_at=int(h["created_at"] or 0) / 1000.0,
+                    finished_at=int(h["finished_at"]) / 1000.0 if h["finished_at"] else None,
+                    head=int(h["head"] or 0), error=h["error"] or "",
+                    degraded=h["degraded"] == "1"))
+            if gone:
+                store.redis.zrem(RUNS_INDEX, *gone)
+            start += len(scored) - len(gone)
+    return found[:limit]
