@@ -241,20 +241,28 @@ class Pipeline:
         flow = workflows.get(info.workflow)
         source = self.store.get(run_id, from_version)  # digest checked
         where = f"run {run_id} version {from_version} ({source.agent or 'the input'})"
+        # Version 0 of a replay is where that replay started, not the workflow's start.
+        inherited = info.replay_start if from_version == 0 else ""
         if isinstance(flow, Choreography):
-            event_type = flow.start_event
+            event_type = inherited or flow.start_event
             if from_version:
                 emits = self._emits(source.agent)
                 if not emits:
                     raise InputError(f"{where}: its agent publishes nothing, so nothing comes "
                                      "after it to replay")
+                if emits in flow.terminal:
+                    raise InputError(f"{where} is the run's output ({emits} ends the run): "
+                                     "nothing comes after it")
                 event_type = emits
             if not flow.subscribers(event_type):
                 raise InputError(f"{where}: no agent subscribes to {event_type}")
             consumers = [a.input for a in flow.subscribers(event_type)]
+            start_at = event_type
         else:
             assert isinstance(flow, Workflow)
-            stage = 0 if from_version == 0 else flow.stage_of(source.step) + 1
+            stage = int(inherited or 0) if from_version == 0 else \
+                flow.stage_of(source.step) + 1
+            start_at = str(stage)
             if stage >= len(flow.stages):
                 raise InputError(f"{where} is the run's output: nothing comes after it")
             if from_version and len(flow.stages[stage - 1]) > 1:
@@ -268,18 +276,27 @@ class Pipeline:
         new_id = str(uuid.uuid4())
         self.store.create_run(new_id, workflow=flow.name, payload=source.payload,
                               contract=source.contract)
-        self.store.link_replay(run_id, from_version, new_id)
+        self.store.link_replay(run_id, from_version, new_id, start_at)
+        tracing: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+        if self.settings.otel:  # the replay is a run of its own: its own trace
+            from . import otel
+
+            tracing = otel.run_span(flow.name, new_id)
         try:
-            if isinstance(flow, Choreography):
-                flow.enqueue(self.app, self.store, new_id, event_type)
-            else:
-                assert isinstance(flow, Workflow)
-                flow.compile(self.app, new_id, start=stage, upstream=0).apply_async()
-        except PipelineError:
-            raise
+            with tracing:
+                if isinstance(flow, Choreography):
+                    flow.enqueue(self.app, self.store, new_id, event_type)
+                else:
+                    assert isinstance(flow, Workflow)
+                    flow.compile(self.app, new_id, start=stage, upstream=0).apply_async()
         except Exception as e:
+            with contextlib.suppress(PipelineError):  # nothing half-made is left behind
+                self.store.delete_run(new_id)
+                self.store.unlink_replay(run_id, new_id)
+            if isinstance(e, PipelineError):
+                raise
             raise BrokerUnavailable(f"cannot enqueue replay {new_id} of run {run_id}: "
-                                    f"{type(e).__name__}: {e}") from e
+                                    f"{type(e).__name__}: {e}; nothing was kept") from e
         self.store.mark_enqueued(new_id)
         return Run(self, new_id)
 
@@ -302,8 +319,9 @@ class Pipeline:
         return Run(self, run_id)
 
     def _upstream(self, run_id: str, wf: Workflow, stage: int) -> int | list[int]:
-        """What stage ``stage`` of a run receives: version 0, or its upstream's versions."""
-        if stage == 0:
+        """What stage ``stage`` of a run receives: version 0 (at the workflow's start, or
+        where a replay started), or its upstream's versions."""
+        if stage == 0 or str(stage) == self.store.run_info(run_id).replay_start:
             return 0
         keys = [s.key for s in wf.stages[stage - 1]]
         versions = self.store.sealed_steps(run_id, keys)

@@ -22,7 +22,9 @@ from typing import Any
 
 import redis
 from redis.cluster import RedisCluster
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisClusterException
+
+from .errors import StoreUnavailable
 
 Arg = str | int | float | bytes
 
@@ -39,7 +41,11 @@ def route(client: Client, key: str) -> dict[str, Any]:
     A MOVED or ASK reply is still followed.
     """
     if isinstance(client, RedisCluster):
-        return {"target_nodes": client.get_node_from_key(key)}  # type: ignore[no-untyped-call]
+        try:
+            return {"target_nodes": client.get_node_from_key(key)}  # type: ignore[no-untyped-call]
+        except RedisClusterException as e:  # no node serves the slot: a failover, say
+            raise StoreUnavailable(f"no Redis Cluster node serves the slot of {key!r} "
+                                   f"right now: {e}") from e
     return {}
 
 

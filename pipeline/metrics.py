@@ -288,8 +288,9 @@ class PipelineCollector:
         yield runs
 
         latency = HistogramMetricFamily("pipeline_step_latency_seconds",
-                                        "Time from a step's start to its seal, per agent "
-                                        "(sealed steps only; fallbacks excluded)",
+                                        "Time from a step's start to its seal, per agent: "
+                                        "every call that ran and reached its seal (sealed, "
+                                        "a duplicate, or discarded); fallbacks excluded",
                                         labels=["agent"])
         by_agent = _split(r.latency)
         for agent in sorted(names | by_agent.keys()):

@@ -47,6 +47,7 @@ class Call:
     inputs: list[int] = field(default_factory=list)
     output: int | None = None
     status: str = "running"  # running ok failed retried refused skipped discarded exhausted
+    #                          lost (the attempt's worker died, or it was handed out again)
     error_type: str = ""
     error: str = ""
     breaker: str = ""
@@ -62,27 +63,46 @@ class Call:
 
 
 def calls(log: Sequence[dict[str, str]]) -> list[Call]:
-    """Every call attempt of a run, in the order they started."""
+    """Every call attempt of a run, in the order they started.
+
+    An attempt still open when its step starts again was ``lost`` (its worker died, or the
+    broker handed the message out again). A delivery refused for a crash loop is a row of
+    its own (``exhausted``, with the error that failed the run). A version sealed by someone
+    other than the attempt that was refused (a person resuming a parked run) is its own row.
+    """
     out: list[Call] = []
     open_calls: dict[str, Call] = {}
+    exhausted: dict[str, Call] = {}
     for e in log:
         kind, step = e.get("event", ""), e.get("step", "")
-        if kind == "step.started":
+        if kind in ("step.started", "step.exhausted"):
+            _lose(open_calls.pop(step, None))
             call = Call(step=step, agent=e.get("agent", ""), attempt=int(e.get("attempt", 1)),
                         worker=e.get("worker", ""), queue=e.get("queue", ""),
                         started_at=int(e["at"]), task_id=e.get("task_id", ""),
                         inputs=[int(v) for v in e.get("inputs", "").split(",") if v])
-            open_calls[step] = call
             out.append(call)
+            if kind == "step.started":
+                open_calls[step] = call
+            else:
+                call.status, call.latency_ms = "exhausted", 0.0
+                exhausted[step] = call
             continue
         if kind not in ENDINGS and kind != "step.degraded":
             continue
         found = open_calls.get(step)
-        if found is None:  # ended without opening: a crash loop's refusal, a late note
-            if kind not in ("step.exhausted", "step.failed"):
+        if kind == "step.sealed" and found is not None and found.status == "refused" \
+                and e.get("worker") != found.worker:
+            found = None  # not the refused attempt's fallback: a person's output
+        if found is None:
+            if kind == "step.failed" and step in exhausted:
+                found = exhausted.pop(step)  # why the crash loop failed the run
+                found.error_type, found.error = e.get("error_type", ""), e.get("error", "")
+                continue
+            if kind not in ("step.exhausted", "step.failed", "step.sealed"):
                 continue
             found = Call(step=step, agent=e.get("agent", ""), attempt=int(e.get("attempt", 0)),
-                         started_at=int(e["at"]))
+                         worker=e.get("worker", ""), started_at=int(e["at"]))
             out.append(found)
         call = found
         if kind == "step.degraded":  # a fallback sealed a stand-in
@@ -95,20 +115,25 @@ def calls(log: Sequence[dict[str, str]]) -> list[Call]:
         call.error_type = e.get("error_type", call.error_type)
         call.error = e.get("error", e.get("reason", call.error))
         call.breaker = e.get("breaker", call.breaker)
+        call.prompt_tokens = int(e.get("prompt_tokens", call.prompt_tokens))
+        call.completion_tokens = int(e.get("completion_tokens", call.completion_tokens))
+        call.model = e.get("model", call.model)
         if kind == "step.refused":
             call.fallback = e.get("fallback", "")
         if kind == "step.sealed":
             call.output = int(e["version"])
             call.degraded = e.get("degraded") == "1"
-            call.prompt_tokens = int(e.get("prompt_tokens", 0))
-            call.completion_tokens = int(e.get("completion_tokens", 0))
-            call.model = e.get("model", "")
             call.latency_ms = float(e.get("latency_ms", 0.0))
         else:
             _end(call, e)
         if kind != "step.refused":
             open_calls.pop(step, None)
     return out
+
+
+def _lose(call: Call | None) -> None:
+    if call is not None and call.status == "running":
+        call.status = "lost"
 
 
 def _end(call: Call, entry: dict[str, str]) -> None:
@@ -254,15 +279,20 @@ def runs(store: StateStore, *, status: str | None = None, workflow: str | None =
     if status is not None:
         RunStatus(status)  # ValueError names the status
     found: list[RunRow] = []
-    start = 0
+    # Paged by score (creation time), not by rank: entries dropped or added by someone
+    # else between two pages shift ranks, never scores.
+    max_score: str | float = "+inf"
+    at_max: set[str] = set()  # members already read at the current lowest score
     with translate_errors(store.url):
         while len(found) < limit:
-            scored = cast(list[tuple[str, float]], store.redis.zrevrange(
-                RUNS_INDEX, start, start + page - 1, withscores=True))
-            if not scored:
+            want = page + len(at_max)
+            scored = cast(list[tuple[str, float]], store.redis.zrevrangebyscore(
+                RUNS_INDEX, max_score, "-inf", start=0, num=want, withscores=True))
+            fresh = [(run_id, score) for run_id, score in scored if run_id not in at_max]
+            if not fresh:
                 break
-            ids = [run_id for run_id, _ in scored]
-            old_enough = {run_id for run_id, score in scored
+            ids = [run_id for run_id, _ in fresh]
+            old_enough = {run_id for run_id, score in fresh
                           if score < time.time() * 1000 - INDEX_GRACE_MS}
             pipe = store.redis.pipeline(transaction=False)
             for run_id in ids:
@@ -284,5 +314,10 @@ def runs(store: StateStore, *, status: str | None = None, workflow: str | None =
                     degraded=h["degraded"] == "1"))
             if gone:
                 store.redis.zrem(RUNS_INDEX, *gone)
-            start += len(scored) - len(gone)
+            lowest = fresh[-1][1]
+            at_max = {run_id for run_id, score in scored if score == lowest} | (
+                at_max if lowest == max_score else set())
+            max_score = lowest
+            if len(scored) < want:
+                break
     return found[:limit]

@@ -107,6 +107,7 @@ def run_step(
     delivery = Delivery(agent, run_id=run_id, step=step, event=event) if event else None
     task_id = str(task.request.id or "")
     attempt = 0
+    ctx: StepContext | None = None
     try:
         opening = store.open_step(
             run_id,
@@ -206,7 +207,7 @@ def run_step(
             f"run {run_id} step {step}: agent {agent.name} ran past its time limit of "
             f"{agent.time_limit_s:g}s"
         )
-        _fail(agent, run_id, step, exc, store, attempt=attempt, gate=gate)
+        _fail(agent, run_id, step, exc, store, attempt=attempt, gate=gate, ctx=ctx)
         raise exc from None
     except StoreUnavailable as e:
         # Redis went away mid-step. A seal is one atomic script: either nothing
@@ -215,10 +216,10 @@ def run_step(
         if task.request.retries < STORE_RETRIES:
             raise task.retry(exc=e, countdown=_store_countdown_s(task.request.retries),
                              max_retries=STORE_RETRIES) from e
-        _fail(agent, run_id, step, e, store, attempt=attempt, gate=gate)
+        _fail(agent, run_id, step, e, store, attempt=attempt, gate=gate, ctx=ctx)
         raise
     except ContractViolation as e:  # never retried: the same input breaks it again
-        _fail(agent, run_id, step, e, store, attempt=attempt, gate=gate)
+        _fail(agent, run_id, step, e, store, attempt=attempt, gate=gate, ctx=ctx)
         if e.side == "output" and not store.run_info(run_id).status.is_live:
             # Its side effects happened, and the saga may have planned without
             # it; when the planner did find it, only one of the two undoes it.
@@ -229,13 +230,14 @@ def run_step(
         if task.request.retries < agent.max_retries:
             countdown = agent.retry_countdown_s(task.request.retries)
             _note(store, run_id, "step.retry", step=step, agent=agent.name, attempt=attempt,
+                  **_usage_fields(ctx),
                   error_type=type(e).__name__, error=str(e)[:500], countdown_s=countdown)
             gate.record_failure(e)  # every failed call counts, retried or not
             raise task.retry(exc=e, countdown=countdown, max_retries=agent.max_retries) from e
-        _fail(agent, run_id, step, e, store, attempt=attempt, gate=gate)
+        _fail(agent, run_id, step, e, store, attempt=attempt, gate=gate, ctx=ctx)
         raise
     except Exception as e:
-        _fail(agent, run_id, step, e, store, attempt=attempt, gate=gate)
+        _fail(agent, run_id, step, e, store, attempt=attempt, gate=gate, ctx=ctx)
         raise
 
     if sealing.outcome == "missing":
@@ -253,9 +255,9 @@ def run_step(
     return sealing.version
 
 
-def _usage_fields(ctx: StepContext) -> dict[str, str | int]:
-    """Token usage the agent reported, for the step's trace entry."""
-    usage = ctx.notes.get("usage")
+def _usage_fields(ctx: StepContext | None) -> dict[str, str | int]:
+    """Token usage the agent reported, for the step's trace entry (a failed call costs too)."""
+    usage = ctx.notes.get("usage") if ctx is not None else None
     if not usage:
         return {}
     return {k: usage[k] for k in ("prompt_tokens", "completion_tokens", "model") if k in usage}
@@ -327,7 +329,7 @@ def _execute(agent: Agent, payload: Any, ctx: StepContext, chaos_spec: str) -> A
 
 def _fail(
     agent: Agent, run_id: str, step: str, exc: BaseException, store: StateStore, *,
-    attempt: int, gate: Gate,
+    attempt: int, gate: Gate, ctx: StepContext | None = None,
 ) -> None:
     fields: dict[str, str | int | float] = {
         "step": step,
@@ -337,6 +339,7 @@ def _fail(
         "error": str(exc)[:2000],
     }
     fields.update(gate.trace_fields())
+    fields.update(_usage_fields(ctx))
     if isinstance(exc, ContractViolation):
         fields["contract"] = exc.contract
         fields["side"] = exc.side

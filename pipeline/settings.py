@@ -180,14 +180,27 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
+SECRET_QUERY_KEYS = frozenset({"password", "pass", "passwd", "secret", "token", "auth"})
+
+
 def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***``, safe for logs and errors."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    netloc = f"{user}:***@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    """The URL with any password replaced by ``***`` (in the user part, and in query
+    parameters such as ``?password=``), safe for logs and errors."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # a port that is not a number, say: show nothing of it
+        return "<unparseable URL>"
+    netloc = parts.netloc
+    if password is not None:
+        host = parts.hostname or ""
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+        netloc = f"{parts.username or ''}:***@{host}"
+    query = "&".join(
+        f"{k}=***" if k.lower() in SECRET_QUERY_KEYS else (f"{k}={v}" if v or "=" in item
+                                                             else k)
+        for item in parts.query.split("&") if item
+        for k, _, v in [item.partition("=")]
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

@@ -193,7 +193,7 @@ def test_honcho_runs_the_procfile_pools_and_each_serves_its_queues(
             start_new_session=True,  # its own process group: nothing outlives the test
         )
     try:
-        wait_for(lambda: all(_line_with(log, f"{pool.removeprefix('worker_')}@", " ready.")
+        wait_for(lambda: all(_line_with(log, f"{pool.removeprefix('worker_')}-", " ready.")
                              for pool in pools),
                  timeout_s=60, message=f"honcho's pools to be ready (log: {log})")
         p = cluster.pipeline()
@@ -203,7 +203,7 @@ def test_honcho_runs_the_procfile_pools_and_each_serves_its_queues(
         for run in (credit, research):
             result = run.wait(60)
             assert result.status is RunStatus.SUCCEEDED, result.error
-        served_by = {e["agent"]: e["worker"].split("@")[0]
+        served_by = {e["agent"]: e["worker"].split("@")[0].rsplit("-", 1)[0]  # pool-PORT@host
                      for run in (credit, research) for e in p.store.log(run.run_id)
                      if e["event"] == "step.sealed"}
         assert served_by == {

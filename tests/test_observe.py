@@ -247,3 +247,64 @@ def test_a_batch_waits_for_every_run_and_summarizes(redis_url: str, pipeline: Pi
     bad.write_text(json.dumps([{"n": 1}, {"m": 2}]))
     refused = invoke_cli(redis_url, "run", "counting", "--input", str(bad), "--batch")
     assert refused.exit_code == 2 and "payload 1 of the batch" in refused.stderr
+
+
+def test_replaying_a_replay_from_its_start_runs_only_what_that_replay_ran(
+    pipeline: Pipeline, redis_url: str, rclient: Any,
+) -> None:
+    first = pipeline.start("counting", {"n": 1})
+    assert first.wait(20).output == {"n": 4}
+    fork = cli_json(redis_url, "replay", first.run_id, "--from-version", "1", "--wait")
+    again = cli_json(redis_url, "replay", fork["run_id"], "--from-version", "0", "--wait")
+    assert fork["output"] == again["output"] == {"n": 4}  # increment never ran again
+    assert [v.step for v in pipeline.run(again["run_id"]).history()] == ["input", "1:double"]
+    assert pipeline.run(again["run_id"]).info().replay_of == f"{fork['run_id']}@0"
+
+
+def test_a_replay_that_parks_at_its_first_step_resumes(cluster: Cluster) -> None:
+    cluster.worker()
+    p = cluster.pipeline()
+    source = p.start("w_guarded_park", {"n": 1})
+    p.breakers.force_open("guarded_park")
+    wait_for(lambda: source.status() is RunStatus.WAITING_FOR_HUMAN, 20, "the run to park")
+    fork = p.replay(source.run_id, 1)
+    wait_for(lambda: fork.status() is RunStatus.WAITING_FOR_HUMAN, 20, "the replay to park")
+    p.breakers.reset("guarded_park")
+    result = p.resume(fork.run_id).wait(20)
+    assert result.status is RunStatus.SUCCEEDED and result.output == {"n": 40}
+    # a person's output for the source is its own row in the trace, not the refused call's
+    assert p.resume(source.run_id, {"n": 7}).wait(20).output == {"n": 14}
+    rows = [(c["agent"], c["status"], c["worker"])
+            for c in cli_json(cluster.url, "trace", source.run_id)["calls"]]
+    assert rows[1:] == [("guarded_park", "refused", rows[1][2]),
+                        ("guarded_park", "ok", "person"), ("double", "ok", rows[3][2])]
+
+
+def test_a_choreography_is_not_replayed_from_its_output(researched: str, redis_url: str,
+                                                        pipeline: Pipeline) -> None:
+    output = pipeline.run(researched).info().output_version
+    result = invoke_cli(redis_url, "replay", researched, "--from-version", str(output))
+    assert result.exit_code == 2 and "is the run's output" in result.stderr
+
+
+def test_a_crash_loop_is_one_lost_row_per_delivery_then_the_refusal(cluster: Cluster) -> None:
+    cluster.worker(PIPELINE_CHAOS="increment=crash:1")
+    p = cluster.pipeline()
+    run = p.start("counting", {"n": 1})
+    assert run.wait(60).status is RunStatus.FAILED
+    rows = [(c["attempt"], c["status"], c["error_type"])
+            for c in cli_json(cluster.url, "trace", run.run_id)["calls"]]
+    limit = len(rows) - 1
+    assert rows == [(i, "lost", "") for i in range(1, limit + 1)] + [
+        (limit + 1, "exhausted", "DeliveryLimitExceeded")]
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("redis://:s3cret@h:6379/0", "redis://:***@h:6379/0"),
+    ("redis://127.0.0.1:1/0?password=s3cret", "redis://127.0.0.1:1/0?password=***"),
+    ("amqp://guest:s3cret@h:5672/vh?token=s3cret&x=1", "amqp://guest:***@h:5672/vh?token=***&x=1"),
+])
+def test_urls_are_shown_without_their_secrets(url: str, shown: str) -> None:
+    from pipeline.settings import redact_url
+
+    assert redact_url(url) == shown and "s3cret" not in redact_url(url)

@@ -171,8 +171,12 @@ class StateStore:
         batch.script(CREATE_RUN, [keys.states, keys.steps, keys.run, keys.log],
                      [workflow, canonical, digest, contract, idempotency_key or "",
                       UNENQUEUED_TTL_S])
-        # the index, in the same round trip (a run created before keeps its first score)
-        batch.command("ZADD", RUNS_INDEX, "NX", int(time.time() * 1000), run_id)
+        # the index, in the same round trip (a run created before keeps its first score),
+        # trimmed of entries older than any finished run can live
+        now_ms = int(time.time() * 1000)
+        batch.command("ZADD", RUNS_INDEX, "NX", now_ms, run_id)
+        batch.command("ZREMRANGEBYSCORE", RUNS_INDEX, "-inf",
+                      f"({now_ms - (self.retention_s + 2 * UNENQUEUED_TTL_S) * 1000}")
         with translate_errors(self.url):
             reply = _raise_if_error(batch.execute()[0])
         if reply[0] == "created":
@@ -180,14 +184,20 @@ class StateStore:
         return Created(run_id, False, reply[1], reply[2], enqueued=reply[3] == "1",
                        age_s=int(reply[4]) / 1000.0)
 
-    def link_replay(self, source: str, version: int, replay: str) -> None:
-        """Name each run in the other's record: ``replay_of`` and ``replay:<run>``."""
+    def link_replay(self, source: str, version: int, replay: str, start_at: str) -> None:
+        """Name each run in the other's record: ``replay_of`` (and where the replay
+        started: a stage, or an event type) and ``replay:<run>``."""
         batch = Batch(self.redis)
         batch.script(HSET_LIVE, [RunKeys(replay).run], ["replay_of", f"{source}@{version}"])
+        batch.script(HSET_LIVE, [RunKeys(replay).run], ["replay_start", start_at])
         batch.script(HSET_LIVE, [RunKeys(source).run], [f"replay:{replay}", str(version)])
         with translate_errors(self.url):
             for reply in batch.execute():
                 _raise_if_error(reply)
+
+    def unlink_replay(self, source: str, replay: str) -> None:
+        with translate_errors(self.url):
+            self.redis.hdel(RunKeys(source).run, f"replay:{replay}")
 
     def mark_enqueued(self, run_id: str) -> None:
         """Record that the run's canvas reached the broker (it then lives until it ends)."""

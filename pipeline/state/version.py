@@ -157,6 +157,8 @@ class RunInfo:
     """``<run>@<version>``: this run was replayed from that sealed version."""
     replays: tuple[str, ...] = ()
     """Runs replayed from this one."""
+    replay_start: str = ""
+    """Where a replay started: a workflow's stage index, or a choreography's event type."""
 
     @property
     def parked_step(self) -> str | None:
@@ -185,6 +187,7 @@ class RunInfo:
             parked_steps=tuple(s for s in h.get("parked_steps", "").split(",") if s),
             replay_of=h.get("replay_of", ""),
             replays=tuple(sorted(k.removeprefix("replay:") for k in h if k.startswith("replay:"))),
+            replay_start=h.get("replay_start", ""),
         )
 
     def to_dict(self) -> dict[str, Any]:
