@@ -159,10 +159,11 @@ def run_step(
                                  worker=worker, delivery=delivery)
 
         payload = _input_payload(opening.inputs, fan_in)
-        contracts.get(agent.input).validate(
-            payload, side="input", agent=agent.name, run_id=run_id,
-            version=None if fan_in else opening.inputs[0].version,
-        )
+        if needs_input_check(agent, opening.inputs, fan_in):
+            contracts.get(agent.input).validate(
+                payload, side="input", agent=agent.name, run_id=run_id,
+                version=None if fan_in else opening.inputs[0].version,
+            )
         ctx = StepContext(
             run_id=run_id,
             step=step,
@@ -253,6 +254,18 @@ def run_step(
     if delivery is not None:
         delivery.hand_over_or_retry(task, store, sealing.extra[-1])
     return sealing.version
+
+
+def needs_input_check(agent: Agent, inputs: Sequence[Version], fan_in: bool) -> bool:
+    """Whether the step must check its input against the agent's input contract.
+
+    Every version was checked against the contract it is sealed under before it was
+    sealed (a step's output, a run's input, a person's output, a fallback's stand-in), and
+    its digest is checked on every read: when that contract is the agent's input contract,
+    checking again proves nothing new. A different contract (a consumer's own rules, like
+    a minimum confidence) or a fan-in mapping is always checked.
+    """
+    return fan_in or inputs[0].contract != agent.input
 
 
 def _usage_fields(ctx: StepContext | None) -> dict[str, str | int]:

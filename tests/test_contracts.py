@@ -419,3 +419,22 @@ def test_a_time_limit_hit_during_validation_is_not_called_a_contract_violation()
     registry = ContractRegistry()
     with pytest.raises(SoftTimeLimitExceeded):
         registry.register("slow", 1, Slow).validate({"n": 1})
+
+
+def test_a_step_rechecks_its_input_only_when_the_sealed_contract_is_not_its_own() -> None:
+    """A version was checked against the contract it is sealed under, and its digest is
+    checked on read: the consumer checks again only under another contract (its own
+    rules), and always for a fan-in mapping."""
+    from pipeline.agent import agents
+    from pipeline.runner import needs_input_check
+    from pipeline.state import Version
+
+    def sealed(contract: str) -> Version:
+        return Version(run_id="r", version=1, parents=(0,), agent="a", contract=contract,
+                       payload={}, digest="", created_at=0.0, step="0:a")
+
+    analysis = agents.get("analysis")  # input confident_findings@1
+    assert needs_input_check(analysis, [sealed("research_findings@1")], fan_in=False)
+    assert not needs_input_check(analysis, [sealed("confident_findings@1")], fan_in=False)
+    assert needs_input_check(agents.get("final_approval"),
+                             [sealed("credit_assessments@1")], fan_in=True)
