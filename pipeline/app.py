@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 from celery import Celery, Task
+from celery.signals import task_postrun
 from kombu import Queue
 
 from . import choreography, metrics, saga
@@ -123,6 +124,12 @@ def create_app(
         app.conf.result_backend_transport_options = {"retry_policy": CLIENT_RETRY_POLICY}
     app.pipeline_settings = settings
     metrics.install_hooks()
+
+    def release_subscriptions(sender: Any = None, **_: Any) -> None:
+        if sender is not None and getattr(sender, "app", None) is app:
+            release_result_subscriptions(app)
+
+    task_postrun.connect(release_subscriptions, weak=False)
     if settings.otel:
         from . import otel  # the `otel` extra
 
@@ -186,6 +193,27 @@ class CompensationTask(Task):  # type: ignore[misc]
         except Exception:  # noqa: BLE001 - nothing more can be done from here
             log.exception("run %s: could not record the failed compensation of %s",
                           run_id, step)
+
+
+def release_result_subscriptions(app: Celery) -> None:
+    """Unsubscribe from every task result channel this process listens to.
+
+    A worker that continues a chain into a chord builds the chord's GroupResult, which
+    subscribes to its members' result channels (Redis result backend; celery/celery#4824,
+    #4761) that nothing reads: a long-lived worker gathers three subscriptions a run,
+    and their messages pile up in its socket. Nothing here waits on a Celery result
+    (clients wait on the run's log, chords join in the backend), so after each task
+    every subscription goes.
+    """
+    consumer = getattr(app.backend, "result_consumer", None)
+    keys = list(getattr(consumer, "subscribed_to", None) or ())
+    if consumer is None or not keys:
+        return
+    prefix = app.backend.task_keyprefix
+    prefix = prefix.decode() if isinstance(prefix, bytes) else str(prefix)
+    for key in keys:
+        name = key.decode() if isinstance(key, bytes) else str(key)
+        consumer.cancel_for(name.removeprefix(prefix))
 
 
 def store_for(app: Celery) -> StateStore:

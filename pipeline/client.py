@@ -27,7 +27,7 @@ from .errors import (
 from .settings import Settings, redact_url
 from .state import RunInfo, RunStatus, StateStore, Version
 from .state.version import sealable
-from .workflow import Flow, Workflow, workflows
+from .workflow import Flow, Workflow, send, workflows
 
 __all__ = ["Pipeline", "Run", "RunResult"]
 
@@ -214,7 +214,7 @@ class Pipeline:
                         return Run(self, run_id)
                     stage += 1
                     upstream = self._upstream(run_id, wf, stage)
-            wf.compile(self.app, run_id, start=stage, upstream=upstream).apply_async()
+            send(self.app, wf.compile(self.app, run_id, start=stage, upstream=upstream))
         except RunNotParked:
             raise
         except Exception as e:
@@ -288,7 +288,7 @@ class Pipeline:
                     flow.enqueue(self.app, self.store, new_id, event_type)
                 else:
                     assert isinstance(flow, Workflow)
-                    flow.compile(self.app, new_id, start=stage, upstream=0).apply_async()
+                    send(self.app, flow.compile(self.app, new_id, start=stage, upstream=0))
         except Exception as e:
             with contextlib.suppress(PipelineError):  # nothing half-made is left behind
                 self.store.delete_run(new_id)

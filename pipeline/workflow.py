@@ -200,7 +200,7 @@ class Workflow:
 
     def enqueue(self, app: Celery, store: StateStore, run_id: str) -> None:
         """Send the run's canvas to the broker."""
-        self.compile(app, run_id).apply_async()
+        send(app, self.compile(app, run_id))
 
     def steps(self) -> Iterator[Step]:
         for stage in self.stages:
@@ -279,6 +279,29 @@ class Workflow:
 
     def __repr__(self) -> str:
         return f"Workflow({self.name!r}, {self.shape()})"
+
+
+def send(app: Celery, canvas: Signature) -> None:
+    """Send a canvas, and stop listening for results nobody will read.
+
+    Sending subscribes the sender to the result channel of every task whose result is
+    stored (a chord's members, which the chord joins on) and keeps their AsyncResults
+    pending in the app. The client waits on the run's log, never on those results: left
+    alone, a long-lived client would hold three subscriptions per run, for ever.
+    """
+    result = canvas.apply_async()
+    backend = app.backend
+    if not hasattr(backend, "remove_pending_result"):  # a backend without subscriptions
+        return
+    todo: list[Any] = [result]
+    while todo:
+        r = todo.pop()
+        if r is None:
+            continue
+        todo += list(getattr(r, "results", None) or [])  # a group's members
+        todo.append(getattr(r, "parent", None))
+        if getattr(r, "id", None) and not getattr(r, "results", None):
+            backend.remove_pending_result(r)
 
 
 class WorkflowRegistry:

@@ -10,7 +10,13 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
 
 from tests.conftest import ROOT
 
@@ -31,3 +37,98 @@ def test_the_breaker_benchmark_runs_and_reports_every_kind(second_redis_url: str
     breakers = json.loads(results.read_text())["breakers"]
     assert breakers["calls_per_round"] == 20 and set(breakers["calls_per_s"]) == KINDS
     assert breakers["ratio_registry_vs_pybreaker"] > 0
+
+
+# -- every benchmark at a tiny size, in one run (`python -m bench --quick`) ----------------
+
+MEASURED = ("overhead", "roundtrips", "growth")
+BARE = "bare celery"
+
+
+@dataclass(frozen=True)
+class QuickBench:
+    returncode: int
+    stdout: str
+    stderr: str
+    results: dict[str, Any]
+
+    def section(self, name: str) -> dict[str, Any]:
+        assert name in self.results, f"{name} wrote no results:\n{self.stdout}\n{self.stderr}"
+        return self.results[name]
+
+
+@pytest.fixture(scope="module")
+def quick_bench(second_redis_url: str, tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[QuickBench]:
+    """`python -m bench --quick` on the tests' second database, with real worker pools."""
+    results = tmp_path_factory.mktemp("bench") / "results.json"
+    client = redis.Redis.from_url(second_redis_url)
+    client.flushdb()
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", ",".join(MEASURED)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PIPELINE_BENCH_REDIS_URL": second_redis_url,
+             "PIPELINE_BENCH_RESULTS": str(results)},
+    )
+    yield QuickBench(done.returncode, done.stdout, done.stderr,
+                     json.loads(results.read_text()) if results.exists() else {})
+    client.flushdb()
+    client.close()
+
+
+@pytest.mark.workers
+def test_every_benchmark_runs_at_a_tiny_size_and_prints_one_table(quick_bench: QuickBench
+                                                                   ) -> None:
+    assert quick_bench.returncode == 0, quick_bench.stderr[-3000:]
+    assert set(MEASURED) <= set(quick_bench.results)
+    table = quick_bench.stdout.split("figure", 1)[1]
+    for row in ("throughput, 4 in flight", "latency median", "latency p95",
+                "state round trips per step", "all Redis round trips per step",
+                "throughput, pool of 1", "throughput, pool of 2", "fan-out of 2",
+                "fan-out of 4", "read version 1 of 10 versions",
+                "read version 1 of 100 versions", "bytes per finished run"):
+        assert row in table, f"no row {row!r} in:\n{table}"
+    assert "not measured" not in table
+
+
+@pytest.mark.workers
+def test_the_overhead_benchmark_reports_throughput_latency_and_their_ratios(
+        quick_bench: QuickBench) -> None:
+    overhead = quick_bench.section("overhead")
+    assert overhead["steps"] == 5 and overhead["in_flight"] == 4
+    for kind in ("pipeline", BARE):
+        assert overhead["throughput_wf_per_s"][kind] > 0
+        assert len(overhead["throughput_rounds"][kind]) == overhead["rounds"]
+        assert 0 < overhead["latency_ms"][kind]["median"] <= overhead["latency_ms"][kind]["p95"]
+    for ratio in ("ratio_throughput", "ratio_latency_median", "ratio_latency_p95"):
+        assert overhead[ratio] > 0
+
+
+@pytest.mark.workers
+def test_the_growth_benchmark_reports_pools_fan_out_history_and_memory(
+        quick_bench: QuickBench) -> None:
+    growth = quick_bench.section("growth")
+    assert set(growth["processes"]) == {"1", "2"}
+    assert set(growth["fan_out"]) == {"2", "4"}
+    for figures in [*growth["processes"].values(), *growth["fan_out"].values()]:
+        assert figures["ratio"] > 0
+    assert set(growth["history"]["read_v1_us"]) == {"10", "100"}
+    assert growth["history"]["ratio"] > 0
+    memory = growth["memory"]
+    assert memory["pipeline"]["run_keys"] > 0 and memory[BARE]["celery_results"] > 0
+    assert memory["ratio"] > 0
+
+
+@pytest.mark.workers
+def test_a_pipeline_step_costs_at_most_two_state_round_trips(quick_bench: QuickBench) -> None:
+    """Counted in the task processes, step by step: no machine is too slow for it."""
+    trips = quick_bench.section("roundtrips")
+    steps = trips["workflows"] * trips["steps_per_workflow"]
+    ours = trips["pipeline"]
+    assert ours["tasks"] == steps and trips[BARE]["tasks"] == steps
+    assert ours["state"]["max_round_trips"] <= 2, ours["state"]
+    assert ours["state"]["round_trips"] <= 2
+    assert trips["within_budget"]
+    # what the workers counted is what the state server executed
+    assert trips["state_server"]["agrees"], trips["state_server"]
+    assert trips[BARE]["state"]["round_trips"] == 0

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
+import redis
 
 from pipeline import Pipeline
 from pipeline.errors import (
@@ -221,3 +222,15 @@ def test_a_retry_while_the_first_start_may_still_enqueue_does_not_enqueue_again(
                        contract="credit_application@1", idempotency_key=key)
     assert p.start("credit_decision", good, idempotency_key=key).run_id == run_id
     assert cluster.redis.llen("agents.credit_score") == 0  # left to the first start
+
+
+def test_neither_the_client_nor_the_workers_keep_a_subscription_per_run(
+    pipeline: Pipeline, rclient: redis.Redis,
+) -> None:
+    """Sending a chord, or continuing a chain into one, subscribes the sender to its
+    members' result channels (celery/celery#4824); nothing here reads them (the client
+    waits on the run's log), so client and workers let go of them."""
+    before = len(rclient.pubsub_channels("celery-task-meta-*"))
+    runs = [pipeline.start(WORKFLOW, GOOD) for _ in range(10)]
+    assert all(r.wait(30).status.value == "succeeded" for r in runs)
+    assert len(rclient.pubsub_channels("celery-task-meta-*")) <= before
