@@ -34,6 +34,8 @@ __all__ = ["Pipeline", "Run", "RunResult"]
 IDEMPOTENCY_NAMESPACE = uuid.UUID("5b0c43a4-6f5e-4d8e-9a55-2f3f1c7c9e11")
 DEFAULT_WAIT_TIMEOUT_S = 60.0
 WAIT_BLOCK_MS = 1000
+FINAL_EVENTS = frozenset(f"run.{s.value}" for s in RunStatus if s.is_final)
+"""The log entries a run ends with (every final status is logged as ``run.<status>``)."""
 ENQUEUE_GRACE_S = 30.0
 """How long a run that was created but not enqueued belongs to the start that created it."""
 
@@ -389,17 +391,21 @@ class Run:
         """
         deadline = time.monotonic() + timeout
         last = "0-0"
-        while True:
-            info = self.info()
-            if info.status.is_final:
-                return self.result()
+        info = self.info()
+        while not info.status.is_final:
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if remaining_ms <= 0:
                 raise WaitTimeout(
                     f"run {self.run_id} is still {info.status.value} after {timeout:g}s "
                     f"(head version {info.head})"
                 )
-            last = self.store.wait_log(self.run_id, last, min(remaining_ms, WAIT_BLOCK_MS))
+            last, happened = self.store.wait_events(self.run_id, last,
+                                                    min(remaining_ms, WAIT_BLOCK_MS))
+            # Only the entry a run ends with changes the answer: steps starting and
+            # sealing do not need the run's record read again.
+            if not happened or any(e in FINAL_EVENTS for e in happened):
+                info = self.info()
+        return self.result()
 
     def __repr__(self) -> str:
         return f"Run({self.run_id!r})"

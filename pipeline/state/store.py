@@ -435,7 +435,12 @@ class StateStore:
         return [{"id": sid, **fields} for sid, fields in entries]
 
     def wait_log(self, run_id: str, after: str, block_ms: int) -> str:
-        """Block until the run's log has an entry after ``after``; its last id.
+        """Block until the run's log has an entry after ``after``; its last id."""
+        return self.wait_events(run_id, after, block_ms)[0]
+
+    def wait_events(self, run_id: str, after: str, block_ms: int) -> tuple[str, list[str]]:
+        """Block until the run's log has entries after ``after``: the last id, and what
+        each entry says happened (``step.sealed``, ``run.succeeded``...).
 
         On a cluster the XREAD goes straight to the node that owns the run's slot.
         """
@@ -445,8 +450,9 @@ class StateStore:
             reply = cast(list[tuple[str, Entries]], self.redis.execute_command(  # type: ignore[no-untyped-call]
                 *command, **route(self.redis, key)))
         if not reply:
-            return after
-        return reply[0][1][-1][0]
+            return after, []
+        entries = reply[0][1]
+        return entries[-1][0], [fields.get("event", "") for _, fields in entries]
 
     def ping(self) -> None:
         with translate_errors(self.url):
