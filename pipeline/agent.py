@@ -169,6 +169,7 @@ class AgentRegistry:
 
     def __init__(self) -> None:
         self._agents: dict[str, Agent] = {}
+        self._routes: dict[str, list[Agent]] = {}
 
     def register(self, a: Agent) -> Agent:
         existing = self._agents.get(a.name)
@@ -178,7 +179,16 @@ class AgentRegistry:
             ):
                 raise ValueError(f"agent {a.name!r} is already registered")
         self._agents[a.name] = a
+        self._routes.clear()
         return a
+
+    def subscribers(self, event_type: str) -> list[Agent]:
+        """The agents whose ``on`` matches ``event_type``, by name. Routed once per type
+        (every step that publishes asks): the answer changes only when an agent registers."""
+        found = self._routes.get(event_type)
+        if found is None:
+            found = self._routes[event_type] = [a for a in self if a.subscribes_to(event_type)]
+        return found
 
     def get(self, name: str) -> Agent:
         try:

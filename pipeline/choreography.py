@@ -36,7 +36,6 @@ from .errors import (
     BrokerUnavailable,
     ContractMismatch,
     InputError,
-    PipelineError,
     RunNotParked,
     WorkflowDefinitionError,
 )
@@ -70,6 +69,7 @@ class Handover:
     version: int = -1
     subscribers: tuple[str, ...] = ()
     event_type: str = ""
+    reason: str = ""  # why the saga began (compensating)
 
     @classmethod
     def from_reply(cls, reply: Sequence[Any]) -> Handover:
@@ -77,8 +77,8 @@ class Handover:
             return cls(reply[0], str(reply[1]), int(reply[3]), tuple(reply[4:]), str(reply[2]))
         if reply[0] == "succeeded":
             return cls("succeeded", version=int(reply[1]))
-        if reply[0] == "compensating":  # the call began the saga: reason in event_type
-            return cls("compensating", event_type=str(reply[1]))
+        if reply[0] == "compensating":  # the call began the saga
+            return cls("compensating", reason=str(reply[1]))
         return cls(str(reply[0]))
 
 
@@ -128,7 +128,7 @@ class Choreography:
 
     def subscribers(self, event_type: str) -> list[Agent]:
         """The registered agents whose ``on`` matches ``event_type``, by name."""
-        return [a for a in self._agents if a.subscribes_to(event_type)]
+        return self._agents.subscribers(event_type)
 
     def edges(self) -> Iterator[tuple[str, Agent]]:
         """(event type, subscriber) for every event the flow can publish, from the start."""
@@ -330,16 +330,6 @@ class Choreography:
         return f"Choreography({self.name!r}, {self.start_event} -> {'|'.join(self.terminal)})"
 
 
-def choreography_of(name: str) -> Choreography | None:
-    from .workflow import workflows
-
-    try:
-        flow = workflows.get(name)
-    except PipelineError:
-        return None
-    return flow if isinstance(flow, Choreography) else None
-
-
 class Delivery:
     """One event delivery's dealings with the ledger, inside a step (the runner's helper)."""
 
@@ -352,7 +342,7 @@ class Delivery:
     def seal_extra(self, store: StateStore, task_id: str) -> Extra:
         """Queue ``emit.lua`` behind the seal: end this delivery and publish what it emits."""
         a = self.agent
-        subs = [s.name for s in agents if s.subscribes_to(a.emits)] if a.emits else []
+        subs = [s.name for s in agents.subscribers(a.emits)] if a.emits else []
 
         def emit(batch: Batch) -> int:
             return batch.script(EMIT, RunKeys(self.run_id).all(), _emit_args(
@@ -428,7 +418,7 @@ def follow_up(app: Celery, store: StateStore, run_id: str, handover: Handover) -
     elif handover.outcome == "compensating":
         from . import saga  # the saga imports the app, which imports this
 
-        saga.start(app, store, run_id, reason=handover.event_type)
+        saga.start(app, store, run_id, reason=handover.reason)
 
 
 def dispatch(app: Celery, run_id: str, handover: Handover) -> None:

@@ -49,6 +49,16 @@ def json_option(f: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(f)
 
 
+def wait_options(what: str) -> Callable[[F], F]:
+    """``--wait/--no-wait`` (for ``what`` to end) and ``--timeout`` seconds."""
+    def decorate(f: F) -> F:
+        f = click.option("--timeout", type=float, default=60.0, show_default=True,
+                         help="Seconds to wait.")(f)
+        return click.option("--wait/--no-wait", default=False,
+                            help=f"Wait for {what} to end.")(f)
+    return decorate
+
+
 def _pipeline() -> Any:
     from .client import Pipeline
 
@@ -83,8 +93,7 @@ def read_json_input(source: str) -> Any:
 @main.command()
 @click.argument("workflow")
 @click.option("--input", "source", required=True, help="JSON payload file, or - for stdin.")
-@click.option("--wait/--no-wait", default=False, help="Wait for the run to finish.")
-@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait.")
+@wait_options("the run")
 @click.option("--idempotency-key", default=None, help="Same key, same run.")
 @click.option("--batch", is_flag=True,
               help="The input is a JSON list: start one run per payload, wait for all with a "
@@ -231,8 +240,7 @@ def format_history(versions: Sequence[Any]) -> str:
 @click.argument("run_id")
 @click.option("--from-version", "version", type=click.IntRange(0), required=True,
               help="The sealed version the new run starts from (its version 0).")
-@click.option("--wait/--no-wait", default=False, help="Wait for the new run to finish.")
-@click.option("--timeout", type=float, default=60.0, show_default=True)
+@wait_options("the new run")
 @json_option
 def replay(run_id: str, version: int, wait: bool, timeout: float, as_json: bool) -> None:
     """Start a new run from sealed version N of RUN: a fork that runs only what came after."""
@@ -310,8 +318,7 @@ def breakers_open(agent: str) -> None:
 @click.option("--output", "source", default=None,
               help="JSON output to seal for the parked step (file, or - for stdin).")
 @click.option("--step", default=None, help="The parked step --output is for (when several).")
-@click.option("--wait/--no-wait", default=False, help="Wait for the run to finish.")
-@click.option("--timeout", type=float, default=60.0, show_default=True)
+@wait_options("the run")
 @json_option
 def resume(run_id: str, source: str | None, step: str | None, wait: bool, timeout: float,
            as_json: bool) -> None:
@@ -323,8 +330,7 @@ def resume(run_id: str, source: str | None, step: str | None, wait: bool, timeou
 
 @main.command()
 @click.argument("run_id")
-@click.option("--wait/--no-wait", default=False, help="Wait for the compensation to end.")
-@click.option("--timeout", type=float, default=60.0, show_default=True)
+@wait_options("the compensation")
 @json_option
 def cancel(run_id: str, wait: bool, timeout: float, as_json: bool) -> None:
     """Stop RUN and compensate every step it sealed, newest first."""
@@ -333,8 +339,7 @@ def cancel(run_id: str, wait: bool, timeout: float, as_json: bool) -> None:
 
 @main.command()
 @click.argument("run_id")
-@click.option("--wait/--no-wait", default=False, help="Wait for the compensation to end.")
-@click.option("--timeout", type=float, default=60.0, show_default=True)
+@wait_options("the compensation")
 @json_option
 def compensate(run_id: str, wait: bool, timeout: float, as_json: bool) -> None:
     """Re-drive a compensation_failed RUN: compensate only what it still owes."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
@@ -65,31 +65,22 @@ def _header(info: RunInfo, total: Usage) -> list[str]:
 @json_option
 def trace(run_id: str, as_json: bool) -> None:
     """Every call of a run, one row per attempt, with its tokens; then the run's log."""
-    from .observe import calls, usage
+    from .observe import report
 
-    p = _pipeline()
-    info = p.store.run_info(run_id)
-    entries = p.store.log(run_id)
-    run_calls = calls(entries)
-    per, total = usage(run_calls)
+    r = report(_pipeline().store, run_id)
     if as_json:
-        _echo_json({
-            "run_id": run_id, "workflow": info.workflow, "status": info.status.value,
-            "calls": [c.to_dict() for c in run_calls],
-            "tokens": {"total": total.to_dict(),
-                       "by_agent": {a: u.to_dict() for a, u in sorted(per.items())}},
-            "log": entries,
-        })
+        _echo_json({"run_id": run_id, "workflow": r.info.workflow,
+                    "status": r.info.status.value, "calls": [c.to_dict() for c in r.calls],
+                    "tokens": r.tokens(), "log": r.log})
         return
-    start = int(entries[0]["at"]) if entries else 0
-    click.echo(f"run {run_id} of {info.workflow}: {info.status.value}")
-    click.echo(_calls_table(run_calls, start))
-    click.echo(_tokens_line(per, total))
+    click.echo(f"run {run_id} of {r.info.workflow}: {r.info.status.value}")
+    click.echo(_calls_table(r.calls, r.start))
+    click.echo(_tokens_line(r.by_agent, r.total))
     click.echo("\nlog:")
-    for e in entries:
+    for e in r.log:
         rest = {k: v for k, v in e.items() if k not in ("id", "at", "event")}
         detail = " ".join(f"{k}={v}" for k, v in rest.items())
-        click.echo(f"+{int(e['at']) - start:>6} ms  {e['event']:<16} {detail}")
+        click.echo(f"+{int(e['at']) - r.start:>6} ms  {e['event']:<16} {detail}")
 
 
 @main.command()
@@ -97,56 +88,39 @@ def trace(run_id: str, as_json: bool) -> None:
 @json_option
 def inspect(run_id: str, as_json: bool) -> None:
     """One page on a run: header, lineage tree, calls, compensations."""
-    from .observe import calls, compensations, lineage_tree, usage
+    from .observe import compensations, lineage_tree, reached, report
 
     p = _pipeline()
-    info = p.store.run_info(run_id)
-    entries = p.store.log(run_id)
+    r = report(p.store, run_id)
+    info = r.info
     history = p.store.history(run_id)
-    run_calls = calls(entries)
-    per, total = usage(run_calls)
-    undone = compensations(entries)
+    undone = compensations(r.log)
     if as_json:
         _echo_json({
-            "run": {**info.to_dict(), "tokens": total.to_dict()},
+            "run": {**info.to_dict(), "tokens": r.total.to_dict()},
             "versions": [v.to_dict() for v in history],
-            "calls": [c.to_dict() for c in run_calls],
-            "tokens_by_agent": {a: u.to_dict() for a, u in sorted(per.items())},
+            "calls": [c.to_dict() for c in r.calls],
+            "tokens_by_agent": r.tokens()["by_agent"],
             "compensations": undone,
         })
         return
-    start = int(entries[0]["at"]) if entries else 0
-    for line in _header(info, total):
+    for line in _header(info, r.total):
         click.echo(line)
     click.echo("\nlineage (newest first; each version above what it was made from):")
     for line in lineage_tree(history, info.output_version):
         click.echo(f"  {line}")
-    others = [v for v in history if v.version not in _reached(history, info.output_version)]
+    others = [v for v in history if v.version not in reached(history, info.output_version)]
     if info.output_version is not None and others:
         click.echo("  not in the output's lineage: " + ", ".join(
             f"v{v.version} {v.agent or '(input)'}" for v in others))
     click.echo("\ncalls:")
-    click.echo(_calls_table(run_calls, start))
-    click.echo(_tokens_line(per, total))
+    click.echo(_calls_table(r.calls, r.start))
+    click.echo(_tokens_line(r.by_agent, r.total))
     if undone:
         click.echo("\ncompensation:")
         for e in undone:
             what = e.get("step") or e.get("reason", "")
-            click.echo(f"  +{int(e['at']) - start:>6} ms  {e['event']:<24} {what}"[:120])
-
-
-def _reached(history: Sequence[Any], head: int | None) -> set[int]:
-    if head is None:
-        return {v.version for v in history}
-    parents = {v.version: v.parents for v in history}
-    seen: set[int] = set()
-    todo = [head]
-    while todo:
-        n = todo.pop()
-        if n not in seen:
-            seen.add(n)
-            todo += list(parents.get(n, ()))
-    return seen
+            click.echo(f"  +{int(e['at']) - r.start:>6} ms  {e['event']:<24} {what}"[:120])
 
 
 @main.command()

@@ -19,8 +19,8 @@ from .keys import RUNS_INDEX, RunKeys
 from .state import RunInfo, RunStatus, StateStore, Version
 from .state.store import translate_errors
 
-__all__ = ["Call", "Usage", "calls", "compensations", "lineage_dot", "lineage_tree", "runs",
-           "usage"]
+__all__ = ["Call", "CallReport", "Usage", "calls", "compensations", "lineage_dot", "lineage_tree",
+           "reached", "report", "runs", "usage"]
 
 ENDINGS = {
     "step.sealed": "ok",
@@ -171,6 +171,35 @@ def usage(run_calls: Iterable[Call]) -> tuple[dict[str, Usage], Usage]:
     return per, total
 
 
+@dataclass(slots=True)
+class CallReport:
+    """A run's record, its log, its calls and what they cost: what trace and inspect show."""
+
+    info: RunInfo
+    log: list[dict[str, str]]
+    calls: list[Call]
+    by_agent: dict[str, Usage]
+    total: Usage
+
+    @property
+    def start(self) -> int:
+        """When the run's log begins (ms): the origin of every ``+ms``."""
+        return int(self.log[0]["at"]) if self.log else 0
+
+    def tokens(self) -> dict[str, Any]:
+        return {"total": self.total.to_dict(),
+                "by_agent": {a: u.to_dict() for a, u in sorted(self.by_agent.items())}}
+
+
+def report(store: StateStore, run_id: str) -> CallReport:
+    """Read a run's record and log, and derive its calls and token usage."""
+    info = store.run_info(run_id)
+    log = store.log(run_id)
+    run_calls = calls(log)
+    by_agent, total = usage(run_calls)
+    return CallReport(info, log, run_calls, by_agent, total)
+
+
 def compensations(log: Sequence[dict[str, str]]) -> list[dict[str, str]]:
     """The saga's entries (and steps that undid themselves), in order."""
     kinds = ("run.compensating", "compensation.", "step.self_compensat", "run.compensated",
@@ -207,6 +236,21 @@ def lineage_tree(history: Sequence[Version], head: int | None = None) -> list[st
     for root in roots:
         walk(root, "", True, True)
     return lines
+
+
+def reached(history: Sequence[Version], head: int | None) -> set[int]:
+    """The versions ``head`` was made from, itself included (all of them without a head)."""
+    if head is None:
+        return {v.version for v in history}
+    parents = {v.version: v.parents for v in history}
+    seen: set[int] = set()
+    todo = [head]
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo += list(parents.get(n, ()))
+    return seen
 
 
 def _tips(history: Sequence[Version]) -> list[int]:

@@ -15,11 +15,16 @@ the next one, and clean only those.
 
 from __future__ import annotations
 
+import base64
 import gc
+import json
 import os
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -177,3 +182,18 @@ def wait_for(condition: Callable[[], object], timeout_s: float = 20.0,
             return value
         time.sleep(0.02)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {message}")
+
+
+def http_get(url: str, auth: str | None = None) -> tuple[int, Any]:
+    """GET ``url`` with basic auth ``user:password``: (status, JSON body or None); status 0
+    when nothing listens."""
+    request = urllib.request.Request(url)
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status), json.load(response)
+    except urllib.error.HTTPError as e:
+        return e.code, None
+    except OSError:
+        return 0, None

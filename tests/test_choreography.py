@@ -193,7 +193,7 @@ def test_nothing_outstanding_and_no_terminal_event_stalls_the_run(client_only: P
                     version=0, subscribers=[], terminal=["tick.tocked"])
     # The same script that saw the stall began the saga (the caller enqueues its planner).
     assert reply.outcome == "compensating"
-    assert reply.event_type == ("choreography stalled: no delivery is outstanding and no "
+    assert reply.reason == ("choreography stalled: no delivery is outstanding and no "
                                 "terminal event (tick.tocked) was published; unrouted: "
                                 "tick.lost (e1)")
     assert p.store.run_info(run_id).status is RunStatus.COMPENSATING

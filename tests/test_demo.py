@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import base64
-import json
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 
 import pytest
 import redis
 
 from pipeline.embedded import EmbeddedRedis
-from tests.conftest import ROOT, Cluster
+from tests.conftest import ROOT, Cluster, http_get
 
 
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -121,27 +117,13 @@ def test_demo_with_flower_prints_its_url_and_credentials_and_flower_requires_the
         assert found, line
         url, user, password = found.groups()
 
-        def status(auth: str | None) -> int:
-            request = urllib.request.Request(f"{url}/api/workers")
-            if auth:
-                request.add_header("Authorization",
-                                   "Basic " + base64.b64encode(auth.encode()).decode())
-            try:
-                with urllib.request.urlopen(request, timeout=5) as response:
-                    return int(response.status)
-            except urllib.error.HTTPError as e:
-                return e.code
-
-        assert status(None) == 401
-        assert status(f"{user}:{password}") == 200
+        assert http_get(f"{url}/api/workers")[0] == 401
+        assert http_get(f"{url}/api/workers", f"{user}:{password}")[0] == 200
         for line in proc.stdout:  # the demo goes on; Flower sees its agent tasks
             if line.startswith("flower stays up"):
                 break
-        tasks = urllib.request.Request(f"{url}/api/tasks?limit=1000")
-        tasks.add_header("Authorization",
-                         "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
-        with urllib.request.urlopen(tasks, timeout=5) as response:
-            names = {t["name"] for t in json.load(response).values()}
+        status, tasks = http_get(f"{url}/api/tasks?limit=1000", f"{user}:{password}")
+        names = {t["name"] for t in tasks.values()} if status == 200 else set()
         assert {"agent.credit_score", "agent.final_approval", "agent.research"} <= names
     finally:
         proc.send_signal(signal.SIGINT)  # the demo stops what it started

@@ -8,7 +8,6 @@ credentials. The Procfile's pools run for real under honcho.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import functools
 import json
@@ -19,8 +18,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import click
@@ -29,7 +26,7 @@ import yaml
 
 from pipeline import RunStatus
 from pipeline.embedded import free_port
-from tests.conftest import ROOT, Cluster, wait_for
+from tests.conftest import ROOT, Cluster, http_get, wait_for
 
 COMPOSE = yaml.safe_load((Path(ROOT) / "docker-compose.yml").read_text())
 PROCFILE = dict(
@@ -269,17 +266,7 @@ def test_flower_answers_401_without_credentials_and_200_with_them(redis_url: str
     url = f"http://127.0.0.1:{port}/api/workers"
 
     def status(auth: str | None) -> int:
-        request = urllib.request.Request(url)
-        if auth:
-            request.add_header("Authorization",
-                               "Basic " + base64.b64encode(auth.encode()).decode())
-        try:
-            with urllib.request.urlopen(request, timeout=5) as response:
-                return int(response.status)
-        except urllib.error.HTTPError as e:
-            return e.code
-        except OSError:
-            return 0
+        return http_get(url, auth)[0]
 
     try:
         wait_for(lambda: status(None), timeout_s=30, message="flower to listen")
