@@ -20,14 +20,15 @@ import redis
 
 from tests.conftest import ROOT
 
-KINDS = {"registry", "in step", "bare step", "pybreaker"}
+KINDS = {"guard", "registry", "in step", "bare step", "pybreaker"}
 
 
 def test_the_breaker_benchmark_runs_and_reports_every_kind(second_redis_url: str,
                                                             tmp_path: Path) -> None:
     results = tmp_path / "results.json"
     done = subprocess.run(
-        [sys.executable, "-m", "bench.breakers", "--calls", "20", "--rounds", "1"],
+        [sys.executable, "-m", "bench.breakers", "--calls", "20", "--rounds", "1",
+         "--threads", "3", "--call-ms", "1", "--duration", "0.1"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
         env={**os.environ, "PIPELINE_BENCH_REDIS_URL": second_redis_url,
              "PIPELINE_BENCH_RESULTS": str(results)},
@@ -36,7 +37,11 @@ def test_the_breaker_benchmark_runs_and_reports_every_kind(second_redis_url: str
     assert all(kind in done.stdout for kind in KINDS)
     breakers = json.loads(results.read_text())["breakers"]
     assert breakers["calls_per_round"] == 20 and set(breakers["calls_per_s"]) == KINDS
-    assert breakers["ratio_registry_vs_pybreaker"] > 0
+    assert breakers["ratio_guard_vs_pybreaker"] > 0 and breakers["ratio_registry_vs_pybreaker"] > 0
+    many = breakers["concurrent"]
+    assert (many["threads"], many["call_ms"], set(many["calls_per_s"])) == (
+        3, 1.0, {"guard", "pybreaker"})
+    assert all(rate > 0 for rate in many["calls_per_s"].values())
 
 
 # -- every benchmark at a tiny size, in one run (`python -m bench --quick`) ----------------

@@ -1,9 +1,11 @@
 """Circuit breakers: one per agent, in Redis, gating every dispatch (DESIGN section 8)."""
 
+from .guard import Breaker
 from .policy import BreakerPolicy, BreakerState, Fallback
 from .registry import BreakerRegistry, Permit, Recorded, Snapshot
 
 __all__ = [
+    "Breaker",
     "BreakerPolicy",
     "BreakerRegistry",
     "BreakerState",

@@ -13,7 +13,7 @@ from ..contracts import contracts
 from ..errors import CircuitOpen, RunNotFound
 from ..keys import breaker_cache_key
 from ..state import StateStore, Version, canonical_json, digest_of
-from .policy import BreakerState, Fallback
+from .policy import Fallback
 from .registry import Permit
 
 if TYPE_CHECKING:
@@ -46,13 +46,7 @@ def take_fallback(
 ) -> int:
     """Seal a stand-in, park the run, retry later, or raise ``CircuitOpen``."""
     policy = agent.fallback
-    why = f"agent {agent.name}'s breaker is {permit.state.value}"
-    if permit.wait_s < 0:
-        why += " (forced open until reset)"
-    elif permit.state is BreakerState.OPEN:
-        why += f" (half-open in {permit.wait_s:.1f}s)"
-    else:
-        why += f" (its probe slots are taken, for up to {permit.wait_s:.1f}s)"
+    why = permit.refusal(agent.name)
     store.note(run_id, "step.refused", step=step, agent=agent.name,
                breaker=permit.state.value, fallback=policy.value, reason=why)
 

@@ -41,6 +41,15 @@ class Permit:
     def allowed(self) -> bool:
         return self.decision != "deny"
 
+    def refusal(self, agent: str) -> str:
+        """Why the call was refused, and for how long, in words."""
+        why = f"agent {agent}'s breaker is {self.state.value}"
+        if self.wait_s < 0:
+            return why + " (forced open until reset)"
+        if self.state is BreakerState.OPEN:
+            return why + f" (half-open in {self.wait_s:.1f}s)"
+        return why + f" (its probe slots are taken, for up to {self.wait_s:.1f}s)"
+
 
 @dataclass(frozen=True, slots=True)
 class Recorded:
