@@ -131,3 +131,7 @@ def bare_fanout(app: Celery, run_id: str, width: int) -> Signature:
 
 if os.environ.get(COUNT_DIR_ENV):
     install_task_counter()
+if os.environ.get("BENCH_PROFILE_DIR"):
+    from bench.profile import install_process_profiler
+
+    install_process_profiler()
