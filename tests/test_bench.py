@@ -137,3 +137,18 @@ def test_a_pipeline_step_costs_at_most_two_state_round_trips(quick_bench: QuickB
     # what the workers counted is what the state server executed
     assert trips["state_server"]["agrees"], trips["state_server"]
     assert trips[BARE]["state"]["round_trips"] == 0
+
+
+@pytest.mark.workers
+def test_the_profile_breaks_a_step_down_on_both_sides_of_the_wire() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.profile", "--workflows", "20", "--top", "3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "100 tasks of each kind" in done.stdout
+    for line in ("pipeline ", "bare celery ", "open round trip", "seal round trip",
+                 "sending the next task", "open_step.lua", "seal.lua"):
+        assert line in done.stdout, f"no {line!r} in:\n{done.stdout}"
+    step = next(line for line in done.stdout.splitlines() if line.startswith("the step, all"))
+    assert float(step.split("(")[0].split()[-1]) > 0  # us a task spent in run_step
