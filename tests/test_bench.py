@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -151,4 +152,5 @@ def test_the_profile_breaks_a_step_down_on_both_sides_of_the_wire() -> None:
                  "sending the next task", "open_step.lua", "seal.lua"):
         assert line in done.stdout, f"no {line!r} in:\n{done.stdout}"
     step = next(line for line in done.stdout.splitlines() if line.startswith("the step, all"))
-    assert float(step.split("(")[0].split()[-1]) > 0  # us a task spent in run_step
+    spent = re.search(r"\)\s+(\d+)\s+\(", step)
+    assert spent is not None and int(spent.group(1)) > 0, step  # us a task in run_step
