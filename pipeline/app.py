@@ -11,13 +11,13 @@ from celery import Celery, Task
 from celery.signals import task_postrun
 from kombu import Queue
 
-from . import choreography, metrics, saga
+from . import choreography, metrics, saga, sweeper
 from .agent import Agent, agents
 from .breaker import BreakerRegistry, Fallback
 from .errors import ConfigurationError, StoreError
 from .events import failure_event
 from .runner import HARD_TIME_LIMIT_GRACE_S, STORE_RETRY_BACKOFF_MAX_S, run_step
-from .settings import Settings
+from .settings import Settings, tls_options
 from .state import RunStatus, StateStore
 from .workflow import ERRBACK_TASK, workflows
 
@@ -119,7 +119,19 @@ def create_app(
         worker_send_task_events=True,
         result_expires=24 * 3600,
         worker_hijack_root_logger=False,
+        # `celery -A config beat` runs the sweeper; a sweep nobody picked up in time is
+        # dropped (the next one is already due), so a fleet that was down is not flooded.
+        beat_schedule={"pipeline-sweep": {
+            "task": sweeper.SWEEP_TASK, "schedule": float(settings.sweep_interval_s),
+            "options": {"expires": float(settings.sweep_interval_s),
+                        "queue": settings.default_queue},
+        }},
     )
+    # rediss://: verify the server's certificate (kombu would not, by default).
+    if (broker_tls := tls_options(settings.broker_url)) is not None:
+        app.conf.broker_use_ssl = broker_tls
+    if (backend_tls := tls_options(settings.result_backend)) is not None:
+        app.conf.redis_backend_use_ssl = backend_tls
     if fail_fast:
         app.conf.result_backend_transport_options = {"retry_policy": CLIENT_RETRY_POLICY}
     app.pipeline_settings = settings
@@ -167,7 +179,15 @@ def create_app(
     def compensate_run_task(run_id: str, redrive: bool = False) -> None:
         saga.compensate_run(app, store_for(app), run_id, redrive)
 
+    def sweep_task() -> dict[str, Any]:
+        report = sweeper.sweep(app, store_for(app))
+        if report.redelivered or report.enqueued or report.nudged:
+            log.warning("sweep: %s", report.summary())
+        return report.to_dict()
+
     app.task(name=ERRBACK_TASK, ignore_result=True, shared=False)(run_failed_errback)
+    app.task(name=sweeper.SWEEP_TASK, ignore_result=True, shared=False,
+             soft_time_limit=120, time_limit=130)(sweep_task)
     app.task(
         name=saga.COMPENSATE_RUN_TASK, ignore_result=True, shared=False,
         autoretry_for=(StoreError,), retry_backoff=True, retry_backoff_max=30, max_retries=20,

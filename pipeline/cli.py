@@ -78,6 +78,8 @@ def read_json_input(source: str) -> Any:
         raise InputError(f"cannot read input {name}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise InputError(f"input {name} is not UTF-8 text: {e}") from None
+    except ValueError as e:  # a path holding a NUL byte
+        raise InputError(f"cannot read input {name!r}: {e}") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -132,9 +134,15 @@ def _run_batch(p: Any, workflow: str, payloads: Any, key: str | None, timeout: f
                as_json: bool) -> None:
     if not isinstance(payloads, list) or not payloads:
         raise InputError("--batch needs a non-empty JSON list of payloads")
+    from .client import check_idempotency_key
+    from .state.version import sealable
+
     wf = p.workflow(workflow)
+    if key:
+        check_idempotency_key(f"{key}:{len(payloads) - 1}")  # the longest of the batch's keys
     for i, payload in enumerate(payloads):  # every payload checked before any run starts
         try:
+            sealable(payload, p.store.max_payload_bytes, f"input of workflow {wf.name}")
             wf.input_contract.validate(payload, side="input", agent=wf.entry_agent)
         except PipelineError as e:
             raise InputError(f"payload {i} of the batch: {e}") from None
@@ -346,6 +354,56 @@ def compensate(run_id: str, wait: bool, timeout: float, as_json: bool) -> None:
     _report(_pipeline().compensate(run_id), wait, timeout, as_json, ok="compensated")
 
 
+@main.command()
+@click.option("--every", "every_s", type=click.FloatRange(min=0.1), default=None,
+              help="Sweep again every so many seconds, until interrupted (no beat needed).")
+@json_option
+def sweep(every_s: float | None, as_json: bool) -> None:
+    """Hand out again the steps of dead workers, enqueue forgotten runs, nudge stuck sagas.
+
+    What `celery -A config beat` runs every PIPELINE_SWEEP_INTERVAL_S seconds. A step
+    is handed out again once no heartbeat came for PIPELINE_LEASE_S seconds.
+    """
+    from .sweeper import sweep as sweep_once
+
+    p = _pipeline()
+    while True:
+        report = sweep_once(p.app, p.store)
+        if as_json:
+            _echo_json(report.to_dict())
+        else:
+            click.echo(report.summary())
+        if every_s is None:
+            return
+        time.sleep(every_s)
+
+
+@main.command()
+@click.argument("run_ids", nargs=-1)
+@json_option
+def verify(run_ids: tuple[str, ...], as_json: bool) -> None:
+    """Check that runs hold the pipeline's invariants (default: every run in the index).
+
+    Finished, versions contiguous with valid digests and parents, each sealed step of a
+    failed run compensated exactly once and none of a succeeded run. Exits 1 on any
+    violation. Run it when the fleet is quiet: a run still at work is not finished.
+    """
+    from .invariants import verify as check
+
+    verdict = check(_pipeline().store, run_ids or None)
+    if as_json:
+        _echo_json(verdict.to_dict())
+    else:
+        statuses = ", ".join(f"{n} {s}" for s, n in sorted(verdict.by_status.items()))
+        click.echo(f"{verdict.runs} run(s) ({statuses or 'none'}), {verdict.versions} "
+                   f"version(s), {verdict.compensations} compensation(s): "
+                   f"{len(verdict.violations)} violation(s)")
+        for violation in verdict.violations:
+            click.echo(f"  {violation}")
+    if not verdict.ok:
+        sys.exit(1)
+
+
 def _report(handle: Any, wait: bool, timeout: float, as_json: bool, *, ok: str) -> None:
     try:
         result = handle.wait(timeout) if wait else handle.result()
@@ -452,4 +510,8 @@ def _time(ts: float) -> str:
 from . import cli_observe  # noqa: E402,F401  (registers trace, inspect, graph, runs, events...)
 
 if __name__ == "__main__":
-    main()
+    # `python -m pipeline.cli`: this file runs as __main__, while cli_observe registers its
+    # commands on the module `pipeline.cli`; run that module's group, which has them all.
+    from pipeline.cli import main as pipeline_main
+
+    pipeline_main()

@@ -61,10 +61,17 @@ class RunKeys:
         """Hash event id -> the event (JSON), and ``src:<publisher>`` -> the id it published."""
         return f"{PREFIX}:{{{self.run_id}}}:events"
 
+    @property
+    def leases(self) -> str:
+        """Hash step key -> ``<task id>|<deadline ms>|<worker>`` of the task running it: set
+        when the step opens, renewed while it runs, removed when it seals. The sweeper
+        hands a step's message out again when its lease ran out and it is still unacked."""
+        return f"{PREFIX}:{{{self.run_id}}}:leases"
+
     def all(self) -> list[str]:
         """Every key of the run, in the order the Lua scripts expect them."""
         return [self.states, self.steps, self.run, self.log, self.deliveries, self.saga,
-                self.undo, self.ledger, self.events]
+                self.undo, self.ledger, self.events, self.leases]
 
 
 def run_keys(run_id: str) -> RunKeys:
@@ -77,6 +84,17 @@ expired is dropped from it when found missing."""
 
 METRICS_PREFIX = f"{PREFIX}:{{metrics}}"
 """Counters the exporter reads (one hash tag: one slot on a cluster)."""
+
+UNENQUEUED = f"{PREFIX}:unenqueued"
+"""Sorted set: run id -> when it was created (ms), until its canvas reached the broker.
+The sweeper enqueues a run left here past its grace (its client died in between)."""
+
+SAGAS = f"{PREFIX}:sagas"
+"""Sorted set: run id -> when its saga last moved (ms), while it compensates. The sweeper
+enqueues the planner again for a saga that stopped moving (idempotent)."""
+
+SWEEP_LOCK = f"{PREFIX}:sweep:lock"
+"""One sweeper at a time across the fleet (SET NX PX)."""
 
 DEAD_LETTERS = f"{PREFIX}:dead"
 """Stream: compensations that failed for good (run, agent, version, error)."""

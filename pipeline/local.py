@@ -193,6 +193,58 @@ class FlowerProcess:
         self.stop()
 
 
+class BeatProcess:
+    """``celery -A <app> beat``: sends the sweeper's task every PIPELINE_SWEEP_INTERVAL_S
+    (its schedule file in a directory of its own, removed when it stops)."""
+
+    def __init__(self, *, env: Mapping[str, str], cwd: str | None = None,
+                 app: str = "config") -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="pipeline-beat-"))
+        self.logfile = self.dir / "beat.log"
+        self.cmd = [sys.executable, "-m", "celery", "-A", app, "beat", "--loglevel", "INFO",
+                    "--schedule", str(self.dir / "schedule"), "--logfile", str(self.logfile),
+                    "--pidfile", str(self.dir / "beat.pid")]
+        self.env = {**os.environ, **env}
+        self.cwd = cwd
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> BeatProcess:
+        self.process = subprocess.Popen(self.cmd, cwd=self.cwd, env=self.env,
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ConfigurationError(f"celery beat exited at start:\n{self.tail()}")
+            if "beat: Starting" in self.tail():
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise ConfigurationError(f"celery beat did not start after {READY_TIMEOUT_S:g}s")
+
+    def tail(self, chars: int = 3000) -> str:
+        return self.logfile.read_text(errors="replace")[-chars:] if self.logfile.exists() \
+            else ""
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> BeatProcess:
+        return self.start()
+
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
 def _children(pid: int) -> list[int]:
     try:
         out = Path(f"/proc/{pid}/task/{pid}/children").read_text()

@@ -39,6 +39,7 @@ from .errors import (
     VersionNotFound,
 )
 from .keys import RunKeys
+from .lease import heartbeat
 from .state import Opening, StateStore, Version
 from .state.store import Extra
 from .state.version import sealable
@@ -123,6 +124,8 @@ def run_step(
         )
         hook_extra = gate.take_permit(opening.extra)
         attempt = opening.deliveries
+        if opening.outcome == "open":  # this task holds the step: keep its lease alive
+            heartbeat.hold(store, run_id, step, task_id)
         if opening.outcome not in ("open", "exhausted"):
             gate.release()  # a probe lease this step will not use (a crash loop counts)
         if opening.outcome == "sealed":
@@ -175,7 +178,7 @@ def run_step(
             event=event,
             event_type=event_type,
         )
-        output = _execute(agent, payload, ctx, chaos_spec)
+        output = _execute(agent, payload, ctx, chaos_spec, store)
         contracts.get(agent.output).validate(
             output, side="output", agent=agent.name, run_id=run_id
         )
@@ -240,6 +243,8 @@ def run_step(
     except Exception as e:
         _fail(agent, run_id, step, e, store, attempt=attempt, gate=gate, ctx=ctx)
         raise
+    finally:
+        heartbeat.release(run_id, step)
 
     if sealing.outcome == "missing":
         raise RunNotFound(f"run {run_id} disappeared while step {step} ran")
@@ -326,8 +331,12 @@ def _input_payload(inputs: Sequence[Version], fan_in: bool) -> Any:
     return inputs[0].payload
 
 
-def _execute(agent: Agent, payload: Any, ctx: StepContext, chaos_spec: str) -> Any:
+def _execute(agent: Agent, payload: Any, ctx: StepContext, chaos_spec: str,
+             store: StateStore) -> Any:
     mode = chaos.draw(chaos_spec, agent.name) if chaos_spec else None
+    if mode is not None:  # in the trace, so that an injected fault is never taken for a bug
+        _note(store, ctx.run_id, "chaos", step=ctx.step, agent=agent.name, mode=mode.value,
+              attempt=ctx.attempt)
     if mode is chaos.ChaosMode.CRASH:
         os._exit(chaos.CRASH_EXIT_CODE)
     if mode is chaos.ChaosMode.ERROR:

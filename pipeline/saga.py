@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,8 +26,8 @@ from celery import Celery, Task
 
 from .agent import Agent, agents
 from .errors import RunNotFound, RunNotLive, UnknownWorkflow
-from .keys import DEAD_LETTERS, RunKeys
-from .lua import Script
+from .keys import DEAD_LETTERS, SAGAS, RunKeys
+from .lua import Batch, Script
 from .state import RunStatus, StateStore, Version
 from .state.store import translate_errors
 from .workflow import workflows
@@ -93,8 +94,15 @@ def start(app: Celery, store: StateStore, run_id: str, *, reason: str, agent: st
     """
     started, unplanned = begin(store, run_id, reason=reason, agent=agent)
     if started or unplanned:
+        watch(store, run_id)
         app.send_task(COMPENSATE_RUN_TASK, args=(run_id,), queue=app.conf.task_default_queue)
     return started
+
+
+def watch(store: StateStore, run_id: str) -> None:
+    """Put the saga where the sweeper looks for sagas that stopped moving (``pipeline:sagas``)."""
+    with translate_errors(store.url):
+        store.redis.zadd(SAGAS, {run_id: int(time.time() * 1000)}, nx=True)
 
 
 def plan(store: StateStore, run_id: str, *, owed_only: bool = False) -> list[list[str]]:
@@ -148,9 +156,15 @@ def compensate_run(app: Celery, store: StateStore, run_id: str, redrive: bool = 
 def advance(app: Celery, store: StateStore, run_id: str, step: str = "", outcome: str = "done",
             agent: str = "", detail: str = "") -> str:
     """Record ``step``'s outcome (if any) and dispatch what the saga owes next."""
+    batch = Batch(store.redis)
+    batch.script(DONE, RunKeys(run_id).all(), [step, outcome, agent, detail, store.retention_s])
+    batch.command("ZADD", SAGAS, "XX", int(time.time() * 1000), run_id)  # it moved
     with translate_errors(store.url):
-        reply = DONE(store.redis, RunKeys(run_id).all(),
-                     [step, outcome, agent, detail, store.retention_s])
+        reply = batch.execute()[0]
+        if isinstance(reply, Exception):
+            raise reply
+        if reply[0] in ("finished", "idle"):
+            store.redis.zrem(SAGAS, run_id)
     if reply[0] == "next":
         _dispatch(app, run_id, reply[1:])
     return str(reply[0])
@@ -214,6 +228,7 @@ def redrive(app: Celery, store: StateStore, run_id: str) -> None:
             raise RunNotFound(f"no run {run_id!r}")
         raise RunNotLive(f"run {run_id} is {reply[1]}, not compensation_failed: nothing to "
                          "re-drive")
+    watch(store, run_id)
     app.send_task(COMPENSATE_RUN_TASK, args=(run_id,), kwargs={"redrive": True},
                   queue=app.conf.task_default_queue)
 

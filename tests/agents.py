@@ -207,6 +207,7 @@ def park_join(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
 
 
 parked_pair = Workflow("w_parked_pair", [increment, parallel(guarded_park, pause), park_join])
+pausing = Workflow("pausing", [increment, pause, double])
 
 
 # -- saga: steps with side effects that their compensations undo --------------------

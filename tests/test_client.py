@@ -24,7 +24,7 @@ from pipeline.errors import (
     UnknownWorkflow,
     WaitTimeout,
 )
-from pipeline.keys import RUNS_INDEX
+from pipeline.keys import RUNS_INDEX, SAGAS, UNENQUEUED
 from pipeline.state import RunStatus
 from tasks import SAMPLES
 from tests.conftest import Cluster, settings_for
@@ -44,8 +44,10 @@ def footprint(p: Pipeline) -> tuple[set[str], dict[str, int]]:
     """What a start can leave behind: the pipeline's keys and every broker queue's length."""
     r = p.store.redis
     queues = sorted(q.name for q in p.app.conf.task_queues)
-    indexed = {f"pipeline:{{{run_id}}}:indexed" for run_id in r.zrange(RUNS_INDEX, 0, -1)}
-    keys = set(r.scan_iter("pipeline:*")) - {RUNS_INDEX} | indexed
+    # the fleet-wide sorted sets, as one pseudo key per run they hold
+    indexed = {f"pipeline:{{{run_id}}}:in:{name}" for name in (RUNS_INDEX, UNENQUEUED, SAGAS)
+               for run_id in r.zrange(name, 0, -1)}
+    keys = set(r.scan_iter("pipeline:*")) - {RUNS_INDEX, UNENQUEUED, SAGAS} | indexed
     return keys, {q: r.llen(q) for q in queues}
 
 

@@ -285,3 +285,10 @@ def test_flower_answers_401_without_credentials_and_200_with_them(redis_url: str
 def test_the_image_runs_as_a_non_root_user(name: str) -> None:
     text = (Path(ROOT) / name).read_text()
     assert "\nUSER " in text and "USER root" not in text
+
+
+def test_compose_and_the_procfile_run_one_beat_for_the_sweeper() -> None:
+    beat = COMPOSE["services"]["beat"]
+    assert compose_commands()["beat"].startswith("celery -A config beat ")
+    assert beat["deploy"]["replicas"] == 1
+    assert PROCFILE["beat"].startswith("celery -A config beat ")

@@ -14,9 +14,10 @@ from redis.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
 
 from ..errors import RunNotFound, RunNotParked, StoreError, StoreUnavailable, VersionNotFound
-from ..keys import RUNS_INDEX, RunKeys, version_stream_id
+from ..keys import RUNS_INDEX, UNENQUEUED, RunKeys, version_stream_id
 from ..lua import Batch, Client, Script, route
 from ..settings import (
+    DEFAULT_LEASE_S,
     DEFAULT_MAX_PAYLOAD_BYTES,
     DEFAULT_RETENTION_S,
     Settings,
@@ -36,6 +37,7 @@ MARK_ENQUEUED = Script(_PKG, "mark_enqueued.lua")
 PARK = Script(_PKG, "park.lua")
 RESUME = Script(_PKG, "resume.lua")
 HSET_LIVE = Script(_PKG, "hset_live.lua")
+RENEW = Script(_PKG, "renew.lua")
 
 UNENQUEUED_TTL_S = 24 * 3600
 """A run whose canvas never reached the broker is removed after this long."""
@@ -131,6 +133,7 @@ class StateStore:
         url: str = "",
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         retention_s: int = DEFAULT_RETENTION_S,
+        lease_s: float = DEFAULT_LEASE_S,
     ) -> None:
         # Typed as a plain Redis for the code that hands it on (the step's context, the
         # metrics): a RedisCluster answers the same commands about the keys of one slot.
@@ -138,6 +141,7 @@ class StateStore:
         self.url = url or _url_of(client)
         self.max_payload_bytes = max_payload_bytes
         self.retention_s = retention_s
+        self.lease_s = lease_s
 
     @classmethod
     def from_settings(cls, settings: Settings) -> StateStore:
@@ -146,6 +150,7 @@ class StateStore:
             url=settings.redis_url,
             max_payload_bytes=settings.max_payload_bytes,
             retention_s=settings.retention_s,
+            lease_s=settings.lease_s,
         )
 
     # -- writes -----------------------------------------------------------------
@@ -175,12 +180,16 @@ class StateStore:
         # trimmed of entries older than any finished run can live
         now_ms = int(time.time() * 1000)
         batch.command("ZADD", RUNS_INDEX, "NX", now_ms, run_id)
+        batch.command("ZADD", UNENQUEUED, "NX", now_ms, run_id)  # until mark_enqueued
         batch.command("ZREMRANGEBYSCORE", RUNS_INDEX, "-inf",
                       f"({now_ms - (self.retention_s + 2 * UNENQUEUED_TTL_S) * 1000}")
         with translate_errors(self.url):
             reply = _raise_if_error(batch.execute()[0])
         if reply[0] == "created":
             return Created(run_id, True, workflow, digest)
+        if reply[3] == "1":  # the ZADD above put a run handed over long ago back: undo it
+            with translate_errors(self.url):
+                self.redis.zrem(UNENQUEUED, run_id)
         return Created(run_id, False, reply[1], reply[2], enqueued=reply[3] == "1",
                        age_s=int(reply[4]) / 1000.0)
 
@@ -201,9 +210,18 @@ class StateStore:
 
     def mark_enqueued(self, run_id: str) -> None:
         """Record that the run's canvas reached the broker (it then lives until it ends)."""
-        keys = RunKeys(run_id)
+        batch = Batch(self.redis)
+        batch.script(MARK_ENQUEUED, RunKeys(run_id).all(), [])
+        batch.command("ZREM", UNENQUEUED, run_id)
         with translate_errors(self.url):
-            MARK_ENQUEUED(self.redis, keys.all(), [])
+            _raise_if_error(batch.execute()[0])
+
+    def renew_lease(self, run_id: str, step: str, task_id: str) -> bool:
+        """Hold ``step`` for ``lease_s`` more while ``task_id`` runs it (the heartbeat);
+        False when the task no longer holds it."""
+        with translate_errors(self.url):
+            return bool(RENEW(self.redis, [RunKeys(run_id).leases],
+                              [step, task_id, int(self.lease_s * 1000)]))
 
     def open_step(
         self,
@@ -230,7 +248,7 @@ class StateStore:
             OPEN_STEP,
             keys.all(),
             [step, agent, max_deliveries, worker, task_id, task_id if claim else "", queue,
-             *(int(v) for v in inputs)],
+             int(self.lease_s * 1000), *(int(v) for v in inputs)],
         )
         extra_idx = [queue(batch) for queue in extra]
         with translate_errors(self.url):
@@ -370,6 +388,7 @@ class StateStore:
         with translate_errors(self.url):
             self.redis.delete(*RunKeys(run_id).all())
             self.redis.zrem(RUNS_INDEX, run_id)
+            self.redis.zrem(UNENQUEUED, run_id)
 
     # -- reads ------------------------------------------------------------------
 

@@ -1,0 +1,294 @@
+"""The sweeper: no run stays stuck (a Celery beat task, and ``pipeline sweep``).
+
+Celery alone loses time, never work, when a whole worker dies: its unacked
+messages wait in the broker for the visibility timeout (an hour by default)
+before anyone runs them again (celery/celery#5935). Each pass here:
+
+1. **Steps whose worker went silent.** Every unacked message of a pipeline
+   task in the Redis broker is looked at. A step's message is handed out again
+   when the step's lease ran out (no heartbeat from the task holding it for
+   ``lease_s``, see ``lease.py``) or when nobody opened the step that long
+   after it was delivered; the step key makes the rerun safe, and a step
+   delivered too often fails as a crash loop and is compensated. Any other
+   pipeline task (a compensation, the saga's planner) is handed out again
+   once it has been unacked longer than its time limit plus the lease: it
+   cannot still be running. Messages kombu holds for an ETA wait until due.
+   The message is put back exactly as kombu's own restore does it (one
+   transaction: it leaves the unacked set and joins its queue once).
+2. **Runs created and never enqueued** (the client died in between), past
+   the lease: their canvas is sent now. Were the client alive after all, each
+   step would still seal once.
+3. **Sagas that stopped moving** (a worker died between beginning a saga and
+   sending its planner, or between two stages): the planner is sent again; it
+   plans once and dispatches only compensations nobody has claimed.
+
+RabbitMQ hands a dead consumer's messages out again when its connection
+drops, so part 1 is for a Redis broker only.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+from celery import Celery
+
+from . import saga
+from .errors import StoreError, UnknownWorkflow
+from .keys import SAGAS, SWEEP_LOCK, UNENQUEUED, RunKeys
+from .state import StateStore
+from .state.store import translate_errors
+from .workflow import ERRBACK_TASK, workflows
+
+__all__ = ["SWEEP_TASK", "Redelivered", "SweepReport", "sweep"]
+
+log = logging.getLogger(__name__)
+
+SWEEP_TASK = "pipeline.sweep"
+BATCH = 500
+"""Most runs looked at per pass in each of parts 2 and 3 (the oldest first)."""
+OWN_TASKS = (saga.COMPENSATE_RUN_TASK, ERRBACK_TASK, "pipeline.record_failure")
+
+
+@dataclass(frozen=True, slots=True)
+class Redelivered:
+    """A message the sweeper handed out again."""
+
+    task: str
+    task_id: str
+    run_id: str
+    step: str
+    silent_s: float
+    reason: str
+
+
+@dataclass(slots=True)
+class SweepReport:
+    unacked: int = 0
+    redelivered: list[Redelivered] = field(default_factory=list)
+    enqueued: list[str] = field(default_factory=list)
+    nudged: list[str] = field(default_factory=list)
+    busy: bool = False
+    """Another sweeper held the lock: this pass did nothing."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"unacked": self.unacked, "redelivered": [asdict(r) for r in self.redelivered],
+                "enqueued": self.enqueued, "nudged": self.nudged, "busy": self.busy}
+
+    def summary(self) -> str:
+        if self.busy:
+            return "another sweeper is running: nothing done"
+        lines = [f"{self.unacked} unacked message(s) looked at; {len(self.redelivered)} handed "
+                 f"out again; {len(self.enqueued)} run(s) enqueued; {len(self.nudged)} saga(s) "
+                 "nudged"]
+        lines += [f"  redelivered {r.task} run {r.run_id} {r.step}: {r.reason}"
+                  for r in self.redelivered]
+        lines += [f"  enqueued run {run_id} (its client died before sending it)"
+                  for run_id in self.enqueued]
+        lines += [f"  nudged the saga of run {run_id}" for run_id in self.nudged]
+        return "\n".join(lines)
+
+
+def sweep(app: Celery, store: StateStore, *, lease_s: float | None = None) -> SweepReport:
+    """One pass of all three parts; one sweeper at a time across the fleet."""
+    lease_s = store.lease_s if lease_s is None else lease_s
+    report = SweepReport()
+    lock = store.redis.lock(SWEEP_LOCK, timeout=max(30.0, lease_s), blocking=False)
+    with translate_errors(store.url):
+        if not lock.acquire(token=uuid.uuid4().hex):
+            report.busy = True
+            return report
+    try:
+        if app.pipeline_settings.broker_is_redis:
+            _redeliver_silent(app, store, lease_s, report)
+        _enqueue_forgotten(app, store, lease_s, report)
+        _nudge_sagas(app, store, lease_s, report)
+    finally:
+        try:
+            lock.release()
+        except Exception:  # noqa: BLE001 - it expires by itself
+            log.warning("the sweep lock could not be released; it expires by itself")
+    return report
+
+
+# -- 1. steps whose worker went silent -----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Message:
+    tag: str
+    task: str
+    task_id: str
+    kwargs: dict[str, Any]
+    due: float  # when it was delivered, or its ETA if later (epoch seconds)
+
+
+def _redeliver_silent(app: Celery, store: StateStore, lease_s: float,
+                      report: SweepReport) -> None:
+    with app.connection_for_write() as conn:
+        channel: Any = conn.default_channel
+        with channel.conn_or_acquire() as client:
+            _redeliver_from(app, store, channel, client, lease_s, report)
+
+
+def _redeliver_from(app: Celery, store: StateStore, channel: Any, client: Any, lease_s: float,
+                    report: SweepReport) -> None:
+    now = time.time()
+    for message in _unacked(client, channel):
+        report.unacked += 1
+        if now - message.due < lease_s:
+            continue  # delivered (or due) too recently to tell
+        why = _why_stuck(app, store, message, lease_s, now)
+        if why is None:
+            continue
+        silent_s, reason = why
+        channel.qos.restore_by_tag(message.tag, client=client)
+        run_id = str(message.kwargs.get("run_id", ""))
+        step = str(message.kwargs.get("step", ""))
+        report.redelivered.append(Redelivered(message.task, message.task_id, run_id, step,
+                                              round(silent_s, 1), reason))
+        log.warning("sweeper: handed out %s %s again (run %s %s): %s", message.task,
+                    message.task_id, run_id, step, reason)
+        if run_id:
+            try:
+                store.note(run_id, "step.redelivered", step=step, task_id=message.task_id,
+                           silent_s=round(silent_s, 1), reason=reason)
+            except StoreError:
+                pass
+
+
+def _unacked(client: Any, channel: Any) -> Iterator[_Message]:
+    """The pipeline's messages kombu holds unacked (its ``unacked`` hash: a few per worker)."""
+    delivered = {_text(tag): score for tag, score in
+                 client.zrange(channel.unacked_index_key, 0, -1, withscores=True)}
+    for raw_tag, raw in client.hgetall(channel.unacked_key).items():
+        tag = _text(raw_tag)
+        try:
+            payload = json.loads(_text(raw))[0]
+            headers = payload.get("headers") or {}
+            task, task_id = str(headers.get("task", "")), str(headers.get("id", ""))
+            if not _ours(task):
+                continue
+            due = delivered.get(tag, time.time())
+            eta = headers.get("eta")
+            if eta:
+                due = max(due, datetime.fromisoformat(str(eta)).timestamp())
+            yield _Message(tag, task, task_id, _kwargs(payload), due)
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            log.warning("sweeper: unacked message %s is not one it can read: %s", tag, e)
+
+
+def _ours(task: str) -> bool:
+    return task.startswith(("agent.", "compensate.")) or task in OWN_TASKS
+
+
+def _kwargs(payload: dict[str, Any]) -> dict[str, Any]:
+    """The task's keyword arguments (and its positional ones as ``args``), read as JSON only:
+    a message of any other content type is never decoded here."""
+    if payload.get("content-type") != "application/json":
+        return {}
+    body = payload.get("body", "")
+    if (payload.get("properties") or {}).get("body_encoding") == "base64":
+        body = base64.b64decode(body)
+    args, kwargs, _ = json.loads(body)
+    out = dict(kwargs)
+    if args and "run_id" not in out:  # compensate.<agent>(run_id, step), compensate_run(run_id)
+        out["run_id"] = args[0]
+        if len(args) > 1 and isinstance(args[1], str):
+            out["step"] = args[1]
+    return out
+
+
+def _why_stuck(app: Celery, store: StateStore, message: _Message, lease_s: float,
+               now: float) -> tuple[float, str] | None:
+    """(seconds silent, why) when ``message`` must be handed out again, else None."""
+    waited = now - message.due
+    if not message.task.startswith("agent."):
+        task = app.tasks.get(message.task)
+        limit = float(getattr(task, "time_limit", None) or 0.0)
+        if waited < limit + lease_s:
+            return None
+        return waited, (f"unacked for {waited:.0f}s, longer than its time limit ({limit:g}s) "
+                        f"plus the lease ({lease_s:g}s): its worker is gone")
+    run_id, step = message.kwargs.get("run_id"), message.kwargs.get("step")
+    if not run_id or not step:
+        return None
+    with translate_errors(store.url):
+        held = store.redis.hget(RunKeys(str(run_id)).leases, str(step))
+        seconds, micros = store.redis.time()
+    now_ms = seconds * 1000 + micros // 1000
+    if held:
+        task_id, _, rest = str(held).partition("|")
+        deadline, _, worker = rest.partition("|")
+        if task_id == message.task_id:
+            if int(deadline) > now_ms:
+                return None  # its worker is alive (it renews the lease)
+            silent = (now_ms - int(deadline)) / 1000.0 + lease_s
+            return silent, (f"no heartbeat from {worker or 'its worker'} for {silent:.0f}s "
+                            f"(lease {lease_s:g}s): the worker is gone")
+    return waited, (f"delivered {waited:.0f}s ago and its step not opened or sealed by this "
+                    "delivery since: the worker is gone")
+
+
+# -- 2. runs created and never enqueued -------------------------------------------------------
+
+
+def _enqueue_forgotten(app: Celery, store: StateStore, lease_s: float,
+                       report: SweepReport) -> None:
+    with translate_errors(store.url):
+        seconds, _ = store.redis.time()
+        ids = [_text(i) for i in store.redis.zrangebyscore(
+            UNENQUEUED, "-inf", (seconds - lease_s) * 1000, start=0, num=BATCH)]
+    for run_id in ids:
+        with translate_errors(store.url):
+            status, workflow, enqueued = store.redis.hmget(
+                RunKeys(run_id).run, "status", "workflow", "enqueued")
+        if status != "running" or enqueued == "1":
+            with translate_errors(store.url):
+                store.redis.zrem(UNENQUEUED, run_id)
+            continue
+        try:
+            flow = workflows.get(str(workflow))
+        except UnknownWorkflow:
+            log.warning("sweeper: run %s of workflow %s was never enqueued, and the workflow "
+                        "is not registered here", run_id, workflow)
+            continue
+        flow.enqueue(app, store, run_id)
+        store.mark_enqueued(run_id)
+        store.note(run_id, "run.enqueued", by="sweeper",
+                   reason="its client died between creating and enqueuing it")
+        report.enqueued.append(run_id)
+
+
+# -- 3. sagas that stopped moving ---------------------------------------------------------------
+
+
+def _nudge_sagas(app: Celery, store: StateStore, lease_s: float, report: SweepReport) -> None:
+    with translate_errors(store.url):
+        seconds, _ = store.redis.time()
+        now_ms = seconds * 1000
+        ids = [_text(i) for i in store.redis.zrangebyscore(
+            SAGAS, "-inf", now_ms - lease_s * 1000, start=0, num=BATCH)]
+    for run_id in ids:
+        with translate_errors(store.url):
+            status = store.redis.hget(RunKeys(run_id).run, "status")
+            if status != "compensating":
+                store.redis.zrem(SAGAS, run_id)
+                continue
+            store.redis.zadd(SAGAS, {run_id: now_ms}, xx=True)
+        app.send_task(saga.COMPENSATE_RUN_TASK, args=(run_id,),
+                      queue=app.conf.task_default_queue)
+        store.note(run_id, "saga.nudged", by="sweeper",
+                   reason=f"no compensation recorded for {lease_s:g}s")
+        report.nudged.append(run_id)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,156 @@
+"""The sweeper against real workers killed whole: recovery bounded by the lease, not by
+the broker's visibility timeout (an hour here); long steps kept alive by their heartbeat;
+runs whose client died before enqueuing them; sagas that stopped moving."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+
+from pipeline import saga
+from pipeline.keys import SAGAS, UNENQUEUED, RunKeys
+from pipeline.local import BeatProcess
+from pipeline.state import RunStatus
+from pipeline.sweeper import sweep
+from tests.conftest import ROOT, Cluster, wait_for, worker_env
+from tests.quick_agents import EXECUTIONS_KEY, HOLD_KEY
+
+pytestmark = pytest.mark.workers
+
+LEASE_S = 2
+
+
+def events(cluster: Cluster, run_id: str, name: str) -> list[dict[str, str]]:
+    return [e for e in cluster.pipeline().store.log(run_id) if e.get("event") == name]
+
+
+def wait_started(cluster: Cluster, run_id: str, step: str) -> None:
+    wait_for(lambda: any(e.get("step") == step for e in events(cluster, run_id, "step.started")),
+             timeout_s=30, message=f"step {step} of {run_id} to start")
+
+
+def executions(cluster: Cluster, run_id: str, agent: str) -> int:
+    return int(cluster.redis.get(EXECUTIONS_KEY.format(run_id=run_id, agent=agent)) or 0)
+
+
+def test_a_worker_killed_whole_mid_step_is_recovered_by_beat_within_the_lease(
+        cluster: Cluster) -> None:
+    """Without the sweeper the step's message would wait for the visibility timeout
+    (3600 s here); beat's sweeper hands it out again once its lease ran out."""
+    env = {"PIPELINE_LEASE_S": str(LEASE_S), "PIPELINE_SWEEP_INTERVAL_S": "1"}
+    doomed = cluster.worker(concurrency=1, **env)
+    p = cluster.pipeline(lease_s=LEASE_S)
+    run = p.start("pausing", {"n": 1})
+    cluster.redis.set(HOLD_KEY.format(run_id=run.run_id), "1")
+    wait_started(cluster, run.run_id, "1:pause")
+    doomed.kill()  # main process and pool, SIGKILL: nothing acked, nothing said
+    killed_at = time.monotonic()
+    cluster.redis.delete(HOLD_KEY.format(run_id=run.run_id))
+    cluster.worker(concurrency=1, **env)
+    with BeatProcess(env=worker_env(cluster.url, **env), cwd=str(ROOT)):
+        result = run.wait(timeout=60)
+    recovered_s = time.monotonic() - killed_at
+
+    assert result.status is RunStatus.SUCCEEDED and result.output == {"n": 6}
+    assert recovered_s < 30, f"recovered after {recovered_s:.0f}s"
+    [redelivered] = events(cluster, run.run_id, "step.redelivered")
+    assert redelivered["step"] == "1:pause"
+    assert "no heartbeat" in redelivered["reason"] and "the worker is gone" in redelivered["reason"]
+    assert executions(cluster, run.run_id, "pause") == 2  # run again, sealed once
+    history = p.store.history(run.run_id)
+    assert [v.version for v in history] == [0, 1, 2, 3]
+    assert [v.agent for v in history[1:]] == ["increment", "pause", "double"]
+    deliveries = cluster.redis.hget(RunKeys(run.run_id).deliveries, "1:pause")
+    assert deliveries == "2"
+    assert cluster.redis.hlen(RunKeys(run.run_id).leases) == 0  # every lease ended at its seal
+
+
+def test_a_step_longer_than_its_lease_is_kept_alive_by_its_heartbeat(cluster: Cluster) -> None:
+    env = {"PIPELINE_LEASE_S": str(LEASE_S)}
+    cluster.worker(concurrency=1, **env)
+    p = cluster.pipeline(lease_s=LEASE_S)
+    run = p.start("slow_counting", {"n": 1, "sleep_s": 3 * LEASE_S})
+    wait_started(cluster, run.run_id, "0:slow_increment")
+    sweeps = []
+    while p.store.run_info(run.run_id).status is RunStatus.RUNNING:
+        sweeps.append(sweep(p.app, p.store))
+        time.sleep(0.3)
+    assert run.wait(timeout=30).status is RunStatus.SUCCEEDED
+    assert len(sweeps) >= 10 and any(s.unacked for s in sweeps)  # it was looked at, alive
+    assert not any(s.redelivered for s in sweeps)
+    assert events(cluster, run.run_id, "step.redelivered") == []
+    assert executions(cluster, run.run_id, "slow_increment") == 1
+
+
+def test_a_run_whose_client_died_before_enqueuing_it_is_enqueued(cluster: Cluster) -> None:
+    cluster.worker(concurrency=1)
+    p = cluster.pipeline(lease_s=LEASE_S)
+    # what Pipeline.start does before it enqueues: the client dies right here
+    p.store.create_run("orphan", workflow="counting", payload={"n": 3}, contract="count@1")
+    enqueued = p.start("counting", {"n": 1})
+    assert cluster.redis.zscore(UNENQUEUED, "orphan") is not None
+    assert cluster.redis.zscore(UNENQUEUED, enqueued.run_id) is None  # handed over: not watched
+    assert sweep(p.app, p.store).enqueued == []  # not before its grace
+
+    def swept() -> list[str]:
+        return sweep(p.app, p.store).enqueued
+
+    assert wait_for(swept, timeout_s=10, message="the orphan to be enqueued") == ["orphan"]
+    result = p.run("orphan").wait(timeout=30)
+    assert result.status is RunStatus.SUCCEEDED and result.output == {"n": 8}
+    assert [e["by"] for e in events(cluster, "orphan", "run.enqueued")] == ["sweeper"]
+    assert cluster.redis.zscore(UNENQUEUED, "orphan") is None
+    assert enqueued.wait(timeout=30).status is RunStatus.SUCCEEDED
+    assert sweep(p.app, p.store).enqueued == []
+
+
+def test_a_saga_begun_by_a_worker_that_died_before_sending_its_planner_is_nudged(
+        cluster: Cluster) -> None:
+    cluster.worker(concurrency=2)
+    p = cluster.pipeline(lease_s=LEASE_S)
+    run = p.start("pausing", {"n": 1})
+    cluster.redis.set(HOLD_KEY.format(run_id=run.run_id), "1")
+    wait_started(cluster, run.run_id, "1:pause")
+    # the errback's worker: the saga begins and is watched, then the process dies
+    started, _ = saga.begin(p.store, run.run_id, reason="ChaosError: boom", agent="pause")
+    assert started
+    saga.watch(p.store, run.run_id)
+    cluster.redis.delete(HOLD_KEY.format(run_id=run.run_id))
+    wait_for(lambda: events(cluster, run.run_id, "step.discarded"), timeout_s=20,
+             message="the held step to find the saga and discard itself")
+    assert p.store.run_info(run.run_id).status is RunStatus.COMPENSATING
+    assert not cluster.redis.hexists(RunKeys(run.run_id).saga, "plan")  # nobody planned it
+
+    def nudged() -> list[str]:
+        return sweep(p.app, p.store).nudged
+
+    assert wait_for(nudged, timeout_s=10, message="the saga to be nudged") == [run.run_id]
+    result = run.wait(timeout=30)
+    assert result.status is RunStatus.COMPENSATED
+    done = [e["step"] for e in events(cluster, run.run_id, "compensation.done")]
+    assert done == ["0:increment"]  # the held step discarded itself when it found the saga
+    assert cluster.redis.zscore(SAGAS, run.run_id) is None  # finished: no longer watched
+    assert sweep(p.app, p.store).nudged == []
+
+
+def test_pipeline_sweep_prints_what_it_did(cluster: Cluster) -> None:
+    p = cluster.pipeline(lease_s=LEASE_S)
+    p.store.create_run("forgotten", workflow="counting", payload={"n": 1}, contract="count@1")
+    env = {**worker_env(cluster.url, PIPELINE_LEASE_S="1")}
+
+    def swept() -> dict[str, Any] | None:
+        done = subprocess.run([sys.executable, "-m", "pipeline.cli", "sweep", "--json"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        report: dict[str, Any] = json.loads(done.stdout)
+        return report if report["enqueued"] else None
+
+    report = wait_for(swept, timeout_s=20, message="pipeline sweep to enqueue the run")
+    assert isinstance(report, dict)
+    assert report["enqueued"] == ["forgotten"] and report["busy"] is False
+    assert report["redelivered"] == [] and report["nudged"] == []
