@@ -44,6 +44,7 @@ from .keys import RunKeys
 from .lua import Batch, Script
 from .state import StateStore, Version
 from .state.store import Extra, translate_errors
+from .state.version import Sealable, sealable
 
 if TYPE_CHECKING:
     from .client import Pipeline, Run
@@ -281,12 +282,14 @@ class Choreography:
         if step is not None and step not in parked:
             raise InputError(f"delivery {step!r} of run {run_id} is not parked "
                              f"(parked: {', '.join(parked) or 'none'})")
-        target = None
+        target, form = None, None
         if output is not None:
             if step is None and len(parked) != 1:
                 raise InputError(f"run {run_id} has several parked deliveries "
                                  f"({', '.join(parked)}): name the one the output is for")
             target = step or parked[0]
+            form = sealable(output, store.max_payload_bytes,
+                            f"run {run_id} output for parked delivery {target}")
             self._contracts.get(self._agents.get(target.split(":", 1)[1]).output).validate(
                 output, side="output", agent=target.split(":", 1)[1], run_id=run_id)
         store.resume(run_id, how="output" if output is not None else "rerun")
@@ -295,7 +298,8 @@ class Choreography:
                 event_id, name = key.split(":", 1)
                 event = event_record(store, run_id, event_id)
                 if key == target:
-                    self._seal_for(pipeline, run_id, key, output, int(event["version"]))
+                    assert form is not None
+                    self._seal_for(pipeline, run_id, key, output, int(event["version"]), form)
                 else:
                     dispatch(pipeline.app, run_id, Handover(
                         "again", event_id, int(event["version"]), (name,), str(event["type"])))
@@ -312,14 +316,14 @@ class Choreography:
         return Run(pipeline, run_id)
 
     def _seal_for(self, pipeline: Pipeline, run_id: str, key: str, output: Any,
-                  version: int) -> None:
+                  version: int, form: Sealable) -> None:
         """Seal a person's output for a parked delivery and publish what its agent emits."""
         store = pipeline.store
         event_id, name = key.split(":", 1)
         a = self._agents.get(name)
         delivery = Delivery(a, run_id=run_id, step=key, event=event_id)
         sealing = store.seal(run_id, step=key, agent=name, contract=a.output, payload=output,
-                             parents=[version], worker="person",
+                             parents=[version], worker="person", form=form,
                              extra=[delivery.seal_extra(store, "person")])
         if sealing.outcome not in ("new", "sealed"):
             raise RunNotParked(f"run {run_id} is {sealing.status or 'gone'}; the output was "

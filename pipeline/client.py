@@ -38,6 +38,25 @@ FINAL_EVENTS = frozenset(f"run.{s.value}" for s in RunStatus if s.is_final)
 """The log entries a run ends with (every final status is logged as ``run.<status>``)."""
 ENQUEUE_GRACE_S = 30.0
 """How long a run that was created but not enqueued belongs to the start that created it."""
+MAX_IDEMPOTENCY_KEY_CHARS = 256
+"""The longest idempotency key ``start`` takes (it is kept in the run's record)."""
+
+
+def check_idempotency_key(key: str) -> None:
+    """``InputError`` unless ``key`` is a non-empty string of at most
+    ``MAX_IDEMPOTENCY_KEY_CHARS`` characters that UTF-8 can carry."""
+    if not isinstance(key, str) or not key:
+        raise InputError(f"idempotency key {key!r} must be a non-empty string")
+    if len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
+        raise InputError(
+            f"idempotency key is {len(key):,} characters, over the limit of "
+            f"{MAX_IDEMPOTENCY_KEY_CHARS}; use a hash of it"
+        )
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"idempotency key {key!r} is not UTF-8 text: {e.reason} "
+                         f"at position {e.start}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +121,8 @@ class Pipeline:
         reusing it with another payload raises ``IdempotencyConflict``.
         """
         wf = workflows.get(workflow) if isinstance(workflow, str) else workflow
+        if idempotency_key is not None:
+            check_idempotency_key(idempotency_key)
         form = sealable(payload, self.store.max_payload_bytes, f"input of workflow {wf.name}")
         contract: Contract = wf.input_contract
         contract.validate(payload, side="input", agent=wf.entry_agent)
@@ -180,7 +201,7 @@ class Pipeline:
         wf = flow
         stage = wf.stage_of(parked_keys[0])
         members = {s.key: s for s in wf.stages[stage]}
-        target = None
+        target, form = None, None
         if output is not None:
             if step is None and len(parked_keys) > 1:
                 raise InputError(f"run {run_id} has several parked steps "
@@ -189,6 +210,8 @@ class Pipeline:
             if target is None or target.key not in parked_keys:
                 raise InputError(f"step {step!r} of run {run_id} is not parked "
                                  f"(parked: {', '.join(parked_keys)})")
+            form = sealable(output, self.store.max_payload_bytes,
+                            f"run {run_id} output for parked step {target.key}")
             wf.contract_of(target.agent.output).validate(
                 output, side="output", agent=target.agent.name, run_id=run_id
             )
@@ -206,7 +229,7 @@ class Pipeline:
                 sealing = self.store.seal(
                     run_id, step=target.key, agent=target.agent.name,
                     contract=target.agent.output, payload=output, parents=parents,
-                    final=target.final, worker="person",
+                    final=target.final, worker="person", form=form,
                 )
                 if sealing.outcome not in ("new", "sealed"):
                     raise RunNotParked(f"run {run_id} is {sealing.status or 'gone'}; the "

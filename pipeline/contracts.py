@@ -7,7 +7,7 @@ it into other Python objects, so what is sealed is exactly what was checked.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ __all__ = [
     "contract",
     "contracts",
     "flatten_errors",
+    "printable",
     "compatibility_problems",
     "fan_in_schema",
 ]
@@ -50,11 +51,7 @@ class Contract:
     ) -> None:
         """Raise ``ContractViolation`` naming every failing field path, or return."""
         try:
-            errors = self.schema.validate(payload) if isinstance(payload, Mapping) else {
-                "_schema": [f"expected a JSON object, got {_json_type(payload)}"]
-            }
-        except ValidationError as e:  # raised by a rule outside a field
-            errors = e.normalized_messages()  # type: ignore[no-untyped-call]
+            errors = self._errors(payload)
         except SoftTimeLimitExceeded:  # the step's time limit, not the payload's fault
             raise
         except RecursionError:
@@ -85,6 +82,16 @@ class Contract:
             version=version,
             errors=flat,
         )
+
+    def _errors(self, payload: Any) -> dict[Any, Any]:
+        if not isinstance(payload, Mapping):
+            return {"_schema": [f"expected a JSON object, got {_json_type(payload)}"]}
+        try:
+            errors = dict(self.schema.validate(payload))
+        except ValidationError as e:  # raised by a rule outside a field
+            errors = e.normalized_messages()  # type: ignore[no-untyped-call]
+        _merge(errors, _conversions(self.schema, payload))
+        return errors
 
     def describe(self) -> dict[str, Any]:
         """The contract's fields as JSON-friendly data (for ``pipeline contracts``)."""
@@ -153,15 +160,89 @@ def flatten_errors(errors: Mapping[Any, Any], prefix: str = "") -> dict[str, lis
         if key == "_schema":
             path = prefix or "<root>"
         else:
-            name = str(key) or '""'  # an empty key still gets a visible path
+            name = printable(str(key)) or '""'  # an empty key still gets a visible path
             path = f"{prefix}.{name}" if prefix else name
         if isinstance(value, Mapping):
             for sub, msgs in flatten_errors(value, path).items():
                 out.setdefault(sub, []).extend(msgs)
         else:
             msgs = value if isinstance(value, list) else [value]
-            out.setdefault(path, []).extend(str(m) for m in msgs)
+            out.setdefault(path, []).extend(printable(str(m)) for m in msgs)
     return out
+
+
+def printable(text: str) -> str:
+    """``text`` with line breaks and other unprintable characters escaped (``\\n``,
+    ``\\x1c``, ``\\ud800``): a payload's keys cannot break an error onto several lines."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
+def _conversions(schema: Schema, payload: Any) -> dict[Any, Any]:
+    """Errors for the values marshmallow accepts only by converting them.
+
+    marshmallow reads ``"12"`` and ``2.5`` as the integer 12 and 2, ``"1e3"`` as a
+    float, and ``"yes"`` or ``1`` as true. A contract checks a payload without
+    converting it, so what would be sealed is the string or the float, and the next
+    agent would compute with it: such values are refused with the field's own
+    "invalid" message. Null is left to marshmallow (``allow_none``).
+    """
+    if not isinstance(payload, Mapping):
+        return {}  # marshmallow names what is wrong with it
+    errors: dict[Any, Any] = {}
+    for name, field in schema.fields.items():
+        key = field.data_key or name
+        if not field.dump_only and key in payload:
+            problem = _conversion(field, payload[key])
+            if problem:
+                errors[key] = problem
+    return errors
+
+
+def _conversion(field: fields.Field[Any], value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(field, fields.Nested) and isinstance(field.schema, Schema):
+        schema = field.schema
+        if field.many:
+            return _each(value, lambda item: _conversions(schema, item))
+        return _conversions(schema, value)
+    if isinstance(field, fields.List):
+        inner = field.inner
+        return _each(value, lambda item: _conversion(inner, item))
+    if isinstance(field, fields.Dict) and field.value_field is not None:
+        values = field.value_field
+        if not isinstance(value, Mapping):
+            return None
+        found = {k: _conversion(values, v) for k, v in value.items()}
+        return {k: {"value": p} for k, p in found.items() if p}
+    if isinstance(field, fields.Boolean):
+        ok = isinstance(value, bool)
+    elif isinstance(field, fields.Integer):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(field, fields.Float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    else:
+        return None
+    return None if ok else [field.error_messages["invalid"]]
+
+
+def _each(value: Any, check: Callable[[Any], Any]) -> dict[int, Any]:
+    if not isinstance(value, list):
+        return {}
+    found = {i: check(item) for i, item in enumerate(value)}
+    return {i: p for i, p in found.items() if p}
+
+
+def _merge(into: dict[Any, Any], extra: Mapping[Any, Any]) -> None:
+    """Add ``extra``'s errors to ``into``'s, keeping those already found for a path."""
+    for key, value in extra.items():
+        if key not in into:
+            into[key] = value
+        elif isinstance(into[key], dict) and isinstance(value, Mapping):
+            _merge(into[key], value)
 
 
 def compatibility_problems(producer: Schema, consumer: Schema, path: str = "") -> list[str]:

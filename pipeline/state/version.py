@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from ..contracts import printable
 from ..errors import ContractViolation, IntegrityError, PayloadTooLarge
 
 INPUT_STEP = "input"
@@ -33,18 +34,59 @@ class RunStatus(StrEnum):
                             RunStatus.WAITING_FOR_HUMAN)
 
 
-def _encode(payload: Any) -> tuple[str, bytes]:
+MAX_DEPTH = 100
+"""The deepest nesting of arrays and objects a sealed payload may have.
+
+Python's JSON parser gives up at a depth that depends on how deep its caller's
+stack already is: a payload that one process encodes could fail to load in a
+worker. A fixed limit, far below that, refuses such payloads before they reach
+Redis, the same everywhere.
+"""
+
+
+def _encode(payload: Any, where: str = "") -> tuple[str, bytes]:
     """Canonical JSON text of a payload and its UTF-8 bytes, each made once."""
+    prefix = f"{where}: " if where else ""
     try:
         text = json.dumps(
             payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
         )
         return text, text.encode("utf-8")
-    except (TypeError, ValueError, RecursionError) as e:  # UnicodeEncodeError is a ValueError
-        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+    except RecursionError:
+        raise _too_deep(payload, prefix) from None
+    except (TypeError, ValueError) as e:  # UnicodeEncodeError is a ValueError
         raise ContractViolation(
-            f"payload is not JSON: {reason}", errors={"<payload>": [f"not JSON: {reason}"]}
+            f"{prefix}payload is not JSON: {e}", errors={"<payload>": [f"not JSON: {e}"]}
         ) from None
+
+
+def _deep_path(value: Any, depth: int = 1) -> list[Any] | None:
+    """The path to the first array or object nested deeper than ``MAX_DEPTH``, if any.
+
+    Recurses at most ``MAX_DEPTH`` + 1 levels, however deep ``value`` is.
+    """
+    if not isinstance(value, dict | list | tuple):
+        return None
+    if depth > MAX_DEPTH:
+        return []
+    children = value.items() if isinstance(value, dict) else enumerate(value)
+    for key, child in children:
+        found = _deep_path(child, depth + 1)
+        if found is not None:
+            return [key, *found]
+    return None
+
+
+def _too_deep(payload: Any, prefix: str) -> ContractViolation:
+    path = _deep_path(payload) or []  # [] if the depth is in something that is not JSON
+    shown = ".".join(printable(str(p)) for p in path[:8]) + ("..." if len(path) > 8 else "")
+    field = printable(str(path[0])) if path else "<root>"
+    return ContractViolation(
+        f"{prefix}payload is nested more than {MAX_DEPTH} levels deep"
+        + (f" (at {shown})" if shown else "")
+        + "; flatten it, or store it elsewhere and seal a reference to it",
+        errors={field: [f"nested more than {MAX_DEPTH} levels deep"]},
+    )
 
 
 def canonical_json(payload: Any) -> str:
@@ -69,14 +111,21 @@ class Sealable:
 
 
 def sealable(payload: Any, limit: int, where: str) -> Sealable:
-    """Check that ``payload`` is JSON and within ``limit`` bytes; ``PayloadTooLarge`` if not."""
-    text, data = _encode(payload)
+    """Check that ``payload`` is JSON, within ``limit`` bytes and ``MAX_DEPTH`` levels.
+
+    ``PayloadTooLarge`` when it is too big; ``ContractViolation`` when it is not
+    JSON or nested too deeply. Each message starts with ``where``.
+    """
+    text, data = _encode(payload, where)
     if len(data) > limit:
         raise PayloadTooLarge(
             f"{where}: payload is {len(data):,} bytes of canonical JSON, over the limit of "
             f"{limit:,} bytes (PIPELINE_MAX_PAYLOAD_BYTES); store large data elsewhere and "
             "seal a reference to it"
         )
+    # Nesting is never deeper than the number of brackets: most payloads stop here.
+    if text.count("[") + text.count("{") > MAX_DEPTH and _deep_path(payload) is not None:
+        raise _too_deep(payload, f"{where}: ")
     return Sealable(text, hashlib.sha256(data).hexdigest())
 
 
