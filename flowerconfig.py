@@ -10,5 +10,11 @@ import os
 basic_auth = [a for a in os.environ.get("FLOWER_BASIC_AUTH", "").split(",") if a]
 if not basic_auth and not os.environ.get("FLOWER_AUTH"):
     raise SystemExit("refusing to start Flower without authentication: set FLOWER_BASIC_AUTH")
+# "ops:" or ":" would let anyone in with an empty password: name the entry, never its secret.
+for number, entry in enumerate(basic_auth, 1):
+    user, _, password = entry.partition(":")
+    if not user or not password:
+        raise SystemExit(f"refusing to start Flower: entry {number} of FLOWER_BASIC_AUTH is not "
+                         "user:password with both parts set")
 port = int(os.environ.get("FLOWER_PORT", "5555"))
 address = os.environ.get("FLOWER_ADDRESS", "127.0.0.1")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
+import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ConfigurationError
@@ -13,6 +15,8 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
 DEFAULT_RETENTION_S = 7 * 24 * 3600
 DEFAULT_VISIBILITY_TIMEOUT_S = 3600
+DEFAULT_LEASE_S = 60
+DEFAULT_SWEEP_INTERVAL_S = 15
 DEFAULT_AGENT_MODULES = ("tasks",)
 DEFAULT_QUEUE = "pipeline"
 
@@ -28,11 +32,24 @@ class Settings:
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     retention_s: int = DEFAULT_RETENTION_S
     visibility_timeout_s: int = DEFAULT_VISIBILITY_TIMEOUT_S
+    lease_s: int = DEFAULT_LEASE_S
+    """How long a step's task holds it without a heartbeat before the sweeper hands its
+    message out again (a worker killed whole): recovery is bounded by this, not by the
+    visibility timeout."""
+    sweep_interval_s: int = DEFAULT_SWEEP_INTERVAL_S
+    """How often ``celery beat`` runs the sweeper."""
     agent_modules: tuple[str, ...] = DEFAULT_AGENT_MODULES
     chaos: str = ""
     default_queue: str = DEFAULT_QUEUE
     otel: bool = False
     """PIPELINE_OTEL=1: one OpenTelemetry span per step (the ``otel`` extra)."""
+
+    def __repr__(self) -> str:
+        """Every field, the URLs with their secrets redacted: settings end up in logs."""
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in URL_FIELDS:
+            shown[name] = redact_url(shown[name])
+        return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -49,6 +66,8 @@ class Settings:
             visibility_timeout_s=_int(
                 env, "PIPELINE_VISIBILITY_TIMEOUT_S", DEFAULT_VISIBILITY_TIMEOUT_S
             ),
+            lease_s=_int(env, "PIPELINE_LEASE_S", DEFAULT_LEASE_S),
+            sweep_interval_s=_int(env, "PIPELINE_SWEEP_INTERVAL_S", DEFAULT_SWEEP_INTERVAL_S),
             agent_modules=(
                 tuple(m.strip() for m in modules.split(",") if m.strip())
                 if modules is not None
@@ -73,6 +92,7 @@ class Settings:
         return replace(self, redis_url=url, broker_url=url, result_backend=url)
 
 
+URL_FIELDS = ("redis_url", "broker_url", "result_backend")
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 """PIPELINE_REDIS_URL only: a Redis Cluster, reached through any one of its nodes."""
@@ -96,13 +116,45 @@ def cluster_node_url(url: str) -> str:
                        parts.query, parts.fragment))
 
 
+def tls_options(url: str) -> dict[str, object] | None:
+    """Celery's TLS options (``broker_use_ssl``, ``redis_backend_use_ssl``) for a Redis URL.
+
+    A ``rediss://`` URL verifies the server's certificate, as redis-py does for the
+    state: against ``ssl_ca_certs`` when the URL names it, else the system's CAs.
+    Left alone, kombu would not verify at all and Celery's result backend would refuse
+    the URL. ``ssl_*`` parameters in the URL take precedence (``ssl_cert_reqs=none``
+    turns verification off, knowingly).
+    """
+    if _scheme(url) != "rediss":
+        return None
+    return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+
+
 def _scheme(url: str) -> str:
     return urlsplit(url).scheme.lower()
+
+
+def _after_host(url: str) -> str:
+    parts = urlsplit(url)
+    return parts.path + parts.query + parts.fragment
+
+
+def _check_userinfo(name: str, url: str) -> None:
+    """An ``@`` after the host means a password whose ``/``, ``?`` or ``#`` was not
+    percent-encoded: the URL would be read with part of the password as its host or
+    path, and drivers' errors would show it."""
+    if "@" in _after_host(url):
+        raise ConfigurationError(
+            f"{name} has an '@' after its host: percent-encode the password's '/', '?', '#' "
+            "and '@' (urllib.parse.quote(password, safe='')), or use %40 for an '@' in a "
+            "query parameter"
+        )
 
 
 def _state_url(env: Mapping[str, str]) -> str:
     name = "PIPELINE_REDIS_URL"
     url = env.get(name) or DEFAULT_REDIS_URL
+    _check_userinfo(name, url)
     scheme = _scheme(url)
     if scheme in CLUSTER_SCHEMES:
         parts = urlsplit(url)
@@ -130,7 +182,10 @@ def _broker_url(env: Mapping[str, str], redis_url: str) -> str:
                 f"cannot use as its broker: set {name} to a plain Redis, {_REDIS_FORMS}, or "
                 f"to {_AMQP_FORMS}"
             )
+        _check_broker_password(redis_url, f"PIPELINE_REDIS_URL={redact_url(redis_url)} (the "
+                                          f"broker too, {name} being unset)")
         return redis_url
+    _check_userinfo(name, url)
     scheme = _scheme(url)
     if scheme in CLUSTER_SCHEMES:
         raise ConfigurationError(
@@ -142,7 +197,19 @@ def _broker_url(env: Mapping[str, str], redis_url: str) -> str:
             f"{name}={redact_url(url)} is not a Redis or RabbitMQ URL; expected "
             f"{_REDIS_FORMS}, or {_AMQP_FORMS}"
         )
+    _check_broker_password(url, f"{name}={redact_url(url)}")
     return url
+
+
+def _check_broker_password(url: str, shown: str) -> None:
+    """kombu cannot take a Redis password as ``?password=`` (it fails on the first send)."""
+    query = urlsplit(url).query
+    if _scheme(url) in REDIS_SCHEMES and any(
+            item.partition("=")[0].lower() == "password" for item in query.split("&")):
+        raise ConfigurationError(
+            f"{shown}: Celery's Redis broker cannot take ?password=; put the password in the "
+            "URL's user part instead, redis://:password@host:port/db"
+        )
 
 
 def _result_backend(env: Mapping[str, str], redis_url: str, broker_url: str) -> str:
@@ -158,6 +225,7 @@ def _result_backend(env: Mapping[str, str], redis_url: str, broker_url: str) -> 
             f"PIPELINE_REDIS_URL={redact_url(redis_url)} is a Redis Cluster and the broker is "
             f"RabbitMQ: set {name} to a plain Redis, {_REDIS_FORMS} (chords need it)"
         )
+    _check_userinfo(name, url)
     if _scheme(url) not in REDIS_SCHEMES:
         raise ConfigurationError(
             f"{name}={redact_url(url)} is not a plain Redis URL; expected {_REDIS_FORMS}. "
@@ -181,25 +249,41 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
 
 
 SECRET_QUERY_KEYS = frozenset({"password", "pass", "passwd", "secret", "token", "auth"})
+_HOST = re.compile(r"(?:[\w.-]+|\[[0-9A-Fa-f:.]+\])(?::\d+)?")
+SECRET_QUERY_SUFFIXES = ("password", "passwd", "secret", "token")
+"""And any key ending so (``ssl_password``)."""
+
+
+def _secret_key(key: str) -> bool:
+    key = key.lower()
+    return key in SECRET_QUERY_KEYS or key.endswith(SECRET_QUERY_SUFFIXES)
 
 
 def redact_url(url: str) -> str:
     """The URL with any password replaced by ``***`` (in the user part, and in query
-    parameters such as ``?password=``), safe for logs and errors."""
+    parameters such as ``?password=``), safe for logs and errors.
+
+    Fails closed: an ``@`` after the host (a password whose ``/``, ``?`` or ``#`` was
+    not percent-encoded) hides everything before the last ``@``.
+    """
     try:
         parts = urlsplit(url)
+        if "@" in _after_host(url):
+            tail = redact_url(f"{parts.scheme}://{url.rpartition('@')[2]}")
+            if not _HOST.fullmatch(urlsplit(tail).netloc):
+                return "<unparseable URL>"
+            return tail.replace("://", "://***@", 1)
         password = parts.password
+        host = parts.hostname or ""
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
     except ValueError:  # a port that is not a number, say: show nothing of it
         return "<unparseable URL>"
     netloc = parts.netloc
     if password is not None:
-        host = parts.hostname or ""
-        if parts.port is not None:
-            host = f"{host}:{parts.port}"
         netloc = f"{parts.username or ''}:***@{host}"
     query = "&".join(
-        f"{k}=***" if k.lower() in SECRET_QUERY_KEYS else (f"{k}={v}" if v or "=" in item
-                                                             else k)
+        f"{k}=***" if _secret_key(k) else (f"{k}={v}" if v or "=" in item else k)
         for item in parts.query.split("&") if item
         for k, _, v in [item.partition("=")]
     )
