@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-$(EXTRAS)
 
-.PHONY: demo test bench lint typecheck check worker flower clean
+.PHONY: demo test bench soak load lint typecheck check worker flower clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ test: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-bench
 	$(BIN)/python -m bench
+
+soak: $(VENV)/.installed-bench
+	$(BIN)/python -m bench.soak $(if $(RUNS),--runs $(RUNS))
+
+load: $(VENV)/.installed-bench
+	$(BIN)/python -m bench.load $(if $(RUNS),--runs $(RUNS))
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check pipeline tasks config tests bench

@@ -112,6 +112,21 @@ class EmbeddedRedis:
             stderr=subprocess.DEVNULL,
         )
 
+    def restart(self) -> EmbeddedRedis:
+        """Shut the server down (SIGTERM: with append-only persistence, the file is synced)
+        and start it again on the same port and directory, from what it kept."""
+        assert self.process is not None and self.dir is not None, "not started"
+        self.process.terminate()
+        self.process.wait(timeout=10)
+        binary = server_binary()
+        self.process = self._spawn(binary)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not answers(self.url, 0.2):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise StoreUnavailable("the embedded Redis did not start again")
+            time.sleep(0.05)
+        return self
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()

@@ -54,8 +54,8 @@ def redis_base_url() -> Iterator[str]:
         yield configured
     elif answers(LOCAL_REDIS):
         yield LOCAL_REDIS
-    else:
-        with EmbeddedRedis() as server:
+    else:  # append-only, as a deployment's Redis should be (docker-compose.yml)
+        with EmbeddedRedis(appendonly=True) as server:
             yield server.url
             # Celery's AsyncResult objects unsubscribe from their result channel
             # when collected: let that happen while the server still answers.

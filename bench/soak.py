@@ -1,0 +1,231 @@
+"""Chaos soak: credit runs under injected faults and whole workers killed, then the
+invariant checker (``make soak``).
+
+``--runs`` credit runs (the samples in tasks/samples/batch.json, in turn) go to
+``--workers`` worker processes whose agents misbehave (``PIPELINE_CHAOS``: errors,
+pool processes crashing, steps running past their time limit, outputs breaking
+their contract). Every ``--kill-every`` seconds one worker, chosen at random, is
+killed whole (SIGKILL to its main process and pool, nothing acked, nothing said)
+and a new one started; ``celery beat`` runs the sweeper every second, with a lease
+of ``--lease`` seconds (the broker's visibility timeout stays at an hour). When
+every run has finished, or ``--timeout`` passed, the invariant checker reads Redis
+(``pipeline.invariants``, with the credit ledger as the side effects): figures on
+stdout, and exit status 1 on any violation or any run not finished.
+
+Usage: python -m bench.soak [--runs 1000] [--workers 2] [--kill-every 5] [--lease 5]
+                            [--chaos SPEC] [--timeout 1800] [--seed N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from bench.common import ROOT, bench_redis
+from pipeline import Pipeline, Settings
+from pipeline.app import create_app
+from pipeline.invariants import verify
+from pipeline.local import BeatProcess, WorkerProcess
+from pipeline.state import RunStatus
+
+CHAOS = ("credit_score=error:0.03,income_verification=crash:0.03,"
+         "risk_assessment=bad_output:0.02,fraud_detection=error:0.03,"
+         "final_approval=slow:0.002")
+"""Each kind of fault, rare enough that no breaker opens (a parked run would wait for a person)."""
+SAMPLES = ROOT / "tasks" / "samples" / "batch.json"
+FINAL = {RunStatus.SUCCEEDED, RunStatus.COMPENSATED, RunStatus.COMPENSATION_FAILED,
+         RunStatus.FAILED}
+
+
+class Fleet:
+    """The workers and beat, with a killer that takes one worker down at a time."""
+
+    def __init__(self, env: dict[str, str], workers: int, concurrency: int) -> None:
+        self.env = env
+        self.concurrency = concurrency
+        self.workers = [self._worker() for _ in range(workers)]
+        self.beat = BeatProcess(env=env, cwd=str(ROOT))
+        self.kills: list[float] = []
+        self._stop = threading.Event()
+        self._killer: threading.Thread | None = None
+
+    def _worker(self) -> WorkerProcess:
+        return WorkerProcess(env=self.env, concurrency=self.concurrency, cwd=str(ROOT))
+
+    def start(self) -> None:
+        for w in self.workers:
+            w.start(wait=False)
+        for w in self.workers:
+            w.wait_ready()
+        self.beat.start()
+
+    def kill_every(self, seconds: float, rng: random.Random) -> None:
+        def loop() -> None:
+            while not self._stop.wait(seconds):
+                i = rng.randrange(len(self.workers))
+                self.workers[i].kill()
+                self.kills.append(time.monotonic())
+                self.workers[i] = self._worker().start()  # one worker down at a time
+
+        self._killer = threading.Thread(target=loop, name="killer", daemon=True)
+        self._killer.start()
+
+    def stop_killing(self) -> None:
+        self._stop.set()
+        if self._killer is not None:
+            self._killer.join()
+
+    def stop(self) -> None:
+        self.stop_killing()
+        self.beat.stop()
+        for w in self.workers:
+            w.stop()
+
+
+def wait_finished(p: Pipeline, run_ids: Sequence[str], timeout_s: float) -> dict[str, str]:
+    """Poll until every run has a final status (or the timeout); run id -> status."""
+    deadline = time.monotonic() + timeout_s
+    statuses: dict[str, str] = {}
+    last_print = 0.0
+    while True:
+        pipe = p.store.redis.pipeline(transaction=False)
+        for run_id in run_ids:
+            pipe.hget(f"pipeline:{{{run_id}}}:run", "status")
+        statuses = dict(zip(run_ids, (s or "missing" for s in pipe.execute()), strict=True))
+        done = sum(1 for s in statuses.values() if RunStatus(s) in FINAL) \
+            if "missing" not in statuses.values() else -1
+        now = time.monotonic()
+        if now - last_print > 5:
+            print(f"  {done}/{len(run_ids)} finished", flush=True)
+            last_print = now
+        if done == len(run_ids) or now > deadline:
+            return statuses
+        time.sleep(0.5)
+
+
+def _sid(entry: dict[str, str]) -> tuple[int, ...]:
+    return tuple(int(part) for part in entry["id"].split("-"))
+
+
+def faults(p: Pipeline, run_ids: Sequence[str]) -> dict[str, Any]:
+    """What the logs say was injected and recovered, over every run."""
+    injected: Counter[str] = Counter()
+    failed: Counter[str] = Counter()
+    silent_s: list[float] = []  # from the last sign of life to the sweeper's redelivery
+    lost_s: list[float] = []  # from the lost attempt's start to the step's end
+    for run_id in run_ids:
+        log = p.store.log(run_id)
+        injected.update(e["mode"] for e in log if e.get("event") == "chaos")
+        failed.update(e.get("error_type", "?") for e in log if e.get("event") == "step.failed")
+        for e in log:
+            if e.get("event") != "step.redelivered":
+                continue
+            silent_s.append(float(e["silent_s"]))
+            started = [int(x["at"]) for x in log if x.get("event") == "step.started"
+                       and x.get("step") == e["step"] and _sid(x) < _sid(e)]
+            ended = [int(x["at"]) for x in log if x.get("event") in ("step.sealed", "step.failed")
+                     and x.get("step") == e["step"] and _sid(x) > _sid(e)]
+            if started and ended:  # else it had sealed before its worker died
+                lost_s.append((min(ended) - max(started)) / 1000.0)
+    return {"injected": dict(injected), "step_failures": dict(failed),
+            "redelivered_by_sweeper": len(silent_s),
+            "silent_s": _spread(silent_s), "recovery_s": _spread(lost_s)}
+
+
+def _spread(values: list[float]) -> dict[str, float | int | None]:
+    return {"median": statistics.median(values) if values else None,
+            "max": max(values) if values else None, "count": len(values)}
+
+
+def credit_ledger(p: Pipeline) -> Any:
+    from tasks.credit import ledger
+
+    return lambda run_id: ledger(p.store.redis, run_id)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--kill-every", type=float, default=5.0)
+    parser.add_argument("--lease", type=int, default=5)
+    parser.add_argument("--chaos", default=CHAOS)
+    parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--json", dest="as_json", action="store_true")
+    args = parser.parse_args(argv)
+    rng = random.Random(args.seed)
+    samples = json.loads(SAMPLES.read_text())
+    started = time.monotonic()
+    with bench_redis() as url:
+        env = {"PIPELINE_REDIS_URL": url, "CELERY_BROKER_URL": url,
+               "CELERY_RESULT_BACKEND": url, "PIPELINE_AGENT_MODULES": "tasks",
+               "PIPELINE_CHAOS": args.chaos, "PIPELINE_LEASE_S": str(args.lease),
+               "PIPELINE_SWEEP_INTERVAL_S": "1", "PIPELINE_OTEL": ""}
+        settings = Settings(redis_url=url, broker_url=url, result_backend=url,
+                            agent_modules=("tasks",), lease_s=args.lease)
+        p = Pipeline(settings=settings, app=create_app(settings, fail_fast=True))
+        fleet = Fleet(env, args.workers, args.concurrency)
+        try:
+            fleet.start()
+            print(f"soak: {args.runs} credit runs, {args.workers} workers x "
+                  f"{args.concurrency}, a worker killed every {args.kill_every:g}s, "
+                  f"lease {args.lease}s, chaos {args.chaos}", flush=True)
+            fleet.kill_every(args.kill_every, rng)
+            run_ids = [p.start("credit_decision", samples[i % len(samples)]).run_id
+                       for i in range(args.runs)]
+            statuses = wait_finished(p, run_ids, args.timeout)
+            fleet.stop_killing()
+            figures = faults(p, run_ids)
+            verdict = verify(p.store, run_ids, side_effects=credit_ledger(p))
+        finally:
+            fleet.stop()
+    unfinished = {r: s for r, s in statuses.items()
+                  if s == "missing" or RunStatus(s) not in FINAL}
+    report = {"runs": args.runs, "seconds": round(time.monotonic() - started, 1),
+              "workers_killed": len(fleet.kills), "by_status": dict(Counter(statuses.values())),
+              **figures, "unfinished": len(unfinished), "invariants": verdict.to_dict()}
+    if args.as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(summary(report))
+    return 0 if verdict.ok and not unfinished else 1
+
+
+def summary(r: dict[str, Any]) -> str:
+    rec, silent = r["recovery_s"], r["silent_s"]
+    lines = [
+        f"{r['runs']} runs in {r['seconds']:.0f}s: "
+        + ", ".join(f"{n} {s}" for s, n in sorted(r["by_status"].items())),
+        f"faults injected: {r['workers_killed']} workers killed whole; "
+        + (", ".join(f"{n} {m}" for m, n in sorted(r["injected"].items())) or "no chaos drawn"),
+        "step failures by error: "
+        + (", ".join(f"{n} {e}" for e, n in sorted(r["step_failures"].items())) or "none"),
+        f"steps handed out again by the sweeper: {r['redelivered_by_sweeper']}"
+        + (f", after {silent['median']:.1f}s (median) and at most {silent['max']:.1f}s "
+           "without a sign of life" if silent["count"] else ""),
+        (f"a killed step's end came {rec['median']:.1f}s (median), at most {rec['max']:.1f}s, "
+         f"after its lost attempt started ({rec['count']} steps; the others had sealed)"
+         if rec["count"] else "no killed step had to run again"),
+        f"unfinished runs: {r['unfinished']}",
+        f"invariants: {len(r['invariants']['violations'])} violation(s) over "
+        f"{r['invariants']['runs']} runs, {r['invariants']['versions']} versions, "
+        f"{r['invariants']['compensations']} compensations",
+    ]
+    lines += [f"  run {v['run_id']}: {v['rule']}: {v['detail']}"
+              for v in r["invariants"]["violations"][:50]]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,193 @@
+"""What must hold of every run once the fleet is quiet (``pipeline verify``, the soak).
+
+Read from Redis alone, run by run:
+
+- **finished**: ``succeeded``, ``compensated``, ``compensation_failed`` with its dead
+  letters in ``pipeline:dead``, or ``failed`` with nothing sealed to undo;
+- **versions**: contiguous from 0 (stream id ``N-1``), the run's head the last one, every
+  parent an earlier version, every digest the SHA-256 of its payload, every step key
+  sealed once;
+- **compensation**: each step a failed run sealed (and each whose output broke its
+  contract) compensated exactly once, dead at most once; none of a succeeded run;
+- **side effects** (when the caller says how to read them, as the soak does for the
+  credit ledger): none left by a compensated run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from .keys import DEAD_LETTERS, RUNS_INDEX, RunKeys
+from .state import StateStore, translate_errors
+from .state.version import digest_of
+
+__all__ = ["Violation", "Verdict", "verify"]
+
+FINAL = ("succeeded", "compensated", "compensation_failed", "failed")
+
+SideEffects = Callable[[str], Mapping[str, Any]]
+"""Run id -> the side effects its agents left (empty when all were undone)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    run_id: str
+    rule: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"run {self.run_id}: {self.rule}: {self.detail}"
+
+
+@dataclass(slots=True)
+class Verdict:
+    runs: int = 0
+    by_status: Counter[str] = field(default_factory=Counter)
+    versions: int = 0
+    compensations: int = 0
+    violations: list[Violation] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"runs": self.runs, "by_status": dict(self.by_status), "versions": self.versions,
+                "compensations": self.compensations, "ok": self.ok,
+                "violations": [{"run_id": v.run_id, "rule": v.rule, "detail": v.detail}
+                               for v in self.violations]}
+
+
+BATCH = 200
+"""Runs read per round trip."""
+
+
+def verify(store: StateStore, run_ids: Iterable[str] | None = None, *,
+           side_effects: SideEffects | None = None, verdict: Verdict | None = None) -> Verdict:
+    """Check every run of ``run_ids`` (default: every run in ``pipeline:runs``), reading
+    ``BATCH`` runs a round trip; add to ``verdict`` when given."""
+    if run_ids is None:
+        with translate_errors(store.url):
+            run_ids = [str(r) for r in store.redis.zrange(RUNS_INDEX, 0, -1)]
+    with translate_errors(store.url):
+        dead = Counter(str(fields.get("run_id", "")) for _, fields in
+                       cast(list[tuple[str, dict[str, str]]], store.redis.xrange(DEAD_LETTERS)))
+    verdict = verdict if verdict is not None else Verdict()
+    ids = list(run_ids)
+    for start in range(0, len(ids), BATCH):
+        batch = ids[start:start + BATCH]
+        with translate_errors(store.url):
+            pipe = store.redis.pipeline(transaction=False)
+            for run_id in batch:
+                keys = RunKeys(run_id)
+                pipe.hgetall(keys.run)
+                pipe.xrange(keys.states)
+                pipe.hgetall(keys.steps)
+                pipe.xrange(keys.log)
+                pipe.hgetall(keys.saga)
+            replies = pipe.execute()
+        for i, run_id in enumerate(batch):
+            run, states, steps, log, saga = replies[5 * i:5 * i + 5]
+            _check(run_id, run, states, steps, log, saga, verdict, dead_letters=dead[run_id],
+                   side_effects=side_effects)
+    return verdict
+
+
+def _check(run_id: str, run: dict[str, str], states: list[tuple[str, dict[str, str]]],
+           steps: dict[str, str], log: list[tuple[str, dict[str, str]]], saga: dict[str, str],
+           verdict: Verdict, *, dead_letters: int, side_effects: SideEffects | None) -> None:
+    if not run:
+        return  # expired (retention) or never created: nothing left to hold anything of
+    verdict.runs += 1
+    status = run.get("status", "")
+    verdict.by_status[status] += 1
+
+    def violated(rule: str, detail: str) -> None:
+        verdict.violations.append(Violation(run_id, rule, detail))
+
+    sealed = _versions(run_id, run, states, steps, violated)
+    verdict.versions += len(states)
+    if status not in FINAL:
+        violated("finished", f"still {status or 'without a status'}")
+    elif status == "compensation_failed" and dead_letters == 0:
+        violated("finished", "compensation_failed with no dead letter in pipeline:dead")
+    elif status == "failed" and sealed:
+        violated("finished", f"failed with {len(sealed)} sealed step(s) never compensated: "
+                 f"{', '.join(sorted(sealed))}")
+    elif status == "succeeded" and run.get("output_version") != run.get("head"):
+        violated("finished", f"succeeded with output version {run.get('output_version')} "
+                 f"but head {run.get('head')}")
+
+    outcomes = Counter((e.get("step", ""), e["event"]) for _, e in log
+                       if e.get("event") in ("compensation.done", "compensation.dead"))
+    verdict.compensations += sum(outcomes.values())
+    if status == "succeeded":
+        if outcomes or saga:
+            violated("compensation", f"a succeeded run has compensations: {dict(outcomes)}")
+    elif status in ("compensated", "compensation_failed"):
+        broken = {e.get("step", "") for _, e in log
+                  if e.get("event") == "step.failed" and e.get("side") == "output"}
+        owed = (set(sealed) | broken)
+        for step in sorted(owed):
+            done = outcomes[(step, "compensation.done")]
+            died = outcomes[(step, "compensation.dead")]
+            # exactly once: done once, or dead (each re-drive of a dead one may die again)
+            if done > 1 or (done == 0 and died == 0):
+                violated("compensation", f"step {step} compensated {done} time(s) (dead "
+                         f"{died} time(s)); expected exactly once")
+            elif saga.get(f"c:{step}") != ("done" if done else "dead"):
+                violated("compensation", f"step {step}: the saga records "
+                         f"{saga.get(f'c:{step}')!r}, the log says {'done' if done else 'dead'}")
+        extra = {s for s, _ in outcomes} - owed
+        if extra:
+            violated("compensation", f"compensated step(s) that sealed nothing and broke no "
+                     f"contract: {', '.join(sorted(extra))}")
+        if status == "compensated" and side_effects is not None:
+            left = side_effects(run_id)
+            if left:
+                violated("side effects", f"left after compensation: {sorted(left)}")
+
+
+def _versions(run_id: str, run: Mapping[str, str], states: list[tuple[str, dict[str, str]]],
+              steps: Mapping[str, str], violated: Callable[[str, str], None]
+              ) -> dict[str, int]:
+    """Check the version stream; return the agent steps sealed (step key -> version)."""
+    seen_steps: Counter[str] = Counter()
+    sealed: dict[str, int] = {}
+    for expected, (sid, fields) in enumerate(states):
+        where = f"version {fields.get('version', '?')}"
+        if sid != f"{expected}-1" or fields.get("version") != str(expected):
+            violated("versions", f"{where} is stream entry {sid}, expected {expected}-1: "
+                     "not contiguous from 0")
+            continue
+        if digest_of(fields.get("payload", "")) != fields.get("digest"):
+            violated("versions", f"{where} (agent {fields.get('agent') or 'input'}): digest "
+                     "does not match its payload")
+        try:
+            parents = [int(p) for p in json.loads(fields.get("parents", "[]"))]
+        except (ValueError, TypeError):
+            violated("versions", f"{where}: parents {fields.get('parents')!r} unreadable")
+            parents = []
+        if expected == 0 and parents:
+            violated("versions", "version 0 has parents")
+        for p in parents:
+            if not 0 <= p < expected:
+                violated("versions", f"{where}: parent {p} is not an earlier version")
+        step = fields.get("step", "")
+        seen_steps[step] += 1
+        if steps.get(step) != str(expected):
+            violated("versions", f"{where}: step {step} is recorded at version "
+                     f"{steps.get(step)!r}")
+        if expected > 0 and fields.get("degraded") != "1":
+            sealed[step] = expected
+    if states and run.get("head") != str(len(states) - 1):
+        violated("versions", f"head is {run.get('head')!r} but the last version is "
+                 f"{len(states) - 1}")
+    for step, n in seen_steps.items():
+        if n > 1:
+            violated("versions", f"step {step} sealed {n} times")
+    return sealed
