@@ -7,7 +7,8 @@ pool processes crashing, steps running past their time limit, outputs breaking
 their contract). Every ``--kill-every`` seconds one worker, chosen at random, is
 killed whole (SIGKILL to its main process and pool, nothing acked, nothing said)
 and a new one started; ``celery beat`` runs the sweeper every second, with a lease
-of ``--lease`` seconds (the broker's visibility timeout stays at an hour). When
+of ``--lease`` seconds (the broker's visibility timeout stays at an hour), on a small
+worker of its own for the ``pipeline`` queue. When
 every run has finished, or ``--timeout`` passed, the invariant checker reads Redis
 (``pipeline.invariants``, with the credit ledger as the side effects): figures on
 stdout, and exit status 1 on any violation or any run not finished.
@@ -52,6 +53,10 @@ class Fleet:
         self.env = env
         self.concurrency = concurrency
         self.workers = [self._worker() for _ in range(workers)]
+        # What beat sends (the sweep) and the saga's planners go to the `pipeline` queue: a
+        # worker of its own serves it, as the Procfile's approval pool does, so that a sweep
+        # never waits behind busy agent pools (it expires after one interval). Never killed.
+        self.ops = WorkerProcess(env=env, concurrency=1, queues=["pipeline"], cwd=str(ROOT))
         self.beat = BeatProcess(env=env, cwd=str(ROOT))
         self.kills: list[float] = []
         self._stop = threading.Event()
@@ -61,9 +66,9 @@ class Fleet:
         return WorkerProcess(env=self.env, concurrency=self.concurrency, cwd=str(ROOT))
 
     def start(self) -> None:
-        for w in self.workers:
+        for w in [*self.workers, self.ops]:
             w.start(wait=False)
-        for w in self.workers:
+        for w in [*self.workers, self.ops]:
             w.wait_ready()
         self.beat.start()
 
@@ -86,7 +91,7 @@ class Fleet:
     def stop(self) -> None:
         self.stop_killing()
         self.beat.stop()
-        for w in self.workers:
+        for w in [*self.workers, self.ops]:
             w.stop()
 
 
