@@ -11,7 +11,7 @@ from celery import Celery, Task
 from celery.signals import task_postrun
 from kombu import Queue
 
-from . import choreography, metrics, saga, sweeper
+from . import choreography, lease, metrics, saga, sweeper
 from .agent import Agent, agents
 from .breaker import BreakerRegistry, Fallback
 from .errors import ConfigurationError, StoreError
@@ -136,6 +136,7 @@ def create_app(
         app.conf.result_backend_transport_options = {"retry_policy": CLIENT_RETRY_POLICY}
     app.pipeline_settings = settings
     metrics.install_hooks()
+    lease.install(app, store_for)  # a worker's main process marks what it holds (the sweeper)
 
     def release_subscriptions(sender: Any = None, **_: Any) -> None:
         if sender is not None and getattr(sender, "app", None) is app:

@@ -28,6 +28,8 @@ from .state.version import digest_of
 __all__ = ["Violation", "Verdict", "verify"]
 
 FINAL = ("succeeded", "compensated", "compensation_failed", "failed")
+COMPENSATIONS = ("compensation.done", "compensation.dead", "step.self_compensated",
+                 "step.self_compensation_failed")
 
 SideEffects = Callable[[str], Mapping[str, Any]]
 """Run id -> the side effects its agents left (empty when all were undone)."""
@@ -123,16 +125,13 @@ def _check(run_id: str, run: dict[str, str], states: list[tuple[str, dict[str, s
                  f"but head {run.get('head')}")
 
     outcomes = Counter((e.get("step", ""), e["event"]) for _, e in log
-                       if e.get("event") in ("compensation.done", "compensation.dead"))
+                       if e.get("event") in COMPENSATIONS)
     verdict.compensations += sum(outcomes.values())
     if status == "succeeded":
         if outcomes or saga:
             violated("compensation", f"a succeeded run has compensations: {dict(outcomes)}")
     elif status in ("compensated", "compensation_failed"):
-        broken = {e.get("step", "") for _, e in log
-                  if e.get("event") == "step.failed" and e.get("side") == "output"}
-        owed = (set(sealed) | broken)
-        for step in sorted(owed):
+        for step in sorted(sealed):  # the saga owes each of these exactly one outcome
             done = outcomes[(step, "compensation.done")]
             died = outcomes[(step, "compensation.dead")]
             # exactly once: done once, or dead (each re-drive of a dead one may die again)
@@ -142,7 +141,22 @@ def _check(run_id: str, run: dict[str, str], states: list[tuple[str, dict[str, s
             elif saga.get(f"c:{step}") != ("done" if done else "dead"):
                 violated("compensation", f"step {step}: the saga records "
                          f"{saga.get(f'c:{step}')!r}, the log says {'done' if done else 'dead'}")
-        extra = {s for s, _ in outcomes} - owed
+        # Never sealed, yet their side effects happened: an output that broke its contract,
+        # a step that finished after the saga began (discarded). The saga or the step itself
+        # undoes each, at most once; exactly once when its agent (known here) can undo.
+        unsealed = {e.get("step", "") for _, e in log
+                    if (e.get("event") == "step.failed" and e.get("side") == "output")
+                    or e.get("event") == "step.discarded"} - set(sealed)
+        for step in sorted(unsealed):
+            by_itself = (outcomes[(step, "step.self_compensated")]
+                         + outcomes[(step, "step.self_compensation_failed")])
+            by_saga = outcomes[(step, "compensation.done")] + outcomes[(step, "compensation.dead")]
+            # a step that undid itself first still gets the saga's record of it (claim 'self')
+            n = by_itself if by_itself else by_saga
+            if n > 1 or (n == 0 and _can_undo(step)):
+                violated("compensation", f"step {step} (never sealed, its side effects "
+                         f"happened) compensated {n} time(s); expected exactly once")
+        extra = {s for s, _ in outcomes} - set(sealed) - unsealed
         if extra:
             violated("compensation", f"compensated step(s) that sealed nothing and broke no "
                      f"contract: {', '.join(sorted(extra))}")
@@ -150,6 +164,18 @@ def _check(run_id: str, run: dict[str, str], states: list[tuple[str, dict[str, s
             left = side_effects(run_id)
             if left:
                 violated("side effects", f"left after compensation: {sorted(left)}")
+
+
+def _can_undo(step: str) -> bool:
+    """Whether the agent of ``step`` (``<stage or event>:<agent>``) has a compensation, as far
+    as this process knows (an agent not registered here is given the benefit of the doubt)."""
+    from .agent import agents
+    from .errors import UnknownAgent
+
+    try:
+        return agents.get(step.rsplit(":", 1)[-1]).compensate is not None
+    except UnknownAgent:
+        return False
 
 
 def _versions(run_id: str, run: Mapping[str, str], states: list[tuple[str, dict[str, str]]],

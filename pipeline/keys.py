@@ -61,17 +61,10 @@ class RunKeys:
         """Hash event id -> the event (JSON), and ``src:<publisher>`` -> the id it published."""
         return f"{PREFIX}:{{{self.run_id}}}:events"
 
-    @property
-    def leases(self) -> str:
-        """Hash step key -> ``<task id>|<deadline ms>|<worker>`` of the task running it: set
-        when the step opens, renewed while it runs, removed when it seals. The sweeper
-        hands a step's message out again when its lease ran out and it is still unacked."""
-        return f"{PREFIX}:{{{self.run_id}}}:leases"
-
     def all(self) -> list[str]:
         """Every key of the run, in the order the Lua scripts expect them."""
         return [self.states, self.steps, self.run, self.log, self.deliveries, self.saga,
-                self.undo, self.ledger, self.events, self.leases]
+                self.undo, self.ledger, self.events]
 
 
 def run_keys(run_id: str) -> RunKeys:
@@ -92,6 +85,11 @@ The sweeper enqueues a run left here past its grace (its client died in between)
 SAGAS = f"{PREFIX}:sagas"
 """Sorted set: run id -> when its saga last moved (ms), while it compensates. The sweeper
 enqueues the planner again for a saga that stopped moving (idempotent)."""
+
+HELD = f"{PREFIX}:held"
+"""Sorted set: task id -> until when (ms, Redis clock) a live worker holds its message (waiting
+for its ETA, reserved, or running). Every worker's main process renews what it holds every
+third of the lease; the sweeper hands out again an unacked message that no live worker holds."""
 
 SWEEP_LOCK = f"{PREFIX}:sweep:lock"
 """One sweeper at a time across the fleet (SET NX PX)."""

@@ -1,101 +1,93 @@
-"""The worker's heartbeat: the leases of the steps this process runs stay alive while
-they run.
+"""The worker's heartbeat: every message a live worker holds is marked held in Redis.
 
-A step's open round trip gives its task a lease on the step (``lease_s``, 60 s by
-default); the seal removes it. A step that runs longer has its lease renewed here,
-every third of the lease, by one daemon thread per process. When the whole worker
-is killed, renewals stop, and the sweeper (``sweeper.py``) hands the step's
-unacked message out again once the lease has run out: recovery is bounded by the
-lease, not by the broker's visibility timeout (an hour by default).
+A worker's main process knows every task message it holds (``celery.worker.state.
+requests``: waiting for an ETA, reserved, running). Every third of the lease
+(``PIPELINE_LEASE_S``, 60 s) one thread in that process marks them held until
+now + the lease (``pipeline:held``, one round trip whatever their number). When
+the whole worker dies the marks run out, and the sweeper (``sweeper.py``) hands
+out again any of its messages still unacked in the broker: recovery is bounded by
+the lease, not by the broker's visibility timeout (an hour by default).
 
-A step that hangs keeps its lease (its process is alive); its time limit ends it.
+Liveness is the worker's, not the step's: a retry waiting for its countdown, a
+message prefetched behind a busy pool and a step running for an hour are all
+held while their worker lives. A step that hangs keeps being held (its worker is
+alive); its time limit ends it.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
-import time
-from dataclasses import dataclass
+from collections.abc import Callable
+
+from celery import Celery
 
 from .errors import StoreError
 from .state import StateStore
 
-__all__ = ["Heartbeat", "heartbeat"]
+__all__ = ["WorkerHeartbeat"]
 
 log = logging.getLogger(__name__)
 
 RENEW_FRACTION = 3
-"""A lease is renewed once a third of it has passed: two renewals may fail before it runs out."""
+"""Marks are renewed every third of the lease: two beats may fail before any runs out."""
 
 
-@dataclass(slots=True)
-class _Held:
-    store: StateStore
-    task_id: str
-    renewed_at: float
+class WorkerHeartbeat:
+    """Marks the messages this worker holds as held, until stopped (one daemon thread)."""
 
-
-class Heartbeat:
-    """Renews the leases of the steps held by this process (one thread, started on demand)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._held: dict[tuple[str, str], _Held] = {}
-        self._wake = threading.Event()
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+        self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._pid = 0
 
-    def hold(self, store: StateStore, run_id: str, step: str, task_id: str) -> None:
-        """The step was opened by ``task_id`` here (its lease starts now)."""
-        with self._lock:
-            self._held[(run_id, step)] = _Held(store, task_id, time.monotonic())
-            if self._pid != os.getpid() or self._thread is None or not self._thread.is_alive():
-                self._start()
-
-    def release(self, run_id: str, step: str) -> None:
-        """The step sealed, failed, or stopped here: stop renewing it."""
-        with self._lock:
-            self._held.pop((run_id, step), None)
-
-    def held(self) -> list[tuple[str, str]]:
-        with self._lock:
-            return list(self._held)
-
-    def _start(self) -> None:
-        # After a fork (a prefork pool process) the parent's thread is not here.
-        self._pid = os.getpid()
+    def start(self) -> WorkerHeartbeat:
         self._thread = threading.Thread(target=self._run, name="pipeline-heartbeat",
                                         daemon=True)
         self._thread.start()
+        return self
 
-    def _due(self) -> tuple[list[tuple[tuple[str, str], _Held]], float]:
-        """The leases to renew now, and how long to sleep before looking again."""
-        now = time.monotonic()
-        with self._lock:
-            if not self._held:
-                return [], 1.0
-            every = {k: h.store.lease_s / RENEW_FRACTION for k, h in self._held.items()}
-            due = [(k, h) for k, h in self._held.items() if now - h.renewed_at >= every[k]]
-            return due, max(0.05, min(every.values()) / 4)
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def beat(self) -> int:
+        """Mark every message this worker holds now; how many."""
+        from celery.worker import state  # the worker's own bookkeeping, in this process
+
+        held = [task_id for task_id in list(state.requests) if task_id]
+        if held:
+            self.store.hold(held)
+        return len(held)
 
     def _run(self) -> None:
-        while True:
-            due, pause = self._due()
-            for (run_id, step), held in due:
-                try:
-                    still = held.store.renew_lease(run_id, step, held.task_id)
-                except StoreError as e:  # try again at the next beat; the lease has slack
-                    log.warning("run %s step %s: could not renew its lease: %s", run_id, step, e)
-                    continue
-                with self._lock:
-                    if not still:  # sealed meanwhile, or another task holds it now
-                        self._held.pop((run_id, step), None)
-                    elif (run_id, step) in self._held:
-                        self._held[(run_id, step)].renewed_at = time.monotonic()
-            self._wake.wait(pause)
+        every = self.store.lease_s / RENEW_FRACTION
+        while not self._stop.is_set():
+            try:
+                self.beat()
+            except StoreError as e:  # the next beat tries again; the lease has slack
+                log.warning("heartbeat: could not mark this worker's messages held: %s", e)
+            except Exception:  # noqa: BLE001 - never let the thread die silently
+                log.exception("heartbeat: unexpected error")
+            self._stop.wait(every)
 
 
-heartbeat = Heartbeat()
-"""The process's heartbeat (the runner holds and releases every step it opens)."""
+def install(app: Celery, store_of: Callable[[Celery], StateStore]) -> None:
+    """Start the heartbeat when a worker of ``app`` is ready (in its main process), stop it
+    when the worker shuts down. ``store_of`` gives the app's store (``app.store_for``)."""
+    from celery.signals import worker_ready, worker_shutting_down
+
+    running: list[WorkerHeartbeat] = []
+
+    def started(sender: object = None, **_: object) -> None:
+        if getattr(sender, "app", app) is not app or running:
+            return
+        running.append(WorkerHeartbeat(store_of(app)).start())
+
+    def stopping(**_: object) -> None:
+        while running:
+            running.pop().stop()
+
+    worker_ready.connect(started, weak=False)
+    worker_shutting_down.connect(stopping, weak=False)

@@ -39,7 +39,6 @@ from .errors import (
     VersionNotFound,
 )
 from .keys import RunKeys
-from .lease import heartbeat
 from .state import Opening, StateStore, Version
 from .state.store import Extra
 from .state.version import sealable
@@ -124,8 +123,6 @@ def run_step(
         )
         hook_extra = gate.take_permit(opening.extra)
         attempt = opening.deliveries
-        if opening.outcome == "open":  # this task holds the step: keep its lease alive
-            heartbeat.hold(store, run_id, step, task_id)
         if opening.outcome not in ("open", "exhausted"):
             gate.release()  # a probe lease this step will not use (a crash loop counts)
         if opening.outcome == "sealed":
@@ -243,8 +240,6 @@ def run_step(
     except Exception as e:
         _fail(agent, run_id, step, e, store, attempt=attempt, gate=gate, ctx=ctx)
         raise
-    finally:
-        heartbeat.release(run_id, step)
 
     if sealing.outcome == "missing":
         raise RunNotFound(f"run {run_id} disappeared while step {step} ran")

@@ -76,8 +76,15 @@ def begin(store: StateStore, run_id: str, *, reason: str, agent: str = "") -> tu
     """Mark the run compensating, once: (True for the call that did it, whether the saga
     still needs its planner: begun, here or elsewhere, and not planned yet)."""
     keys = RunKeys(run_id)
+    batch = Batch(store.redis)
+    # watched first, in the same round trip: a worker that dies right after leaves the saga
+    # where the sweeper looks (it drops the entry if the run was not compensating after all)
+    batch.command("ZADD", SAGAS, "NX", int(time.time() * 1000), run_id)
+    at = batch.script(BEGIN, [keys.run, keys.log, keys.saga], [reason[:2000], agent])
     with translate_errors(store.url):
-        reply = BEGIN(store.redis, [keys.run, keys.log, keys.saga], [reason[:2000], agent])
+        reply = batch.execute()[at]
+        if isinstance(reply, Exception):
+            raise reply
     if reply[0] == "missing":
         raise RunNotFound(f"no run {run_id!r} to compensate")
     if reply[0] == "started":
@@ -94,15 +101,8 @@ def start(app: Celery, store: StateStore, run_id: str, *, reason: str, agent: st
     """
     started, unplanned = begin(store, run_id, reason=reason, agent=agent)
     if started or unplanned:
-        watch(store, run_id)
         app.send_task(COMPENSATE_RUN_TASK, args=(run_id,), queue=app.conf.task_default_queue)
     return started
-
-
-def watch(store: StateStore, run_id: str) -> None:
-    """Put the saga where the sweeper looks for sagas that stopped moving (``pipeline:sagas``)."""
-    with translate_errors(store.url):
-        store.redis.zadd(SAGAS, {run_id: int(time.time() * 1000)}, nx=True)
 
 
 def plan(store: StateStore, run_id: str, *, owed_only: bool = False) -> list[list[str]]:
@@ -221,14 +221,18 @@ def give_up_or_record(app: Celery, store: StateStore, run_id: str, step: str, ag
 def redrive(app: Celery, store: StateStore, run_id: str) -> None:
     """Compensate again what a ``compensation_failed`` run still owes."""
     keys = RunKeys(run_id)
+    batch = Batch(store.redis)
+    batch.command("ZADD", SAGAS, "NX", int(time.time() * 1000), run_id)  # as begin() does
+    at = batch.script(REDRIVE, [keys.run, keys.log, keys.saga], [])
     with translate_errors(store.url):
-        reply = REDRIVE(store.redis, [keys.run, keys.log, keys.saga], [])
+        reply = batch.execute()[at]
+        if isinstance(reply, Exception):
+            raise reply
     if reply[0] != "ok":
         if not reply[1]:
             raise RunNotFound(f"no run {run_id!r}")
         raise RunNotLive(f"run {run_id} is {reply[1]}, not compensation_failed: nothing to "
                          "re-drive")
-    watch(store, run_id)
     app.send_task(COMPENSATE_RUN_TASK, args=(run_id,), kwargs={"redrive": True},
                   queue=app.conf.task_default_queue)
 

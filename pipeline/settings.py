@@ -33,8 +33,8 @@ class Settings:
     retention_s: int = DEFAULT_RETENTION_S
     visibility_timeout_s: int = DEFAULT_VISIBILITY_TIMEOUT_S
     lease_s: int = DEFAULT_LEASE_S
-    """How long a step's task holds it without a heartbeat before the sweeper hands its
-    message out again (a worker killed whole): recovery is bounded by this, not by the
+    """How long a message stays held without its worker's heartbeat before the sweeper hands
+    it out again (a worker killed whole): recovery is bounded by this, not by the
     visibility timeout."""
     sweep_interval_s: int = DEFAULT_SWEEP_INTERVAL_S
     """How often ``celery beat`` runs the sweeper."""

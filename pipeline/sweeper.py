@@ -4,17 +4,15 @@ Celery alone loses time, never work, when a whole worker dies: its unacked
 messages wait in the broker for the visibility timeout (an hour by default)
 before anyone runs them again (celery/celery#5935). Each pass here:
 
-1. **Steps whose worker went silent.** Every unacked message of a pipeline
-   task in the Redis broker is looked at. A step's message is handed out again
-   when the step's lease ran out (no heartbeat from the task holding it for
-   ``lease_s``, see ``lease.py``) or when nobody opened the step that long
-   after it was delivered; the step key makes the rerun safe, and a step
-   delivered too often fails as a crash loop and is compensated. Any other
-   pipeline task (a compensation, the saga's planner) is handed out again
-   once it has been unacked longer than its time limit plus the lease: it
-   cannot still be running. Messages kombu holds for an ETA wait until due.
-   The message is put back exactly as kombu's own restore does it (one
-   transaction: it leaves the unacked set and joins its queue once).
+1. **Messages whose worker died.** Every unacked message of a pipeline task
+   in the Redis broker is looked at. One that no live worker has marked held
+   for ``lease_s`` (``lease.py``: every worker's main process marks what it
+   holds, running, reserved or waiting for an ETA) and that was delivered (or
+   came due) longer ago than that is handed out again, the way kombu's own
+   restore does it (one transaction: it leaves the unacked set and joins its
+   queue once). The step key makes a step's rerun safe, a compensation is
+   claimed by its task id, and a step delivered too often fails as a crash
+   loop and is compensated.
 2. **Runs created and never enqueued** (the client died in between), past
    the lease: their canvas is sent now. Were the client alive after all, each
    step would still seal once.
@@ -42,7 +40,7 @@ from celery import Celery
 
 from . import saga
 from .errors import StoreError, UnknownWorkflow
-from .keys import SAGAS, SWEEP_LOCK, UNENQUEUED, RunKeys
+from .keys import HELD, SAGAS, SWEEP_LOCK, UNENQUEUED, RunKeys
 from .state import StateStore
 from .state.store import translate_errors
 from .workflow import ERRBACK_TASK, workflows
@@ -100,7 +98,8 @@ def sweep(app: Celery, store: StateStore, *, lease_s: float | None = None) -> Sw
     """One pass of all three parts; one sweeper at a time across the fleet."""
     lease_s = store.lease_s if lease_s is None else lease_s
     report = SweepReport()
-    lock = store.redis.lock(SWEEP_LOCK, timeout=max(30.0, lease_s), blocking=False)
+    # held longer than a sweep may run (the beat task's hard time limit is 130 s)
+    lock = store.redis.lock(SWEEP_LOCK, timeout=max(150.0, lease_s), blocking=False)
     with translate_errors(store.url):
         if not lock.acquire(token=uuid.uuid4().hex):
             report.busy = True
@@ -135,17 +134,17 @@ def _redeliver_silent(app: Celery, store: StateStore, lease_s: float,
     with app.connection_for_write() as conn:
         channel: Any = conn.default_channel
         with channel.conn_or_acquire() as client:
-            _redeliver_from(app, store, channel, client, lease_s, report)
+            _redeliver_from(store, channel, client, lease_s, report)
 
 
-def _redeliver_from(app: Celery, store: StateStore, channel: Any, client: Any, lease_s: float,
+def _redeliver_from(store: StateStore, channel: Any, client: Any, lease_s: float,
                     report: SweepReport) -> None:
     now = time.time()
     for message in _unacked(client, channel):
         report.unacked += 1
         if now - message.due < lease_s:
             continue  # delivered (or due) too recently to tell
-        why = _why_stuck(app, store, message, lease_s, now)
+        why = _why_stuck(store, message, lease_s, now)
         if why is None:
             continue
         silent_s, reason = why
@@ -185,7 +184,7 @@ def _unacked(client: Any, channel: Any) -> Iterator[_Message]:
             log.warning("sweeper: unacked message %s is not one it can read: %s", tag, e)
 
 
-def _ours(task: str) -> bool:
+def _ours(task: str) -> bool:  # a user's own tasks in the same broker are not ours to move
     return task.startswith(("agent.", "compensate.")) or task in OWN_TASKS
 
 
@@ -206,35 +205,22 @@ def _kwargs(payload: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _why_stuck(app: Celery, store: StateStore, message: _Message, lease_s: float,
-               now: float) -> tuple[float, str] | None:
-    """(seconds silent, why) when ``message`` must be handed out again, else None."""
-    waited = now - message.due
-    if not message.task.startswith("agent."):
-        task = app.tasks.get(message.task)
-        limit = float(getattr(task, "time_limit", None) or 0.0)
-        if waited < limit + lease_s:
-            return None
-        return waited, (f"unacked for {waited:.0f}s, longer than its time limit ({limit:g}s) "
-                        f"plus the lease ({lease_s:g}s): its worker is gone")
-    run_id, step = message.kwargs.get("run_id"), message.kwargs.get("step")
-    if not run_id or not step:
-        return None
+def _why_stuck(store: StateStore, message: _Message, lease_s: float, now: float
+               ) -> tuple[float, str] | None:
+    """(seconds silent, why) when no live worker holds ``message``, else None."""
     with translate_errors(store.url):
-        held = store.redis.hget(RunKeys(str(run_id)).leases, str(step))
+        held = store.redis.zscore(HELD, message.task_id)
         seconds, micros = store.redis.time()
     now_ms = seconds * 1000 + micros // 1000
-    if held:
-        task_id, _, rest = str(held).partition("|")
-        deadline, _, worker = rest.partition("|")
-        if task_id == message.task_id:
-            if int(deadline) > now_ms:
-                return None  # its worker is alive (it renews the lease)
-            silent = (now_ms - int(deadline)) / 1000.0 + lease_s
-            return silent, (f"no heartbeat from {worker or 'its worker'} for {silent:.0f}s "
-                            f"(lease {lease_s:g}s): the worker is gone")
-    return waited, (f"delivered {waited:.0f}s ago and its step not opened or sealed by this "
-                    "delivery since: the worker is gone")
+    if held is not None and held > now_ms:
+        return None  # its worker is alive (it marks what it holds every third of the lease)
+    if held is not None:
+        silent = (now_ms - held) / 1000.0 + lease_s
+        return silent, (f"unacked, and no live worker has held it for {silent:.0f}s "
+                        f"(lease {lease_s:g}s): its worker is gone")
+    waited = now - message.due
+    return waited, (f"unacked {waited:.0f}s after its delivery, and no live worker ever held "
+                    "it: its worker is gone")
 
 
 # -- 2. runs created and never enqueued -------------------------------------------------------

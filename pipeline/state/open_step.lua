@@ -11,13 +11,10 @@
 -- ARGV[5] = Celery task id (for the trace: a chord's error names its failed member by it)
 -- KEYS[6..7] = saga, undo (unused here)
 -- KEYS[8] = pipeline:{run}:ledger      (hash delivery key -> state; choreography only)
--- KEYS[9] = events (unused here)
--- KEYS[10] = pipeline:{run}:leases     (hash step key -> task id|lease deadline ms|worker)
 -- ARGV[6] = '' for a workflow step; for an event delivery (choreography), the task id
 --           that claims it: one task handles a delivery, any other is a duplicate
 -- ARGV[7] = the queue the step was delivered on (for the trace)
--- ARGV[8] = lease, ms: the step is held by this task until then (renewed while it runs)
--- ARGV[9..] = input version numbers
+-- ARGV[8..] = input version numbers
 -- Returns one of:
 --   {'sealed', version, own}         the step was sealed already: do nothing (own is '1'
 --                                    when this task sealed it: its handover may not be done)
@@ -65,7 +62,7 @@ if n > tonumber(ARGV[3]) then
   return {'exhausted', tostring(n)}
 end
 local out = {'open', tostring(n), now}
-for i = 9, #ARGV do
+for i = 8, #ARGV do
   local id = ARGV[i] .. '-1'
   local e = redis.call('XRANGE', KEYS[1], id, id)
   if #e == 0 then return {'noversion', ARGV[i]} end
@@ -73,7 +70,5 @@ for i = 9, #ARGV do
 end
 redis.call('XADD', KEYS[4], '*', 'event', 'step.started', 'at', now, 'step', ARGV[1],
   'agent', ARGV[2], 'attempt', tostring(n), 'worker', ARGV[4], 'task_id', ARGV[5],
-  'queue', ARGV[7], 'inputs', table.concat(ARGV, ',', 9))
-redis.call('HSET', KEYS[10], ARGV[1],
-  ARGV[5] .. '|' .. tostring(tonumber(now) + tonumber(ARGV[8])) .. '|' .. ARGV[4])
+  'queue', ARGV[7], 'inputs', table.concat(ARGV, ',', 8))
 return out

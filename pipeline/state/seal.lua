@@ -4,8 +4,7 @@
 -- KEYS[3] = pipeline:{run}:run         (hash: the run's record)
 -- KEYS[4] = pipeline:{run}:log         (stream: what happened)
 -- KEYS[5] = pipeline:{run}:deliveries  (hash step key -> deliveries so far)
--- KEYS[6..] = the run's other keys (saga, undo, ledger, events): given their retention
--- KEYS[10] = pipeline:{run}:leases     (hash step key -> the task holding the step)
+-- KEYS[6..] = the run's other keys (saga, undo): given their retention with the rest
 -- ARGV[1] = step key
 -- ARGV[2] = agent name
 -- ARGV[3] = output contract (name@version)
@@ -33,7 +32,6 @@ redis.call('XADD', KEYS[1], v .. '-1',
   'payload', ARGV[4], 'digest', ARGV[5], 'created_at', now, 'step', ARGV[1],
   'degraded', ARGV[9])
 redis.call('HSET', KEYS[2], ARGV[1], v)
-redis.call('HDEL', KEYS[10], ARGV[1])
 redis.call('HSET', KEYS[3], 'updated_at', now)
 if ARGV[9] == '1' then redis.call('HSET', KEYS[3], 'degraded', '1') end
 local entry = {'event', 'step.sealed', 'at', now, 'step', ARGV[1], 'agent', ARGV[2],

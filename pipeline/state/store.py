@@ -14,7 +14,7 @@ from redis.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
 
 from ..errors import RunNotFound, RunNotParked, StoreError, StoreUnavailable, VersionNotFound
-from ..keys import RUNS_INDEX, UNENQUEUED, RunKeys, version_stream_id
+from ..keys import HELD, RUNS_INDEX, UNENQUEUED, RunKeys, version_stream_id
 from ..lua import Batch, Client, Script, route
 from ..settings import (
     DEFAULT_LEASE_S,
@@ -37,7 +37,7 @@ MARK_ENQUEUED = Script(_PKG, "mark_enqueued.lua")
 PARK = Script(_PKG, "park.lua")
 RESUME = Script(_PKG, "resume.lua")
 HSET_LIVE = Script(_PKG, "hset_live.lua")
-RENEW = Script(_PKG, "renew.lua")
+HOLD = Script(_PKG, "hold.lua")
 
 UNENQUEUED_TTL_S = 24 * 3600
 """A run whose canvas never reached the broker is removed after this long."""
@@ -216,12 +216,10 @@ class StateStore:
         with translate_errors(self.url):
             _raise_if_error(batch.execute()[0])
 
-    def renew_lease(self, run_id: str, step: str, task_id: str) -> bool:
-        """Hold ``step`` for ``lease_s`` more while ``task_id`` runs it (the heartbeat);
-        False when the task no longer holds it."""
+    def hold(self, task_ids: Sequence[str]) -> None:
+        """A live worker holds these tasks' messages for ``lease_s`` more (its heartbeat)."""
         with translate_errors(self.url):
-            return bool(RENEW(self.redis, [RunKeys(run_id).leases],
-                              [step, task_id, int(self.lease_s * 1000)]))
+            HOLD(self.redis, [HELD], [int(self.lease_s * 1000), *task_ids])
 
     def open_step(
         self,
@@ -248,7 +246,7 @@ class StateStore:
             OPEN_STEP,
             keys.all(),
             [step, agent, max_deliveries, worker, task_id, task_id if claim else "", queue,
-             int(self.lease_s * 1000), *(int(v) for v in inputs)],
+             *(int(v) for v in inputs)],
         )
         extra_idx = [queue(batch) for queue in extra]
         with translate_errors(self.url):
