@@ -105,6 +105,19 @@ def flaky(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
 flaking = Workflow("flaking", [flaky])
 
 
+@agent(input="count@1", output="count@1", time_limit_s=5, max_retries=2, retry_backoff_s=6.0,
+       retry_backoff_max_s=6.0)
+def deferred(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Fail with a transient error the first time (retried 6 s later), then add one."""
+    executions = ctx.redis.incr(EXECUTIONS_KEY.format(run_id=ctx.run_id, agent=ctx.agent))
+    if int(executions) == 1:
+        raise TransientAgentError(f"run {ctx.run_id}: agent deferred fails once on purpose")
+    return {"n": payload["n"] + 1}
+
+
+deferring = Workflow("deferring", [deferred])
+
+
 @contract("pair", 1)
 class Pair(Schema):
     """The fan-in of ``double`` and ``bloat``."""
@@ -208,6 +221,18 @@ def park_join(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
 
 parked_pair = Workflow("w_parked_pair", [increment, parallel(guarded_park, pause), park_join])
 pausing = Workflow("pausing", [increment, pause, double])
+
+
+@agent(input="count@1", output="count@1", time_limit_s=40, max_retries=0)
+def holder(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Hold a pool process while the test keeps HOLD_KEY for the run (up to 40 s)."""
+    _count(ctx)
+    while ctx.redis.exists(HOLD_KEY.format(run_id=ctx.run_id)):
+        time.sleep(0.02)
+    return {"n": payload["n"] + 1}
+
+
+blocking = Workflow("blocking", [holder])
 
 
 # -- saga: steps with side effects that their compensations undo --------------------

@@ -34,6 +34,13 @@ def wait_started(cluster: Cluster, run_id: str, step: str) -> None:
              timeout_s=30, message=f"step {step} of {run_id} to start")
 
 
+def unacked_tasks(cluster: Cluster) -> list[str]:
+    """The messages kombu holds unacked (its ``unacked`` hash): task names, ``+eta`` for a
+    message with a countdown (a retry)."""
+    heads = [json.loads(v)[0]["headers"] for v in cluster.redis.hgetall("unacked").values()]
+    return [h["task"] + ("+eta" if h.get("eta") else "") for h in heads]
+
+
 def executions(cluster: Cluster, run_id: str, agent: str) -> int:
     return int(cluster.redis.get(EXECUTIONS_KEY.format(run_id=run_id, agent=agent)) or 0)
 
@@ -90,6 +97,32 @@ def test_a_step_longer_than_its_lease_is_kept_alive_by_its_workers_heartbeat(
     assert not any(s.redelivered for s in sweeps)
     assert events(cluster, run.run_id, "step.redelivered") == []
     assert executions(cluster, run.run_id, "slow_increment") == 1
+
+
+def test_a_live_workers_retry_waiting_behind_a_busy_pool_is_never_handed_out(
+        cluster: Cluster) -> None:
+    """Unacked longer than the lease, never opened since: yet its worker is alive and holds
+    it (a retry's countdown, then no free process). Handing it out would run it twice."""
+    cluster.worker(concurrency=1, PIPELINE_LEASE_S=str(LEASE_S))
+    p = cluster.pipeline(lease_s=LEASE_S)
+    retried = p.start("deferring", {"n": 1})
+    wait_for(lambda: unacked_tasks(cluster) == ["agent.deferred+eta"], timeout_s=20,
+             message="the worker to hold the retry until its countdown ends (6 s)")
+    blocker = p.start("blocking", {"n": 1})
+    cluster.redis.set(HOLD_KEY.format(run_id=blocker.run_id), "1")
+    wait_started(cluster, blocker.run_id, "0:holder")  # the only process is taken
+    sweeps = []
+    deadline = time.monotonic() + 6 + 3 * LEASE_S  # past the retry's ETA, then the lease
+    while time.monotonic() < deadline:
+        sweeps.append(sweep(p.app, p.store))
+        time.sleep(0.3)
+    assert max(s.unacked for s in sweeps) == 2  # the retry and the blocker, both looked at
+    assert [s.redelivered for s in sweeps if s.redelivered] == []
+    cluster.redis.delete(HOLD_KEY.format(run_id=blocker.run_id))
+    assert retried.wait(timeout=30).status is RunStatus.SUCCEEDED
+    assert blocker.wait(timeout=30).status is RunStatus.SUCCEEDED
+    assert executions(cluster, retried.run_id, "deferred") == 2  # the failure, the retry
+    assert cluster.redis.hget(RunKeys(retried.run_id).deliveries, "0:deferred") == "2"
 
 
 def test_a_run_whose_client_died_before_enqueuing_it_is_enqueued(cluster: Cluster) -> None:
