@@ -23,6 +23,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -197,3 +198,22 @@ def http_get(url: str, auth: str | None = None) -> tuple[int, Any]:
         return e.code, None
     except OSError:
         return 0, None
+
+
+@contextmanager
+def socket_writes() -> Iterator[list[Any]]:
+    """Every write redis-py makes to a socket meanwhile, in this process: one per round trip
+    (a pipelined batch is one write)."""
+    writes: list[Any] = []
+    connection = redis.connection.AbstractConnection
+    send = connection.send_packed_command
+
+    def counted(self: Any, command: Any, check_health: bool = True) -> None:
+        writes.append(command)
+        send(self, command, check_health)
+
+    connection.send_packed_command = counted  # type: ignore[method-assign]
+    try:
+        yield writes
+    finally:
+        connection.send_packed_command = send  # type: ignore[method-assign]

@@ -17,10 +17,8 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
-import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline import Pipeline, RunStatus, metrics, runner
@@ -33,7 +31,7 @@ from pipeline.runner import run_step
 from pipeline.state import StateStore
 from tasks import SAMPLES
 from tests.agents import COMP_FAIL_KEY
-from tests.conftest import AGENT_MODULES, ROOT, Cluster, settings_for, wait_for
+from tests.conftest import AGENT_MODULES, ROOT, Cluster, settings_for, socket_writes, wait_for
 
 GOOD = json.loads((SAMPLES / "good.json").read_text())
 CREDIT_AGENTS = ("credit_score", "income_verification", "risk_assessment", "fraud_detection",
@@ -242,9 +240,7 @@ def test_without_the_metrics_extra_the_exporter_says_what_to_install(
         metrics.start(settings_for(cluster.url), port=free_port())
 
 
-def test_a_step_still_costs_two_round_trips_with_its_latency_counted(
-    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_step_still_costs_two_round_trips_with_its_latency_counted(cluster: Cluster) -> None:
     """The step runs in this process so its round trips can be counted: one write to the
     socket per round trip (a pipelined batch is one write)."""
     metrics.install_hooks()
@@ -257,17 +253,9 @@ def test_a_step_still_costs_two_round_trips_with_its_latency_counted(
     for run_id in ("warm-up", "counted"):
         store.create_run(run_id, workflow="metered", payload={"n": 1}, contract="count@1")
     run_step(task, metered, store, 0, run_id="warm-up", step="0:metered", final=True)
-    writes: list[Any] = []
-    send = redis.connection.AbstractConnection.send_packed_command
-
-    def counted(self: Any, command: Any, check_health: bool = True) -> None:
-        writes.append(command)
-        send(self, command, check_health)
-
-    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counted)
-    version = run_step(task, metered, store, 0, run_id="counted", step="0:metered",
-                       final=True)
-    monkeypatch.undo()
+    with socket_writes() as writes:
+        version = run_step(task, metered, store, 0, run_id="counted", step="0:metered",
+                           final=True)
 
     assert version == 1 and store.run_info("counted").status is RunStatus.SUCCEEDED
     assert len(writes) == 2  # open, seal

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
 
 import pytest
-import redis
 
 from pipeline.breaker import Breaker, BreakerPolicy, BreakerRegistry, BreakerState
 from pipeline.errors import CircuitOpen, StoreUnavailable
 from pipeline.state import connect
-from tests.conftest import wait_for
+from tests.conftest import socket_writes, wait_for
 
 
 class Upstream503(Exception):
@@ -204,22 +202,13 @@ def test_the_breaker_decorates_a_function(registry: BreakerRegistry) -> None:
     assert registry.snapshot(agent, policy).successes == 1
 
 
-def test_a_closed_breaker_costs_one_round_trip_a_call(
-        registry: BreakerRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_closed_breaker_costs_one_round_trip_a_call(registry: BreakerRegistry) -> None:
     agent, policy = new_agent(), BreakerPolicy()
     guard, upstream = Breaker(registry, agent, policy), Upstream()
     registry.redis.ping()  # the connection's handshake is not the breaker's
-    writes: list[Any] = []
-    send = redis.connection.AbstractConnection.send_packed_command
-
-    def counted(self: Any, command: Any, check_health: bool = True) -> None:
-        writes.append(command)
-        send(self, command, check_health)
-
-    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counted)
-    for _ in range(10):
-        guard.call(upstream)
-    monkeypatch.undo()
+    with socket_writes() as writes:
+        for _ in range(10):
+            guard.call(upstream)
     assert upstream.calls == 10
     assert len(writes) == 11  # ask once, then one record a call, its reply admitting the next
     assert registry.snapshot(agent, policy).successes == 10
