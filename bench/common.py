@@ -213,6 +213,19 @@ class BareKind:
         handle.get(timeout=WAIT_S)
 
 
+FINAL_STATUSES = frozenset({"succeeded", "compensated", "compensation_failed", "failed"})
+
+
+def run_statuses(client: Any, run_ids: Sequence[str]) -> list[str]:
+    """Each run's status in one round trip; ``missing`` for a run that is gone (expired)."""
+    from pipeline.keys import RunKeys
+
+    pipe = client.pipeline(transaction=False)
+    for run_id in run_ids:
+        pipe.hget(RunKeys(run_id).run, "status")
+    return [s or "missing" for s in pipe.execute()]
+
+
 def throughput(kind: Kind, n: int) -> float:
     """Workflows per second with ``n`` started at once, until the last one ends."""
     start = time.perf_counter()

@@ -21,20 +21,19 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from bench.common import bench_redis, client, release_results, worker, worker_env
+from bench.common import (
+    FINAL_STATUSES,
+    bench_redis,
+    client,
+    release_results,
+    run_statuses,
+    worker,
+    worker_env,
+)
 from bench.noop_agents import CREDIT_QUEUES, noop_credit
 from pipeline.invariants import Verdict, verify
 from pipeline.keys import RunKeys
 from pipeline.state import RunStatus
-
-FINAL = {"succeeded", "compensated", "compensation_failed", "failed"}
-
-
-def statuses(p: Any, run_ids: Sequence[str]) -> list[str]:
-    pipe = p.store.redis.pipeline(transaction=False)
-    for run_id in run_ids:
-        pipe.hget(RunKeys(run_id).run, "status")
-    return [s or "missing" for s in pipe.execute()]
 
 
 def deepest_queue(p: Any, queues: Sequence[str], stop: threading.Event, out: list[int]) -> None:
@@ -76,8 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             verdict = Verdict()
             while len(final) < len(run_ids) and time.monotonic() < deadline:
                 waiting = [r for r in run_ids if r not in final]
-                ended = {r: s for r, s in zip(waiting, statuses(p, waiting), strict=True)
-                         if s in FINAL or s == "missing"}  # missing: expired unseen
+                seen = run_statuses(p.store.redis, waiting)
+                ended = {r: s for r, s in zip(waiting, seen, strict=True)
+                         if s in FINAL_STATUSES or s == "missing"}  # missing: expired unseen
                 verify(p.store, [r for r, st in ended.items() if st != "missing"],
                        verdict=verdict)
                 final.update(ended)

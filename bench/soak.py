@@ -30,20 +30,17 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from bench.common import ROOT, bench_redis
+from bench.common import FINAL_STATUSES, ROOT, bench_redis, run_statuses
 from pipeline import Pipeline, Settings
 from pipeline.app import create_app
 from pipeline.invariants import verify
 from pipeline.local import BeatProcess, WorkerProcess
-from pipeline.state import RunStatus
 
 CHAOS = ("credit_score=error:0.03,income_verification=crash:0.03,"
          "risk_assessment=bad_output:0.02,fraud_detection=error:0.03,"
          "final_approval=slow:0.002")
 """Each kind of fault, rare enough that no breaker opens (a parked run would wait for a person)."""
 SAMPLES = ROOT / "tasks" / "samples" / "batch.json"
-FINAL = {RunStatus.SUCCEEDED, RunStatus.COMPENSATED, RunStatus.COMPENSATION_FAILED,
-         RunStatus.FAILED}
 
 
 class Fleet:
@@ -101,12 +98,8 @@ def wait_finished(p: Pipeline, run_ids: Sequence[str], timeout_s: float) -> dict
     statuses: dict[str, str] = {}
     last_print = 0.0
     while True:
-        pipe = p.store.redis.pipeline(transaction=False)
-        for run_id in run_ids:
-            pipe.hget(f"pipeline:{{{run_id}}}:run", "status")
-        statuses = dict(zip(run_ids, (s or "missing" for s in pipe.execute()), strict=True))
-        done = sum(1 for s in statuses.values() if RunStatus(s) in FINAL) \
-            if "missing" not in statuses.values() else -1
+        statuses = dict(zip(run_ids, run_statuses(p.store.redis, run_ids), strict=True))
+        done = sum(1 for s in statuses.values() if s in FINAL_STATUSES)
         now = time.monotonic()
         if now - last_print > 5:
             print(f"  {done}/{len(run_ids)} finished", flush=True)
@@ -194,8 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             verdict = verify(p.store, run_ids, side_effects=credit_ledger(p))
         finally:
             fleet.stop()
-    unfinished = {r: s for r, s in statuses.items()
-                  if s == "missing" or RunStatus(s) not in FINAL}
+    unfinished = {r: s for r, s in statuses.items() if s not in FINAL_STATUSES}
     report = {"runs": args.runs, "seconds": round(time.monotonic() - started, 1),
               "workers_killed": len(fleet.kills), "by_status": dict(Counter(statuses.values())),
               **figures, "unfinished": len(unfinished), "invariants": verdict.to_dict()}

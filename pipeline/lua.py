@@ -65,6 +65,14 @@ class Script:
             return client.evalsha(self.sha, len(keys), *keys, *args)
 
 
+def checked(reply: Any) -> Any:
+    """One call's reply from ``Batch.execute``, or its error raised (errors come back as
+    exception objects there)."""
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
+
+
 class Batch:
     """Several script calls (and plain commands) sent in one round trip.
 

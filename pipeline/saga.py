@@ -27,7 +27,7 @@ from celery import Celery, Task
 from .agent import Agent, agents
 from .errors import RunNotFound, RunNotLive, UnknownWorkflow
 from .keys import DEAD_LETTERS, SAGAS, RunKeys
-from .lua import Batch, Script
+from .lua import Batch, Script, checked
 from .state import RunStatus, StateStore, Version
 from .state.store import translate_errors
 from .workflow import workflows
@@ -82,9 +82,7 @@ def begin(store: StateStore, run_id: str, *, reason: str, agent: str = "") -> tu
     batch.command("ZADD", SAGAS, "NX", int(time.time() * 1000), run_id)
     at = batch.script(BEGIN, [keys.run, keys.log, keys.saga], [reason[:2000], agent])
     with translate_errors(store.url):
-        reply = batch.execute()[at]
-        if isinstance(reply, Exception):
-            raise reply
+        reply = checked(batch.execute()[at])
     if reply[0] == "missing":
         raise RunNotFound(f"no run {run_id!r} to compensate")
     if reply[0] == "started":
@@ -160,9 +158,7 @@ def advance(app: Celery, store: StateStore, run_id: str, step: str = "", outcome
     batch.script(DONE, RunKeys(run_id).all(), [step, outcome, agent, detail, store.retention_s])
     batch.command("ZADD", SAGAS, "XX", int(time.time() * 1000), run_id)  # it moved
     with translate_errors(store.url):
-        reply = batch.execute()[0]
-        if isinstance(reply, Exception):
-            raise reply
+        reply = checked(batch.execute()[0])
         if reply[0] in ("finished", "idle"):
             store.redis.zrem(SAGAS, run_id)
     if reply[0] == "next":
@@ -225,9 +221,7 @@ def redrive(app: Celery, store: StateStore, run_id: str) -> None:
     batch.command("ZADD", SAGAS, "NX", int(time.time() * 1000), run_id)  # as begin() does
     at = batch.script(REDRIVE, [keys.run, keys.log, keys.saga], [])
     with translate_errors(store.url):
-        reply = batch.execute()[at]
-        if isinstance(reply, Exception):
-            raise reply
+        reply = checked(batch.execute()[at])
     if reply[0] != "ok":
         if not reply[1]:
             raise RunNotFound(f"no run {run_id!r}")

@@ -140,11 +140,17 @@ def _redeliver_silent(app: Celery, store: StateStore, lease_s: float,
 def _redeliver_from(store: StateStore, channel: Any, client: Any, lease_s: float,
                     report: SweepReport) -> None:
     now = time.time()
-    for message in _unacked(client, channel):
-        report.unacked += 1
-        if now - message.due < lease_s:
-            continue  # delivered (or due) too recently to tell
-        why = _why_stuck(store, message, lease_s, now)
+    messages = list(_unacked(client, channel))
+    report.unacked = len(messages)
+    old = [m for m in messages if now - m.due >= lease_s]  # younger: too recent to tell
+    if not old:
+        return
+    with translate_errors(store.url):  # two round trips a pass, however many messages
+        seconds, micros = store.redis.time()
+        marks = store.redis.zmscore(HELD, [m.task_id for m in old])
+    now_ms = seconds * 1000 + micros // 1000
+    for message, held in zip(old, marks, strict=True):
+        why = _why_stuck(message, held, now_ms, lease_s, now)
         if why is None:
             continue
         silent_s, reason = why
@@ -205,13 +211,10 @@ def _kwargs(payload: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _why_stuck(store: StateStore, message: _Message, lease_s: float, now: float
-               ) -> tuple[float, str] | None:
-    """(seconds silent, why) when no live worker holds ``message``, else None."""
-    with translate_errors(store.url):
-        held = store.redis.zscore(HELD, message.task_id)
-        seconds, micros = store.redis.time()
-    now_ms = seconds * 1000 + micros // 1000
+def _why_stuck(message: _Message, held: float | None, now_ms: int, lease_s: float,
+               now: float) -> tuple[float, str] | None:
+    """(seconds silent, why) when no live worker holds ``message`` (``held``: until when
+    one last marked it held, by Redis's clock), else None."""
     if held is not None and held > now_ms:
         return None  # its worker is alive (it marks what it holds every third of the lease)
     if held is not None:
@@ -232,10 +235,11 @@ def _enqueue_forgotten(app: Celery, store: StateStore, lease_s: float,
         seconds, _ = store.redis.time()
         ids = [_text(i) for i in store.redis.zrangebyscore(
             UNENQUEUED, "-inf", (seconds - lease_s) * 1000, start=0, num=BATCH)]
-    for run_id in ids:
-        with translate_errors(store.url):
-            status, workflow, enqueued = store.redis.hmget(
-                RunKeys(run_id).run, "status", "workflow", "enqueued")
+        pipe = store.redis.pipeline(transaction=False)
+        for run_id in ids:
+            pipe.hmget(RunKeys(run_id).run, "status", "workflow", "enqueued")
+        records = pipe.execute()
+    for run_id, (status, workflow, enqueued) in zip(ids, records, strict=True):
         if status != "running" or enqueued == "1":
             with translate_errors(store.url):
                 store.redis.zrem(UNENQUEUED, run_id)

@@ -15,7 +15,7 @@ from redis.exceptions import RedisClusterException
 
 from ..errors import RunNotFound, RunNotParked, StoreError, StoreUnavailable, VersionNotFound
 from ..keys import HELD, RUNS_INDEX, UNENQUEUED, RunKeys, version_stream_id
-from ..lua import Batch, Client, Script, route
+from ..lua import Batch, Client, Script, checked, route
 from ..settings import (
     DEFAULT_LEASE_S,
     DEFAULT_MAX_PAYLOAD_BYTES,
@@ -184,7 +184,7 @@ class StateStore:
         batch.command("ZREMRANGEBYSCORE", RUNS_INDEX, "-inf",
                       f"({now_ms - (self.retention_s + 2 * UNENQUEUED_TTL_S) * 1000}")
         with translate_errors(self.url):
-            reply = _raise_if_error(batch.execute()[0])
+            reply = checked(batch.execute()[0])
         if reply[0] == "created":
             return Created(run_id, True, workflow, digest)
         if reply[3] == "1":  # the ZADD above put a run handed over long ago back: undo it
@@ -202,7 +202,7 @@ class StateStore:
         batch.script(HSET_LIVE, [RunKeys(source).run], [f"replay:{replay}", str(version)])
         with translate_errors(self.url):
             for reply in batch.execute():
-                _raise_if_error(reply)
+                checked(reply)
 
     def unlink_replay(self, source: str, replay: str) -> None:
         with translate_errors(self.url):
@@ -214,7 +214,7 @@ class StateStore:
         batch.script(MARK_ENQUEUED, RunKeys(run_id).all(), [])
         batch.command("ZREM", UNENQUEUED, run_id)
         with translate_errors(self.url):
-            _raise_if_error(batch.execute()[0])
+            checked(batch.execute()[0])
 
     def hold(self, task_ids: Sequence[str]) -> None:
         """A live worker holds these tasks' messages for ``lease_s`` more (its heartbeat)."""
@@ -251,7 +251,7 @@ class StateStore:
         extra_idx = [queue(batch) for queue in extra]
         with translate_errors(self.url):
             results = batch.execute()
-            reply = _raise_if_error(results[0])
+            reply = checked(results[0])
         extras = tuple(results[i] for i in extra_idx)
         outcome = reply[0]
         if outcome == "open":
@@ -329,7 +329,7 @@ class StateStore:
         extra_idx = [queue(batch) for queue in extra]
         with translate_errors(self.url):
             results = batch.execute()
-            reply = _raise_if_error(results[0])
+            reply = checked(results[0])
         extras = tuple(results[i] for i in extra_idx)
         if reply[0] in ("new", "sealed"):
             return Sealing(reply[0], version=int(reply[1]), extra=extras)
@@ -478,12 +478,6 @@ class StateStore:
 
 def _pairs(flat: Sequence[str]) -> dict[str, str]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
-
-
-def _raise_if_error(reply: Any) -> Any:
-    if isinstance(reply, Exception):
-        raise reply
-    return reply
 
 
 def _no_run(run_id: str) -> str:
