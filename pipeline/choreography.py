@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -270,6 +270,29 @@ class Choreography:
                            terminal=self.terminal)
         follow_up(app, store, run_id, handover)
 
+    def redrive(self, app: Celery, store: StateStore, run_id: str) -> list[str]:
+        """Hand out again every delivery the run's ledger still owes; the delivery keys.
+
+        For a run that stopped moving with none of its messages left in the broker (the
+        sweeper). A delivery never claimed goes out as a new task; one claimed by a task
+        whose message is gone goes out under that task's id, so it carries on as that
+        task's redelivery (and finishes the handover if it had sealed).
+        """
+        with translate_errors(store.url):
+            ledger = store.redis.hgetall(RunKeys(run_id).ledger)
+        owed = []
+        for key, state in sorted(ledger.items()):
+            kind, _, task_id = str(state).partition(":")
+            if kind not in ("dispatched", "running"):
+                continue
+            event_id, name = str(key).split(":", 1)
+            event = event_record(store, run_id, event_id)
+            dispatch(app, run_id, Handover("again", event_id, int(event["version"]), (name,),
+                                           str(event["type"])),
+                     task_ids={name: task_id} if task_id else None)
+            owed.append(str(key))
+        return owed
+
     def resume(self, pipeline: Pipeline, run_id: str, output: Any = None,
                step: str | None = None) -> Run:
         """Continue a run whose deliveries parked: seal ``output`` for one of them (named by
@@ -425,8 +448,10 @@ def follow_up(app: Celery, store: StateStore, run_id: str, handover: Handover) -
         saga.start(app, store, run_id, reason=handover.reason)
 
 
-def dispatch(app: Celery, run_id: str, handover: Handover) -> None:
-    """Send one task per subscriber, on its queue, carrying the event id and its version."""
+def dispatch(app: Celery, run_id: str, handover: Handover,
+             task_ids: Mapping[str, str] | None = None) -> None:
+    """Send one task per subscriber, on its queue, carrying the event id and its version
+    (under the task id ``task_ids`` gives a subscriber, else a new one)."""
     from .workflow import ERRBACK_TASK
 
     for name in handover.subscribers:
@@ -438,7 +463,7 @@ def dispatch(app: Celery, run_id: str, handover: Handover) -> None:
             queue=a.queue, ignore_result=True,
         )
         sig.link_error(app.signature(ERRBACK_TASK))
-        sig.apply_async()
+        sig.apply_async(task_id=(task_ids or {}).get(name))
 
 
 def fail_delivery(store: StateStore, run_id: str, step: str, agent: str, task_id: str,

@@ -86,6 +86,14 @@ SAGAS = f"{PREFIX}:sagas"
 """Sorted set: run id -> when its saga last moved (ms), while it compensates. The sweeper
 enqueues the planner again for a saga that stopped moving (idempotent)."""
 
+LIVE = f"{PREFIX}:live"
+"""Sorted set: run id -> when the sweeper last saw it move (ms), from its enqueuing until it
+ends. The sweeper re-drives a run that stopped moving with none of its messages left."""
+
+STALLED = f"{PREFIX}:stalled"
+"""Hash: run id -> ``<last log id>|<ms>``: when a sweep first found the run idle with none of
+its messages in the broker (the next pass confirms it before re-driving)."""
+
 HELD = f"{PREFIX}:held"
 """Sorted set: task id -> until when (ms, Redis clock) a live worker holds its message (waiting
 for its ETA, reserved, or running). Every worker's main process renews what it holds every

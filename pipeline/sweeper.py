@@ -19,9 +19,20 @@ before anyone runs them again (celery/celery#5935). Each pass here:
 3. **Sagas that stopped moving** (a worker died between beginning a saga and
    sending its planner, or between two stages): the planner is sent again; it
    plans once and dispatches only compensations nobody has claimed.
+4. **Runs that stopped moving with no message left** (``pipeline:live``): a
+   run whose log has not moved for ``2 x lease_s`` and of which no message is
+   in any queue or unacked, in two passes at least a third of the lease apart,
+   is re-driven from its last sealed versions (``Flow.redrive``). kombu's Redis
+   transport pops a message (BRPOP) and records it unacked in a second command:
+   a worker killed in between, or with the popped reply still unread in its
+   socket, loses the message for good (celery/kombu#305, celery/celery#4354),
+   and no broker setting closes that window. A chord whose member was
+   redelivered after it had joined counts one member too many and never runs
+   its body. A run re-driven ``MAX_REDRIVES`` times and still stuck is
+   compensated.
 
 RabbitMQ hands a dead consumer's messages out again when its connection
-drops, so part 1 is for a Redis broker only.
+drops, so parts 1 and 4 are for a Redis broker only.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
@@ -39,8 +51,9 @@ from typing import Any
 from celery import Celery
 
 from . import saga
+from .agent import agents
 from .errors import StoreError, UnknownWorkflow
-from .keys import HELD, SAGAS, SWEEP_LOCK, UNENQUEUED, RunKeys
+from .keys import HELD, LIVE, SAGAS, STALLED, SWEEP_LOCK, UNENQUEUED, RunKeys
 from .state import StateStore
 from .state.store import translate_errors
 from .workflow import ERRBACK_TASK, workflows
@@ -53,6 +66,8 @@ SWEEP_TASK = "pipeline.sweep"
 BATCH = 500
 """Most runs looked at per pass in each of parts 2 and 3 (the oldest first)."""
 OWN_TASKS = (saga.COMPENSATE_RUN_TASK, ERRBACK_TASK, "pipeline.record_failure")
+MAX_REDRIVES = 3
+"""Re-drives of one run that stopped moving; stuck once more, it is compensated."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,12 +88,17 @@ class SweepReport:
     redelivered: list[Redelivered] = field(default_factory=list)
     enqueued: list[str] = field(default_factory=list)
     nudged: list[str] = field(default_factory=list)
+    redriven: dict[str, list[str]] = field(default_factory=dict)
+    """Run id -> the steps (or deliveries) handed out again: the run had stopped moving."""
+    stuck: list[str] = field(default_factory=list)
+    """Runs re-driven ``MAX_REDRIVES`` times that stopped again: compensated."""
     busy: bool = False
     """Another sweeper held the lock: this pass did nothing."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"unacked": self.unacked, "redelivered": [asdict(r) for r in self.redelivered],
-                "enqueued": self.enqueued, "nudged": self.nudged, "busy": self.busy}
+                "enqueued": self.enqueued, "nudged": self.nudged, "redriven": self.redriven,
+                "stuck": self.stuck, "busy": self.busy}
 
     def summary(self) -> str:
         if self.busy:
@@ -91,6 +111,11 @@ class SweepReport:
         lines += [f"  enqueued run {run_id} (its client died before sending it)"
                   for run_id in self.enqueued]
         lines += [f"  nudged the saga of run {run_id}" for run_id in self.nudged]
+        lines += [f"  re-drove run {run_id} ({', '.join(steps) or 'nothing owed'}): it had "
+                  "stopped moving, with no message of it left in the broker"
+                  for run_id, steps in self.redriven.items()]
+        lines += [f"  compensating run {run_id}: it stopped moving again after "
+                  f"{MAX_REDRIVES} re-drives" for run_id in self.stuck]
         return "\n".join(lines)
 
 
@@ -109,6 +134,8 @@ def sweep(app: Celery, store: StateStore, *, lease_s: float | None = None) -> Sw
             _redeliver_silent(app, store, lease_s, report)
         _enqueue_forgotten(app, store, lease_s, report)
         _nudge_sagas(app, store, lease_s, report)
+        if app.pipeline_settings.broker_is_redis:
+            _redrive_stalled(app, store, lease_s, report)
     finally:
         try:
             lock.release()
@@ -131,10 +158,17 @@ class _Message:
 
 def _redeliver_silent(app: Celery, store: StateStore, lease_s: float,
                       report: SweepReport) -> None:
+    with _broker(app) as (channel, client):
+        _redeliver_from(store, channel, client, lease_s, report)
+
+
+@contextmanager
+def _broker(app: Celery) -> Iterator[tuple[Any, Any]]:
+    """kombu's Redis channel and a client of its connection pool."""
     with app.connection_for_write() as conn:
         channel: Any = conn.default_channel
         with channel.conn_or_acquire() as client:
-            _redeliver_from(store, channel, client, lease_s, report)
+            yield channel, client
 
 
 def _redeliver_from(store: StateStore, channel: Any, client: Any, lease_s: float,
@@ -176,18 +210,25 @@ def _unacked(client: Any, channel: Any) -> Iterator[_Message]:
     for raw_tag, raw in client.hgetall(channel.unacked_key).items():
         tag = _text(raw_tag)
         try:
-            payload = json.loads(_text(raw))[0]
-            headers = payload.get("headers") or {}
-            task, task_id = str(headers.get("task", "")), str(headers.get("id", ""))
-            if not _ours(task):
-                continue
-            due = delivered.get(tag, time.time())
-            eta = headers.get("eta")
-            if eta:
-                due = max(due, datetime.fromisoformat(str(eta)).timestamp())
-            yield _Message(tag, task, task_id, _kwargs(payload), due)
+            message = _read(tag, json.loads(_text(raw))[0], delivered.get(tag, time.time()))
         except (ValueError, KeyError, IndexError, TypeError) as e:
             log.warning("sweeper: unacked message %s is not one it can read: %s", tag, e)
+            continue
+        if message is not None:
+            yield message
+
+
+def _read(tag: str, payload: dict[str, Any], delivered: float) -> _Message | None:
+    """One of the pipeline's messages (None for anyone else's)."""
+    headers = payload.get("headers") or {}
+    task, task_id = str(headers.get("task", "")), str(headers.get("id", ""))
+    if not _ours(task):
+        return None
+    due = delivered
+    eta = headers.get("eta")
+    if eta:
+        due = max(due, datetime.fromisoformat(str(eta)).timestamp())
+    return _Message(tag, task, task_id, _kwargs(payload), due)
 
 
 def _ours(task: str) -> bool:  # a user's own tasks in the same broker are not ours to move
@@ -278,6 +319,105 @@ def _nudge_sagas(app: Celery, store: StateStore, lease_s: float, report: SweepRe
         store.note(run_id, "saga.nudged", by="sweeper",
                    reason=f"no compensation recorded for {lease_s:g}s")
         report.nudged.append(run_id)
+
+
+# -- 4. runs that stopped moving, with no message left ------------------------------------------
+
+
+def _redrive_stalled(app: Celery, store: StateStore, lease_s: float,
+                     report: SweepReport) -> None:
+    """Re-drive each live run idle for ``2 x lease_s`` of which no message is left anywhere
+    in the broker, once two passes at least ``lease_s / 3`` apart have found it so."""
+    with translate_errors(store.url):
+        seconds, micros = store.redis.time()
+        now_ms = seconds * 1000 + micros // 1000
+        ids = [_text(i) for i in store.redis.zrangebyscore(
+            LIVE, "-inf", now_ms - 2 * lease_s * 1000, start=0, num=BATCH)]
+        if not ids:
+            return
+        pipe = store.redis.pipeline(transaction=False)
+        for run_id in ids:
+            pipe.hmget(RunKeys(run_id).run, "status", "workflow")
+            pipe.xrevrange(RunKeys(run_id).log, count=1)
+            pipe.hget(STALLED, run_id)
+        replies = pipe.execute()
+    idle: dict[str, tuple[str, str, str | None]] = {}  # run -> (workflow, last log id, mark)
+    settle = store.redis.pipeline(transaction=False)
+    for i, run_id in enumerate(ids):
+        (status, workflow), last, mark = replies[3 * i:3 * i + 3]
+        last_id = _text(last[0][0]) if last else "0-0"
+        moved_ms = int(last_id.split("-")[0])
+        if status not in ("running", "waiting_for_human"):  # ended, compensating, or expired
+            settle.zrem(LIVE, run_id)
+            settle.hdel(STALLED, run_id)
+        elif status == "waiting_for_human" or moved_ms > now_ms - 2 * lease_s * 1000:
+            settle.zadd(LIVE, {run_id: max(moved_ms, now_ms - lease_s * 1000)}, xx=True)
+            settle.hdel(STALLED, run_id)
+        else:
+            idle[run_id] = (str(workflow), last_id, None if mark is None else _text(mark))
+    if idle:
+        with _broker(app) as (channel, client):
+            present = _runs_in_broker(app, channel, client)
+        for run_id, (workflow, last_id, mark) in idle.items():
+            if run_id in present:  # waiting its turn, or held: looked at again later
+                settle.zadd(LIVE, {run_id: now_ms}, xx=True)
+                settle.hdel(STALLED, run_id)
+                continue
+            seen_id, _, seen_ms = (mark or "").partition("|")
+            if seen_id != last_id or not seen_ms:  # first found so: confirm next pass
+                settle.hset(STALLED, run_id, f"{last_id}|{now_ms}")
+            elif now_ms - int(seen_ms) >= lease_s * 1000 / 3:
+                _redrive(app, store, run_id, workflow, report)
+                settle.zadd(LIVE, {run_id: now_ms}, xx=True)
+                settle.hdel(STALLED, run_id)
+    with translate_errors(store.url):
+        settle.execute()
+
+
+def _redrive(app: Celery, store: StateStore, run_id: str, workflow: str,
+             report: SweepReport) -> None:
+    try:
+        flow = workflows.get(workflow)
+    except UnknownWorkflow:
+        log.warning("sweeper: run %s of workflow %s stopped moving, and the workflow is not "
+                    "registered here", run_id, workflow)
+        return
+    with translate_errors(store.url):
+        redrives = int(store.redis.hincrby(RunKeys(run_id).run, "redrives", 1))
+    if redrives > MAX_REDRIVES:
+        reason = (f"the run stopped moving again after {MAX_REDRIVES} re-drives from its "
+                  "last sealed versions")
+        saga.start(app, store, run_id, reason=reason)
+        report.stuck.append(run_id)
+        log.warning("sweeper: compensating run %s: %s", run_id, reason)
+        return
+    owed = flow.redrive(app, store, run_id)
+    store.note(run_id, "run.redriven", by="sweeper", steps=",".join(owed), redrive=redrives,
+               reason="it stopped moving, and no message of it was left in the broker")
+    report.redriven[run_id] = owed
+    log.warning("sweeper: re-drove run %s (%s): it stopped moving, with no message of it left "
+                "in the broker", run_id, ", ".join(owed) or "nothing owed")
+
+
+def _runs_in_broker(app: Celery, channel: Any, client: Any) -> set[str]:
+    """The run ids of every pipeline message unacked or waiting in a queue the pipeline uses
+    (every priority level): the app's queues, and any other bound to its exchange."""
+    runs = {str(m.kwargs.get("run_id", "")) for m in _unacked(client, channel)}
+    queues = {q.name for q in app.conf.task_queues or ()} | {a.queue for a in agents}
+    exchange = app.conf.task_default_exchange or app.conf.task_default_queue
+    queues |= {str(binding[-1]) for binding in channel.get_table(exchange)}
+    pipe = client.pipeline(transaction=False)
+    for queue in sorted(queues):
+        for priority in channel.priority_steps:
+            pipe.lrange(channel._q_for_pri(queue, priority), 0, -1)
+    for raw in (raw for listed in pipe.execute() for raw in listed):
+        try:
+            message = _read("", json.loads(_text(raw)), 0.0)
+        except (ValueError, KeyError, IndexError, TypeError):
+            continue
+        if message is not None:
+            runs.add(str(message.kwargs.get("run_id", "")))
+    return runs
 
 
 def _text(value: Any) -> str:

@@ -77,6 +77,8 @@ class Flow(Protocol):
 
     def enqueue(self, app: Celery, store: StateStore, run_id: str) -> None: ...
 
+    def redrive(self, app: Celery, store: StateStore, run_id: str) -> list[str]: ...
+
 
 class Workflow:
     """A named, checked sequence of steps and parallel groups."""
@@ -201,6 +203,31 @@ class Workflow:
     def enqueue(self, app: Celery, store: StateStore, run_id: str) -> None:
         """Send the run's canvas to the broker."""
         send(app, self.compile(app, run_id))
+
+    def redrive(self, app: Celery, store: StateStore, run_id: str) -> list[str]:
+        """Send the run's canvas again from its first stage with a step not sealed, fed the
+        versions its upstream sealed; the step keys it hands out (none when all sealed).
+
+        For a run that stopped moving with none of its messages left in the broker (the
+        sweeper): a message lost between the broker's pop and its unacked record, or a
+        chord whose join counted a redelivered member twice. A step sealed meanwhile
+        returns its version; the new chord counts its own members.
+        """
+        first = int(store.run_info(run_id).replay_start or 0)
+        keys = [s.key for s in self.steps()]
+        sealed = dict(zip(keys, store.sealed_steps(run_id, keys), strict=True))
+        for i in range(first, len(self.stages)):
+            todo = [s.key for s in self.stages[i] if sealed[s.key] is None]
+            if not todo:
+                continue
+            upstream: int | list[int] = 0
+            if i > first:
+                versions = [v for v in (sealed[s.key] for s in self.stages[i - 1])
+                            if v is not None]
+                upstream = versions[0] if len(versions) == 1 else versions
+            send(app, self.compile(app, run_id, start=i, upstream=upstream))
+            return todo
+        return []
 
     def steps(self) -> Iterator[Step]:
         for stage in self.stages:

@@ -24,8 +24,9 @@ def test_finished_runs_expire_after_their_retention_and_live_ones_stay(
     cluster.worker(PIPELINE_RETENTION_S=str(RETENTION_S),
                    PIPELINE_CHAOS="tripwire=error:1")
     p = cluster.pipeline(retention_s=RETENTION_S)
-    live = p.start("pausing", {"n": 1})
-    cluster.redis.set(HOLD_KEY.format(run_id=live.run_id), "1")
+    # held before it starts, or its pause could pass before the test holds it
+    cluster.redis.set(HOLD_KEY.format(run_id=p.run_id_for("pausing", "live")), "1")
+    live = p.start("pausing", {"n": 1}, idempotency_key="live")
     succeeded = [p.start("counting", {"n": i}) for i in range(3)]
     compensated = p.start("saga_fickle", {"n": 1})  # tripwire fails: booked, fickle undone
     finished = [*succeeded, compensated]

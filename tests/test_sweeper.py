@@ -8,17 +8,22 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pipeline import saga
-from pipeline.keys import HELD, SAGAS, UNENQUEUED, RunKeys
+from pipeline.keys import HELD, LIVE, SAGAS, UNENQUEUED, RunKeys
 from pipeline.local import BeatProcess
 from pipeline.state import RunStatus
 from pipeline.sweeper import sweep
 from tests.conftest import ROOT, Cluster, wait_for, worker_env
 from tests.quick_agents import EXECUTIONS_KEY, HOLD_KEY
+
+ROOT_PATH = Path(ROOT)
+CREDIT = json.loads((ROOT_PATH / "tasks" / "samples" / "good.json").read_text())
+QUESTION = json.loads((ROOT_PATH / "tasks" / "samples" / "research.json").read_text())
 
 pytestmark = pytest.mark.workers
 
@@ -52,8 +57,8 @@ def test_a_worker_killed_whole_mid_step_is_recovered_by_beat_within_the_lease(
     env = {"PIPELINE_LEASE_S": str(LEASE_S), "PIPELINE_SWEEP_INTERVAL_S": "1"}
     doomed = cluster.worker(concurrency=1, **env)
     p = cluster.pipeline(lease_s=LEASE_S)
-    run = p.start("pausing", {"n": 1})
-    cluster.redis.set(HOLD_KEY.format(run_id=run.run_id), "1")
+    cluster.redis.set(HOLD_KEY.format(run_id=p.run_id_for("pausing", "held")), "1")
+    run = p.start("pausing", {"n": 1}, idempotency_key="held")
     wait_started(cluster, run.run_id, "1:pause")
     [started] = [e for e in events(cluster, run.run_id, "step.started")
                  if e["step"] == "1:pause"]
@@ -108,8 +113,9 @@ def test_a_live_workers_retry_waiting_behind_a_busy_pool_is_never_handed_out(
     retried = p.start("deferring", {"n": 1})
     wait_for(lambda: unacked_tasks(cluster) == ["agent.deferred+eta"], timeout_s=20,
              message="the worker to hold the retry until its countdown ends (6 s)")
-    blocker = p.start("blocking", {"n": 1})
-    cluster.redis.set(HOLD_KEY.format(run_id=blocker.run_id), "1")
+    # held before it starts: a free process would otherwise run it before the test holds it
+    cluster.redis.set(HOLD_KEY.format(run_id=p.run_id_for("blocking", "blocker")), "1")
+    blocker = p.start("blocking", {"n": 1}, idempotency_key="blocker")
     wait_started(cluster, blocker.run_id, "0:holder")  # the only process is taken
     sweeps = []
     deadline = time.monotonic() + 6 + 3 * LEASE_S  # past the retry's ETA, then the lease
@@ -151,8 +157,8 @@ def test_a_saga_begun_by_a_worker_that_died_before_sending_its_planner_is_nudged
         cluster: Cluster) -> None:
     cluster.worker(concurrency=2)
     p = cluster.pipeline(lease_s=LEASE_S)
-    run = p.start("pausing", {"n": 1})
-    cluster.redis.set(HOLD_KEY.format(run_id=run.run_id), "1")
+    cluster.redis.set(HOLD_KEY.format(run_id=p.run_id_for("pausing", "held")), "1")
+    run = p.start("pausing", {"n": 1}, idempotency_key="held")
     wait_started(cluster, run.run_id, "1:pause")
     # the errback's worker: the saga begins (and is watched, in the same round trip), then
     # the process dies before it sends the planner
@@ -192,3 +198,119 @@ def test_pipeline_sweep_prints_what_it_did(cluster: Cluster) -> None:
     assert isinstance(report, dict)
     assert report["enqueued"] == ["forgotten"] and report["busy"] is False
     assert report["redelivered"] == [] and report["nudged"] == []
+
+
+# -- runs that stopped moving, with no message left ------------------------------------------
+
+
+def sweep_until(p: Any, what: str, *, timeout_s: float = 20, lose: str = "") -> Any:
+    """Sweep until the report's ``what`` is not empty; each pass first drops every message
+    waiting in queue ``lose`` (lost as a worker killed between the broker's pop and its
+    unacked record loses one)."""
+    client = p.store.redis
+
+    def swept() -> Any:
+        if lose:
+            client.delete(lose)
+        return getattr(sweep(p.app, p.store), what)
+
+    return wait_for(swept, timeout_s=timeout_s, message=f"a sweep to report {what}")
+
+
+def test_a_run_whose_message_was_lost_is_redriven_from_its_last_sealed_version(
+        cluster: Cluster) -> None:
+    cluster.worker(concurrency=1, queues=("pipeline", "agents.increment"))
+    p = cluster.pipeline(lease_s=LEASE_S)
+    run = p.start("pausing", {"n": 1})
+    wait_for(lambda: cluster.redis.llen("agents.pause") == 1, timeout_s=20,
+             message="the second step to wait in its queue, which nobody serves yet")
+    waiting_until = time.monotonic() + 2 * LEASE_S + 2  # idle past the stall threshold
+    while time.monotonic() < waiting_until:
+        assert sweep(p.app, p.store).redriven == {}  # its message waits: not stuck
+        time.sleep(0.3)
+    cluster.redis.delete("agents.pause")  # lost: nothing of the run is left in the broker
+
+    redriven = sweep_until(p, "redriven")
+    assert redriven == {run.run_id: ["1:pause"]}
+    cluster.worker(concurrency=1)  # every queue
+    result = run.wait(timeout=30)
+    assert result.status is RunStatus.SUCCEEDED and result.output == {"n": 6}
+    [event] = events(cluster, run.run_id, "run.redriven")
+    assert event["steps"] == "1:pause" and event["by"] == "sweeper" and event["redrive"] == "1"
+    history = p.store.history(run.run_id)
+    assert [v.agent for v in history[1:]] == ["increment", "pause", "double"]
+    assert [v.parents for v in history[1:]] == [(0,), (1,), (2,)]
+    assert [executions(cluster, run.run_id, a) for a in ("increment", "pause", "double")] \
+        == [1, 1, 1]
+
+    def forgotten() -> bool:  # finished: no longer watched, once a sweep looks at it again
+        sweep(p.app, p.store)
+        return cluster.redis.zscore(LIVE, run.run_id) is None
+
+    assert cluster.redis.zscore(LIVE, run.run_id) is not None
+    wait_for(forgotten, timeout_s=2 * LEASE_S + 10, message="the run to leave pipeline:live")
+
+
+def test_a_lost_chord_member_is_handed_out_again_and_the_join_runs_once(
+        cluster: Cluster) -> None:
+    served = ("pipeline", "agents.credit_score", "agents.income_verification",
+              "agents.fraud_detection", "agents.final_approval")
+    cluster.worker(concurrency=2, queues=served)
+    p = cluster.pipeline(lease_s=LEASE_S)
+    run = p.start("credit_decision", CREDIT)
+    wait_for(lambda: cluster.redis.llen("agents.risk_assessment") == 1, timeout_s=20,
+             message="risk_assessment to wait in its queue")
+    wait_for(lambda: len(p.store.history(run.run_id)) == 4, timeout_s=20,
+             message="the other two members to seal")
+    cluster.redis.delete("agents.risk_assessment")
+
+    assert sweep_until(p, "redriven") == {run.run_id: ["1.1:risk_assessment"]}
+    cluster.worker(concurrency=1, queues=("agents.risk_assessment",))
+    result = run.wait(timeout=30)
+    assert result.status is RunStatus.SUCCEEDED and result.output["decision"] == "approved"
+    history = p.store.history(run.run_id)
+    agents_sealed = [v.agent for v in history[1:]]
+    assert sorted(agents_sealed[1:4]) == ["fraud_detection", "income_verification",
+                                          "risk_assessment"]
+    assert agents_sealed[-1] == "final_approval" and len(history) == 6  # joined once
+    assert sorted(history[-1].parents) == [2, 3, 4]
+
+
+def test_a_lost_delivery_of_a_choreography_is_handed_out_again_and_handled_once(
+        cluster: Cluster) -> None:
+    cluster.worker(concurrency=2, queues=("pipeline", "agents.research", "agents.audit",
+                                          "agents.report"))
+    p = cluster.pipeline(lease_s=LEASE_S)
+    run = p.start("research_report", QUESTION)
+    wait_for(lambda: cluster.redis.llen("agents.analysis") == 1, timeout_s=20,
+             message="the analysis delivery to wait in its queue")
+    cluster.redis.delete("agents.analysis")
+
+    redriven = sweep_until(p, "redriven")
+    [(run_id, [delivery])] = redriven.items()
+    assert run_id == run.run_id and delivery.endswith(":analysis")
+    cluster.worker(concurrency=1, queues=("agents.analysis",))
+    assert run.wait(timeout=30).status is RunStatus.SUCCEEDED
+    ledger = cluster.redis.hgetall(RunKeys(run.run_id).ledger)
+    assert ledger[delivery].startswith("handled:")
+    assert all(state.startswith("handled:") for state in ledger.values()), ledger
+    handled = [e for e in events(cluster, run.run_id, "delivery.handled")
+               if e["step"] == delivery]
+    assert len(handled) == 1 and events(cluster, run.run_id, "delivery.duplicate") == []
+
+
+def test_a_run_that_keeps_stopping_is_compensated_after_its_redrives(cluster: Cluster) -> None:
+    cluster.worker(concurrency=1, queues=("pipeline", "agents.increment"))
+    p = cluster.pipeline(lease_s=1)
+    run = p.start("pausing", {"n": 1})
+    wait_for(lambda: cluster.redis.llen("agents.pause") == 1, timeout_s=20,
+             message="the second step to wait in its queue")
+
+    stuck = sweep_until(p, "stuck", timeout_s=40, lose="agents.pause")
+    assert stuck == [run.run_id]
+    result = run.wait(timeout=30)
+    assert result.status is RunStatus.COMPENSATED
+    assert [e["redrive"] for e in events(cluster, run.run_id, "run.redriven")] == ["1", "2", "3"]
+    [begun] = events(cluster, run.run_id, "run.compensating")
+    assert "stopped moving again after 3 re-drives" in begun["reason"]
+    assert executions(cluster, run.run_id, "pause") == 0

@@ -14,7 +14,7 @@ from redis.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
 
 from ..errors import RunNotFound, RunNotParked, StoreError, StoreUnavailable, VersionNotFound
-from ..keys import HELD, RUNS_INDEX, UNENQUEUED, RunKeys, version_stream_id
+from ..keys import HELD, LIVE, RUNS_INDEX, UNENQUEUED, RunKeys, version_stream_id
 from ..lua import Batch, Client, Script, checked, route
 from ..settings import (
     DEFAULT_LEASE_S,
@@ -213,6 +213,11 @@ class StateStore:
         batch = Batch(self.redis)
         batch.script(MARK_ENQUEUED, RunKeys(run_id).all(), [])
         batch.command("ZREM", UNENQUEUED, run_id)
+        # watched by the sweeper until it ends (it drops what ended), trimmed of what no
+        # sweeper looked at for longer than a finished run lives (a fleet without beat)
+        now_ms = int(time.time() * 1000)
+        batch.command("ZADD", LIVE, "NX", now_ms, run_id)
+        batch.command("ZREMRANGEBYSCORE", LIVE, "-inf", f"({now_ms - self.retention_s * 1000}")
         with translate_errors(self.url):
             checked(batch.execute()[0])
 
