@@ -117,12 +117,14 @@ def faults(p: Pipeline, run_ids: Sequence[str]) -> dict[str, Any]:
     """What the logs say was injected and recovered, over every run."""
     injected: Counter[str] = Counter()
     failed: Counter[str] = Counter()
+    redriven = 0  # runs that stopped moving with no message left, re-driven by the sweeper
     silent_s: list[float] = []  # from the last sign of life to the sweeper's redelivery
     lost_s: list[float] = []  # from the lost attempt's start to the step's end
     for run_id in run_ids:
         log = p.store.log(run_id)
         injected.update(e["mode"] for e in log if e.get("event") == "chaos")
         failed.update(e.get("error_type", "?") for e in log if e.get("event") == "step.failed")
+        redriven += sum(1 for e in log if e.get("event") == "run.redriven")
         for e in log:
             if e.get("event") != "step.redelivered":
                 continue
@@ -134,7 +136,7 @@ def faults(p: Pipeline, run_ids: Sequence[str]) -> dict[str, Any]:
             if started and ended:  # else it had sealed before its worker died
                 lost_s.append((min(ended) - max(started)) / 1000.0)
     return {"injected": dict(injected), "step_failures": dict(failed),
-            "redelivered_by_sweeper": len(silent_s),
+            "redelivered_by_sweeper": len(silent_s), "redriven_by_sweeper": redriven,
             "silent_s": _spread(silent_s), "recovery_s": _spread(lost_s)}
 
 
@@ -210,6 +212,7 @@ def summary(r: dict[str, Any]) -> str:
         f"steps handed out again by the sweeper: {r['redelivered_by_sweeper']}"
         + (f", after {silent['median']:.1f}s (median) and at most {silent['max']:.1f}s "
            "without a sign of life" if silent["count"] else ""),
+        f"runs re-driven by the sweeper (stopped, no message left): {r['redriven_by_sweeper']}",
         (f"a killed step's end came {rec['median']:.1f}s (median), at most {rec['max']:.1f}s, "
          f"after its lost attempt started ({rec['count']} steps; the others had sealed)"
          if rec["count"] else "no killed step had to run again"),

@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 FINISH_TASK = "pipeline.record_failure"
 CLIENT_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5,
                        "interval_max": 0.5}
+WORKER_PUBLISH_RETRY_POLICY = {"max_retries": 12, "interval_start": 0, "interval_step": 0.5,
+                               "interval_max": 2.0}
+"""A worker sending the next step, a retry or a compensation rides out a broker restart or
+failover of about 20 s (Celery's default gives up after 0.6 s, and the step then fails
+although nothing was wrong with it). Clients keep the default: they are told at once."""
 MAIN_PROCESS_FAILURES = ("TimeLimitExceeded", "WorkerLostError")
 
 
@@ -134,6 +139,8 @@ def create_app(
         app.conf.redis_backend_use_ssl = backend_tls
     if fail_fast:
         app.conf.result_backend_transport_options = {"retry_policy": CLIENT_RETRY_POLICY}
+    else:
+        app.conf.task_publish_retry_policy = WORKER_PUBLISH_RETRY_POLICY
     app.pipeline_settings = settings
     metrics.install_hooks()
     lease.install(app, store_for)  # a worker's main process marks what it holds (the sweeper)
