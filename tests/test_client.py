@@ -24,7 +24,7 @@ from pipeline.errors import (
     UnknownWorkflow,
     WaitTimeout,
 )
-from pipeline.keys import RUNS_INDEX, SAGAS, UNENQUEUED
+from pipeline.keys import LIVE, RUNS_INDEX, SAGAS, STALLED, UNENQUEUED
 from pipeline.state import RunStatus
 from tasks import SAMPLES
 from tests.conftest import Cluster, settings_for
@@ -45,9 +45,11 @@ def footprint(p: Pipeline) -> tuple[set[str], dict[str, int]]:
     r = p.store.redis
     queues = sorted(q.name for q in p.app.conf.task_queues)
     # the fleet-wide sorted sets, as one pseudo key per run they hold
-    indexed = {f"pipeline:{{{run_id}}}:in:{name}" for name in (RUNS_INDEX, UNENQUEUED, SAGAS)
+    indexed = {f"pipeline:{{{run_id}}}:in:{name}" for name in (RUNS_INDEX, UNENQUEUED, SAGAS, LIVE)
                for run_id in r.zrange(name, 0, -1)}
-    keys = set(r.scan_iter("pipeline:*")) - {RUNS_INDEX, UNENQUEUED, SAGAS} | indexed
+    indexed |= {f"pipeline:{{{run_id}}}:in:{STALLED}" for run_id in r.hkeys(STALLED)}
+    keys = set(r.scan_iter("pipeline:*")) - {RUNS_INDEX, UNENQUEUED, SAGAS, LIVE,
+                                             STALLED} | indexed
     return keys, {q: r.llen(q) for q in queues}
 
 
