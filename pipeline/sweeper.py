@@ -120,28 +120,46 @@ class SweepReport:
 
 
 def sweep(app: Celery, store: StateStore, *, lease_s: float | None = None) -> SweepReport:
-    """One pass of all three parts; one sweeper at a time across the fleet."""
+    """One pass of all four parts; one sweeper at a time across the fleet."""
     lease_s = store.lease_s if lease_s is None else lease_s
     report = SweepReport()
-    # held longer than a sweep may run (the beat task's hard time limit is 130 s)
-    lock = store.redis.lock(SWEEP_LOCK, timeout=max(150.0, lease_s), blocking=False)
+    lock = store.redis.lock(SWEEP_LOCK, timeout=lock_ttl_s(lease_s), blocking=False)
     with translate_errors(store.url):
         if not lock.acquire(token=uuid.uuid4().hex):
             report.busy = True
             return report
+    redis_broker = app.pipeline_settings.broker_is_redis
+    parts = [*([_redeliver_silent] if redis_broker else []), _enqueue_forgotten, _nudge_sagas,
+             *([_redrive_stalled] if redis_broker else [])]
     try:
-        if app.pipeline_settings.broker_is_redis:
-            _redeliver_silent(app, store, lease_s, report)
-        _enqueue_forgotten(app, store, lease_s, report)
-        _nudge_sagas(app, store, lease_s, report)
-        if app.pipeline_settings.broker_is_redis:
-            _redrive_stalled(app, store, lease_s, report)
+        for part in parts:
+            part(app, store, lease_s, report)
+            _renew(lock)
     finally:
         try:
             lock.release()
         except Exception:  # noqa: BLE001 - it expires by itself
             log.warning("the sweep lock could not be released; it expires by itself")
     return report
+
+
+def lock_ttl_s(lease_s: float) -> float:
+    """How long the sweep lock lives unless renewed (after each part of a pass).
+
+    Short, because the sweeper may be killed with its worker (beat's sweep runs on
+    whichever worker serves the ``pipeline`` queue): a lock that outlived a dead sweeper
+    by minutes stopped every recovery for that long. Two sweeps that do overlap, after
+    a part ran longer than this, do no harm: a message is handed out again by one
+    transaction (the second finds it gone), and every step and delivery runs once.
+    """
+    return max(5.0, min(float(lease_s), 30.0))
+
+
+def _renew(lock: Any) -> None:
+    try:
+        lock.reacquire()
+    except Exception:  # noqa: BLE001 - it expired meanwhile: the pass goes on regardless
+        log.warning("the sweep lock expired during a pass; another sweeper may overlap it")
 
 
 # -- 1. steps whose worker went silent -----------------------------------------------------

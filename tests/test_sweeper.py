@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 
 from pipeline import saga
-from pipeline.keys import HELD, LIVE, SAGAS, UNENQUEUED, RunKeys
+from pipeline.keys import HELD, LIVE, SAGAS, SWEEP_LOCK, UNENQUEUED, RunKeys
 from pipeline.local import BeatProcess
 from pipeline.state import RunStatus
-from pipeline.sweeper import sweep
+from pipeline.sweeper import lock_ttl_s, sweep
 from tests.conftest import ROOT, Cluster, wait_for, worker_env
 from tests.quick_agents import EXECUTIONS_KEY, HOLD_KEY
 
@@ -314,3 +314,16 @@ def test_a_run_that_keeps_stopping_is_compensated_after_its_redrives(cluster: Cl
     [begun] = events(cluster, run.run_id, "run.compensating")
     assert "stopped moving again after 3 re-drives" in begun["reason"]
     assert executions(cluster, run.run_id, "pause") == 0
+
+
+def test_a_sweeper_killed_mid_pass_holds_off_the_others_only_briefly(cluster: Cluster) -> None:
+    """Beat's sweep runs on whichever worker serves the pipeline queue, and dies with it:
+    the lock it leaves stops every recovery until it expires."""
+    p = cluster.pipeline(lease_s=LEASE_S)
+    dead = p.store.redis.lock(SWEEP_LOCK, timeout=lock_ttl_s(LEASE_S), blocking=False)
+    assert dead.acquire(token="a-sweeper-that-was-killed")
+    assert sweep(p.app, p.store).busy
+    started = time.monotonic()
+    wait_for(lambda: not sweep(p.app, p.store).busy, timeout_s=lock_ttl_s(LEASE_S) + 3,
+             message="the dead sweeper's lock to expire")
+    assert time.monotonic() - started <= lock_ttl_s(LEASE_S) + 1 and lock_ttl_s(60) == 30
