@@ -189,7 +189,8 @@ def create_app(
 
     def sweep_task() -> dict[str, Any]:
         report = sweeper.sweep(app, store_for(app))
-        if report.redelivered or report.enqueued or report.nudged:
+        if report.redelivered or report.enqueued or report.nudged or report.redriven \
+                or report.stuck:
             log.warning("sweep: %s", report.summary())
         return report.to_dict()
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -54,6 +55,7 @@ __all__ = ["Choreography", "Delivery", "Handover", "dispatch", "fail_delivery", 
 log = logging.getLogger(__name__)
 
 EMIT = Script("pipeline.state", "emit.lua")
+RECLAIM = Script("pipeline.state", "reclaim.lua")
 START = "start"
 """The publisher key of a run's starting event."""
 CLIENT = "client"
@@ -270,28 +272,42 @@ class Choreography:
                            terminal=self.terminal)
         follow_up(app, store, run_id, handover)
 
+    def owed(self, store: StateStore, run_id: str) -> list[str]:
+        """The deliveries the run's ledger still owes (never claimed, or claimed and not
+        ended), oldest event first."""
+        return [key for key, _ in self._owed(store, run_id)]
+
+    def _owed(self, store: StateStore, run_id: str) -> list[tuple[str, str]]:
+        with translate_errors(store.url):
+            ledger = store.redis.hgetall(RunKeys(run_id).ledger)
+        owed = [(str(k), str(v)) for k, v in ledger.items()
+                if str(v).partition(":")[0] in ("dispatched", "running")]
+        return sorted(owed, key=lambda kv: (int(kv[0].split(":")[0].lstrip("e") or 0), kv[0]))
+
     def redrive(self, app: Celery, store: StateStore, run_id: str) -> list[str]:
         """Hand out again every delivery the run's ledger still owes; the delivery keys.
 
         For a run that stopped moving with none of its messages left in the broker (the
-        sweeper). A delivery never claimed goes out as a new task; one claimed by a task
-        whose message is gone goes out under that task's id, so it carries on as that
-        task's redelivery (and finishes the handover if it had sealed).
+        sweeper). A delivery never claimed goes out as a new task. One claimed by a task
+        whose message is gone is claimed for the new task first (in one script), so the
+        new task opens it as its own, and finishes its handover if it had sealed; the old
+        task, should it turn up after all, is a duplicate.
         """
-        with translate_errors(store.url):
-            ledger = store.redis.hgetall(RunKeys(run_id).ledger)
-        owed = []
-        for key, state in sorted(ledger.items()):
-            kind, _, task_id = str(state).partition(":")
-            if kind not in ("dispatched", "running"):
-                continue
-            event_id, name = str(key).split(":", 1)
+        handed = []
+        for key, state in self._owed(store, run_id):
+            event_id, name = key.split(":", 1)
+            task_id = str(uuid.uuid4())
+            if state.startswith("running:"):
+                with translate_errors(store.url):
+                    moved = RECLAIM(store.redis, [RunKeys(run_id).ledger],
+                                    [key, state, f"running:{task_id}"])
+                if not moved:
+                    continue  # it moved on meanwhile: nothing is owed there any more
             event = event_record(store, run_id, event_id)
             dispatch(app, run_id, Handover("again", event_id, int(event["version"]), (name,),
-                                           str(event["type"])),
-                     task_ids={name: task_id} if task_id else None)
-            owed.append(str(key))
-        return owed
+                                           str(event["type"])), task_ids={name: task_id})
+            handed.append(key)
+        return handed
 
     def resume(self, pipeline: Pipeline, run_id: str, output: Any = None,
                step: str | None = None) -> Run:

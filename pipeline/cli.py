@@ -15,6 +15,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import click
 
@@ -368,7 +369,19 @@ def sweep(every_s: float | None, as_json: bool) -> None:
 
     p = _pipeline()
     while True:
-        report = sweep_once(p.app, p.store)
+        try:
+            report = sweep_once(p.app, p.store)
+        except Exception as e:
+            if every_s is None:
+                raise
+            # a sweeper process outlives a Redis or broker outage: it tries again
+            message = str(e)
+            for url in (p.settings.redis_url, p.settings.broker_url, p.settings.result_backend):
+                if password := urlsplit(url).password:
+                    message = message.replace(password, "***")
+            click.echo(f"sweep failed: {type(e).__name__}: {message}", err=True)
+            time.sleep(every_s)
+            continue
         if as_json:
             _echo_json(report.to_dict())
         else:

@@ -52,11 +52,11 @@ from celery import Celery
 
 from . import saga
 from .agent import agents
-from .errors import StoreError, UnknownWorkflow
+from .errors import RunNotFound, StoreError, UnknownAgent, UnknownWorkflow
 from .keys import HELD, LIVE, SAGAS, STALLED, SWEEP_LOCK, UNENQUEUED, RunKeys
 from .state import StateStore
 from .state.store import translate_errors
-from .workflow import ERRBACK_TASK, workflows
+from .workflow import ERRBACK_TASK, Flow, workflows
 
 __all__ = ["SWEEP_TASK", "Redelivered", "SweepReport", "sweep"]
 
@@ -105,7 +105,8 @@ class SweepReport:
             return "another sweeper is running: nothing done"
         lines = [f"{self.unacked} unacked message(s) looked at; {len(self.redelivered)} handed "
                  f"out again; {len(self.enqueued)} run(s) enqueued; {len(self.nudged)} saga(s) "
-                 "nudged"]
+                 f"nudged; {len(self.redriven)} stopped run(s) re-driven"
+                 + (f", {len(self.stuck)} compensated" if self.stuck else "")]
         lines += [f"  redelivered {r.task} run {r.run_id} {r.step}: {r.reason}"
                   for r in self.redelivered]
         lines += [f"  enqueued run {run_id} (its client died before sending it)"
@@ -342,10 +343,27 @@ def _nudge_sagas(app: Celery, store: StateStore, lease_s: float, report: SweepRe
 # -- 4. runs that stopped moving, with no message left ------------------------------------------
 
 
+SCAN_LIMIT = 1000
+"""Longest queue read through to find a stalled run's messages; behind a longer one, the
+run is looked at again later (its message most likely waits there)."""
+
+
+@dataclass(slots=True)
+class _Idle:
+    """A live run whose log has not moved for twice the lease."""
+
+    run_id: str
+    flow: Flow
+    last: tuple[str, dict[str, str]]  # its newest log entry: (id, fields)
+    mark: str | None  # ``<log id>|<ms>`` when a sweep first found none of its messages
+    owed: list[str] = field(default_factory=list)  # steps / deliveries it waits for
+    queues: set[str] = field(default_factory=set)
+
+
 def _redrive_stalled(app: Celery, store: StateStore, lease_s: float,
                      report: SweepReport) -> None:
-    """Re-drive each live run idle for ``2 x lease_s`` of which no message is left anywhere
-    in the broker, once two passes at least ``lease_s / 3`` apart have found it so."""
+    """Re-drive each live run idle for ``2 x lease_s`` of which no message is left in the
+    broker, once two passes at least ``lease_s / 3`` apart have found it so."""
     with translate_errors(store.url):
         seconds, micros = store.redis.time()
         now_ms = seconds * 1000 + micros // 1000
@@ -359,75 +377,95 @@ def _redrive_stalled(app: Celery, store: StateStore, lease_s: float,
             pipe.xrevrange(RunKeys(run_id).log, count=1)
             pipe.hget(STALLED, run_id)
         replies = pipe.execute()
-    idle: dict[str, tuple[str, str, str | None]] = {}  # run -> (workflow, last log id, mark)
     settle = store.redis.pipeline(transaction=False)
-    for i, run_id in enumerate(ids):
-        (status, workflow), last, mark = replies[3 * i:3 * i + 3]
-        last_id = _text(last[0][0]) if last else "0-0"
-        moved_ms = int(last_id.split("-")[0])
-        if status not in ("running", "waiting_for_human"):  # ended, compensating, or expired
-            settle.zrem(LIVE, run_id)
-            settle.hdel(STALLED, run_id)
-        elif status == "waiting_for_human" or moved_ms > now_ms - 2 * lease_s * 1000:
-            settle.zadd(LIVE, {run_id: max(moved_ms, now_ms - lease_s * 1000)}, xx=True)
-            settle.hdel(STALLED, run_id)
-        else:
-            idle[run_id] = (str(workflow), last_id, None if mark is None else _text(mark))
-    if idle:
-        with _broker(app) as (channel, client):
-            present = _runs_in_broker(app, channel, client)
-        for run_id, (workflow, last_id, mark) in idle.items():
-            if run_id in present:  # waiting its turn, or held: looked at again later
-                settle.zadd(LIVE, {run_id: now_ms}, xx=True)
-                settle.hdel(STALLED, run_id)
-                continue
-            seen_id, _, seen_ms = (mark or "").partition("|")
-            if seen_id != last_id or not seen_ms:  # first found so: confirm next pass
-                settle.hset(STALLED, run_id, f"{last_id}|{now_ms}")
-            elif now_ms - int(seen_ms) >= lease_s * 1000 / 3:
-                _redrive(app, store, run_id, workflow, report)
-                settle.zadd(LIVE, {run_id: now_ms}, xx=True)
-                settle.hdel(STALLED, run_id)
-    with translate_errors(store.url):
-        settle.execute()
 
+    def look_later(run_id: str, at_ms: int) -> None:
+        settle.zadd(LIVE, {run_id: at_ms}, xx=True)
+        settle.hdel(STALLED, run_id)
 
-def _redrive(app: Celery, store: StateStore, run_id: str, workflow: str,
-             report: SweepReport) -> None:
+    idle: list[_Idle] = []
     try:
-        flow = workflows.get(workflow)
-    except UnknownWorkflow:
-        log.warning("sweeper: run %s of workflow %s stopped moving, and the workflow is not "
-                    "registered here", run_id, workflow)
-        return
-    with translate_errors(store.url):
-        redrives = int(store.redis.hincrby(RunKeys(run_id).run, "redrives", 1))
-    if redrives > MAX_REDRIVES:
-        reason = (f"the run stopped moving again after {MAX_REDRIVES} re-drives from its "
-                  "last sealed versions")
-        saga.start(app, store, run_id, reason=reason)
-        report.stuck.append(run_id)
-        log.warning("sweeper: compensating run %s: %s", run_id, reason)
-        return
-    owed = flow.redrive(app, store, run_id)
-    store.note(run_id, "run.redriven", by="sweeper", steps=",".join(owed), redrive=redrives,
-               reason="it stopped moving, and no message of it was left in the broker")
-    report.redriven[run_id] = owed
-    log.warning("sweeper: re-drove run %s (%s): it stopped moving, with no message of it left "
-                "in the broker", run_id, ", ".join(owed) or "nothing owed")
+        for i, run_id in enumerate(ids):
+            (status, workflow), last, mark = replies[3 * i:3 * i + 3]
+            last_id, fields = (_text(last[0][0]), last[0][1]) if last else ("0-0", {})
+            moved_ms = int(last_id.split("-")[0])
+            if status not in ("running", "waiting_for_human"):  # ended, compensating, gone
+                settle.zrem(LIVE, run_id)
+                settle.hdel(STALLED, run_id)
+            elif status == "waiting_for_human":  # a person's to move
+                look_later(run_id, int(now_ms - lease_s * 1000))
+            elif moved_ms > now_ms - 2 * lease_s * 1000:
+                look_later(run_id, moved_ms)
+            else:
+                try:
+                    flow = workflows.get(str(workflow))
+                except UnknownWorkflow:
+                    log.warning("sweeper: run %s of workflow %s stopped moving, and the "
+                                "workflow is not registered here", run_id, workflow)
+                    look_later(run_id, now_ms)
+                    continue
+                idle.append(_Idle(run_id, flow, (last_id, fields),
+                                  None if mark is None else _text(mark)))
+        if idle:
+            _find_owed(app, store, idle)
+            with _broker(app) as (channel, client):
+                present = _present(channel, client, idle)
+            for run in idle:
+                if run.run_id in present or not run.owed:
+                    look_later(run.run_id, now_ms)  # waiting its turn, held, or owes nothing
+                    continue
+                seen_id, _, seen_ms = (run.mark or "").partition("|")
+                if seen_id != run.last[0] or not seen_ms:  # first found so: confirm later
+                    settle.hset(STALLED, run.run_id, f"{run.last[0]}|{now_ms}")
+                elif now_ms - int(seen_ms) >= lease_s * 1000 / 3:
+                    _redrive(app, store, run, report)
+                    look_later(run.run_id, now_ms)
+    finally:
+        with translate_errors(store.url):
+            settle.execute()
 
 
-def _runs_in_broker(app: Celery, channel: Any, client: Any) -> set[str]:
-    """The run ids of every pipeline message unacked or waiting in a queue the pipeline uses
-    (every priority level): the app's queues, and any other bound to its exchange."""
-    runs = {str(m.kwargs.get("run_id", "")) for m in _unacked(client, channel)}
-    queues = {q.name for q in app.conf.task_queues or ()} | {a.queue for a in agents}
-    exchange = app.conf.task_default_exchange or app.conf.task_default_queue
-    queues |= {str(binding[-1]) for binding in channel.get_table(exchange)}
+def _find_owed(app: Celery, store: StateStore, idle: list[_Idle]) -> None:
+    """What each idle run waits for, and the queues its messages would wait in."""
+    for run in idle:
+        try:
+            run.owed = run.flow.owed(store, run.run_id)
+        except (StoreError, RunNotFound) as e:
+            log.warning("sweeper: cannot tell what run %s waits for: %s", run.run_id, e)
+            continue
+        for key in run.owed:
+            name = key.split(":", 1)[1]
+            try:
+                run.queues.add(agents.get(name).queue)
+            except UnknownAgent:  # another deployment's agent: its queue is not known here
+                run.owed = []
+                log.warning("sweeper: run %s waits for agent %s, which is not registered "
+                            "here: not re-driven", run.run_id, name)
+                break
+
+
+def _present(channel: Any, client: Any, idle: list[_Idle]) -> set[str]:
+    """The idle runs of which a message is waiting in a queue (at any priority) or unacked.
+
+    Queues first, then the unacked hash: a message moving from one to the other in
+    between is seen in neither, and the second pass that a re-drive waits for catches it.
+    A queue longer than ``SCAN_LIMIT`` is not read: every run that needs it counts as
+    present (its message most likely waits there).
+    """
+    names = {q: [channel._q_for_pri(q, p) for p in channel.priority_steps]
+             for q in sorted({q for run in idle for q in run.queues})}
+    flat = [n for listed in names.values() for n in listed]
     pipe = client.pipeline(transaction=False)
-    for queue in sorted(queues):
-        for priority in channel.priority_steps:
-            pipe.lrange(channel._q_for_pri(queue, priority), 0, -1)
+    for name in flat:
+        pipe.llen(name)
+    lengths = dict(zip(flat, pipe.execute(), strict=True))
+    too_long = {q for q, listed in names.items() if sum(lengths[n] for n in listed) > SCAN_LIMIT}
+    to_read = [n for q, listed in names.items() if q not in too_long for n in listed
+               if lengths[n]]
+    pipe = client.pipeline(transaction=False)
+    for name in to_read:
+        pipe.lrange(name, 0, SCAN_LIMIT - 1)
+    runs = {run.run_id for run in idle if run.queues & too_long}
     for raw in (raw for listed in pipe.execute() for raw in listed):
         try:
             message = _read("", json.loads(_text(raw)), 0.0)
@@ -435,7 +473,37 @@ def _runs_in_broker(app: Celery, channel: Any, client: Any) -> set[str]:
             continue
         if message is not None:
             runs.add(str(message.kwargs.get("run_id", "")))
+    runs |= {str(m.kwargs.get("run_id", "")) for m in _unacked(client, channel)}
     return runs
+
+
+def _redrive(app: Celery, store: StateStore, run: _Idle, report: SweepReport) -> None:
+    """Hand out what the run owes again, or compensate it when re-driving did not help:
+    re-drives count up while nothing but the last re-drive happened to the run."""
+    last_id, fields = run.last
+    redrives = int(fields.get("redrive", 0)) + 1 if fields.get("event") == "run.redriven" else 1
+    try:
+        with translate_errors(store.url):  # moved since the broker was read: not stalled
+            newest = store.redis.xrevrange(RunKeys(run.run_id).log, count=1)
+        if newest and _text(newest[0][0]) != last_id:
+            return
+        if redrives > MAX_REDRIVES:
+            reason = (f"the run stopped moving again after {MAX_REDRIVES} re-drives from its "
+                      "last sealed versions")
+            saga.start(app, store, run.run_id, reason=reason)
+            report.stuck.append(run.run_id)
+            log.warning("sweeper: compensating run %s: %s", run.run_id, reason)
+            return
+        owed = run.flow.redrive(app, store, run.run_id)
+        store.note(run.run_id, "run.redriven", by="sweeper", steps=",".join(owed),
+                   redrive=redrives,
+                   reason="it stopped moving, and no message of it was left in the broker")
+    except Exception as e:  # noqa: BLE001 - one run's trouble never stops the pass
+        log.warning("sweeper: re-driving run %s failed: %s: %s", run.run_id, type(e).__name__, e)
+        return
+    report.redriven[run.run_id] = owed
+    log.warning("sweeper: re-drove run %s (%s): it stopped moving, with no message of it left "
+                "in the broker", run.run_id, ", ".join(owed) or "nothing owed")
 
 
 def _text(value: Any) -> str:

@@ -77,6 +77,8 @@ class Flow(Protocol):
 
     def enqueue(self, app: Celery, store: StateStore, run_id: str) -> None: ...
 
+    def owed(self, store: StateStore, run_id: str) -> list[str]: ...
+
     def redrive(self, app: Celery, store: StateStore, run_id: str) -> list[str]: ...
 
 
@@ -204,15 +206,12 @@ class Workflow:
         """Send the run's canvas to the broker."""
         send(app, self.compile(app, run_id))
 
-    def redrive(self, app: Celery, store: StateStore, run_id: str) -> list[str]:
-        """Send the run's canvas again from its first stage with a step not sealed, fed the
-        versions its upstream sealed; the step keys it hands out (none when all sealed).
+    def owed(self, store: StateStore, run_id: str) -> list[str]:
+        """The steps the run waits for: those not sealed of its first stage with any."""
+        return self._owed(store, run_id)[1]
 
-        For a run that stopped moving with none of its messages left in the broker (the
-        sweeper): a message lost between the broker's pop and its unacked record, or a
-        chord whose join counted a redelivered member twice. A step sealed meanwhile
-        returns its version; the new chord counts its own members.
-        """
+    def _owed(self, store: StateStore, run_id: str) -> tuple[int, list[str], int | list[int]]:
+        """(stage, its steps not sealed, what the stage receives); stage -1 when all sealed."""
         first = int(store.run_info(run_id).replay_start or 0)
         keys = [s.key for s in self.steps()]
         sealed = dict(zip(keys, store.sealed_steps(run_id, keys), strict=True))
@@ -225,9 +224,22 @@ class Workflow:
                 versions = [v for v in (sealed[s.key] for s in self.stages[i - 1])
                             if v is not None]
                 upstream = versions[0] if len(versions) == 1 else versions
-            send(app, self.compile(app, run_id, start=i, upstream=upstream))
-            return todo
-        return []
+            return i, todo, upstream
+        return -1, [], 0
+
+    def redrive(self, app: Celery, store: StateStore, run_id: str) -> list[str]:
+        """Send the run's canvas again from its first stage with a step not sealed, fed the
+        versions its upstream sealed; the step keys it hands out (none when all sealed).
+
+        For a run that stopped moving with none of its messages left in the broker (the
+        sweeper): a message lost between the broker's pop and its unacked record, or a
+        chord whose join counted a redelivered member twice. A step sealed meanwhile
+        returns its version; the new chord counts its own members.
+        """
+        stage, todo, upstream = self._owed(store, run_id)
+        if todo:
+            send(app, self.compile(app, run_id, start=stage, upstream=upstream))
+        return todo
 
     def steps(self) -> Iterator[Step]:
         for stage in self.stages:

@@ -5,6 +5,7 @@ runs whose client died before enqueuing them; sagas that stopped moving."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -327,3 +328,78 @@ def test_a_sweeper_killed_mid_pass_holds_off_the_others_only_briefly(cluster: Cl
     wait_for(lambda: not sweep(p.app, p.store).busy, timeout_s=lock_ttl_s(LEASE_S) + 3,
              message="the dead sweeper's lock to expire")
     assert time.monotonic() - started <= lock_ttl_s(LEASE_S) + 1 and lock_ttl_s(60) == 30
+
+
+def test_a_delivery_claimed_by_a_task_whose_message_is_gone_is_claimed_anew_and_handled_once(
+        cluster: Cluster) -> None:
+    """The task that claimed it died and its message was lost: the delivery goes out under a
+    new task that takes the claim over; the old task, should it turn up, is a duplicate."""
+    cluster.worker(concurrency=2, queues=("pipeline", "agents.research", "agents.audit",
+                                          "agents.report"))
+    p = cluster.pipeline(lease_s=LEASE_S)
+    run = p.start("research_report", QUESTION)
+    wait_for(lambda: cluster.redis.llen("agents.analysis") == 1, timeout_s=20,
+             message="the analysis delivery to wait in its queue")
+    ledger_key = RunKeys(run.run_id).ledger
+    [delivery] = [k for k, v in cluster.redis.hgetall(ledger_key).items()
+                  if k.endswith(":analysis")]
+    cluster.redis.delete("agents.analysis")
+    cluster.redis.hset(ledger_key, delivery, "running:a-task-that-died")  # claimed, then lost
+
+    assert sweep_until(p, "redriven") == {run.run_id: [delivery]}
+    cluster.worker(concurrency=1, queues=("agents.analysis",))
+    assert run.wait(timeout=30).status is RunStatus.SUCCEEDED
+    handled_by = cluster.redis.hget(ledger_key, delivery)
+    assert handled_by.startswith("handled:") and handled_by != "handled:a-task-that-died"
+
+    event_id = delivery.split(":")[0]
+    event = json.loads(cluster.redis.hget(RunKeys(run.run_id).events, event_id))
+    p.app.send_task("agent.analysis", args=(int(event["version"]),), task_id="a-task-that-died",
+                    kwargs={"run_id": run.run_id, "step": delivery, "event": event_id,
+                            "event_type": event["type"]}, queue="agents.analysis")
+    wait_for(lambda: [e for e in events(cluster, run.run_id, "delivery.duplicate")
+                      if e["task_id"] == "a-task-that-died"], timeout_s=20,
+             message="the old task to turn up and be recorded a duplicate")
+    assert cluster.redis.hget(ledger_key, delivery) == handled_by
+    assert len([e for e in events(cluster, run.run_id, "delivery.handled")
+                if e["step"] == delivery]) == 1
+
+
+def test_one_run_that_cannot_be_redriven_does_not_stop_the_others(cluster: Cluster) -> None:
+    cluster.worker(concurrency=2, queues=("pipeline", "agents.research", "agents.audit",
+                                          "agents.report"))
+    p = cluster.pipeline(lease_s=LEASE_S)
+    broken, fine = p.start("research_report", QUESTION), p.start("research_report", QUESTION)
+    wait_for(lambda: cluster.redis.llen("agents.analysis") == 2, timeout_s=20,
+             message="both analysis deliveries to wait in their queue")
+    cluster.redis.delete("agents.analysis")
+    cluster.redis.delete(RunKeys(broken.run_id).events)  # its event records are gone
+
+    assert sweep_until(p, "redriven") == {fine.run_id: [
+        k for k in cluster.redis.hkeys(RunKeys(fine.run_id).ledger) if k.endswith(":analysis")]}
+    assert events(cluster, broken.run_id, "run.redriven") == []
+    cluster.worker(concurrency=1, queues=("agents.analysis",))
+    assert fine.wait(timeout=30).status is RunStatus.SUCCEEDED
+
+
+@pytest.mark.timeout(60)
+def test_pipeline_sweep_every_outlives_a_redis_it_cannot_reach() -> None:
+    env = {**os.environ, **worker_env("redis://:s3cret@127.0.0.1:1/0")}
+    with subprocess.Popen([sys.executable, "-m", "pipeline.cli", "sweep", "--every", "0.2"],
+                          cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True) as sweeper:
+        assert sweeper.stderr is not None
+        failures = []
+        try:
+            while len(failures) < 3:  # three passes in a row meet no Redis
+                line = sweeper.stderr.readline()
+                if not line:  # it exited
+                    break
+                failures += [line] if line.startswith("sweep failed") else []
+            alive = sweeper.poll() is None
+        finally:
+            sweeper.terminate()
+    assert alive and len(failures) == 3, failures
+    assert all("StoreUnavailable: cannot reach Redis at redis://:***@127.0.0.1:1/0" in f
+               for f in failures), failures
+    assert not any("s3cret" in f for f in failures)
