@@ -277,14 +277,20 @@ def test_a_lost_chord_member_is_handed_out_again_and_the_join_runs_once(
     assert sorted(history[-1].parents) == [2, 3, 4]
 
 
-def test_a_lost_delivery_of_a_choreography_is_handed_out_again_and_handled_once(
-        cluster: Cluster) -> None:
+def researching(cluster: Cluster, runs: int = 1) -> tuple[Any, list[Any]]:
+    """Research flows whose analysis deliveries wait in their queue, which nobody serves."""
     cluster.worker(concurrency=2, queues=("pipeline", "agents.research", "agents.audit",
                                           "agents.report"))
     p = cluster.pipeline(lease_s=LEASE_S)
-    run = p.start("research_report", QUESTION)
-    wait_for(lambda: cluster.redis.llen("agents.analysis") == 1, timeout_s=20,
-             message="the analysis delivery to wait in its queue")
+    started = [p.start("research_report", QUESTION) for _ in range(runs)]
+    wait_for(lambda: cluster.redis.llen("agents.analysis") == runs, timeout_s=20,
+             message="the analysis deliveries to wait in their queue")
+    return p, started
+
+
+def test_a_lost_delivery_of_a_choreography_is_handed_out_again_and_handled_once(
+        cluster: Cluster) -> None:
+    p, [run] = researching(cluster)
     cluster.redis.delete("agents.analysis")
 
     redriven = sweep_until(p, "redriven")
@@ -334,12 +340,7 @@ def test_a_delivery_claimed_by_a_task_whose_message_is_gone_is_claimed_anew_and_
         cluster: Cluster) -> None:
     """The task that claimed it died and its message was lost: the delivery goes out under a
     new task that takes the claim over; the old task, should it turn up, is a duplicate."""
-    cluster.worker(concurrency=2, queues=("pipeline", "agents.research", "agents.audit",
-                                          "agents.report"))
-    p = cluster.pipeline(lease_s=LEASE_S)
-    run = p.start("research_report", QUESTION)
-    wait_for(lambda: cluster.redis.llen("agents.analysis") == 1, timeout_s=20,
-             message="the analysis delivery to wait in its queue")
+    p, [run] = researching(cluster)
     ledger_key = RunKeys(run.run_id).ledger
     [delivery] = [k for k, v in cluster.redis.hgetall(ledger_key).items()
                   if k.endswith(":analysis")]
@@ -366,12 +367,7 @@ def test_a_delivery_claimed_by_a_task_whose_message_is_gone_is_claimed_anew_and_
 
 
 def test_one_run_that_cannot_be_redriven_does_not_stop_the_others(cluster: Cluster) -> None:
-    cluster.worker(concurrency=2, queues=("pipeline", "agents.research", "agents.audit",
-                                          "agents.report"))
-    p = cluster.pipeline(lease_s=LEASE_S)
-    broken, fine = p.start("research_report", QUESTION), p.start("research_report", QUESTION)
-    wait_for(lambda: cluster.redis.llen("agents.analysis") == 2, timeout_s=20,
-             message="both analysis deliveries to wait in their queue")
+    p, [broken, fine] = researching(cluster, runs=2)
     cluster.redis.delete("agents.analysis")
     cluster.redis.delete(RunKeys(broken.run_id).events)  # its event records are gone
 
