@@ -4,11 +4,12 @@ invariant checker (``make soak``).
 ``--runs`` credit runs (the samples in tasks/samples/batch.json, in turn) go to
 ``--workers`` worker processes whose agents misbehave (``PIPELINE_CHAOS``: errors,
 pool processes crashing, steps running past their time limit, outputs breaking
-their contract). Every ``--kill-every`` seconds one worker, chosen at random, is
-killed whole (SIGKILL to its main process and pool, nothing acked, nothing said)
-and a new one started; ``celery beat`` runs the sweeper every second, with a lease
-of ``--lease`` seconds (the broker's visibility timeout stays at an hour), on a small
-worker of its own for the ``pipeline`` queue. When
+their contract). Once a tenth of the runs have started (so that even on a fast machine
+kills land among runs in flight), and every ``--kill-every`` seconds from then, one
+worker, chosen at random, is killed whole (SIGKILL to its main process and pool,
+nothing acked, nothing said) and a new one started; ``celery beat`` runs the sweeper
+every second, with a lease of ``--lease`` seconds (the broker's visibility timeout
+stays at an hour), on a small worker of its own for the ``pipeline`` queue. When
 every run has finished, or ``--timeout`` passed, the invariant checker reads Redis
 (``pipeline.invariants``, with the credit ledger as the side effects): figures on
 stdout, and exit status 1 on any violation or any run not finished.
@@ -69,13 +70,23 @@ class Fleet:
             w.wait_ready()
         self.beat.start()
 
-    def kill_every(self, seconds: float, rng: random.Random) -> None:
+    def kill_every(self, seconds: float, rng: random.Random, first: threading.Event) -> None:
+        """Kill a worker as soon as ``first`` is set (runs are in flight: however fast the
+        machine, at least one kill lands among them), then every ``seconds``."""
+
+        def kill() -> None:
+            i = rng.randrange(len(self.workers))
+            self.workers[i].kill()
+            self.kills.append(time.monotonic())
+            self.workers[i] = self._worker().start()  # one worker down at a time
+
         def loop() -> None:
+            while not first.wait(0.05):
+                if self._stop.is_set():
+                    return
+            kill()
             while not self._stop.wait(seconds):
-                i = rng.randrange(len(self.workers))
-                self.workers[i].kill()
-                self.kills.append(time.monotonic())
-                self.workers[i] = self._worker().start()  # one worker down at a time
+                kill()
 
         self._killer = threading.Thread(target=loop, name="killer", daemon=True)
         self._killer.start()
@@ -180,9 +191,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"soak: {args.runs} credit runs, {args.workers} workers x "
                   f"{args.concurrency}, a worker killed every {args.kill_every:g}s, "
                   f"lease {args.lease}s, chaos {args.chaos}", flush=True)
-            fleet.kill_every(args.kill_every, rng)
-            run_ids = [p.start("credit_decision", samples[i % len(samples)]).run_id
-                       for i in range(args.runs)]
+            in_flight = threading.Event()  # the first kill: a tenth of the runs started
+            fleet.kill_every(args.kill_every, rng, in_flight)
+            run_ids = []
+            for i in range(args.runs):
+                run_ids.append(p.start("credit_decision", samples[i % len(samples)]).run_id)
+                if i + 1 >= max(1, args.runs // 10):
+                    in_flight.set()
             statuses = wait_finished(p, run_ids, args.timeout)
             fleet.stop_killing()
             figures = faults(p, run_ids)
