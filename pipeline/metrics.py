@@ -60,6 +60,8 @@ COMPENSATIONS = f"{METRICS_PREFIX}:compensations"
 """Hash ``<agent>:done`` / ``<agent>:dead`` -> compensations recorded with that outcome."""
 
 NEW_RUN_GRACE_MS = 60_000
+SETTLED_RECHECK_MS = 10_000
+"""How long a finished run with no expiry is counted before it is read again."""
 """An indexed run not found is dropped from the index only when seen before or older than
 this: on a cluster, the index may be written before the run's keys."""
 READ_PAGE = 1000
@@ -140,14 +142,14 @@ def install_hooks() -> None:
 class _Settled:
     workflow: str
     status: str
-    expires_at_ms: float | None  # this process's clock; None when the run never expires
+    expires_at_ms: float  # this process's clock: when to read the run again
 
 
 class RunCensus:
     """How many indexed runs are in each (workflow, status).
 
     Runs already in a status they never leave are read once and remembered
-    until they expire; the live ones are read at every count, in pipelined
+    until they expire (ten seconds at a time when they have no expiry); the live ones are read at every count, in pipelined
     pages. A run found missing is dropped from the index (``ZREM``).
     """
 
@@ -174,7 +176,9 @@ class RunCensus:
                 if seen or now_ms - indexed[run_id] > NEW_RUN_GRACE_MS:
                     gone.append(run_id)
             elif status in SETTLED:
-                expires = now_ms + ttl_ms if ttl_ms > 0 else None
+                # read again when it expires; one without an expiry (or that expired between
+                # the two reads) is read again after a while, so no race leaves it counted
+                expires = now_ms + (ttl_ms if ttl_ms > 0 else SETTLED_RECHECK_MS)
                 self._settled[run_id] = _Settled(workflow or "", status, expires)
             else:
                 counts[(workflow or "", status)] += 1
@@ -199,7 +203,7 @@ class RunCensus:
 
 
 def _expired(run: _Settled, now_ms: float) -> bool:
-    return run.expires_at_ms is not None and now_ms >= run.expires_at_ms
+    return now_ms >= run.expires_at_ms
 
 
 @dataclass(frozen=True, slots=True)
