@@ -150,7 +150,8 @@ class RunCensus:
 
     Runs already in a status they never leave are read once and remembered
     until they expire (ten seconds at a time when they have no expiry); the
-    live ones are read at every count, in pipelined pages. A run found missing is dropped from the index (``ZREM``).
+    live ones are read at every count, in pipelined pages. A run found missing
+    is dropped from the index (``ZREM``).
     """
 
     def __init__(self, client: redis.Redis) -> None:
