@@ -344,17 +344,15 @@ class Pipeline:
         return Run(self, run_id)
 
     def _upstream(self, run_id: str, wf: Workflow, stage: int) -> int | list[int]:
-        """What stage ``stage`` of a run receives: version 0 (at the workflow's start, or
-        where a replay started), or its upstream's versions."""
-        if stage == 0 or str(stage) == self.store.run_info(run_id).replay_start:
-            return 0
-        keys = [s.key for s in wf.stages[stage - 1]]
-        versions = self.store.sealed_steps(run_id, keys)
-        missing = [k for k, v in zip(keys, versions, strict=True) if v is None]
-        if missing:
+        """What stage ``stage`` of a run receives (``Workflow.upstream``); refused while a
+        step of the stage before it is not sealed."""
+        replay_start = self.store.run_info(run_id).replay_start
+        keys = [] if stage == 0 else [s.key for s in wf.stages[stage - 1]]
+        sealed = dict(zip(keys, self.store.sealed_steps(run_id, keys), strict=True))
+        missing = [k for k, v in sealed.items() if v is None]
+        if missing and str(stage) != replay_start:
             raise RunNotParked(f"run {run_id}: steps {missing} are not sealed; cannot resume")
-        sealed = [v for v in versions if v is not None]
-        return sealed[0] if len(sealed) == 1 else sealed
+        return wf.upstream(stage, sealed, replay_start=replay_start)
 
     @staticmethod
     def run_id_for(workflow: str, idempotency_key: str) -> str:

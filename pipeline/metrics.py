@@ -60,10 +60,10 @@ COMPENSATIONS = f"{METRICS_PREFIX}:compensations"
 """Hash ``<agent>:done`` / ``<agent>:dead`` -> compensations recorded with that outcome."""
 
 NEW_RUN_GRACE_MS = 60_000
-SETTLED_RECHECK_MS = 10_000
-"""How long a finished run with no expiry is counted before it is read again."""
 """An indexed run not found is dropped from the index only when seen before or older than
 this: on a cluster, the index may be written before the run's keys."""
+SETTLED_RECHECK_MS = 10_000
+"""How long a finished run with no expiry is counted before it is read again."""
 READ_PAGE = 1000
 SETTLED = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.COMPENSATED})
 """Statuses a run never leaves (``compensation_failed`` may be re-driven)."""

@@ -360,6 +360,24 @@ class _Idle:
     queues: set[str] = field(default_factory=set)
 
 
+class _Marks:
+    """What a pass writes back about the runs it looked at, sent in one round trip."""
+
+    def __init__(self, store: StateStore) -> None:
+        self.pipe = store.redis.pipeline(transaction=False)
+
+    def forget(self, run_id: str) -> None:  # ended: no longer watched
+        self.pipe.zrem(LIVE, run_id)
+        self.pipe.hdel(STALLED, run_id)
+
+    def later(self, run_id: str, at_ms: int) -> None:  # looked at again 2 leases after at_ms
+        self.pipe.zadd(LIVE, {run_id: at_ms}, xx=True)
+        self.pipe.hdel(STALLED, run_id)
+
+    def suspect(self, run_id: str, last_id: str, now_ms: int) -> None:  # confirmed next pass
+        self.pipe.hset(STALLED, run_id, f"{last_id}|{now_ms}")
+
+
 def _redrive_stalled(app: Celery, store: StateStore, lease_s: float,
                      report: SweepReport) -> None:
     """Re-drive each live run idle for ``2 x lease_s`` of which no message is left in the
@@ -377,55 +395,61 @@ def _redrive_stalled(app: Celery, store: StateStore, lease_s: float,
             pipe.xrevrange(RunKeys(run_id).log, count=1)
             pipe.hget(STALLED, run_id)
         replies = pipe.execute()
-    settle = store.redis.pipeline(transaction=False)
-
-    def look_later(run_id: str, at_ms: int) -> None:
-        settle.zadd(LIVE, {run_id: at_ms}, xx=True)
-        settle.hdel(STALLED, run_id)
-
-    idle: list[_Idle] = []
+    marks = _Marks(store)
     try:
-        for i, run_id in enumerate(ids):
-            (status, workflow), last, mark = replies[3 * i:3 * i + 3]
-            last_id, fields = (_text(last[0][0]), last[0][1]) if last else ("0-0", {})
-            moved_ms = int(last_id.split("-")[0])
-            if status not in ("running", "waiting_for_human"):  # ended, compensating, gone
-                settle.zrem(LIVE, run_id)
-                settle.hdel(STALLED, run_id)
-            elif status == "waiting_for_human":  # a person's to move
-                look_later(run_id, int(now_ms - lease_s * 1000))
-            elif moved_ms > now_ms - 2 * lease_s * 1000:
-                look_later(run_id, moved_ms)
-            else:
-                try:
-                    flow = workflows.get(str(workflow))
-                except UnknownWorkflow:
-                    log.warning("sweeper: run %s of workflow %s stopped moving, and the "
-                                "workflow is not registered here", run_id, workflow)
-                    look_later(run_id, now_ms)
-                    continue
-                idle.append(_Idle(run_id, flow, (last_id, fields),
-                                  None if mark is None else _text(mark)))
-        if idle:
-            _find_owed(app, store, idle)
-            with _broker(app) as (channel, client):
-                present = _present(channel, client, idle)
-            for run in idle:
-                if run.run_id in present or not run.owed:
-                    look_later(run.run_id, now_ms)  # waiting its turn, held, or owes nothing
-                    continue
-                seen_id, _, seen_ms = (run.mark or "").partition("|")
-                if seen_id != run.last[0] or not seen_ms:  # first found so: confirm later
-                    settle.hset(STALLED, run.run_id, f"{run.last[0]}|{now_ms}")
-                elif now_ms - int(seen_ms) >= lease_s * 1000 / 3:
-                    _redrive(app, store, run, report)
-                    look_later(run.run_id, now_ms)
+        idle = _idle(ids, replies, now_ms, lease_s, marks)
+        if not idle:
+            return
+        _find_owed(store, idle)
+        with _broker(app) as (channel, client):
+            present = _present(channel, client, idle)
+        for run in idle:
+            seen_id, _, seen_ms = (run.mark or "").partition("|")
+            if run.run_id in present or not run.owed:
+                marks.later(run.run_id, now_ms)  # waiting its turn, held, or owes nothing
+            elif seen_id != run.last[0] or not seen_ms:  # first found so: confirm later
+                marks.suspect(run.run_id, run.last[0], now_ms)
+            elif now_ms - int(seen_ms) >= lease_s * 1000 / 3:
+                _redrive(app, store, run, report)
+                marks.later(run.run_id, now_ms)
     finally:
         with translate_errors(store.url):
-            settle.execute()
+            marks.pipe.execute()
 
 
-def _find_owed(app: Celery, store: StateStore, idle: list[_Idle]) -> None:
+def _idle(ids: list[str], replies: list[Any], now_ms: int, lease_s: float,
+          marks: _Marks) -> list[_Idle]:
+    """The runs of ``ids`` still running whose log has not moved for twice the lease
+    (``replies``: status and workflow, newest log entry, stalled mark, for each)."""
+    idle = []
+    for i, run_id in enumerate(ids):
+        (status, workflow), last, mark = replies[3 * i:3 * i + 3]
+        last_id, fields = (_text(last[0][0]), last[0][1]) if last else ("0-0", {})
+        moved_ms = int(last_id.split("-")[0])
+        if status not in ("running", "waiting_for_human"):  # ended, compensating, gone
+            marks.forget(run_id)
+        elif status == "waiting_for_human":  # a person's to move
+            marks.later(run_id, int(now_ms - lease_s * 1000))
+        elif moved_ms > now_ms - 2 * lease_s * 1000:
+            marks.later(run_id, moved_ms)
+        elif (flow := _flow(run_id, str(workflow))) is None:
+            marks.later(run_id, now_ms)
+        else:
+            idle.append(_Idle(run_id, flow, (last_id, fields),
+                              None if mark is None else _text(mark)))
+    return idle
+
+
+def _flow(run_id: str, workflow: str) -> Flow | None:
+    try:
+        return workflows.get(workflow)
+    except UnknownWorkflow:
+        log.warning("sweeper: run %s of workflow %s stopped moving, and the workflow is not "
+                    "registered here", run_id, workflow)
+        return None
+
+
+def _find_owed(store: StateStore, idle: list[_Idle]) -> None:
     """What each idle run waits for, and the queues its messages would wait in."""
     for run in idle:
         try:

@@ -8,7 +8,7 @@ version number(s) its upstream sealed and returns the version it sealed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -212,20 +212,25 @@ class Workflow:
 
     def _owed(self, store: StateStore, run_id: str) -> tuple[int, list[str], int | list[int]]:
         """(stage, its steps not sealed, what the stage receives); stage -1 when all sealed."""
-        first = int(store.run_info(run_id).replay_start or 0)
+        replay_start = store.run_info(run_id).replay_start
         keys = [s.key for s in self.steps()]
         sealed = dict(zip(keys, store.sealed_steps(run_id, keys), strict=True))
-        for i in range(first, len(self.stages)):
+        for i in range(int(replay_start or 0), len(self.stages)):
             todo = [s.key for s in self.stages[i] if sealed[s.key] is None]
-            if not todo:
-                continue
-            upstream: int | list[int] = 0
-            if i > first:
-                versions = [v for v in (sealed[s.key] for s in self.stages[i - 1])
-                            if v is not None]
-                upstream = versions[0] if len(versions) == 1 else versions
-            return i, todo, upstream
+            if todo:
+                return i, todo, self.upstream(i, sealed, replay_start=replay_start)
         return -1, [], 0
+
+    def upstream(self, stage: int, sealed: Mapping[str, int | None], *,
+                 replay_start: str = "") -> int | list[int]:
+        """What stage ``stage`` receives: version 0 at the workflow's start (or where a
+        replay started), else the versions its upstream stage sealed (``sealed``: step key
+        -> version; the caller makes sure they are all there)."""
+        if stage == 0 or str(stage) == replay_start:
+            return 0
+        versions = [v for v in (sealed.get(s.key) for s in self.stages[stage - 1])
+                    if v is not None]
+        return versions[0] if len(versions) == 1 else versions
 
     def redrive(self, app: Celery, store: StateStore, run_id: str) -> list[str]:
         """Send the run's canvas again from its first stage with a step not sealed, fed the
