@@ -21,15 +21,36 @@ from importlib import resources
 from typing import Any
 
 import redis
-from redis.cluster import RedisCluster
+from redis.cluster import ClusterPipeline, RedisCluster
 from redis.exceptions import NoScriptError, RedisClusterException
 
-from .errors import StoreUnavailable
+from .errors import ConfigurationError, StoreUnavailable
 
 Arg = str | int | float | bytes
 
 Client = redis.Redis | RedisCluster
 """What the pipeline keeps its state on: a Redis, or a Redis Cluster."""
+
+
+def decoding_client(client: object, owner: str) -> Client:
+    """``client`` itself if it is a Redis or Redis Cluster client whose replies are ``str``
+    (``decode_responses=True``, as ``pipeline.state.connect`` builds them); else a
+    ``ConfigurationError`` that names ``owner`` and says what to pass.
+
+    Read from the client's own settings: no round trip.
+    """
+    if isinstance(client, redis.client.Pipeline | ClusterPipeline) \
+            or not isinstance(client, redis.Redis | RedisCluster):
+        raise ConfigurationError(
+            f"{owner} needs a Redis client, not a {type(client).__module__}."
+            f"{type(client).__qualname__}: pass pipeline.state.connect(url)")
+    kwargs = client.get_connection_kwargs()
+    if not kwargs.get("decode_responses"):
+        kind = "RedisCluster" if isinstance(client, RedisCluster) else "redis.Redis"
+        raise ConfigurationError(
+            f"{owner} needs a Redis client that decodes responses, and this {kind} returns "
+            f"bytes: pass pipeline.state.connect(url), or {kind}(..., decode_responses=True)")
+    return client
 
 
 def route(client: Client, key: str) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from .agent import Agent
 from .breaker import BreakerRegistry, Snapshot
 from .errors import ConfigurationError, StoreError
 from .keys import DEAD_LETTERS, METRICS_PREFIX, RUNS_INDEX, RunKeys
-from .lua import Batch
+from .lua import Batch, decoding_client
 from .settings import Settings
 from .state import RunStatus, StateStore
 from .state.store import Extra, translate_errors
@@ -155,6 +155,7 @@ class RunCensus:
     """
 
     def __init__(self, client: redis.Redis) -> None:
+        decoding_client(client, "RunCensus")
         self.redis = client
         self._settled: dict[str, _Settled] = {}
         self._live: set[str] = set()

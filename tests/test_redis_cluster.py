@@ -27,10 +27,11 @@ from redis.crc import key_slot
 
 from pipeline import Pipeline, RunStatus
 from pipeline.app import create_app
-from pipeline.breaker import BreakerState
+from pipeline.breaker import BreakerRegistry, BreakerState
 from pipeline.errors import ConfigurationError, StoreUnavailable
 from pipeline.keys import RUNS_INDEX, RunKeys, breaker_key, breaker_log_key
-from pipeline.settings import Settings
+from pipeline.metrics import RunCensus
+from pipeline.settings import Settings, cluster_node_url
 from pipeline.state.store import StateStore, connect
 from tasks.credit import ledger
 from tests.agents import QUICK_BREAKER
@@ -226,6 +227,33 @@ def test_a_cluster_url_gives_a_cluster_client_and_needs_a_plain_broker(
     assert settings.result_backend == "redis://127.0.0.1:6379/4"
     with pytest.raises(StoreUnavailable, match="redis\\+cluster://127.0.0.1:1"):
         connect("redis+cluster://127.0.0.1:1")
+
+
+def test_a_cluster_client_that_returns_bytes_is_refused_when_built(
+    local_cluster: LocalCluster,
+) -> None:
+    raw = RedisCluster.from_url(cluster_node_url(local_cluster.url))
+    decoding = connect(local_cluster.url)
+    for name, build in [("BreakerRegistry", BreakerRegistry), ("StateStore", StateStore),
+                        ("RunCensus", RunCensus)]:
+        with pytest.raises(ConfigurationError, match=(
+                f"^{name} needs a Redis client that decodes responses, and this RedisCluster "
+                r"returns bytes: pass pipeline\.state\.connect\(url\), or "
+                r"RedisCluster\(\.\.\., decode_responses=True\)$")):
+            build(raw)
+        with pytest.raises(ConfigurationError, match=f"^{name} needs a Redis client, not a "
+                                                     "redis.cluster.ClusterPipeline"):
+            build(decoding.pipeline())
+        build(decoding)
+    raw.close()
+    agent = f"decoding{random.randrange(10**6)}"
+    registry = BreakerRegistry(decoding, url=local_cluster.url)
+    try:
+        registry.force_open(agent)
+        assert registry.snapshot(agent, QUICK_BREAKER).state is BreakerState.OPEN
+    finally:
+        decoding.delete(breaker_key(agent), breaker_log_key(agent))  # one slot: {agent}
+        decoding.close()
 
 
 def test_calls_routed_by_a_stale_slot_table_follow_the_redirection(

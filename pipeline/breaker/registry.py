@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from ..keys import breaker_key, breaker_log_key, breaker_probes_key
-from ..lua import Arg, Batch, Client, Script, route
+from ..lua import Arg, Batch, Client, Script, decoding_client, route
 from ..state.store import translate_errors
 from .policy import BreakerPolicy, BreakerState
 
@@ -123,7 +123,7 @@ class BreakerRegistry:
     """Asks and tells the breakers; every change is one atomic script."""
 
     def __init__(self, client: Client, *, url: str = "") -> None:
-        self.redis = client
+        self.redis = decoding_client(client, "BreakerRegistry")
         self.url = url
 
     # -- the two calls a step makes, queued on its own round trips -----------------
