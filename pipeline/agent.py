@@ -17,6 +17,7 @@ import redis
 
 from .breaker.policy import DEFAULT_RETRY_LATER_MAX, BreakerPolicy, Fallback
 from .errors import TransientAgentError, UnknownAgent
+from .route import default_queue, step_task
 
 __all__ = ["Agent", "AgentRegistry", "StepContext", "agent", "agents"]
 
@@ -115,7 +116,7 @@ class Agent:
         self.input = input
         self.output = output
         self.compensate = compensate
-        self.queue = queue or f"agents.{name}"
+        self.queue = queue or default_queue(name)
         self.max_retries = max_retries
         self.retry_on = retry_on
         self.retry_backoff_s = retry_backoff_s
@@ -143,7 +144,7 @@ class Agent:
 
     @property
     def task_name(self) -> str:
-        return f"agent.{self.name}"
+        return step_task(self.name)
 
     def subscribes_to(self, event_type: str) -> str | None:
         """The first of this agent's ``on`` patterns that matches ``event_type``, or None."""

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import re
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import task_postrun
+from celery.signals import task_postrun, worker_ready
 from kombu import Queue
 
-from . import choreography, lease, metrics, saga, sweeper
+from . import catalog, choreography, lease, metrics, saga, sweeper
 from .agent import Agent, agents
 from .breaker import BreakerRegistry, Fallback
 from .errors import ConfigurationError, StoreError
@@ -37,12 +38,17 @@ although nothing was wrong with it). Clients keep the default: they are told at 
 MAIN_PROCESS_FAILURES = ("TimeLimitExceeded", "WorkerLostError")
 
 
-def import_agent_modules(modules: tuple[str, ...]) -> None:
-    """Import the modules that define agents, contracts and workflows."""
+def import_agent_modules(modules: tuple[str, ...], *, required: bool = True) -> None:
+    """Import the modules that define agents, contracts and workflows. Not ``required``
+    (an operator's command, which reads what it needs from Redis), a module that cannot
+    be imported is skipped."""
     for name in modules:
         try:
             importlib.import_module(name)
         except ImportError as e:
+            if not required:
+                log.info("agent module %r not imported (%s): reading agents from Redis", name, e)
+                continue
             raise ConfigurationError(
                 f"cannot import agent module {name!r} ({e}); set PIPELINE_AGENT_MODULES to the "
                 "modules that define your agents, and run from the directory that holds them"
@@ -84,17 +90,19 @@ def broker_options(settings: Settings) -> dict[str, Any]:
 
 
 def create_app(
-    settings: Settings | None = None, *, main: str = "pipeline", fail_fast: bool = False
+    settings: Settings | None = None, *, main: str = "pipeline", fail_fast: bool = False,
+    agents_required: bool = True,
 ) -> Celery:
     """A Celery app serving every registered agent, configured for correctness.
 
     Imports ``settings.agent_modules`` first so that every agent has its task
     and its queue: ``celery -A config worker`` serves them all, ``-Q`` narrows.
     ``fail_fast`` (for clients) gives up on an unreachable result backend after
-    about a second instead of Celery's twenty retries.
+    about a second instead of Celery's twenty retries. Without ``agents_required``
+    (an operator's commands) a module that cannot be imported is skipped.
     """
     settings = settings or Settings.from_env()
-    import_agent_modules(settings.agent_modules)
+    import_agent_modules(settings.agent_modules, required=agents_required)
     for flow in workflows:  # every subscriber is known now: check the event flows
         if isinstance(flow, choreography.Choreography):
             flow.check()
@@ -121,6 +129,9 @@ def create_app(
             **{f"compensate.{a.name}": {"queue": a.queue} for a in agents},
         },
         task_send_sent_event=True,
+        # A step for an agent this worker does not import goes back to the broker for a
+        # worker that does (Celery would drop it): pools may run different agent modules.
+        worker_consumer="pipeline.consumer:Consumer",
         worker_send_task_events=True,
         result_expires=24 * 3600,
         worker_hijack_root_logger=False,
@@ -150,6 +161,17 @@ def create_app(
             release_result_subscriptions(app)
 
     task_postrun.connect(release_subscriptions, weak=False)
+
+    def publish_agents(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", app) is not app:
+            return
+        try:  # the fleet's catalog: what a process without these agents' code may need
+            catalog.publish(store_for(app).redis, agents,
+                            worker=str(getattr(sender, "hostname", "")))
+        except Exception as e:  # noqa: BLE001 - a worker without its card still works
+            log.warning("could not publish this worker's agents to the catalog: %s", e)
+
+    worker_ready.connect(publish_agents, weak=False)
     if settings.otel:
         from . import otel  # the `otel` extra
 
@@ -185,7 +207,19 @@ def create_app(
         record_failure(app, store_for(app), run_id, step, agent, exc_type, error, lease, event)
 
     def compensate_run_task(run_id: str, redrive: bool = False) -> None:
-        saga.compensate_run(app, store_for(app), run_id, redrive)
+        try:
+            saga.compensate_run(app, store_for(app), run_id, redrive)
+        except StoreError:
+            raise  # retried with backoff (autoretry_for)
+        except Exception as e:
+            # Said in the run's trace, not only in this worker's log: `pipeline inspect`
+            # shows why the saga stopped; the sweeper nudges it again after the lease.
+            with contextlib.suppress(StoreError):
+                store_for(app).note(run_id, "saga.error", task=saga.COMPENSATE_RUN_TASK,
+                                    error=f"{type(e).__name__}: {e}"[:2000],
+                                    reason="planning or dispatching the compensation failed; "
+                                           "the sweeper sends the planner again")
+            raise
 
     def sweep_task() -> dict[str, Any]:
         report = sweeper.sweep(app, store_for(app))
@@ -317,9 +351,13 @@ def record_failure(
     elif exc_type in MAIN_PROCESS_FAILURES and store.run_info(run_id).status is RunStatus.RUNNING:
         store.note(run_id, "step.failed", step=step, agent=agent, error_type=exc_type,
                    error=error[:2000])
-        if agent in agents and agents.get(agent).breaker.enabled:  # the runner never saw it
+        # The runner never saw it: count it on the breaker, with the agent's policy as this
+        # process has it, else as the fleet's catalog does (a pool without the agent).
+        known = agents.get(agent) if agent in agents else catalog.card(store.redis, agent)
+        policy = known.breaker if isinstance(known, Agent) else known.policy if known else None
+        if policy is not None and policy.enabled:
             BreakerRegistry(store.redis, url=store.url).record(
-                agent, agents.get(agent).breaker, "failure", lease, f"{exc_type}: {error}")
+                agent, policy, "failure", lease, f"{exc_type}: {error}")
     reason = f"{exc_type}: {error}"
     if event:  # the failure event begins the saga; start() enqueues its planner
         choreography.fail_delivery(store, run_id, step, agent, lease.rsplit(":", 1)[0], reason)

@@ -26,7 +26,7 @@ import json
 import logging
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery, Task
@@ -43,6 +43,7 @@ from .errors import (
 from .events import check_event_type, failure_event
 from .keys import RunKeys
 from .lua import Batch, Script
+from .route import FlowKind, Route, default_queue, newest_first, step_task
 from .state import StateStore, Version
 from .state.store import Extra, translate_errors
 from .state.version import Sealable, sealable
@@ -252,11 +253,19 @@ class Choreography:
             "description": self.description,
         }
 
+    @property
+    def route(self) -> Route:
+        """What the pipeline's own work needs of this flow, recorded in each run: the
+        start event's subscribers (as registered now) and every agent's queue."""
+        return Route(kind=FlowKind.CHOREOGRAPHY,
+                     queues={a.name: a.queue for a in self.agents()},
+                     start=self.start_event,
+                     subscribers=tuple(a.name for a in self.subscribers(self.start_event)),
+                     terminal=self.terminal)
+
     def compensation_stages(self, sealed: dict[str, Version], broken: set[str]) -> list[list[str]]:
         """Newest first, one step a stage: the reverse of the order they were sealed.
         Steps whose output broke its contract (never sealed) come first."""
-        from .saga import newest_first  # the saga imports the app, which imports this
-
         return newest_first(sealed, broken)
 
     # -- running ------------------------------------------------------------------
@@ -265,49 +274,20 @@ class Choreography:
                 event_type: str | None = None) -> None:
         """Publish the run's starting event (once) and dispatch its deliveries; a replay
         starts at ``event_type`` instead, carrying version 0."""
-        event_type = event_type or self.start_event
-        subs = [a.name for a in self.subscribers(event_type)]
-        handover = publish(store, run_id, source=START, event_type=event_type,
-                           publisher=CLIENT, version=0, subscribers=subs,
-                           terminal=self.terminal)
-        follow_up(app, store, run_id, handover)
+        route = self.route
+        if event_type and event_type != route.start:
+            route = replace(route, start=event_type, subscribers=tuple(
+                a.name for a in self.subscribers(event_type)))
+        enqueue(app, store, route, run_id)
 
     def owed(self, store: StateStore, run_id: str) -> list[str]:
-        """The deliveries the run's ledger still owes (never claimed, or claimed and not
-        ended), oldest event first."""
-        return [key for key, _ in self._owed(store, run_id)]
-
-    def _owed(self, store: StateStore, run_id: str) -> list[tuple[str, str]]:
-        with translate_errors(store.url):
-            ledger = store.redis.hgetall(RunKeys(run_id).ledger)
-        owed = [(str(k), str(v)) for k, v in ledger.items()
-                if str(v).partition(":")[0] in ("dispatched", "running")]
-        return sorted(owed, key=lambda kv: (int(kv[0].split(":")[0].lstrip("e") or 0), kv[0]))
+        """The deliveries the run's ledger still owes (see the module function ``owed``)."""
+        return [key for key, _ in owed(store, run_id)]
 
     def redrive(self, app: Celery, store: StateStore, run_id: str) -> list[str]:
-        """Hand out again every delivery the run's ledger still owes; the delivery keys.
-
-        For a run that stopped moving with none of its messages left in the broker (the
-        sweeper). A delivery never claimed goes out as a new task. One claimed by a task
-        whose message is gone is claimed for the new task first (in one script), so the
-        new task opens it as its own, and finishes its handover if it had sealed; the old
-        task, should it turn up after all, is a duplicate.
-        """
-        handed = []
-        for key, state in self._owed(store, run_id):
-            event_id, name = key.split(":", 1)
-            task_id = str(uuid.uuid4())
-            if state.startswith("running:"):
-                with translate_errors(store.url):
-                    moved = RECLAIM(store.redis, [RunKeys(run_id).ledger],
-                                    [key, state, f"running:{task_id}"])
-                if not moved:
-                    continue  # it moved on meanwhile: nothing is owed there any more
-            event = event_record(store, run_id, event_id)
-            dispatch(app, run_id, Handover("again", event_id, int(event["version"]), (name,),
-                                           str(event["type"])), task_ids={name: task_id})
-            handed.append(key)
-        return handed
+        """Hand out again every delivery the run's ledger still owes (see the module
+        function ``redrive``)."""
+        return redrive(app, store, self.route, run_id)
 
     def resume(self, pipeline: Pipeline, run_id: str, output: Any = None,
                step: str | None = None) -> Run:
@@ -341,7 +321,8 @@ class Choreography:
                     self._seal_for(pipeline, run_id, key, output, int(event["version"]), form)
                 else:
                     dispatch(pipeline.app, run_id, Handover(
-                        "again", event_id, int(event["version"]), (name,), str(event["type"])))
+                        "again", event_id, int(event["version"]), (name,), str(event["type"])),
+                        queues=self.route.queues)
         except RunNotParked:
             raise
         except Exception as e:
@@ -454,10 +435,59 @@ def publish(store: StateStore, run_id: str, *, source: str, event_type: str, pub
     return Handover.from_reply(reply)
 
 
-def follow_up(app: Celery, store: StateStore, run_id: str, handover: Handover) -> None:
+def enqueue(app: Celery, store: StateStore, route: Route, run_id: str) -> None:
+    """Publish the run's starting event (once: ``route.start`` to ``route.subscribers``)
+    and dispatch its deliveries. Needs no agent code: a worker that imports none of the
+    flow's agents enqueues a run its client forgot from the run's recorded route."""
+    handover = publish(store, run_id, source=START, event_type=route.start,
+                       publisher=CLIENT, version=0, subscribers=route.subscribers,
+                       terminal=route.terminal)
+    follow_up(app, store, run_id, handover, queues=route.queues)
+
+
+def owed(store: StateStore, run_id: str) -> list[tuple[str, str]]:
+    """(delivery, its ledger state) of every delivery the run's ledger still owes (never
+    claimed, or claimed and not ended), oldest event first."""
+    with translate_errors(store.url):
+        ledger = store.redis.hgetall(RunKeys(run_id).ledger)
+    found = [(str(k), str(v)) for k, v in ledger.items()
+             if str(v).partition(":")[0] in ("dispatched", "running")]
+    return sorted(found, key=lambda kv: (int(kv[0].split(":")[0].lstrip("e") or 0), kv[0]))
+
+
+def redrive(app: Celery, store: StateStore, route: Route, run_id: str) -> list[str]:
+    """Hand out again every delivery the run's ledger still owes; the delivery keys.
+
+    For a run that stopped moving with none of its messages left in the broker (the
+    sweeper). A delivery never claimed goes out as a new task. One claimed by a task whose
+    message is gone is claimed for the new task first (in one script), so the new task
+    opens it as its own, and finishes its handover if it had sealed; the old task, should
+    it turn up after all, is a duplicate. Queues come from the run's route, so this needs
+    no agent code.
+    """
+    handed = []
+    for key, state in owed(store, run_id):
+        event_id, name = key.split(":", 1)
+        task_id = str(uuid.uuid4())
+        if state.startswith("running:"):
+            with translate_errors(store.url):
+                moved = RECLAIM(store.redis, [RunKeys(run_id).ledger],
+                                [key, state, f"running:{task_id}"])
+            if not moved:
+                continue  # it moved on meanwhile: nothing is owed there any more
+        event = event_record(store, run_id, event_id)
+        dispatch(app, run_id, Handover("again", event_id, int(event["version"]), (name,),
+                                       str(event["type"])), task_ids={name: task_id},
+                 queues=route.queues)
+        handed.append(key)
+    return handed
+
+
+def follow_up(app: Celery, store: StateStore, run_id: str, handover: Handover,
+              queues: Mapping[str, str] | None = None) -> None:
     """Send what a publication owes: its deliveries, or the planner of the saga it began."""
     if handover.outcome in ("published", "again"):
-        dispatch(app, run_id, handover)
+        dispatch(app, run_id, handover, queues=queues)
     elif handover.outcome == "compensating":
         from . import saga  # the saga imports the app, which imports this
 
@@ -465,18 +495,22 @@ def follow_up(app: Celery, store: StateStore, run_id: str, handover: Handover) -
 
 
 def dispatch(app: Celery, run_id: str, handover: Handover,
-             task_ids: Mapping[str, str] | None = None) -> None:
+             task_ids: Mapping[str, str] | None = None,
+             queues: Mapping[str, str] | None = None) -> None:
     """Send one task per subscriber, on its queue, carrying the event id and its version
-    (under the task id ``task_ids`` gives a subscriber, else a new one)."""
+    (under the task id ``task_ids`` gives a subscriber, else a new one). A subscriber's
+    queue is the one ``queues`` names (the run's route), else the one it has here, else
+    ``agents.<name>``: an agent this process does not know is still dispatched."""
     from .workflow import ERRBACK_TASK
 
     for name in handover.subscribers:
-        a = agents.get(name)
+        queue = (queues or {}).get(name) or (agents.get(name).queue if name in agents
+                                             else default_queue(name))
         sig = app.signature(
-            a.task_name, args=(handover.version,),
+            step_task(name), args=(handover.version,),
             kwargs={"run_id": run_id, "step": f"{handover.event}:{name}",
                     "event": handover.event, "event_type": handover.event_type},
-            queue=a.queue, ignore_result=True,
+            queue=queue, ignore_result=True,
         )
         sig.link_error(app.signature(ERRBACK_TASK))
         sig.apply_async(task_id=(task_ids or {}).get(name))
@@ -505,7 +539,8 @@ def event_record(store: StateStore, run_id: str, event_id: str) -> dict[str, Any
     return event
 
 
-def redeliver(app: Celery, store: StateStore, run_id: str, event_id: str) -> list[str]:
+def redeliver(app: Celery, store: StateStore, run_id: str, event_id: str,
+              queues: Mapping[str, str] | None = None) -> list[str]:
     """Send an event's deliveries again, to every subscriber (an operator's at-least-once).
 
     Handling stays once per (event, subscriber): a delivery handled before is
@@ -517,5 +552,5 @@ def redeliver(app: Celery, store: StateStore, run_id: str, event_id: str) -> lis
         raise InputError(f"event {event_id} of run {run_id} is a failure event, handled by "
                          "the saga: there is nothing to redeliver")
     dispatch(app, run_id, Handover("again", event_id, int(event["version"]), subs,
-                                   str(event["type"])))
+                                   str(event["type"])), queues=queues)
     return list(subs)

@@ -60,10 +60,12 @@ def wait_options(what: str) -> Callable[[F], F]:
     return decorate
 
 
-def _pipeline() -> Any:
+def _pipeline(agents_required: bool = False) -> Any:
+    """The client. Commands that start or continue runs need the agent modules
+    (``agents_required``); the others read, cancel and compensate without them."""
     from .client import Pipeline
 
-    return Pipeline.from_env()
+    return Pipeline.from_env(agents_required=agents_required)
 
 
 def _echo_json(data: Any) -> None:
@@ -108,7 +110,7 @@ def run(
 ) -> None:
     """Start WORKFLOW on a JSON payload (or, with --batch, on each of a list)."""
     payload = read_json_input(source)
-    p = _pipeline()
+    p = _pipeline(agents_required=True)
     if batch:
         _run_batch(p, workflow, payload, idempotency_key, timeout, as_json)
         return
@@ -253,7 +255,7 @@ def format_history(versions: Sequence[Any]) -> str:
 @json_option
 def replay(run_id: str, version: int, wait: bool, timeout: float, as_json: bool) -> None:
     """Start a new run from sealed version N of RUN: a fork that runs only what came after."""
-    handle = _pipeline().replay(run_id, version)
+    handle = _pipeline(agents_required=True).replay(run_id, version)
     if not as_json:
         click.echo(f"run {handle.run_id} replays {run_id} from version {version}")
     _report(handle, wait, timeout, as_json, ok="succeeded")
@@ -275,10 +277,8 @@ def breakers(ctx: click.Context, as_json: bool) -> None:
     """List every agent's circuit breaker; `reset` or `open` one by hand."""
     if ctx.invoked_subcommand is not None:
         return
-    from .agent import agents
-
     p = _pipeline()
-    snapshots = p.breakers.snapshots((a.name, a.breaker) for a in agents)
+    snapshots = p.breakers.snapshots((c.name, c.policy) for c in _known_agents(p).values())
     if as_json:
         _echo_json([s.to_dict() for s in snapshots])
         return
@@ -299,18 +299,31 @@ def breakers(ctx: click.Context, as_json: bool) -> None:
     click.echo(table(rows))
 
 
-def _breaker_agent(name: str) -> Any:
+def _known_agents(p: Any) -> dict[str, Any]:
+    """Every agent this process imports or a worker of the fleet published (its card)."""
     from .agent import agents
+    from .catalog import known_agents
 
-    _pipeline()  # imports the agent modules
-    return agents.get(name)
+    return known_agents(p.store.redis, agents)
+
+
+def _breaker_agent(p: Any, name: str) -> str:
+    """``name``, if this process or the fleet knows such an agent (else ``UnknownAgent``)."""
+    from .errors import UnknownAgent
+
+    known = _known_agents(p)
+    if name not in known:
+        raise UnknownAgent(f"unknown agent {name!r} (known here and to the fleet's workers: "
+                           f"{', '.join(known) or 'none'})")
+    return name
 
 
 @breakers.command("reset")
 @click.argument("agent")
 def breakers_reset(agent: str) -> None:
     """Close AGENT's breaker and clear its counters."""
-    _pipeline().breakers.reset(_breaker_agent(agent).name)
+    p = _pipeline()
+    p.breakers.reset(_breaker_agent(p, agent))
     click.echo(f"breaker of {agent}: closed")
 
 
@@ -318,7 +331,8 @@ def breakers_reset(agent: str) -> None:
 @click.argument("agent")
 def breakers_open(agent: str) -> None:
     """Force AGENT's breaker open until it is reset."""
-    _pipeline().breakers.force_open(_breaker_agent(agent).name)
+    p = _pipeline()
+    p.breakers.force_open(_breaker_agent(p, agent))
     click.echo(f"breaker of {agent}: open until `pipeline breakers reset {agent}`")
 
 
@@ -333,7 +347,8 @@ def resume(run_id: str, source: str | None, step: str | None, wait: bool, timeou
            as_json: bool) -> None:
     """Continue RUN, parked for a person: run the parked step again, or seal --output."""
     output = read_json_input(source) if source is not None else None
-    _report(_pipeline().resume(run_id, output, step=step), wait, timeout, as_json,
+    _report(_pipeline(agents_required=True).resume(run_id, output, step=step), wait, timeout,
+            as_json,
             ok="succeeded")
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .cli import _echo_json, _pipeline, _time, json_option, main, table
+from .cli import _echo_json, _known_agents, _pipeline, _time, json_option, main, table
 from .errors import InputError
 
 if TYPE_CHECKING:
@@ -88,16 +88,17 @@ def trace(run_id: str, as_json: bool) -> None:
 @json_option
 def inspect(run_id: str, as_json: bool) -> None:
     """One page on a run: header, lineage tree, calls, compensations."""
-    from .observe import compensations, lineage_tree, reached, report
+    from .observe import compensations, lineage_tree, reached, report, waiting_on
 
     p = _pipeline()
     r = report(p.store, run_id)
     info = r.info
     history = p.store.history(run_id)
     undone = compensations(r.log)
+    waiting = waiting_on(info, r.log)
     if as_json:
         _echo_json({
-            "run": {**info.to_dict(), "tokens": r.total.to_dict()},
+            "run": {**info.to_dict(), "tokens": r.total.to_dict(), "waiting": waiting},
             "versions": [v.to_dict() for v in history],
             "calls": [c.to_dict() for c in r.calls],
             "tokens_by_agent": r.tokens()["by_agent"],
@@ -106,6 +107,8 @@ def inspect(run_id: str, as_json: bool) -> None:
         return
     for line in _header(info, r.total):
         click.echo(line)
+    if waiting:
+        click.echo(f"waiting: {waiting}")
     click.echo("\nlineage (newest first; each version above what it was made from):")
     for line in lineage_tree(history, info.output_version):
         click.echo(f"  {line}")
@@ -229,12 +232,10 @@ def events(run_id: str, as_json: bool) -> None:
 @json_option
 def explain(run_id: str, agent: str, as_json: bool) -> None:
     """Why AGENT did or did not react in RUN: its subscriptions, the events, each delivery."""
-    from .agent import agents
     from .ledger import explain as explain_agent
 
     p = _pipeline()
-    known = agents.get(agent) if agent in agents else None
-    why = explain_agent(p.store, run_id, agent, known)
+    why = explain_agent(p.store, run_id, agent, _known_agents(p).get(agent))
     if as_json:
         _echo_json(why.to_dict())
         return

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from celery import Celery
@@ -22,12 +22,13 @@ from .errors import (
     PipelineError,
     RunNotLive,
     RunNotParked,
+    UnknownWorkflow,
     WaitTimeout,
 )
 from .settings import Settings, redact_url
 from .state import RunInfo, RunStatus, StateStore, Version
 from .state.version import sealable
-from .workflow import Flow, Workflow, send, workflows
+from .workflow import Flow, Workflow, route_of, send, workflows
 
 __all__ = ["Pipeline", "Run", "RunResult"]
 
@@ -97,8 +98,13 @@ class Pipeline:
         self.breakers = BreakerRegistry(self.store.redis, url=self.store.url)
 
     @classmethod
-    def from_env(cls) -> Pipeline:
-        return cls(settings=Settings.from_env())
+    def from_env(cls, *, agents_required: bool = True) -> Pipeline:
+        """A client configured from the environment (``Settings.from_env``). Without
+        ``agents_required`` an agent module that cannot be imported is skipped: enough to
+        read, cancel and compensate runs, which need no agent code."""
+        settings = Settings.from_env()
+        app = create_app(settings, fail_fast=True, agents_required=agents_required)
+        return cls(settings=settings, app=app)
 
     def workflow(self, name: str) -> Flow:
         return workflows.get(name)
@@ -109,7 +115,11 @@ class Pipeline:
         Deliveries are at least once and handling once per (event, subscriber):
         a subscriber that handled it records a ``duplicate`` and does nothing.
         """
-        return redeliver(self.app, self.store, run_id, event_id)
+        try:
+            queues = route_of(self.store.run_info(run_id)).queues
+        except UnknownWorkflow:  # a run from before routes, of a flow not known here
+            queues = {}
+        return redeliver(self.app, self.store, run_id, event_id, queues=queues)
 
     def start(
         self, workflow: str | Flow, payload: Any, idempotency_key: str | None = None
@@ -138,6 +148,7 @@ class Pipeline:
             contract=contract.ref,
             idempotency_key=idempotency_key,
             form=form,
+            route=wf.route.to_json(),
         )
         if not created.created:
             if created.workflow != wf.name or created.input_digest != form.digest:
@@ -299,8 +310,12 @@ class Pipeline:
             flow.contract_of(ref).validate(source.payload, side="input", agent=where,
                                            run_id=run_id, version=from_version)
         new_id = str(uuid.uuid4())
+        route = flow.route
+        if isinstance(flow, Choreography):  # the replay starts at its own event
+            route = replace(route, start=event_type, subscribers=tuple(
+                a.name for a in flow.subscribers(event_type)))
         self.store.create_run(new_id, workflow=flow.name, payload=source.payload,
-                              contract=source.contract)
+                              contract=source.contract, route=route.to_json())
         self.store.link_replay(run_id, from_version, new_id, start_at)
         tracing: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
         if self.settings.otel:  # the replay is a run of its own: its own trace

@@ -21,7 +21,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from .agent import agents
+from .catalog import known_agents
 from .keys import DEAD_LETTERS, RUNS_INDEX, RunKeys
+from .route import agent_of
 from .state import StateStore, translate_errors
 from .state.version import digest_of
 
@@ -78,6 +81,9 @@ def verify(store: StateStore, run_ids: Iterable[str] | None = None, *,
     with translate_errors(store.url):
         dead = Counter(str(fields.get("run_id", "")) for _, fields in
                        cast(list[tuple[str, dict[str, str]]], store.redis.xrange(DEAD_LETTERS)))
+        # which agents can undo a step: this process's own, else the fleet's catalog
+        undoable = {name: card.compensates
+                    for name, card in known_agents(store.redis, agents).items()}
     verdict = verdict if verdict is not None else Verdict()
     ids = list(run_ids)
     for start in range(0, len(ids), BATCH):
@@ -95,13 +101,14 @@ def verify(store: StateStore, run_ids: Iterable[str] | None = None, *,
         for i, run_id in enumerate(batch):
             run, states, steps, log, saga = replies[5 * i:5 * i + 5]
             _check(run_id, run, states, steps, log, saga, verdict, dead_letters=dead[run_id],
-                   side_effects=side_effects)
+                   side_effects=side_effects, undoable=undoable)
     return verdict
 
 
 def _check(run_id: str, run: dict[str, str], states: list[tuple[str, dict[str, str]]],
            steps: dict[str, str], log: list[tuple[str, dict[str, str]]], saga: dict[str, str],
-           verdict: Verdict, *, dead_letters: int, side_effects: SideEffects | None) -> None:
+           verdict: Verdict, *, dead_letters: int, side_effects: SideEffects | None,
+           undoable: Mapping[str, bool]) -> None:
     if not run:
         return  # expired (retention) or never created: nothing left to hold anything of
     verdict.runs += 1
@@ -143,7 +150,8 @@ def _check(run_id: str, run: dict[str, str], states: list[tuple[str, dict[str, s
                          f"{saga.get(f'c:{step}')!r}, the log says {'done' if done else 'dead'}")
         # Never sealed, yet their side effects happened: an output that broke its contract,
         # a step that finished after the saga began (discarded). The saga or the step itself
-        # undoes each, at most once; exactly once when its agent (known here) can undo.
+        # undoes each, at most once; exactly once when its agent (known here or to the
+        # fleet's catalog) can undo.
         unsealed = {e.get("step", "") for _, e in log
                     if (e.get("event") == "step.failed" and e.get("side") == "output")
                     or e.get("event") == "step.discarded"} - set(sealed)
@@ -153,7 +161,7 @@ def _check(run_id: str, run: dict[str, str], states: list[tuple[str, dict[str, s
             by_saga = outcomes[(step, "compensation.done")] + outcomes[(step, "compensation.dead")]
             # a step that undid itself first still gets the saga's record of it (claim 'self')
             n = by_itself if by_itself else by_saga
-            if n > 1 or (n == 0 and _can_undo(step)):
+            if n > 1 or (n == 0 and undoable.get(agent_of(step), False)):
                 violated("compensation", f"step {step} (never sealed, its side effects "
                          f"happened) compensated {n} time(s); expected exactly once")
         extra = {s for s, _ in outcomes} - set(sealed) - unsealed
@@ -164,18 +172,6 @@ def _check(run_id: str, run: dict[str, str], states: list[tuple[str, dict[str, s
             left = side_effects(run_id)
             if left:
                 violated("side effects", f"left after compensation: {sorted(left)}")
-
-
-def _can_undo(step: str) -> bool:
-    """Whether the agent of ``step`` (``<stage or event>:<agent>``) has a compensation, as far
-    as this process knows (an agent not registered here is given the benefit of the doubt)."""
-    from .agent import agents
-    from .errors import UnknownAgent
-
-    try:
-        return agents.get(step.rsplit(":", 1)[-1]).compensate is not None
-    except UnknownAgent:
-        return False
 
 
 def _versions(run_id: str, run: Mapping[str, str], states: list[tuple[str, dict[str, str]]],

@@ -105,6 +105,11 @@ SWEEP_LOCK = f"{PREFIX}:sweep:lock"
 DEAD_LETTERS = f"{PREFIX}:dead"
 """Stream: compensations that failed for good (run, agent, version, error)."""
 
+AGENT_CATALOG = f"{PREFIX}:agents"
+"""Hash: agent name -> its card (JSON: queue, contracts, compensation, breaker settings),
+published by every worker that serves it when it starts: the facts a process without the
+agent's code may need."""
+
 
 def breaker_key(agent: str) -> str:
     return f"{PREFIX}:breaker:{{{agent}}}"

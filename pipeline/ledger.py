@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
 from .agent import Agent
+from .catalog import AgentCard
 from .errors import UnknownAgent
 from .events import matches
 from .keys import RunKeys
@@ -152,13 +153,15 @@ class Explanation:
         return asdict(self)
 
 
-def explain(store: StateStore, run_id: str, name: str, known: Agent | None) -> Explanation:
-    """Which of ``name``'s subscriptions matched which events, and each delivery's fate."""
+def explain(store: StateStore, run_id: str, name: str,
+            known: Agent | AgentCard | None) -> Explanation:
+    """Which of ``name``'s subscriptions matched which events, and each delivery's fate
+    (``known``: the agent, or its card in the fleet's catalog, when either is known)."""
     views = events(store, run_id)
     status = store.run_info(run_id).status.value
     routed_to = {v.event_id for v in views if name in v.subscribers}
     if known is None and not routed_to:
-        raise UnknownAgent(f"agent {name!r} is not registered here and no event of run "
+        raise UnknownAgent(f"agent {name!r} is not known here or to the fleet, and no event of run "
                            f"{run_id} was routed to it")
     patterns = list(known.on) if known else []
     rows: list[dict[str, Any]] = []

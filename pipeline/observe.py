@@ -207,6 +207,27 @@ def compensations(log: Sequence[dict[str, str]]) -> list[dict[str, str]]:
     return [e for e in log if e.get("event", "").startswith(kinds)]
 
 
+TROUBLE = ("message.returned", "saga.error", "run.redrive_failed")
+"""Log entries that say the pipeline's own work for a run failed or waits."""
+STILL = TROUBLE + ("saga.nudged",)
+"""Entries that are not progress: a run whose log ends in these has not moved since."""
+
+
+def waiting_on(info: RunInfo, log: Sequence[dict[str, str]]) -> str | None:
+    """Why a live run is not moving, when its log says so: the newest entry of ``TROUBLE``
+    with nothing but such entries after it (a step's message a worker gave back, a saga
+    planner or a re-drive that failed). None for a finished run or one that moved since."""
+    if info.status.is_final:
+        return None
+    for entry in reversed(log):
+        if entry.get("event") not in STILL:
+            return None
+        if entry.get("event") in TROUBLE:
+            where = entry.get("step") or entry.get("task") or ""
+            return f"{entry['event']} {where}: {entry.get('reason') or entry.get('error', '')}"
+    return None
+
+
 # -- lineage -----------------------------------------------------------------------------
 
 

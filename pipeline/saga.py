@@ -28,9 +28,10 @@ from .agent import Agent, agents
 from .errors import RunNotFound, RunNotLive, UnknownWorkflow
 from .keys import DEAD_LETTERS, SAGAS, RunKeys
 from .lua import Batch, Script, checked
+from .route import Route, agent_of, compensate_task, default_queue, newest_first
 from .state import RunStatus, StateStore, Version
 from .state.store import translate_errors
-from .workflow import workflows
+from .workflow import route_of
 
 __all__ = ["CompensationContext", "begin", "compensate_run", "compensate_step", "dead_letter",
            "redrive"]
@@ -116,21 +117,13 @@ def plan(store: StateStore, run_id: str, *, owed_only: bool = False) -> list[lis
         sealed = {s: v for s, v in sealed.items() if saga.get(f"c:{s}") != "done"}
         broken = {s for s in broken if saga.get(f"c:{s}") != "done"}
     try:
-        wf = workflows.get(info.workflow)
+        return route_of(info).compensation_stages(sealed, broken)
     except UnknownWorkflow:
-        # A worker deployed without the flow's module can still undo the run: one step at
-        # a time, newest first, is a valid order for any flow (only slower).
-        log.warning("run %s: workflow %s is not registered here; compensating one step at "
-                    "a time, newest first", run_id, info.workflow)
+        # A run from before routes were recorded, of a flow not registered here: one step
+        # at a time, newest first, is a valid order for any flow (only slower).
+        log.warning("run %s: workflow %s is not registered here and the run has no route; "
+                    "compensating one step at a time, newest first", run_id, info.workflow)
         return newest_first(sealed, broken)
-    return wf.compensation_stages(sealed, broken)
-
-
-def newest_first(sealed: dict[str, Version], broken: set[str]) -> list[list[str]]:
-    """One step a stage, in reverse order of sealing; steps whose output broke its
-    contract (never sealed) first."""
-    order = sorted(sealed, key=lambda step: sealed[step].version, reverse=True)
-    return [[step] for step in sorted(broken - set(sealed))] + [[s] for s in order]
 
 
 def compensate_run(app: Celery, store: StateStore, run_id: str, redrive: bool = False) -> None:
@@ -162,7 +155,7 @@ def advance(app: Celery, store: StateStore, run_id: str, step: str = "", outcome
         if reply[0] in ("finished", "idle"):
             store.redis.zrem(SAGAS, run_id)
     if reply[0] == "next":
-        _dispatch(app, run_id, reply[1:])
+        _dispatch(app, store, run_id, reply[1:])
     return str(reply[0])
 
 
@@ -231,10 +224,18 @@ def redrive(app: Celery, store: StateStore, run_id: str) -> None:
                   queue=app.conf.task_default_queue)
 
 
-def _dispatch(app: Celery, run_id: str, steps: Sequence[str]) -> None:
+def _dispatch(app: Celery, store: StateStore, run_id: str, steps: Sequence[str]) -> None:
+    """Send each step's compensation to its agent's queue, as the run's route names it
+    (this worker need not know the agent)."""
+    try:
+        route: Route | None = route_of(store.run_info(run_id))
+    except UnknownWorkflow:
+        route = None
     for step in steps:
-        name = step.split(":", 1)[1]
-        app.send_task(f"compensate.{name}", args=(run_id, step), queue=agents.get(name).queue)
+        name = agent_of(step)
+        queue = route.queue_of(name) if route else (
+            agents.get(name).queue if name in agents else default_queue(name))
+        app.send_task(compensate_task(name), args=(run_id, step), queue=queue)
 
 
 def _context(store: StateStore, agent: Agent, run_id: str, step: str,

@@ -38,6 +38,7 @@ drops, so parts 1 and 4 are for a Redis broker only.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import time
@@ -50,13 +51,13 @@ from typing import Any
 
 from celery import Celery
 
-from . import saga
-from .agent import agents
-from .errors import RunNotFound, StoreError, UnknownAgent, UnknownWorkflow
+from . import canvas, choreography, saga
+from .errors import RunNotFound, StoreError, UnknownWorkflow, WorkflowDefinitionError
 from .keys import HELD, LIVE, SAGAS, STALLED, SWEEP_LOCK, UNENQUEUED, RunKeys
+from .route import FlowKind, Route, agent_of
 from .state import StateStore
 from .state.store import translate_errors
-from .workflow import ERRBACK_TASK, Flow, workflows
+from .workflow import ERRBACK_TASK, recorded_route, route_of
 
 __all__ = ["SWEEP_TASK", "Redelivered", "SweepReport", "sweep"]
 
@@ -299,18 +300,18 @@ def _enqueue_forgotten(app: Celery, store: StateStore, lease_s: float,
         for run_id in ids:
             pipe.hmget(RunKeys(run_id).run, "status", "workflow", "enqueued")
         records = pipe.execute()
-    for run_id, (status, workflow, enqueued) in zip(ids, records, strict=True):
+    for run_id, (status, flow_name, enqueued) in zip(ids, records, strict=True):
         if status != "running" or enqueued == "1":
             with translate_errors(store.url):
                 store.redis.zrem(UNENQUEUED, run_id)
             continue
         try:
-            flow = workflows.get(str(workflow))
-        except UnknownWorkflow:
-            log.warning("sweeper: run %s of workflow %s was never enqueued, and the workflow "
-                        "is not registered here", run_id, workflow)
+            route = route_of(store.run_info(run_id))
+        except (UnknownWorkflow, WorkflowDefinitionError, RunNotFound) as e:
+            log.warning("sweeper: run %s of workflow %s was never enqueued, and cannot be: %s",
+                        run_id, flow_name, e)
             continue
-        flow.enqueue(app, store, run_id)
+        _enqueue(app, store, route, run_id)
         store.mark_enqueued(run_id)
         store.note(run_id, "run.enqueued", by="sweeper",
                    reason="its client died between creating and enqueuing it")
@@ -353,7 +354,7 @@ class _Idle:
     """A live run whose log has not moved for twice the lease."""
 
     run_id: str
-    flow: Flow
+    route: Route
     last: tuple[str, dict[str, str]]  # its newest log entry: (id, fields)
     mark: str | None  # ``<log id>|<ms>`` when a sweep first found none of its messages
     owed: list[str] = field(default_factory=list)  # steps / deliveries it waits for
@@ -391,7 +392,7 @@ def _redrive_stalled(app: Celery, store: StateStore, lease_s: float,
             return
         pipe = store.redis.pipeline(transaction=False)
         for run_id in ids:
-            pipe.hmget(RunKeys(run_id).run, "status", "workflow")
+            pipe.hmget(RunKeys(run_id).run, "status", "workflow", "route")
             pipe.xrevrange(RunKeys(run_id).log, count=1)
             pipe.hget(STALLED, run_id)
         replies = pipe.execute()
@@ -423,7 +424,7 @@ def _idle(ids: list[str], replies: list[Any], now_ms: int, lease_s: float,
     (``replies``: status and workflow, newest log entry, stalled mark, for each)."""
     idle = []
     for i, run_id in enumerate(ids):
-        (status, workflow), last, mark = replies[3 * i:3 * i + 3]
+        (status, workflow, route), last, mark = replies[3 * i:3 * i + 3]
         last_id, fields = (_text(last[0][0]), last[0][1]) if last else ("0-0", {})
         moved_ms = int(last_id.split("-")[0])
         if status not in ("running", "waiting_for_human"):  # ended, compensating, gone
@@ -432,20 +433,20 @@ def _idle(ids: list[str], replies: list[Any], now_ms: int, lease_s: float,
             marks.later(run_id, int(now_ms - lease_s * 1000))
         elif moved_ms > now_ms - 2 * lease_s * 1000:
             marks.later(run_id, moved_ms)
-        elif (flow := _flow(run_id, str(workflow))) is None:
+        elif (found := _route(run_id, str(workflow), route)) is None:
             marks.later(run_id, now_ms)
         else:
-            idle.append(_Idle(run_id, flow, (last_id, fields),
+            idle.append(_Idle(run_id, found, (last_id, fields),
                               None if mark is None else _text(mark)))
     return idle
 
 
-def _flow(run_id: str, workflow: str) -> Flow | None:
+def _route(run_id: str, workflow: str, recorded: str | None) -> Route | None:
     try:
-        return workflows.get(workflow)
-    except UnknownWorkflow:
-        log.warning("sweeper: run %s of workflow %s stopped moving, and the workflow is not "
-                    "registered here", run_id, workflow)
+        return recorded_route(run_id, workflow, recorded or "")
+    except (UnknownWorkflow, WorkflowDefinitionError) as e:
+        log.warning("sweeper: run %s of workflow %s stopped moving, and cannot be re-driven: "
+                    "%s", run_id, workflow, e)
         return None
 
 
@@ -453,19 +454,11 @@ def _find_owed(store: StateStore, idle: list[_Idle]) -> None:
     """What each idle run waits for, and the queues its messages would wait in."""
     for run in idle:
         try:
-            run.owed = run.flow.owed(store, run.run_id)
+            run.owed = _owed(store, run.route, run.run_id)
         except (StoreError, RunNotFound) as e:
             log.warning("sweeper: cannot tell what run %s waits for: %s", run.run_id, e)
             continue
-        for key in run.owed:
-            name = key.split(":", 1)[1]
-            try:
-                run.queues.add(agents.get(name).queue)
-            except UnknownAgent:  # another deployment's agent: its queue is not known here
-                run.owed = []
-                log.warning("sweeper: run %s waits for agent %s, which is not registered "
-                            "here: not re-driven", run.run_id, name)
-                break
+        run.queues = {run.route.queue_of(agent_of(key)) for key in run.owed}
 
 
 def _present(channel: Any, client: Any, idle: list[_Idle]) -> set[str]:
@@ -518,16 +511,43 @@ def _redrive(app: Celery, store: StateStore, run: _Idle, report: SweepReport) ->
             report.stuck.append(run.run_id)
             log.warning("sweeper: compensating run %s: %s", run.run_id, reason)
             return
-        owed = run.flow.redrive(app, store, run.run_id)
+        owed = _redrive_route(app, store, run.route, run.run_id)
         store.note(run.run_id, "run.redriven", by="sweeper", steps=",".join(owed),
                    redrive=redrives,
                    reason="it stopped moving, and no message of it was left in the broker")
     except Exception as e:  # noqa: BLE001 - one run's trouble never stops the pass
         log.warning("sweeper: re-driving run %s failed: %s: %s", run.run_id, type(e).__name__, e)
+        with contextlib.suppress(StoreError):
+            store.note(run.run_id, "run.redrive_failed", by="sweeper",
+                       error=f"{type(e).__name__}: {e}"[:2000],
+                       reason="the run stopped moving and re-driving it failed; the next "
+                              "sweep tries again")
         return
     report.redriven[run.run_id] = owed
     log.warning("sweeper: re-drove run %s (%s): it stopped moving, with no message of it left "
                 "in the broker", run.run_id, ", ".join(owed) or "nothing owed")
+
+
+# -- what each kind of flow does, from its route alone (no agent code) --------------------------
+
+
+def _enqueue(app: Celery, store: StateStore, route: Route, run_id: str) -> None:
+    if route.kind is FlowKind.WORKFLOW:
+        canvas.send(app, canvas.compile_route(app, route, run_id))
+    else:
+        choreography.enqueue(app, store, route, run_id)
+
+
+def _owed(store: StateStore, route: Route, run_id: str) -> list[str]:
+    if route.kind is FlowKind.WORKFLOW:
+        return canvas.owed(store, route, run_id)[1]
+    return [key for key, _ in choreography.owed(store, run_id)]
+
+
+def _redrive_route(app: Celery, store: StateStore, route: Route, run_id: str) -> list[str]:
+    if route.kind is FlowKind.WORKFLOW:
+        return canvas.redrive(app, store, route, run_id)
+    return choreography.redrive(app, store, route, run_id)
 
 
 def _text(value: Any) -> str:

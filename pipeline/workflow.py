@@ -12,19 +12,20 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from celery import Celery, chain, chord, group
+from celery import Celery
 from celery.canvas import Signature
 
 from .agent import Agent, AgentRegistry, agents
+from .canvas import compile_route, owed, redrive, send, upstream
 from .contracts import Contract, ContractRegistry, check_handoff, contracts, fan_in_schema
 from .errors import ContractMismatch, UnknownWorkflow, WorkflowDefinitionError
+from .route import ERRBACK_TASK, FlowKind, Route
 
 if TYPE_CHECKING:
-    from .state import StateStore, Version
+    from .state import RunInfo, StateStore, Version
 
-__all__ = ["Flow", "Parallel", "Step", "Workflow", "WorkflowRegistry", "parallel", "workflows"]
-
-ERRBACK_TASK = "pipeline.run_failed"
+__all__ = ["ERRBACK_TASK", "Flow", "Parallel", "Step", "Workflow", "WorkflowRegistry", "parallel",
+           "route_of", "send", "workflows"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +72,9 @@ class Flow(Protocol):
     def shape(self) -> str: ...
 
     def describe(self) -> dict[str, Any]: ...
+
+    @property
+    def route(self) -> Route: ...
 
     def compensation_stages(self, sealed: dict[str, Version],
                             broken: set[str]) -> list[list[str]]: ...
@@ -137,6 +141,10 @@ class Workflow:
         last = self.stages[-1][0]
         self.stages[-1][0] = Step(key=last.key, agent=last.agent, fan_in=last.fan_in, final=True)
         self._check_contracts()
+        self.route = Route(kind=FlowKind.WORKFLOW,
+                           stages=tuple(tuple(s.key for s in stage) for stage in self.stages),
+                           queues={s.agent.name: s.agent.queue for s in self.steps()})
+        """What the pipeline's own work needs of this workflow, recorded in each run."""
         if register:
             workflows.register(self)
 
@@ -197,10 +205,7 @@ class Workflow:
     def compensation_stages(self, sealed: dict[str, Version], broken: set[str]) -> list[list[str]]:
         """The steps to undo, grouped by stage, newest stage first; a stage's steps
         are compensated side by side."""
-        by_stage: dict[int, list[str]] = {}
-        for step in set(sealed) | broken:
-            by_stage.setdefault(self.stage_of(step), []).append(step)
-        return [sorted(by_stage[i]) for i in sorted(by_stage, reverse=True)]
+        return self.route.compensation_stages(sealed, broken)
 
     def enqueue(self, app: Celery, store: StateStore, run_id: str) -> None:
         """Send the run's canvas to the broker."""
@@ -208,43 +213,17 @@ class Workflow:
 
     def owed(self, store: StateStore, run_id: str) -> list[str]:
         """The steps the run waits for: those not sealed of its first stage with any."""
-        return self._owed(store, run_id)[1]
-
-    def _owed(self, store: StateStore, run_id: str) -> tuple[int, list[str], int | list[int]]:
-        """(stage, its steps not sealed, what the stage receives); stage -1 when all sealed."""
-        replay_start = store.run_info(run_id).replay_start
-        keys = [s.key for s in self.steps()]
-        sealed = dict(zip(keys, store.sealed_steps(run_id, keys), strict=True))
-        for i in range(int(replay_start or 0), len(self.stages)):
-            todo = [s.key for s in self.stages[i] if sealed[s.key] is None]
-            if todo:
-                return i, todo, self.upstream(i, sealed, replay_start=replay_start)
-        return -1, [], 0
+        return owed(store, self.route, run_id)[1]
 
     def upstream(self, stage: int, sealed: Mapping[str, int | None], *,
                  replay_start: str = "") -> int | list[int]:
-        """What stage ``stage`` receives: version 0 at the workflow's start (or where a
-        replay started), else the versions its upstream stage sealed (``sealed``: step key
-        -> version; the caller makes sure they are all there)."""
-        if stage == 0 or str(stage) == replay_start:
-            return 0
-        versions = [v for v in (sealed.get(s.key) for s in self.stages[stage - 1])
-                    if v is not None]
-        return versions[0] if len(versions) == 1 else versions
+        """What stage ``stage`` receives (see the module function ``upstream``)."""
+        return upstream(self.route, stage, sealed, replay_start=replay_start)
 
     def redrive(self, app: Celery, store: StateStore, run_id: str) -> list[str]:
-        """Send the run's canvas again from its first stage with a step not sealed, fed the
-        versions its upstream sealed; the step keys it hands out (none when all sealed).
-
-        For a run that stopped moving with none of its messages left in the broker (the
-        sweeper): a message lost between the broker's pop and its unacked record, or a
-        chord whose join counted a redelivered member twice. A step sealed meanwhile
-        returns its version; the new chord counts its own members.
-        """
-        stage, todo, upstream = self._owed(store, run_id)
-        if todo:
-            send(app, self.compile(app, run_id, start=stage, upstream=upstream))
-        return todo
+        """Send the run's canvas again from its first stage with a step not sealed (see
+        the module function ``redrive``)."""
+        return redrive(app, store, self.route, run_id)
 
     def steps(self) -> Iterator[Step]:
         for stage in self.stages:
@@ -266,50 +245,8 @@ class Workflow:
     def compile(
         self, app: Celery, run_id: str, *, start: int = 0, upstream: int | list[int] = 0
     ) -> Signature:
-        """The canvas for one run: chains for sequence, chords for fan-out/fan-in.
-
-        The first step(s) receive version 0, the run's input; to resume a run,
-        ``start`` names the stage to begin at and ``upstream`` what it receives. One errback with
-        the ``(request, exc, traceback)`` signature is linked to every step's
-        own signature: ``chord.link_error`` would clone it immutable, and an
-        immutable errback is called without the request, exception and traceback.
-        """
-        parts: list[Signature] = []
-        for i, stage in enumerate(self.stages[start:], start):
-            first = upstream if i == start else None
-            sigs = [self._signature(app, run_id, s, upstream=first, joined=len(stage) > 1)
-                    for s in stage]
-            if len(sigs) == 1:
-                previous = parts[-1] if parts else None
-                if isinstance(previous, group):
-                    parts[-1] = chord(previous, sigs[0], app=app)
-                else:
-                    parts.append(sigs[0])
-            else:
-                parts.append(group(sigs, app=app))
-        canvas: Signature = parts[0] if len(parts) == 1 else chain(*parts, app=app)
-        return canvas
-
-    @staticmethod
-    def _signature(
-        app: Celery, run_id: str, step: Step, *, upstream: int | list[int] | None, joined: bool
-    ) -> Signature:
-        """One step's task. Only a chord member's result is stored (the chord
-        joins on it); every other step ignores its Celery result, since the
-        sealed version is the result. That saves a backend write per step and
-        keeps the client from subscribing to each run's result channel."""
-        kwargs: dict[str, Any] = {"run_id": run_id, "step": step.key}
-        if step.final:
-            kwargs["final"] = True
-        sig = app.signature(
-            step.agent.task_name,
-            args=() if upstream is None else (upstream,),
-            kwargs=kwargs,
-            queue=step.agent.queue,
-            ignore_result=not joined,
-        )
-        sig.link_error(app.signature(ERRBACK_TASK))
-        return sig
+        """The canvas for one run (see the module function ``compile_route``)."""
+        return compile_route(app, self.route, run_id, start=start, upstream=upstream)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -323,29 +260,6 @@ class Workflow:
 
     def __repr__(self) -> str:
         return f"Workflow({self.name!r}, {self.shape()})"
-
-
-def send(app: Celery, canvas: Signature) -> None:
-    """Send a canvas, and stop listening for results nobody will read.
-
-    Sending subscribes the sender to the result channel of every task whose result is
-    stored (a chord's members, which the chord joins on) and keeps their AsyncResults
-    pending in the app. The client waits on the run's log, never on those results: left
-    alone, a long-lived client would hold three subscriptions per run, for ever.
-    """
-    result = canvas.apply_async()
-    backend = app.backend
-    if not hasattr(backend, "remove_pending_result"):  # a backend without subscriptions
-        return
-    todo: list[Any] = [result]
-    while todo:
-        r = todo.pop()
-        if r is None:
-            continue
-        todo += list(getattr(r, "results", None) or [])  # a group's members
-        todo.append(getattr(r, "parent", None))
-        if getattr(r, "id", None) and not getattr(r, "results", None):
-            backend.remove_pending_result(r)
 
 
 class WorkflowRegistry:
@@ -371,3 +285,16 @@ class WorkflowRegistry:
 
 workflows = WorkflowRegistry()
 """The process-wide workflow registry."""
+
+
+def route_of(info: RunInfo) -> Route:
+    """The route run ``info`` was created with (see ``recorded_route``)."""
+    return recorded_route(info.run_id, info.workflow, info.route)
+
+
+def recorded_route(run_id: str, workflow: str, recorded: str) -> Route:
+    """The route a run recorded (JSON); a run from before routes were recorded takes its
+    flow's, if this process has the flow (else ``UnknownWorkflow``)."""
+    if recorded:
+        return Route.from_json(recorded, f"run {run_id}")
+    return workflows.get(workflow).route

@@ -355,7 +355,7 @@ def one_client(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> Cluster:
     client = Pipeline(settings=Settings.from_env({
         "PIPELINE_REDIS_URL": cluster.url, "PIPELINE_AGENT_MODULES": AGENT_MODULES,
         "PIPELINE_MAX_PAYLOAD_BYTES": str(FUZZ_LIMIT)}))
-    monkeypatch.setattr(pipeline.cli, "_pipeline", lambda: client)
+    monkeypatch.setattr(pipeline.cli, "_pipeline", lambda **_: client)
     return cluster
 
 

@@ -9,6 +9,8 @@
 -- ARGV[4] = input contract (name@version)
 -- ARGV[5] = idempotency key ('' when none)
 -- ARGV[6] = seconds the run lives if it is never enqueued (mark_enqueued.lua lifts it)
+-- ARGV[7] = the run's route, JSON: its flow's stages or start event, and its agents'
+--           queues ('' when none): what the pipeline's own work reads instead of agent code
 -- Returns {'created', created_at_ms} or {'exists', workflow, input_digest, enqueued, age_ms}
 -- where enqueued is '1' once the client handed the run's canvas to the broker, and
 -- age_ms is how long ago the run was created, by the server's clock.
@@ -27,6 +29,7 @@ redis.call('HSET', KEYS[3],
   'created_at', now, 'updated_at', now,
   'input_contract', ARGV[4], 'input_digest', ARGV[3], 'idempotency_key', ARGV[5],
   'enqueued', '0')
+if ARGV[7] ~= '' then redis.call('HSET', KEYS[3], 'route', ARGV[7]) end
 redis.call('XADD', KEYS[4], '*', 'event', 'run.created', 'at', now, 'workflow', ARGV[1],
   'version', '0')
 for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[6]) end

@@ -15,7 +15,7 @@ from redis.exceptions import RedisClusterException
 
 from ..errors import RunNotFound, RunNotParked, StoreError, StoreUnavailable, VersionNotFound
 from ..keys import HELD, LIVE, RUNS_INDEX, UNENQUEUED, RunKeys, version_stream_id
-from ..lua import Batch, Client, Script, checked, route
+from ..lua import Batch, Client, Script, checked, decoding_client, route
 from ..settings import (
     DEFAULT_LEASE_S,
     DEFAULT_MAX_PAYLOAD_BYTES,
@@ -137,7 +137,7 @@ class StateStore:
     ) -> None:
         # Typed as a plain Redis for the code that hands it on (the step's context, the
         # metrics): a RedisCluster answers the same commands about the keys of one slot.
-        self.redis = cast(redis.Redis, client)
+        self.redis = cast(redis.Redis, decoding_client(client, "StateStore"))
         self.url = url or _url_of(client)
         self.max_payload_bytes = max_payload_bytes
         self.retention_s = retention_s
@@ -164,10 +164,13 @@ class StateStore:
         contract: str,
         idempotency_key: str | None = None,
         form: Sealable | None = None,
+        route: str = "",
     ) -> Created:
         """Create the run and seal its input as version 0; a no-op if the run exists.
 
-        ``form`` is the payload already checked by ``sealable`` (not done twice).
+        ``form`` is the payload already checked by ``sealable`` (not done twice); ``route``
+        (JSON) is what the pipeline's own work must know of the run's flow, kept in its
+        record.
         """
         form = form or sealable(payload, self.max_payload_bytes, f"input of workflow {workflow}")
         canonical, digest = form.text, form.digest
@@ -175,7 +178,7 @@ class StateStore:
         batch = Batch(self.redis)
         batch.script(CREATE_RUN, [keys.states, keys.steps, keys.run, keys.log],
                      [workflow, canonical, digest, contract, idempotency_key or "",
-                      UNENQUEUED_TTL_S])
+                      UNENQUEUED_TTL_S, route])
         # the index, in the same round trip (a run created before keeps its first score),
         # trimmed of entries older than any finished run can live
         now_ms = int(time.time() * 1000)

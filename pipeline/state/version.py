@@ -208,6 +208,8 @@ class RunInfo:
     """Runs replayed from this one."""
     replay_start: str = ""
     """Where a replay started: a workflow's stage index, or a choreography's event type."""
+    route: str = ""
+    """The run's route as JSON (``pipeline.route.Route``), '' for a run from before routes."""
 
     @property
     def parked_step(self) -> str | None:
@@ -237,6 +239,7 @@ class RunInfo:
             replay_of=h.get("replay_of", ""),
             replays=tuple(sorted(k.removeprefix("replay:") for k in h if k.startswith("replay:"))),
             replay_start=h.get("replay_start", ""),
+            route=h.get("route", ""),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,147 @@
+"""A run's route: what the pipeline's own work must know of its flow, recorded in the run.
+
+A fleet is mixed: during a rolling deploy, or with pools split by queue, the
+worker that plans a saga, re-drives a stopped run or enqueues a forgotten one
+may import none of the run's agent modules. So the client that creates a run
+records its route in the run's record (``route``, JSON, in the script that
+creates it), and that work reads it from there, never from the local registries:
+
+- a workflow's stages, as step keys (``<stage>:<agent>``, ``<stage>.<j>:<agent>``
+  for a parallel member; the last stage's one step is the run's output);
+- a choreography's start event, the agents subscribed to it and its terminal
+  event types;
+- the queue of every agent of the flow (``agent.<name>`` runs on it, and so does
+  ``compensate.<name>``).
+
+The route is plain data: building a canvas or a delivery from it needs no agent
+code. A run created before routes were recorded has none; its flow, if this
+process has it, gives one (``Workflow.route``, ``Choreography.route``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from .errors import WorkflowDefinitionError
+
+__all__ = ["ERRBACK_TASK", "FlowKind", "Route", "agent_of", "compensate_task", "default_queue",
+           "newest_first", "step_task"]
+
+
+class FlowKind(StrEnum):
+    WORKFLOW = "workflow"
+    CHOREOGRAPHY = "choreography"
+
+
+def default_queue(agent: str) -> str:
+    """The queue an agent runs on unless it names another: ``agents.<name>``."""
+    return f"agents.{agent}"
+
+
+ERRBACK_TASK = "pipeline.run_failed"
+"""The errback linked to every step: a step that failed for good begins the run's saga."""
+
+
+def step_task(agent: str) -> str:
+    """The Celery task that runs one step of ``agent``."""
+    return f"agent.{agent}"
+
+
+def compensate_task(agent: str) -> str:
+    """The Celery task that undoes one step of ``agent``."""
+    return f"compensate.{agent}"
+
+
+def agent_of(step: str) -> str:
+    """The agent of a step key (``<stage or event>:<agent>``)."""
+    return step.rsplit(":", 1)[-1]
+
+
+def newest_first(sealed: Mapping[str, Any], broken: set[str]) -> list[list[str]]:
+    """One step a stage, in reverse order of sealing (``sealed``: step key -> its
+    version, which has ``.version``); steps whose output broke its contract (never
+    sealed) first."""
+    order = sorted(sealed, key=lambda step: sealed[step].version, reverse=True)
+    return [[step] for step in sorted(broken - set(sealed))] + [[s] for s in order]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Route:
+    """What a run's flow looks like to the pipeline's own work (see the module docstring)."""
+
+    kind: FlowKind
+    stages: tuple[tuple[str, ...], ...] = ()
+    """A workflow's step keys, stage by stage."""
+    queues: Mapping[str, str] = field(default_factory=dict)
+    """Agent name -> its queue, for every agent the flow's creator knew."""
+    start: str = ""
+    """A choreography's start event type."""
+    subscribers: tuple[str, ...] = ()
+    """The agents subscribed to ``start`` where the run was created."""
+    terminal: tuple[str, ...] = ()
+    """A choreography's terminal event types."""
+
+    def queue_of(self, agent: str, known: Mapping[str, str] | None = None) -> str:
+        """The queue of ``agent``: recorded here, else in ``known`` (the fleet's agent
+        catalog), else the default ``agents.<name>``."""
+        return self.queues.get(agent) or (known or {}).get(agent) or default_queue(agent)
+
+    def stage_of(self, step: str) -> int:
+        """The index of the workflow stage that holds ``step``."""
+        for i, stage in enumerate(self.stages):
+            if step in stage:
+                return i
+        raise WorkflowDefinitionError(f"the route has no step {step!r}")
+
+    def compensation_stages(self, sealed: Mapping[str, Any], broken: set[str]) -> list[list[str]]:
+        """The steps to undo, newest first: a workflow's grouped by stage (a stage's steps
+        are undone side by side), a choreography's one at a time in reverse order of
+        sealing. A step the route does not hold (it cannot be placed) goes first, alone."""
+        if self.kind is FlowKind.CHOREOGRAPHY:
+            return newest_first(sealed, broken)
+        by_stage: dict[int, list[str]] = {}
+        strays = []
+        for step in set(sealed) | broken:
+            try:
+                by_stage.setdefault(self.stage_of(step), []).append(step)
+            except WorkflowDefinitionError:
+                strays.append([step])
+        return sorted(strays) + [sorted(by_stage[i]) for i in sorted(by_stage, reverse=True)]
+
+    def to_json(self) -> str:
+        data: dict[str, Any] = {"kind": self.kind.value,
+                                "queues": dict(sorted(self.queues.items()))}
+        if self.kind is FlowKind.WORKFLOW:
+            data["stages"] = [list(stage) for stage in self.stages]
+        else:
+            data |= {"start": self.start, "subscribers": list(self.subscribers),
+                     "terminal": list(self.terminal)}
+        return json.dumps(data, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "") -> Route:
+        """Parse a recorded route; ``WorkflowDefinitionError`` naming ``where`` if it is
+        not one."""
+        try:
+            data = json.loads(text)
+            return cls(
+                kind=FlowKind(data["kind"]),
+                stages=tuple(tuple(_strings(s)) for s in data.get("stages", ())),
+                queues={str(k): str(v) for k, v in dict(data.get("queues", {})).items()},
+                start=str(data.get("start", "")),
+                subscribers=tuple(_strings(data.get("subscribers", ()))),
+                terminal=tuple(_strings(data.get("terminal", ()))),
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise WorkflowDefinitionError(
+                f"{where or 'route'}: not a recorded route ({e})") from None
+
+
+def _strings(items: Sequence[Any]) -> list[str]:
+    if isinstance(items, str) or not all(isinstance(i, str) for i in items):
+        raise TypeError(f"expected a list of strings, got {items!r}")
+    return list(items)
