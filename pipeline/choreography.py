@@ -43,7 +43,7 @@ from .errors import (
 from .events import check_event_type, failure_event
 from .keys import RunKeys
 from .lua import Batch, Script
-from .route import FlowKind, Route, default_queue, newest_first, step_task
+from .route import FlowKind, Route, default_queue, newest_first, queues_of, step_task
 from .state import StateStore, Version
 from .state.store import Extra, translate_errors
 from .state.version import Sealable, sealable
@@ -258,7 +258,7 @@ class Choreography:
         """What the pipeline's own work needs of this flow, recorded in each run: the
         start event's subscribers (as registered now) and every agent's queue."""
         return Route(kind=FlowKind.CHOREOGRAPHY,
-                     queues={a.name: a.queue for a in self.agents()},
+                     queues=queues_of((a.name, a.queue) for a in self.agents()),
                      start=self.start_event,
                      subscribers=tuple(a.name for a in self.subscribers(self.start_event)),
                      terminal=self.terminal)

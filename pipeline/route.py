@@ -10,8 +10,8 @@ creates it), and that work reads it from there, never from the local registries:
   for a parallel member; the last stage's one step is the run's output);
 - a choreography's start event, the agents subscribed to it and its terminal
   event types;
-- the queue of every agent of the flow (``agent.<name>`` runs on it, and so does
-  ``compensate.<name>``).
+- the queue of every agent of the flow that does not run on its default queue
+  ``agents.<name>`` (``agent.<name>`` runs on it, and so does ``compensate.<name>``).
 
 The route is plain data: building a canvas or a delivery from it needs no agent
 code. A run created before routes were recorded has none; its flow, if this
@@ -21,7 +21,7 @@ process has it, gives one (``Workflow.route``, ``Choreography.route``).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -29,7 +29,7 @@ from typing import Any
 from .errors import WorkflowDefinitionError
 
 __all__ = ["ERRBACK_TASK", "FlowKind", "Route", "agent_of", "compensate_task", "default_queue",
-           "newest_first", "step_task"]
+           "newest_first", "queues_of", "step_task"]
 
 
 class FlowKind(StrEnum):
@@ -61,6 +61,12 @@ def agent_of(step: str) -> str:
     return step.rsplit(":", 1)[-1]
 
 
+def queues_of(agents: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """What a route records of these (agent, queue) pairs: the queues that are not the
+    agent's default (the others go without saying, and each run's record stays small)."""
+    return {name: queue for name, queue in agents if queue != default_queue(name)}
+
+
 def newest_first(sealed: Mapping[str, Any], broken: set[str]) -> list[list[str]]:
     """One step a stage, in reverse order of sealing (``sealed``: step key -> its
     version, which has ``.version``); steps whose output broke its contract (never
@@ -77,7 +83,7 @@ class Route:
     stages: tuple[tuple[str, ...], ...] = ()
     """A workflow's step keys, stage by stage."""
     queues: Mapping[str, str] = field(default_factory=dict)
-    """Agent name -> its queue, for every agent the flow's creator knew."""
+    """Agent name -> its queue, for the agents that do not run on ``agents.<name>``."""
     start: str = ""
     """A choreography's start event type."""
     subscribers: tuple[str, ...] = ()
@@ -85,10 +91,9 @@ class Route:
     terminal: tuple[str, ...] = ()
     """A choreography's terminal event types."""
 
-    def queue_of(self, agent: str, known: Mapping[str, str] | None = None) -> str:
-        """The queue of ``agent``: recorded here, else in ``known`` (the fleet's agent
-        catalog), else the default ``agents.<name>``."""
-        return self.queues.get(agent) or (known or {}).get(agent) or default_queue(agent)
+    def queue_of(self, agent: str) -> str:
+        """The queue of ``agent``: the one recorded here, else its default ``agents.<name>``."""
+        return self.queues.get(agent) or default_queue(agent)
 
     def stage_of(self, step: str) -> int:
         """The index of the workflow stage that holds ``step``."""

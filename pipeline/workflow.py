@@ -19,7 +19,7 @@ from .agent import Agent, AgentRegistry, agents
 from .canvas import compile_route, owed, redrive, send, upstream
 from .contracts import Contract, ContractRegistry, check_handoff, contracts, fan_in_schema
 from .errors import ContractMismatch, UnknownWorkflow, WorkflowDefinitionError
-from .route import ERRBACK_TASK, FlowKind, Route
+from .route import ERRBACK_TASK, FlowKind, Route, queues_of
 
 if TYPE_CHECKING:
     from .state import RunInfo, StateStore, Version
@@ -143,7 +143,8 @@ class Workflow:
         self._check_contracts()
         self.route = Route(kind=FlowKind.WORKFLOW,
                            stages=tuple(tuple(s.key for s in stage) for stage in self.stages),
-                           queues={s.agent.name: s.agent.queue for s in self.steps()})
+                           queues=queues_of((s.agent.name, s.agent.queue)
+                                            for s in self.steps()))
         """What the pipeline's own work needs of this workflow, recorded in each run."""
         if register:
             workflows.register(self)

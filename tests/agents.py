@@ -263,6 +263,16 @@ def snag(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
     return {"n": payload["n"] + 1}
 
 
+@agent(input="count@1", output="count@1", queue="agents.shared", **SAGA)
+def shared_booked(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Like booked, on a queue it names itself: the run's route carries it."""
+    book(ctx)
+    return {"n": payload["n"] + 1}
+
+
+sharing = Workflow("sharing", [shared_booked, tripwire])
+
+
 @agent(input="count@1", output="count@1", time_limit_s=10, max_retries=0, compensate=undo)
 def lagger(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
     """Wait while the test holds the run, then add one, leaving a side effect."""

@@ -24,6 +24,7 @@ from pipeline.sweeper import SWEEP_TASK
 from tasks import SAMPLES
 from tasks.credit import ledger
 from tests.conftest import ROOT, Cluster, wait_for
+from tests.quick_agents import SIDE_EFFECTS_KEY
 
 pytestmark = pytest.mark.workers
 
@@ -68,6 +69,23 @@ def test_a_failed_run_is_compensated_by_a_pipeline_pool_that_knows_none_of_its_a
     good = p.start("credit_decision", GOOD, idempotency_key="succeeds").wait(30)
     assert good.status is RunStatus.SUCCEEDED and good.output["decision"] == "approved"
     assert [v.agent for v in p.store.history(good.run_id)][-1] == "final_approval"
+
+
+def test_a_compensation_goes_to_the_queue_its_agent_named_though_the_planner_knows_none(
+        cluster: Cluster) -> None:
+    cluster.worker(queues=("pipeline",), concurrency=1, PIPELINE_AGENT_MODULES=NO_CREDIT_AGENTS)
+    cluster.worker(queues=("agents.shared", "agents.tripwire"), concurrency=2,
+                   PIPELINE_CHAOS="tripwire=error:1")
+    p = cluster.pipeline()
+    run = p.start("sharing", {"n": 1})
+
+    result = run.wait(30)
+
+    assert result.status is RunStatus.COMPENSATED, result.error
+    assert json.loads(run.info().route)["queues"] == {"shared_booked": "agents.shared"}
+    done = [e["step"] for e in entries(cluster, run.run_id, "compensation.done")]
+    assert done == ["0:shared_booked"]
+    assert cluster.redis.hgetall(SIDE_EFFECTS_KEY.format(run_id=run.run_id)) == {}
 
 
 def test_a_run_that_lost_its_message_is_redriven_by_a_pipeline_pool_without_its_agents(
