@@ -225,3 +225,22 @@ def test_operator_commands_need_none_of_the_agent_modules(cluster: Cluster,
     code, out = reply("cancel", stuck.run_id, "--wait", "--json")
     assert json.loads(out)["status"] == "failed"  # nothing had sealed: nothing to undo
     assert stuck.info().error == "cancelled by hand"
+
+
+def test_a_pool_that_shares_a_queue_with_an_agent_it_lacks_gives_its_messages_back(
+        cluster: Cluster) -> None:
+    cluster.worker(queues=("pipeline",), concurrency=1)
+    neighbour = cluster.worker(queues=("agents.shared",), concurrency=1,
+                               PIPELINE_AGENT_MODULES="tests.shared_queue_agents")
+    p = cluster.pipeline()
+    run = p.start("sharing", {"n": 1})
+
+    [returned] = wait_for(lambda: entries(cluster, run.run_id, "message.returned"),
+                          timeout_s=30, message="the neighbour to give the message back")
+    assert returned["step"] == "0:shared_booked" and returned["queue"] == "agents.shared"
+    assert "stopped consuming" not in returned["reason"]  # it serves its own agent there
+    assert "Canceling queue" not in neighbour.tail()
+    cluster.worker(queues=("agents.shared", "agents.tripwire"), concurrency=2)
+    result = run.wait(30)
+    assert result.status is RunStatus.SUCCEEDED and result.output == {"n": 3}
+    assert len(entries(cluster, run.run_id, "message.returned")) == 1  # noted once
