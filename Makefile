@@ -1,4 +1,4 @@
-# The README's commands. `make test` is what CI runs (.ci/run).
+# The README's commands. `make demo` then `make test` is what CI runs (.ci/run).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin

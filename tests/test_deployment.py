@@ -1,9 +1,10 @@
 """The deployment files: docker-compose.yml, Procfile, the Celery settings, Flower's auth.
 
-Docker does not run here, so the compose file is checked by reading it (and by
-``docker-compose config`` where that is installed): every agent queue has a pool,
-every command and option it names exists, Redis persists, Flower demands
-credentials. The Procfile's pools run for real under honcho.
+Docker does not run here, so the compose file is checked without it: against the Compose
+specification's JSON schema (vendored in tests/compose-spec/, so this runs on any machine;
+``docker compose config`` or ``docker-compose config`` checks it too where one is installed),
+and by reading it: every agent queue has a pool, every command and option it names exists,
+Redis persists, Flower demands credentials. The Procfile's pools run for real under honcho.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import sys
 from pathlib import Path
 
 import click
+import jsonschema
 import pytest
 import yaml
 
@@ -149,7 +151,39 @@ def test_procfile_names_only_commands_options_and_queues_that_exist() -> None:
     assert {n: unknown_parts(c) for n, c in PROCFILE.items()} == {n: [] for n in PROCFILE}
 
 
+# -- the file against the Compose specification ------------------------------------------
+
+# The specification's JSON schema, unmodified from Debian's docker-compose 1.29.2 (Apache-2.0;
+# tests/compose-spec/README.md says more). docker-compose 1.29 validates with it as draft 4,
+# with format checks of its own; the two below are the formats this file uses.
+COMPOSE_SCHEMA = Path(__file__).parent / "compose-spec" / "compose_spec.json"
+FORMATS = jsonschema.FormatChecker(())
+DURATION = re.compile(r"(\d+(\.\d+)?(ns|us|ms|s|m|h))+")  # Go's time.ParseDuration
+PORTS = re.compile(r"((\d{1,3}(\.\d{1,3}){3}|\[[\da-fA-F:]+\]):)?"   # [host ip:]
+                   r"(\d+(-\d+)?:)?\d+(-\d+)?(/(tcp|udp|sctp))?")   # [host port:]port[/proto]
+
+
+@FORMATS.checks("duration")
+def _duration(value: object) -> bool:
+    return not isinstance(value, str) or DURATION.fullmatch(value) is not None
+
+
+@FORMATS.checks("ports")
+def _ports(value: object) -> bool:
+    return not isinstance(value, str) or PORTS.fullmatch(value) is not None
+
+
+def schema_errors(document: object) -> list[str]:
+    """What the Compose specification's schema refuses in ``document``, one line each."""
+    schema = json.loads(COMPOSE_SCHEMA.read_text())
+    jsonschema.Draft4Validator.check_schema(schema)
+    errors = jsonschema.Draft4Validator(schema, format_checker=FORMATS).iter_errors(document)
+    return sorted(f"{'.'.join(map(str, e.absolute_path)) or '(top level)'}: {e.message}"
+                  for e in errors)
+
+
 def compose_tool() -> list[str] | None:
+    """A Compose implementation that validates a file without a Docker engine, if any."""
     if shutil.which("docker-compose"):
         return ["docker-compose"]
     if shutil.which("docker") and subprocess.run(
@@ -158,16 +192,64 @@ def compose_tool() -> list[str] | None:
     return None
 
 
-def test_docker_compose_config_accepts_the_file() -> None:
+def compose_config(tool: list[str], path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """``<tool> -f <path> config``: the file resolved and validated, with only ``env`` for
+    Flower's credentials."""
+    return subprocess.run(
+        [*tool, "-f", str(path), "config"], cwd=path.parent, capture_output=True, text=True,
+        timeout=60, env={**{k: v for k, v in os.environ.items() if k != "FLOWER_BASIC_AUTH"},
+                         **env},
+    )
+
+
+def test_compose_file_follows_the_compose_specification() -> None:
+    assert schema_errors(COMPOSE) == []
     tool = compose_tool()
     if tool is None:
-        pytest.skip("neither docker-compose nor the docker compose plugin is installed")
-    done = subprocess.run(
-        [*tool, "-f", str(Path(ROOT) / "docker-compose.yml"), "config", "--quiet"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-        env={**os.environ, "FLOWER_BASIC_AUTH": "ops:secret"},
-    )
+        return  # the schema is the check here; a machine with Compose also runs the one below
+    path = Path(ROOT) / "docker-compose.yml"
+    done = compose_config(tool, path, FLOWER_BASIC_AUTH="ops:secret")
     assert done.returncode == 0, done.stderr
+    resolved = yaml.safe_load(done.stdout)
+    assert set(resolved["services"]) == set(COMPOSE["services"])
+    assert resolved["services"]["flower"]["environment"]["FLOWER_BASIC_AUTH"] == "ops:secret"
+    refused = compose_config(tool, path)  # no credentials: Compose will not start Flower
+    assert refused.returncode != 0
+    assert "set FLOWER_BASIC_AUTH=user:password" in refused.stderr
+
+
+@pytest.mark.parametrize(("where", "value", "named", "by_compose"), [
+    pytest.param(("services", "flower", "replica"), 1, "'replica'", True,
+                 id="unknown-service-key"),
+    pytest.param(("servics",), {}, "'servics'", True, id="unknown-top-level-key"),
+    pytest.param(("services", "worker-approval", "deploy", "replicas"), "two", "replicas", True,
+                 id="replicas-not-an-integer"),
+    pytest.param(("services", "exporter", "depends_on", "redis", "condition"), "service_ready",
+                 "condition", True, id="unknown-depends-on-condition"),
+    pytest.param(("services", "flower", "ports"), ["127.0.0.1:flower:5555"], "ports", True,
+                 id="port-not-a-port"),
+    # docker-compose 1.29 does not check durations (`config` crashes printing this one)
+    pytest.param(("services", "redis", "healthcheck", "interval"), "5 seconds", "interval",
+                 False, id="interval-not-a-duration"),
+])
+def test_a_broken_copy_of_the_compose_file_is_refused(
+    where: tuple[str, ...], value: object, named: str, by_compose: bool, tmp_path: Path,
+) -> None:
+    """The check above can fail: each validator refuses a copy with one thing wrong."""
+    broken = json.loads(json.dumps(COMPOSE))  # a deep copy; the YAML merges shared values
+    parent = functools.reduce(lambda node, key: node[key], where[:-1], broken)
+    parent[where[-1]] = value
+    errors = schema_errors(broken)
+    assert errors, f"the schema accepts {'.'.join(where)} = {value!r}"
+    service = ".".join(where[:2]) if len(where) > 1 else "(top level)"  # where it is reported
+    assert any(e.startswith(service) and named.strip("'") in e for e in errors), errors
+    tool = compose_tool()
+    if tool is not None and by_compose:
+        path = tmp_path / "docker-compose.yml"
+        path.write_text(yaml.safe_dump(broken))
+        done = compose_config(tool, path, FLOWER_BASIC_AUTH="ops:secret")
+        assert done.returncode != 0, f"{tool} accepts {'.'.join(where)} = {value!r}"
+        assert named in done.stderr, done.stderr
 
 
 # -- the Procfile's pools, run by honcho --------------------------------------------------
