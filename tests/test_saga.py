@@ -348,8 +348,11 @@ def test_many_errback_calls_for_one_run_start_exactly_one_compensation(
 
     assert result.status is RunStatus.COMPENSATED
     log = log_of(p, run.run_id)
-    assert sorted(e["agent"] for e in log if e["event"] == "step.failed") == ["snag",
-                                                                               "tripwire"]
+    # Each member fails, unless the other's failure began the saga before it opened (a
+    # loaded machine): then it is skipped, and the chord's ChordError is the second call.
+    ends = {e["step"]: e["event"] for e in log if e["event"] in ("step.failed", "step.skipped")}
+    assert set(ends) == {"1.0:tripwire", "1.1:snag"}
+    assert "step.failed" in ends.values()
     assert count(log, "run.compensating") == 1
     assert count(log, "compensation.planned") == 1
     assert assert_compensated_once_newest_first(log) == ["0:booked"]
