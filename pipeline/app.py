@@ -104,7 +104,7 @@ def create_app(
     settings = settings or Settings.from_env()
     import_agent_modules(settings.agent_modules, required=agents_required)
     for flow in workflows:  # every subscriber is known now: check the event flows
-        if isinstance(flow, choreography.Choreography):
+        if isinstance(flow, choreography.Choreography) and agents_required:
             flow.check()
     app = Celery(main, broker=settings.broker_url, backend=settings.result_backend)
     app.conf.update(
@@ -215,7 +215,7 @@ def create_app(
             # Said in the run's trace, not only in this worker's log: `pipeline inspect`
             # shows why the saga stopped; the sweeper nudges it again after the lease.
             with contextlib.suppress(StoreError):
-                store_for(app).note(run_id, "saga.error", task=saga.COMPENSATE_RUN_TASK,
+                store_for(app).note_once(run_id, "saga.error", task=saga.COMPENSATE_RUN_TASK,
                                     error=f"{type(e).__name__}: {e}"[:2000],
                                     reason="planning or dispatching the compensation failed; "
                                            "the sweeper sends the planner again")

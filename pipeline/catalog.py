@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import redis
 
-from .agent import Agent, AgentRegistry
+from .agent import Agent, AgentRegistry, agents
 from .breaker.policy import BreakerPolicy, Fallback
 from .keys import AGENT_CATALOG
+from .route import Route, default_queue
 
-__all__ = ["AgentCard", "card", "known_agents", "publish", "read"]
+__all__ = ["AgentCard", "card", "known_agents", "publish", "queue_of", "read", "resolver"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -108,6 +109,23 @@ def card(client: redis.Redis, name: str) -> AgentCard | None:
     """The card of agent ``name``, if a worker published one this version can read."""
     text = client.hget(AGENT_CATALOG, name)
     return None if text is None else AgentCard.from_json(str(text))
+
+
+def queue_of(client: redis.Redis, agent: str, route: Route | None = None) -> str:
+    """Where ``agent``'s steps and compensations go: as the run's route records it (for the
+    flow's own agents), else as this process has the agent, else as a worker of the fleet
+    published it, else ``agents.<name>``."""
+    if route is not None and route.holds(agent):
+        return route.queue_of(agent)
+    if agent in agents:
+        return agents.get(agent).queue
+    found = card(client, agent)
+    return found.queue if found is not None else default_queue(agent)
+
+
+def resolver(client: redis.Redis, route: Route | None = None) -> Callable[[str], str]:
+    """``queue_of`` for one run: agent name -> its queue."""
+    return lambda agent: queue_of(client, agent, route)
 
 
 def known_agents(client: redis.Redis, registry: AgentRegistry) -> dict[str, AgentCard]:

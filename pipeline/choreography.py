@@ -25,12 +25,13 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery, Task
 
+from . import catalog
 from .agent import Agent, AgentRegistry, agents
 from .contracts import Contract, ContractRegistry, check_handoff, contracts
 from .errors import (
@@ -259,6 +260,7 @@ class Choreography:
         start event's subscribers (as registered now) and every agent's queue."""
         return Route(kind=FlowKind.CHOREOGRAPHY,
                      queues=queues_of((a.name, a.queue) for a in self.agents()),
+                     agents=tuple(a.name for a in self.agents()),
                      start=self.start_event,
                      subscribers=tuple(a.name for a in self.subscribers(self.start_event)),
                      terminal=self.terminal)
@@ -322,7 +324,7 @@ class Choreography:
                 else:
                     dispatch(pipeline.app, run_id, Handover(
                         "again", event_id, int(event["version"]), (name,), str(event["type"])),
-                        queues=self.route.queues)
+                        queue_of=catalog.resolver(store.redis, self.route))
         except RunNotParked:
             raise
         except Exception as e:
@@ -442,7 +444,7 @@ def enqueue(app: Celery, store: StateStore, route: Route, run_id: str) -> None:
     handover = publish(store, run_id, source=START, event_type=route.start,
                        publisher=CLIENT, version=0, subscribers=route.subscribers,
                        terminal=route.terminal)
-    follow_up(app, store, run_id, handover, queues=route.queues)
+    follow_up(app, store, run_id, handover, queue_of=catalog.resolver(store.redis, route))
 
 
 def owed(store: StateStore, run_id: str) -> list[tuple[str, str]]:
@@ -478,16 +480,16 @@ def redrive(app: Celery, store: StateStore, route: Route, run_id: str) -> list[s
         event = event_record(store, run_id, event_id)
         dispatch(app, run_id, Handover("again", event_id, int(event["version"]), (name,),
                                        str(event["type"])), task_ids={name: task_id},
-                 queues=route.queues)
+                 queue_of=catalog.resolver(store.redis, route))
         handed.append(key)
     return handed
 
 
 def follow_up(app: Celery, store: StateStore, run_id: str, handover: Handover,
-              queues: Mapping[str, str] | None = None) -> None:
+              queue_of: Callable[[str], str] | None = None) -> None:
     """Send what a publication owes: its deliveries, or the planner of the saga it began."""
     if handover.outcome in ("published", "again"):
-        dispatch(app, run_id, handover, queues=queues)
+        dispatch(app, run_id, handover, queue_of=queue_of)
     elif handover.outcome == "compensating":
         from . import saga  # the saga imports the app, which imports this
 
@@ -496,16 +498,16 @@ def follow_up(app: Celery, store: StateStore, run_id: str, handover: Handover,
 
 def dispatch(app: Celery, run_id: str, handover: Handover,
              task_ids: Mapping[str, str] | None = None,
-             queues: Mapping[str, str] | None = None) -> None:
+             queue_of: Callable[[str], str] | None = None) -> None:
     """Send one task per subscriber, on its queue, carrying the event id and its version
-    (under the task id ``task_ids`` gives a subscriber, else a new one). A subscriber's
-    queue is the one ``queues`` names (the run's route), else the one it has here, else
-    ``agents.<name>``: an agent this process does not know is still dispatched."""
+    (under the task id ``task_ids`` gives a subscriber, else a new one). ``queue_of`` finds
+    a subscriber's queue (``catalog.resolver``: the run's route, this process, the fleet);
+    without it, the subscriber's queue here, else ``agents.<name>``."""
     from .workflow import ERRBACK_TASK
 
     for name in handover.subscribers:
-        queue = (queues or {}).get(name) or (agents.get(name).queue if name in agents
-                                             else default_queue(name))
+        queue = queue_of(name) if queue_of is not None else (
+            agents.get(name).queue if name in agents else default_queue(name))
         sig = app.signature(
             step_task(name), args=(handover.version,),
             kwargs={"run_id": run_id, "step": f"{handover.event}:{name}",
@@ -540,7 +542,7 @@ def event_record(store: StateStore, run_id: str, event_id: str) -> dict[str, Any
 
 
 def redeliver(app: Celery, store: StateStore, run_id: str, event_id: str,
-              queues: Mapping[str, str] | None = None) -> list[str]:
+              queue_of: Callable[[str], str] | None = None) -> list[str]:
     """Send an event's deliveries again, to every subscriber (an operator's at-least-once).
 
     Handling stays once per (event, subscriber): a delivery handled before is
@@ -552,5 +554,5 @@ def redeliver(app: Celery, store: StateStore, run_id: str, event_id: str,
         raise InputError(f"event {event_id} of run {run_id} is a failure event, handled by "
                          "the saga: there is nothing to redeliver")
     dispatch(app, run_id, Handover("again", event_id, int(event["version"]), subs,
-                                   str(event["type"])), queues=queues)
+                                   str(event["type"])), queue_of=queue_of)
     return list(subs)

@@ -10,9 +10,10 @@ from typing import Any
 
 from celery import Celery
 
-from . import saga
+from . import catalog, saga
 from .app import create_app
 from .breaker import BreakerRegistry
+from .canvas import compile_route
 from .choreography import Choreography, redeliver
 from .contracts import Contract
 from .errors import (
@@ -24,7 +25,9 @@ from .errors import (
     RunNotParked,
     UnknownWorkflow,
     WaitTimeout,
+    WorkflowDefinitionError,
 )
+from .route import Route
 from .settings import Settings, redact_url
 from .state import RunInfo, RunStatus, StateStore, Version
 from .state.version import sealable
@@ -116,10 +119,11 @@ class Pipeline:
         a subscriber that handled it records a ``duplicate`` and does nothing.
         """
         try:
-            queues = route_of(self.store.run_info(run_id)).queues
-        except UnknownWorkflow:  # a run from before routes, of a flow not known here
-            queues = {}
-        return redeliver(self.app, self.store, run_id, event_id, queues=queues)
+            route: Route | None = route_of(self.store.run_info(run_id))
+        except (UnknownWorkflow, WorkflowDefinitionError):  # an old run's, or unreadable
+            route = None
+        return redeliver(self.app, self.store, run_id, event_id,
+                         queue_of=catalog.resolver(self.store.redis, route))
 
     def start(
         self, workflow: str | Flow, payload: Any, idempotency_key: str | None = None
@@ -250,7 +254,9 @@ class Pipeline:
                         return Run(self, run_id)
                     stage += 1
                     upstream = self._upstream(run_id, wf, stage)
-            send(self.app, wf.compile(self.app, run_id, start=stage, upstream=upstream))
+            # from the route the run was created with, as the saga and the sweeper do
+            send(self.app, compile_route(self.app, route_of(info), run_id, start=stage,
+                                         upstream=upstream))
         except RunNotParked:
             raise
         except Exception as e:
@@ -310,9 +316,9 @@ class Pipeline:
             flow.contract_of(ref).validate(source.payload, side="input", agent=where,
                                            run_id=run_id, version=from_version)
         new_id = str(uuid.uuid4())
-        route = flow.route
-        if isinstance(flow, Choreography):  # the replay starts at its own event
-            route = replace(route, start=event_type, subscribers=tuple(
+        route = replace(flow.route, start=start_at)  # where the replay starts, recorded
+        if isinstance(flow, Choreography):  # ... with that event's subscribers
+            route = replace(route, subscribers=tuple(
                 a.name for a in flow.subscribers(event_type)))
         self.store.create_run(new_id, workflow=flow.name, payload=source.payload,
                               contract=source.contract, route=route.to_json())

@@ -9,12 +9,15 @@ worker cannot run is returned to its queue for a worker that knows the agent, an
 
 - if nothing this worker runs is routed to that queue, the worker stops consuming it
   (it would only take the message again);
-- else (a queue shared with agents it knows) the message is held a moment first, so two
-  such workers do not bounce it between them as fast as the broker allows;
+- else (a queue shared with agents it knows) the message is held a moment first (a second,
+  or a quarter of the lease if that is shorter, so the sweeper never finds it unheld), so
+  two such workers do not bounce it between them as fast as the broker allows; meanwhile it
+  takes one of the worker's prefetch slots;
 - the run's trace says so once per worker and message (``message.returned``: task,
   queue, worker, why), so a run waiting for a worker that knows its agent is visible.
 
-Any other unknown task keeps Celery's behaviour.
+Any other unknown task keeps Celery's behaviour. A message whose body cannot be read goes
+back all the same (only a JSON body is ever decoded here) and never stops the worker.
 """
 
 from __future__ import annotations
@@ -58,12 +61,17 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
             self.cancel_task_queue(queue)
             _return(message)
         else:
-            self.timer.call_after(RETURN_DELAY_S, _return, (message,))
-        self._note(message, name, str(headers.get("id", "")), queue, stopped)
+            lease_s = float(self.app.pipeline_settings.lease_s)
+            self.timer.call_after(min(RETURN_DELAY_S, lease_s / 4), _return, (message,))
+        try:
+            self._note(message, name, str(headers.get("id", "")), queue, stopped)
+        except Exception:  # noqa: BLE001 - the message is back in the broker regardless
+            log.exception("%s[%s]: could not say why it went back", name, headers.get("id"))
 
     def _queues_of_known_tasks(self) -> set[str]:
         """The queues the tasks registered here are routed to (the default one included)."""
-        routes = self.app.conf.task_routes or {}
+        routes = self.app.conf.task_routes
+        routes = routes if isinstance(routes, dict) else {}  # a list of routers: none known
         queues = {str(r.get("queue")) for r in routes.values() if isinstance(r, dict)}
         return queues | {str(self.app.conf.task_default_queue)}
 
@@ -80,12 +88,10 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
         if stopped:
             reason += f", and this worker stopped consuming {queue}"
         log.warning("%s[%s]: %s", task, task_id, reason)
-        try:  # a step's message names its run in kwargs, a compensation's in args
-            args, kwargs, _embed = message.decode()
-            run_id = str(kwargs.get("run_id") or args[0])
-            step = str(kwargs.get("step") or (args[1] if len(args) > 1 else ""))
-        except (ValueError, TypeError, KeyError, IndexError):
+        where = _run_and_step(message)
+        if where is None:
             return  # not one of a run's messages: the log line above is all there is
+        run_id, step = where
         try:
             store_for(self.app).note(run_id, "message.returned", task=task, task_id=task_id,
                                      step=step, agent=agent, queue=queue,
@@ -100,3 +106,19 @@ def _return(message: Any) -> None:
     except Exception as e:  # noqa: BLE001 - unacked, it is restored with the connection
         log.warning("could not return message %s to the broker: %s",
                     (message.headers or {}).get("id"), e)
+
+
+def _run_and_step(message: Any) -> tuple[str, str] | None:
+    """(run id, step) of a pipeline message with a JSON body, else None. A step names its
+    run in kwargs, a compensation in args (``compensate.<agent>(run_id, step)``)."""
+    if message.content_type != "application/json":
+        return None
+    try:
+        args, kwargs, _embed = message.decode()
+        run_id = kwargs.get("run_id") or args[0]
+        step = kwargs.get("step") or (args[1] if len(args) > 1 else "")
+    except Exception:  # noqa: BLE001 - whatever the body holds, it is not one of ours
+        return None
+    if not isinstance(run_id, str) or not isinstance(step, str):
+        return None
+    return run_id, step

@@ -207,7 +207,7 @@ def compensations(log: Sequence[dict[str, str]]) -> list[dict[str, str]]:
     return [e for e in log if e.get("event", "").startswith(kinds)]
 
 
-TROUBLE = ("message.returned", "saga.error", "run.redrive_failed")
+TROUBLE = ("message.returned", "saga.error", "run.redrive_failed", "run.enqueue_failed")
 """Log entries that say the pipeline's own work for a run failed or waits."""
 STILL = TROUBLE + ("saga.nudged",)
 """Entries that are not progress: a run whose log ends in these has not moved since."""

@@ -85,14 +85,25 @@ class Route:
     queues: Mapping[str, str] = field(default_factory=dict)
     """Agent name -> its queue, for the agents that do not run on ``agents.<name>``."""
     start: str = ""
-    """A choreography's start event type."""
+    """Where the run starts: a choreography's start event type; for a workflow replayed
+    from a sealed version, the stage it starts at ('' for the first)."""
     subscribers: tuple[str, ...] = ()
     """The agents subscribed to ``start`` where the run was created."""
+    agents: tuple[str, ...] = ()
+    """A choreography's agents where the run was created (a workflow's are in its stages);
+    a subscriber deployed later is not among them, and its queue is found elsewhere."""
     terminal: tuple[str, ...] = ()
     """A choreography's terminal event types."""
 
+    def holds(self, agent: str) -> bool:
+        """Whether ``agent`` is one of the flow's agents as the run's creator knew them."""
+        if self.kind is FlowKind.WORKFLOW:
+            return any(agent_of(step) == agent for stage in self.stages for step in stage)
+        return agent in self.agents or agent in self.queues
+
     def queue_of(self, agent: str) -> str:
-        """The queue of ``agent``: the one recorded here, else its default ``agents.<name>``."""
+        """The queue of ``agent``: the one recorded here, else its default ``agents.<name>``
+        (for an agent the route ``holds``; for another, ask ``catalog.queue_of``)."""
         return self.queues.get(agent) or default_queue(agent)
 
     def stage_of(self, step: str) -> int:
@@ -122,9 +133,11 @@ class Route:
                                 "queues": dict(sorted(self.queues.items()))}
         if self.kind is FlowKind.WORKFLOW:
             data["stages"] = [list(stage) for stage in self.stages]
+            if self.start:
+                data["start"] = self.start
         else:
             data |= {"start": self.start, "subscribers": list(self.subscribers),
-                     "terminal": list(self.terminal)}
+                     "agents": list(self.agents), "terminal": list(self.terminal)}
         return json.dumps(data, separators=(",", ":"))
 
     @classmethod
@@ -139,6 +152,7 @@ class Route:
                 queues={str(k): str(v) for k, v in dict(data.get("queues", {})).items()},
                 start=str(data.get("start", "")),
                 subscribers=tuple(_strings(data.get("subscribers", ()))),
+                agents=tuple(_strings(data.get("agents", ()))),
                 terminal=tuple(_strings(data.get("terminal", ()))),
             )
         except (ValueError, KeyError, TypeError) as e:

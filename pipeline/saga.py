@@ -24,11 +24,12 @@ from typing import Any
 import redis
 from celery import Celery, Task
 
-from .agent import Agent, agents
-from .errors import RunNotFound, RunNotLive, UnknownWorkflow
+from . import catalog
+from .agent import Agent
+from .errors import RunNotFound, RunNotLive, UnknownWorkflow, WorkflowDefinitionError
 from .keys import DEAD_LETTERS, SAGAS, RunKeys
 from .lua import Batch, Script, checked
-from .route import Route, agent_of, compensate_task, default_queue, newest_first
+from .route import Route, agent_of, compensate_task, newest_first
 from .state import RunStatus, StateStore, Version
 from .state.store import translate_errors
 from .workflow import route_of
@@ -118,11 +119,12 @@ def plan(store: StateStore, run_id: str, *, owed_only: bool = False) -> list[lis
         broken = {s for s in broken if saga.get(f"c:{s}") != "done"}
     try:
         return route_of(info).compensation_stages(sealed, broken)
-    except UnknownWorkflow:
-        # A run from before routes were recorded, of a flow not registered here: one step
-        # at a time, newest first, is a valid order for any flow (only slower).
-        log.warning("run %s: workflow %s is not registered here and the run has no route; "
-                    "compensating one step at a time, newest first", run_id, info.workflow)
+    except (UnknownWorkflow, WorkflowDefinitionError) as e:
+        # A run from before routes were recorded, of a flow not registered here (or a
+        # route this version cannot read): one step at a time, newest first, is a valid
+        # order for any flow (only slower).
+        log.warning("run %s of %s: %s; compensating one step at a time, newest first",
+                    run_id, info.workflow, e)
         return newest_first(sealed, broken)
 
 
@@ -229,13 +231,12 @@ def _dispatch(app: Celery, store: StateStore, run_id: str, steps: Sequence[str])
     (this worker need not know the agent)."""
     try:
         route: Route | None = route_of(store.run_info(run_id))
-    except UnknownWorkflow:
+    except (UnknownWorkflow, WorkflowDefinitionError):  # an old run's, or a route unread
         route = None
     for step in steps:
         name = agent_of(step)
-        queue = route.queue_of(name) if route else (
-            agents.get(name).queue if name in agents else default_queue(name))
-        app.send_task(compensate_task(name), args=(run_id, step), queue=queue)
+        app.send_task(compensate_task(name), args=(run_id, step),
+                      queue=catalog.queue_of(store.redis, name, route))
 
 
 def _context(store: StateStore, agent: Agent, run_id: str, step: str,

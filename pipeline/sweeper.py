@@ -51,7 +51,7 @@ from typing import Any
 
 from celery import Celery
 
-from . import canvas, choreography, saga
+from . import canvas, catalog, choreography, saga
 from .errors import RunNotFound, StoreError, UnknownWorkflow, WorkflowDefinitionError
 from .keys import HELD, LIVE, SAGAS, STALLED, SWEEP_LOCK, UNENQUEUED, RunKeys
 from .route import FlowKind, Route, agent_of
@@ -310,6 +310,10 @@ def _enqueue_forgotten(app: Celery, store: StateStore, lease_s: float,
         except (UnknownWorkflow, WorkflowDefinitionError, RunNotFound) as e:
             log.warning("sweeper: run %s of workflow %s was never enqueued, and cannot be: %s",
                         run_id, flow_name, e)
+            with contextlib.suppress(StoreError):
+                store.note_once(run_id, "run.enqueue_failed", by="sweeper", error=str(e)[:2000],
+                                reason="its client died before enqueuing it, and the sweeper "
+                                       "cannot: the run records no route it can read")
             continue
         _enqueue(app, store, route, run_id)
         store.mark_enqueued(run_id)
@@ -398,7 +402,7 @@ def _redrive_stalled(app: Celery, store: StateStore, lease_s: float,
         replies = pipe.execute()
     marks = _Marks(store)
     try:
-        idle = _idle(ids, replies, now_ms, lease_s, marks)
+        idle = _idle(store, ids, replies, now_ms, lease_s, marks)
         if not idle:
             return
         _find_owed(store, idle)
@@ -418,7 +422,7 @@ def _redrive_stalled(app: Celery, store: StateStore, lease_s: float,
             marks.pipe.execute()
 
 
-def _idle(ids: list[str], replies: list[Any], now_ms: int, lease_s: float,
+def _idle(store: StateStore, ids: list[str], replies: list[Any], now_ms: int, lease_s: float,
           marks: _Marks) -> list[_Idle]:
     """The runs of ``ids`` still running whose log has not moved for twice the lease
     (``replies``: status and workflow, newest log entry, stalled mark, for each)."""
@@ -433,7 +437,7 @@ def _idle(ids: list[str], replies: list[Any], now_ms: int, lease_s: float,
             marks.later(run_id, int(now_ms - lease_s * 1000))
         elif moved_ms > now_ms - 2 * lease_s * 1000:
             marks.later(run_id, moved_ms)
-        elif (found := _route(run_id, str(workflow), route)) is None:
+        elif (found := _route(store, run_id, str(workflow), route)) is None:
             marks.later(run_id, now_ms)
         else:
             idle.append(_Idle(run_id, found, (last_id, fields),
@@ -441,12 +445,16 @@ def _idle(ids: list[str], replies: list[Any], now_ms: int, lease_s: float,
     return idle
 
 
-def _route(run_id: str, workflow: str, recorded: str | None) -> Route | None:
+def _route(store: StateStore, run_id: str, workflow: str, recorded: str | None) -> Route | None:
     try:
         return recorded_route(run_id, workflow, recorded or "")
     except (UnknownWorkflow, WorkflowDefinitionError) as e:
         log.warning("sweeper: run %s of workflow %s stopped moving, and cannot be re-driven: "
                     "%s", run_id, workflow, e)
+        with contextlib.suppress(StoreError):
+            store.note_once(run_id, "run.redrive_failed", by="sweeper", error=str(e)[:2000],
+                            reason="the run stopped moving, and the sweeper cannot re-drive it: "
+                                   "it records no route this worker can read")
         return None
 
 
@@ -458,7 +466,8 @@ def _find_owed(store: StateStore, idle: list[_Idle]) -> None:
         except (StoreError, RunNotFound) as e:
             log.warning("sweeper: cannot tell what run %s waits for: %s", run.run_id, e)
             continue
-        run.queues = {run.route.queue_of(agent_of(key)) for key in run.owed}
+        run.queues = {catalog.queue_of(store.redis, agent_of(key), run.route)
+                      for key in run.owed}
 
 
 def _present(channel: Any, client: Any, idle: list[_Idle]) -> set[str]:
@@ -518,7 +527,7 @@ def _redrive(app: Celery, store: StateStore, run: _Idle, report: SweepReport) ->
     except Exception as e:  # noqa: BLE001 - one run's trouble never stops the pass
         log.warning("sweeper: re-driving run %s failed: %s: %s", run.run_id, type(e).__name__, e)
         with contextlib.suppress(StoreError):
-            store.note(run.run_id, "run.redrive_failed", by="sweeper",
+            store.note_once(run.run_id, "run.redrive_failed", by="sweeper",
                        error=f"{type(e).__name__}: {e}"[:2000],
                        reason="the run stopped moving and re-driving it failed; the next "
                               "sweep tries again")
@@ -532,8 +541,8 @@ def _redrive(app: Celery, store: StateStore, run: _Idle, report: SweepReport) ->
 
 
 def _enqueue(app: Celery, store: StateStore, route: Route, run_id: str) -> None:
-    if route.kind is FlowKind.WORKFLOW:
-        canvas.send(app, canvas.compile_route(app, route, run_id))
+    if route.kind is FlowKind.WORKFLOW:  # from the first stage, or where a replay starts
+        canvas.send(app, canvas.compile_route(app, route, run_id, start=int(route.start or 0)))
     else:
         choreography.enqueue(app, store, route, run_id)
 

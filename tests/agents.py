@@ -399,14 +399,13 @@ def _crash_before_dispatch() -> None:
 
     real = choreography.dispatch
 
-    def dispatch(app: Any, run_id: str, handover: Any, task_ids: Any = None,
-                 queues: Any = None) -> None:
+    def dispatch(app: Any, run_id: str, handover: Any, *args: Any, **kwargs: Any) -> None:
         if handover.event != "e1" and os.environ.get("PIPELINE_TEST_CRASH_BEFORE_DISPATCH"):
             from pipeline.app import store_for
 
             if store_for(app).redis.delete(CRASH_BEFORE_DISPATCH_KEY.format(run_id=run_id)):
                 os._exit(1)
-        real(app, run_id, handover, task_ids, queues)
+        real(app, run_id, handover, *args, **kwargs)
 
     choreography.dispatch = dispatch  # type: ignore[assignment]
 

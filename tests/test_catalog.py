@@ -36,3 +36,4 @@ def test_a_card_another_version_wrote_is_read_or_skipped_never_fatal(
     assert cards["audit"].on == ("*.completed",) and cards["future"].queue == "q"
     known = known_agents(rclient, AgentRegistry())  # a process that imports no agent
     assert "credit_score" in known and known["credit_score"].compensates
+    rclient.hdel(AGENT_CATALOG, "future", "garbled")

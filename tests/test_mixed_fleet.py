@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from kombu import Connection
 
 from pipeline import RunStatus
 from pipeline.cli import main
@@ -101,8 +103,9 @@ def test_a_run_that_lost_its_message_is_redriven_by_a_pipeline_pool_without_its_
     cluster.redis.delete("agents.final_approval")  # lost: nothing of the run is left
 
     def redriven() -> list[dict[str, str]]:
-        p.app.send_task(SWEEP_TASK, queue="pipeline")  # swept by the pool without agents
-        time.sleep(0.2)
+        # swept by the pool without agents; a sweep not taken within a second is dropped
+        p.app.send_task(SWEEP_TASK, queue="pipeline", expires=1.0)
+        time.sleep(0.5)
         return entries(cluster, run.run_id, "run.redriven")
 
     [event] = wait_for(redriven, timeout_s=30, message="the sweeper to re-drive the run")
@@ -149,6 +152,7 @@ def test_a_step_for_an_agent_a_pool_does_not_import_goes_back_to_the_broker(
 OPERATOR = """
 import json, sys
 from click.testing import CliRunner
+from kombu import Connection
 from pipeline.cli import main
 
 replies = {}
@@ -223,7 +227,7 @@ def test_operator_commands_need_none_of_the_agent_modules(cluster: Cluster,
     code, out = reply("compensate", failed.run_id)
     assert code == 2 and "not compensation_failed" in out
     code, out = reply("cancel", stuck.run_id, "--wait", "--json")
-    assert json.loads(out)["status"] == "failed"  # nothing had sealed: nothing to undo
+    assert code == 1 and json.loads(out)["status"] == "failed"  # nothing had sealed to undo
     assert stuck.info().error == "cancelled by hand"
 
 
@@ -244,3 +248,22 @@ def test_a_pool_that_shares_a_queue_with_an_agent_it_lacks_gives_its_messages_ba
     result = run.wait(30)
     assert result.status is RunStatus.SUCCEEDED and result.output == {"n": 3}
     assert len(entries(cluster, run.run_id, "message.returned")) == 1  # noted once
+
+
+def test_a_message_for_an_unknown_agent_whose_body_cannot_be_read_never_stops_the_worker(
+        cluster: Cluster) -> None:
+    stranger = cluster.worker(queues=("pipeline", "agents.credit_score"), concurrency=1,
+                              PIPELINE_AGENT_MODULES=NO_CREDIT_AGENTS)
+    with Connection(cluster.url) as connection:
+        connection.Producer().publish(
+            "{not json", routing_key="agents.credit_score", content_type="application/json",
+            content_encoding="utf-8", headers={"task": "agent.credit_score", "id": "garbled-1"})
+
+    wait_for(lambda: "agent.credit_score[garbled-1]: agent credit_score is not registered"
+             in stranger.tail(), timeout_s=20, message="the stranger to give the message back")
+    wait_for(lambda: cluster.redis.llen("agents.credit_score") == 1, timeout_s=10,
+             message="the message to wait in its queue again")
+    p = cluster.pipeline()
+    replies = p.app.control.ping(destination=[f"{stranger.name}@{socket.gethostname()}"],
+                                 timeout=5)
+    assert replies and stranger.process is not None and stranger.process.poll() is None

@@ -11,6 +11,7 @@ import pytest
 
 from pipeline import Pipeline, RunStatus
 from pipeline.observe import lineage_dot
+from pipeline.route import Route
 from tasks import SAMPLES, research
 from tasks.retrieval import index, words
 from tests.conftest import Cluster, wait_for
@@ -199,6 +200,8 @@ def test_replay_forks_a_run_from_a_sealed_version(succeeded: str, redis_url: str
     assert data["output"] == source.result().output
     assert new.info().replay_of == f"{succeeded}@1"
     assert data["run_id"] in source.info().replays
+    # where it starts is in its route too (a sweeper enqueuing it, its client dead, reads it)
+    assert Route.from_json(new.info().route).start == "1"
     assert f"replayed  as {data['run_id']}" in invoke_cli(redis_url, "inspect",
                                                           succeeded).stdout
 
@@ -216,6 +219,8 @@ def test_replay_of_a_choreography_starts_at_the_event_its_version_published(
     assert [(e["type"], e["publisher"]) for e in events] == [
         ("analysis.ready", "client"), ("report.completed", "report")]
     assert pipeline.run(data["run_id"]).history()[0].digest == analysed.digest
+    route = Route.from_json(pipeline.run(data["run_id"]).info().route)
+    assert (route.start, route.subscribers) == ("analysis.ready", ("report",))
     audited = sealed["e2:audit"].version
     refused = invoke_cli(redis_url, "replay", researched, "--from-version", str(audited))
     assert refused.exit_code == 2 and "publishes nothing" in refused.stderr

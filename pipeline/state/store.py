@@ -389,6 +389,15 @@ class StateStore:
         with translate_errors(self.url):
             return bool(NOTE(self.redis, [keys.run, keys.log], args))
 
+    def note_once(self, run_id: str, event: str, **fields: str | int | float) -> bool:
+        """``note``, unless the run's newest log entry is this event already: a trouble
+        that repeats (each sweep, each nudge) is said once until something else happens."""
+        with translate_errors(self.url):
+            last = self.redis.xrevrange(RunKeys(run_id).log, count=1)
+        if last and (last[0][1] or {}).get("event") == event:
+            return False
+        return self.note(run_id, event, **fields)
+
     def delete_run(self, run_id: str) -> None:
         """Remove every key of a run (only for a run that was never enqueued)."""
         with translate_errors(self.url):
