@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-$(EXTRAS)
 
-.PHONY: demo test bench soak load lint typecheck check worker flower clean
+.PHONY: demo test bench soak load lint typecheck check worker flower dist clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,5 +43,8 @@ worker: $(VENV)/.installed-embedded
 flower: $(VENV)/.installed-embedded
 	$(BIN)/celery -A config flower
 
+dist: $(VENV)/bin/python
+	$(BIN)/python -m pip wheel --quiet --no-deps --wheel-dir dist .
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

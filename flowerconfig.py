@@ -1,20 +1,7 @@
-"""Flower settings: never serve it without authentication.
-
-Set FLOWER_BASIC_AUTH=user:password (or FLOWER_AUTH with an OAuth provider);
-``celery -A config flower``, run from the project directory, reads this file
-(Flower's default ``--conf``) and refuses to start without one.
+"""Flower settings for this repository's deployment: ``celery -A config flower``, run from
+the project directory, reads this file (Flower's default ``--conf``). They are the package's
+own (``pipeline/flowerconfig.py``, which ``pipeline flower`` uses from any directory): never
+serve Flower without authentication; set FLOWER_BASIC_AUTH=user:password.
 """
 
-import os
-
-basic_auth = [a for a in os.environ.get("FLOWER_BASIC_AUTH", "").split(",") if a]
-if not basic_auth and not os.environ.get("FLOWER_AUTH"):
-    raise SystemExit("refusing to start Flower without authentication: set FLOWER_BASIC_AUTH")
-# "ops:" or ":" would let anyone in with an empty password: name the entry, never its secret.
-for number, entry in enumerate(basic_auth, 1):
-    user, _, password = entry.partition(":")
-    if not user or not password:
-        raise SystemExit(f"refusing to start Flower: entry {number} of FLOWER_BASIC_AUTH is not "
-                         "user:password with both parts set")
-port = int(os.environ.get("FLOWER_PORT", "5555"))
-address = os.environ.get("FLOWER_ADDRESS", "127.0.0.1")
+from pipeline.flowerconfig import address, basic_auth, port  # noqa: F401  (Flower reads them)

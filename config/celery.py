@@ -1,4 +1,5 @@
-"""Settings from the environment and the Celery app built from them.
+"""The deployment's Celery app: the package's own (``pipeline.worker``), so that
+``celery -A config worker`` and ``celery -A pipeline.worker worker`` are the same worker.
 
 ``celery -A config worker`` serves every agent queue (``agents.<name>``) and the
 ``pipeline`` queue; ``-Q agents.credit_score`` narrows a pool to one agent.
@@ -9,8 +10,6 @@ PIPELINE_RETENTION_S, PIPELINE_VISIBILITY_TIMEOUT_S.
 
 from __future__ import annotations
 
-from pipeline.app import create_app
-from pipeline.settings import Settings
+from pipeline.worker import app, settings
 
-settings = Settings.from_env()
-app = create_app(settings, main="config")
+__all__ = ["app", "settings"]

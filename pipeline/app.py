@@ -137,6 +137,9 @@ def create_app(
         worker_hijack_root_logger=False,
         # `celery -A config beat` runs the sweeper; a sweep nobody picked up in time is
         # dropped (the next one is already due), so a fleet that was down is not flooded.
+        # beat's schedule under the data directory, never in the working directory
+        beat_schedule_filename=settings.beat_schedule_path,
+        beat_scheduler="pipeline.beat:Scheduler",  # makes that directory first
         beat_schedule={"pipeline-sweep": {
             "task": sweeper.SWEEP_TASK, "schedule": float(settings.sweep_interval_s),
             "options": {"expires": float(settings.sweep_interval_s),

@@ -535,7 +535,9 @@ def _time(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
-from . import cli_observe  # noqa: E402,F401  (registers trace, inspect, graph, runs, events...)
+# The commands of cli_observe (trace, inspect, graph, runs, events...) and cli_process
+# (worker, flower) register themselves on `main`.
+from . import cli_observe, cli_process  # noqa: E402,F401,I001
 
 if __name__ == "__main__":
     # `python -m pipeline.cli`: this file runs as __main__, while cli_observe registers its

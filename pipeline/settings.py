@@ -43,6 +43,10 @@ class Settings:
     default_queue: str = DEFAULT_QUEUE
     otel: bool = False
     """PIPELINE_OTEL=1: one OpenTelemetry span per step (the ``otel`` extra)."""
+    data_dir: str = ""
+    """PIPELINE_DATA_DIR: where the pipeline's processes keep files (beat's schedule);
+    default ``$XDG_DATA_HOME/celery-agent-pipeline`` (``~/.local/share/...``), never the
+    working directory."""
 
     def __repr__(self) -> str:
         """Every field, the URLs with their secrets redacted: settings end up in logs."""
@@ -75,7 +79,14 @@ class Settings:
             ),
             chaos=env.get("PIPELINE_CHAOS", ""),
             otel=env.get("PIPELINE_OTEL", "").strip().lower() in ("1", "true", "yes", "on"),
+            data_dir=env.get("PIPELINE_DATA_DIR") or _default_data_dir(env),
         )
+
+    @property
+    def beat_schedule_path(self) -> str:
+        """Where beat keeps its schedule: under the data directory."""
+        return os.path.join(self.data_dir or _default_data_dir(os.environ),
+                            "celerybeat-schedule")
 
     @property
     def broker_is_redis(self) -> bool:
@@ -90,6 +101,11 @@ class Settings:
                 "need a plain Redis; set broker_url and result_backend apart"
             )
         return replace(self, redis_url=url, broker_url=url, result_backend=url)
+
+
+def _default_data_dir(env: Mapping[str, str]) -> str:
+    base = env.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "celery-agent-pipeline")
 
 
 URL_FIELDS = ("redis_url", "broker_url", "result_backend")
