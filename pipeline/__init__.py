@@ -1,35 +1,102 @@
-"""Multi-agent workflows on Celery: versioned state, data contracts, canvases."""
+"""Multi-agent workflows on Celery: versioned state, data contracts, canvases.
+
+Everything an application or an agent module needs is importable from here: agents,
+contracts, workflows and choreographies, breakers, the client, and every error.
+"""
 
 from .agent import Agent, StepContext, agent, agents
+from .breaker import Breaker, BreakerPolicy, BreakerRegistry, BreakerState, Fallback
+from .choreography import Choreography
 from .client import Pipeline, Run, RunResult
 from .contracts import Contract, contract, contracts
 from .errors import (
+    AgentError,
+    BrokerUnavailable,
+    CircuitOpen,
+    ConfigurationError,
+    ContractError,
+    ContractMismatch,
     ContractViolation,
+    DeliveryLimitExceeded,
+    IdempotencyConflict,
+    InputError,
+    IntegrityError,
+    PayloadTooLarge,
     PipelineError,
+    RunAborted,
     RunNotFound,
+    RunNotLive,
+    RunNotParked,
+    StepError,
+    StepTimeLimitExceeded,
+    StoreError,
+    StoreUnavailable,
     TransientAgentError,
+    UnknownAgent,
+    UnknownContract,
+    UnknownWorkflow,
+    VersionNotFound,
+    WaitTimeout,
+    WorkflowDefinitionError,
+    WorkflowError,
 )
+from .saga import CompensationContext
 from .settings import Settings
-from .state import RunStatus, Version
+from .state import RunInfo, RunStatus, StateStore, Version, connect
 from .workflow import Workflow, parallel, workflows
 
 __all__ = [
     "Agent",
+    "AgentError",
+    "Breaker",
+    "BreakerPolicy",
+    "BreakerRegistry",
+    "BreakerState",
+    "BrokerUnavailable",
+    "Choreography",
+    "CircuitOpen",
+    "CompensationContext",
+    "ConfigurationError",
     "Contract",
+    "ContractError",
+    "ContractMismatch",
     "ContractViolation",
+    "DeliveryLimitExceeded",
+    "Fallback",
+    "IdempotencyConflict",
+    "InputError",
+    "IntegrityError",
+    "PayloadTooLarge",
     "Pipeline",
     "PipelineError",
     "Run",
+    "RunAborted",
+    "RunInfo",
     "RunNotFound",
+    "RunNotLive",
+    "RunNotParked",
     "RunResult",
     "RunStatus",
     "Settings",
+    "StateStore",
     "StepContext",
+    "StepError",
+    "StepTimeLimitExceeded",
+    "StoreError",
+    "StoreUnavailable",
     "TransientAgentError",
+    "UnknownAgent",
+    "UnknownContract",
+    "UnknownWorkflow",
     "Version",
+    "VersionNotFound",
+    "WaitTimeout",
     "Workflow",
+    "WorkflowDefinitionError",
+    "WorkflowError",
     "agent",
     "agents",
+    "connect",
     "contract",
     "contracts",
     "parallel",

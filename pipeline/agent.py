@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import redis
 
@@ -64,10 +64,16 @@ class StepContext:
 
 Execute = Callable[[Any, StepContext], Any]
 Compensate = Callable[..., Any]
+FallbackName = Literal["fail", "skip", "cached", "park", "retry_later"]
+"""The values of :class:`Fallback`, as ``agent(fallback=...)`` takes them."""
 
 
 class Agent:
-    """One agent: its code, its contracts and how it is retried and bounded."""
+    """One agent: its code, its contracts and how it is retried and bounded.
+
+    ``execute`` is the function the step runs; every other parameter is described
+    by :func:`agent`, the decorator that builds and registers one.
+    """
 
     def __init__(
         self,
@@ -85,7 +91,7 @@ class Agent:
         time_limit_s: float = DEFAULT_TIME_LIMIT_S,
         max_deliveries: int | None = None,
         breaker: BreakerPolicy | None = None,
-        fallback: Fallback | str = Fallback.FAIL,
+        fallback: Fallback | FallbackName = Fallback.FAIL,
         default_output: Any = None,
         retry_later_max: int = DEFAULT_RETRY_LATER_MAX,
         compensation_retries: int = DEFAULT_COMPENSATION_RETRIES,
@@ -109,8 +115,10 @@ class Agent:
         if emits is not None:
             check_event_type(emits, f"agent {name}: emits")
             check_not_failure(emits, f"agent {name}: emits")
-        if time_limit_s <= 0:
-            raise ValueError(f"agent {name}: time_limit_s must be positive")
+        _check_policy(name, retry_on=retry_on, breaker=breaker, time_limit_s=time_limit_s,
+                      max_retries=max_retries, retry_later_max=retry_later_max,
+                      compensation_retries=compensation_retries,
+                      retry_backoff_s=retry_backoff_s, retry_backoff_max_s=retry_backoff_max_s)
         self.name = name
         self.execute = execute
         self.input = input
@@ -123,7 +131,7 @@ class Agent:
         self.retry_backoff_max_s = retry_backoff_max_s
         self.time_limit_s = time_limit_s
         self.breaker = breaker or BreakerPolicy()
-        self.fallback = Fallback(fallback)
+        self.fallback = _fallback(name, fallback)
         if self.fallback is Fallback.SKIP and default_output is None:
             raise ValueError(f"agent {name}: fallback 'skip' needs a default_output to seal")
         self.default_output = default_output
@@ -144,6 +152,7 @@ class Agent:
 
     @property
     def task_name(self) -> str:
+        """The Celery task that runs this agent's steps: ``agent.<name>``."""
         return step_task(self.name)
 
     def subscribes_to(self, event_type: str) -> str | None:
@@ -210,13 +219,121 @@ agents = AgentRegistry()
 
 
 def agent(
-    name: str | None = None, *, input: str, output: str, **policy: Any
+    name: str | None = None,
+    *,
+    input: str,
+    output: str,
+    compensate: Compensate | None = None,
+    queue: str | None = None,
+    max_retries: int = DEFAULT_MAX_RETRIES,
+    retry_on: tuple[type[BaseException], ...] = (TransientAgentError,),
+    retry_backoff_s: float = DEFAULT_RETRY_BACKOFF_S,
+    retry_backoff_max_s: float = DEFAULT_RETRY_BACKOFF_MAX_S,
+    time_limit_s: float = DEFAULT_TIME_LIMIT_S,
+    max_deliveries: int | None = None,
+    breaker: BreakerPolicy | None = None,
+    fallback: Fallback | FallbackName = Fallback.FAIL,
+    default_output: Any = None,
+    retry_later_max: int = DEFAULT_RETRY_LATER_MAX,
+    compensation_retries: int = DEFAULT_COMPENSATION_RETRIES,
+    on: Sequence[str] = (),
+    emits: str | None = None,
+    description: str = "",
 ) -> Callable[[Execute], Agent]:
-    """Decorator: turn ``execute(payload, ctx)`` into a registered :class:`Agent`."""
+    """Decorator: turn ``execute(payload, ctx)`` into a registered :class:`Agent`.
+
+    The agent runs as the Celery task ``agent.<name>``. A bad value raises
+    ``ValueError`` (or ``TypeError``) when the module is imported, naming the
+    agent and what is allowed.
+
+    Args:
+        name: the agent's name, letters, digits and underscores (default: the
+            function's name).
+        input: the contract ``name@version`` its payload must satisfy.
+        output: the contract ``name@version`` its return value must satisfy.
+        compensate: ``undo(ctx)``, run with a ``CompensationContext`` when the run
+            is compensated after this step sealed; must be idempotent. Or set it
+            later with ``@the_agent.compensator``.
+        queue: the Celery queue its steps go to (default ``agents.<name>``).
+        max_retries: retries after the first attempt for an exception in
+            ``retry_on`` (default 3).
+        retry_on: exception classes worth a retry (default
+            ``(TransientAgentError,)``); any other exception fails the step at once.
+        retry_backoff_s: the first retry's delay in seconds, doubled for each
+            next one (default 1.0).
+        retry_backoff_max_s: the longest delay between retries, in seconds
+            (default 60.0).
+        time_limit_s: how long one attempt may run, in seconds (default 30.0). It
+            plus the longest retry delay must stay under half the broker's
+            visibility timeout, or ``create_app`` refuses the agent.
+        max_deliveries: how many times a step may be delivered before it fails as a
+            crash loop (default: the first attempt, every retry and every
+            ``retry_later`` wait, plus 3 redeliveries after a lost worker).
+        breaker: the agent's circuit breaker settings (default ``BreakerPolicy()``).
+        fallback: what a step does when the breaker refuses it: ``"fail"``
+            (default; the step fails with ``CircuitOpen``), ``"skip"`` (seal
+            ``default_output``), ``"cached"`` (seal the last good output for the
+            same input), ``"park"`` (wait for ``pipeline resume``) or
+            ``"retry_later"`` (retry when the breaker may half-open).
+        default_output: the output sealed, marked degraded, when the breaker
+            refuses and ``fallback`` is ``"skip"`` (required then). A workflow that
+            uses the agent checks it against ``output`` when it is built.
+        retry_later_max: how many times ``"retry_later"`` waits for the breaker
+            before the step fails (default 5).
+        compensation_retries: retries of a failing compensation, with the same
+            backoff, before it goes to the dead-letter stream (default 3).
+        on: event type patterns the agent reacts to in a choreography
+            (``"research.completed"``, ``"*.completed"``).
+        emits: the event type it publishes when a step of it seals (choreography).
+        description: one line on what the agent does, the docstring of its Celery
+            task (default: the first line of the function's docstring).
+    """
 
     def register(fn: Execute) -> Agent:
-        return agents.register(
-            Agent(name=name or fn.__name__, execute=fn, input=input, output=output, **policy)
-        )
+        return agents.register(Agent(
+            name=name or fn.__name__, execute=fn, input=input, output=output,
+            compensate=compensate, queue=queue, max_retries=max_retries, retry_on=retry_on,
+            retry_backoff_s=retry_backoff_s, retry_backoff_max_s=retry_backoff_max_s,
+            time_limit_s=time_limit_s, max_deliveries=max_deliveries, breaker=breaker,
+            fallback=fallback, default_output=default_output, retry_later_max=retry_later_max,
+            compensation_retries=compensation_retries, on=on, emits=emits,
+            description=description,
+        ))
 
     return register
+
+
+def _fallback(name: str, value: str) -> Fallback:
+    try:
+        return Fallback(value)
+    except ValueError:
+        choices = ", ".join(f.value for f in Fallback)
+        raise ValueError(f"fallback {value!r} for agent {name} is not one of: {choices}") from None
+
+
+def _check_policy(name: str, *, retry_on: object, breaker: object, time_limit_s: float,
+                  max_retries: int, retry_later_max: int, compensation_retries: int,
+                  retry_backoff_s: float, retry_backoff_max_s: float) -> None:
+    """``ValueError`` or ``TypeError`` naming the agent, the option and what it takes."""
+    if not _is_number(time_limit_s) or time_limit_s <= 0:
+        raise ValueError(f"agent {name}: time_limit_s must be seconds > 0, not {time_limit_s!r}")
+    counts = {"max_retries": max_retries, "retry_later_max": retry_later_max,
+              "compensation_retries": compensation_retries}
+    for option, n in counts.items():
+        if not _is_number(n) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"agent {name}: {option} must be a whole number >= 0, not {n!r}")
+    delays = {"retry_backoff_s": retry_backoff_s, "retry_backoff_max_s": retry_backoff_max_s}
+    for option, s in delays.items():
+        if not _is_number(s) or s < 0:
+            raise ValueError(f"agent {name}: {option} must be seconds >= 0, not {s!r}")
+    if not isinstance(retry_on, tuple) or not all(
+        isinstance(e, type) and issubclass(e, BaseException) for e in retry_on
+    ):
+        raise TypeError(f"agent {name}: retry_on must be a tuple of exception classes, "
+                        f"such as (TransientAgentError,), not {retry_on!r}")
+    if breaker is not None and not isinstance(breaker, BreakerPolicy):
+        raise TypeError(f"agent {name}: breaker must be a BreakerPolicy, not {breaker!r}")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

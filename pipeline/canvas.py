@@ -91,11 +91,12 @@ def owed(store: StateStore, route: Route, run_id: str) -> tuple[int, list[str], 
 
 def upstream(route: Route, stage: int, sealed: Mapping[str, int | None], *,
              replay_start: str = "") -> int | list[int]:
-    """What stage ``stage`` receives: version 0 at the workflow's start (or where a replay
-    started), else the versions its upstream stage sealed (``sealed``: step key -> version;
-    the caller makes sure they are all there)."""
+    """What stage ``stage`` receives: the run's input version at the workflow's start (or
+    where a replay started: version 0, or 1 when a person edited it), else the versions its
+    upstream stage sealed (``sealed``: step key -> version; the caller makes sure they are
+    all there)."""
     if stage == 0 or str(stage) == replay_start:
-        return 0
+        return route.input_version
     versions = [v for v in (sealed.get(key) for key in route.stages[stage - 1]) if v is not None]
     return versions[0] if len(versions) == 1 else versions
 

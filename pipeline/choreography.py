@@ -442,8 +442,8 @@ def enqueue(app: Celery, store: StateStore, route: Route, run_id: str) -> None:
     and dispatch its deliveries. Needs no agent code: a worker that imports none of the
     flow's agents enqueues a run its client forgot from the run's recorded route."""
     handover = publish(store, run_id, source=START, event_type=route.start,
-                       publisher=CLIENT, version=0, subscribers=route.subscribers,
-                       terminal=route.terminal)
+                       publisher=CLIENT, version=route.input_version,
+                       subscribers=route.subscribers, terminal=route.terminal)
     follow_up(app, store, run_id, handover, queue_of=catalog.resolver(store.redis, route))
 
 

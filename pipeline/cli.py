@@ -6,6 +6,7 @@ pipeline's (unknown workflow or run, contract violation, Redis unreachable).
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import sys
@@ -66,6 +67,14 @@ def _pipeline(agents_required: bool = False) -> Any:
     from .client import Pipeline
 
     return Pipeline.from_env(agents_required=agents_required)
+
+
+def _user() -> str:
+    """Who runs this command, as the operating system knows them ('' if it does not)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return ""
 
 
 def _echo_json(data: Any) -> None:
@@ -251,11 +260,22 @@ def format_history(versions: Sequence[Any]) -> str:
 @click.argument("run_id")
 @click.option("--from-version", "version", type=click.IntRange(0), required=True,
               help="The sealed version the new run starts from (its version 0).")
+@click.option("--edit", "source", default=None,
+              help="JSON file (or - for stdin): a person's edit of version N, checked against "
+                   "its contract and sealed as the new run's version 1.")
+@click.option("--author", default=None,
+              help="Who made the edit (default: the user running the command).")
 @wait_options("the new run")
 @json_option
-def replay(run_id: str, version: int, wait: bool, timeout: float, as_json: bool) -> None:
-    """Start a new run from sealed version N of RUN: a fork that runs only what came after."""
-    handle = _pipeline(agents_required=True).replay(run_id, version)
+def replay(run_id: str, version: int, source: str | None, author: str | None, wait: bool,
+           timeout: float, as_json: bool) -> None:
+    """Start a new run from sealed version N of RUN: a fork that runs only what came after
+    (with --edit, from a person's correction of version N)."""
+    edit = None if source is None else read_json_input(source)
+    if source is not None and edit is None:
+        raise InputError(f"--edit {source}: the edit is JSON null; give the corrected payload")
+    handle = _pipeline(agents_required=True).replay(
+        run_id, version, edit=edit, author=author if author is not None else _user())
     if not as_json:
         click.echo(f"run {handle.run_id} replays {run_id} from version {version}")
     _report(handle, wait, timeout, as_json, ok="succeeded")

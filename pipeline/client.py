@@ -10,7 +10,7 @@ from typing import Any
 
 from celery import Celery
 
-from . import catalog, saga
+from . import catalog, choreography, saga
 from .app import create_app
 from .breaker import BreakerRegistry
 from .canvas import compile_route
@@ -27,10 +27,10 @@ from .errors import (
     WaitTimeout,
     WorkflowDefinitionError,
 )
-from .route import Route
+from .route import EDIT_STEP, Route
 from .settings import Settings, redact_url
 from .state import RunInfo, RunStatus, StateStore, Version
-from .state.version import sealable
+from .state.version import Sealable, sealable
 from .workflow import Flow, Workflow, route_of, send, workflows
 
 __all__ = ["Pipeline", "Run", "RunResult"]
@@ -65,7 +65,9 @@ def check_idempotency_key(key: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class RunResult:
-    """How a run ended."""
+    """How a run ended: its ``status``, its ``output`` (the payload of version
+    ``version``, the run's output; None unless one was sealed), the ``error`` that
+    failed it, and ``degraded`` when a breaker's fallback stood in for an agent."""
 
     status: RunStatus
     output: Any
@@ -75,6 +77,7 @@ class RunResult:
     degraded: bool = False
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-ready data, the status as its string value."""
         return {
             "run_id": self.run_id,
             "status": self.status.value,
@@ -95,6 +98,11 @@ class Pipeline:
         app: Celery | None = None,
         store: StateStore | None = None,
     ) -> None:
+        """A client on ``settings`` (default: from the environment), with the Celery
+        ``app`` and the state ``store`` made from them unless given. Building the app
+        imports the agent modules; ``ConfigurationError`` when one cannot be imported
+        or a setting is invalid; ``StoreUnavailable`` for a Redis Cluster that does not
+        answer (a plain Redis is first reached when a method needs it)."""
         self.settings = settings or Settings.from_env()
         self.app = app or create_app(self.settings, fail_fast=True)
         self.store = store or StateStore.from_settings(self.settings)
@@ -104,12 +112,14 @@ class Pipeline:
     def from_env(cls, *, agents_required: bool = True) -> Pipeline:
         """A client configured from the environment (``Settings.from_env``). Without
         ``agents_required`` an agent module that cannot be imported is skipped: enough to
-        read, cancel and compensate runs, which need no agent code."""
+        read, cancel and compensate runs, which need no agent code. ``ConfigurationError``
+        for a missing module or an invalid setting."""
         settings = Settings.from_env()
         app = create_app(settings, fail_fast=True, agents_required=agents_required)
         return cls(settings=settings, app=app)
 
     def workflow(self, name: str) -> Flow:
+        """The registered workflow or choreography ``name``; ``UnknownWorkflow`` if none."""
         return workflows.get(name)
 
     def redeliver(self, run_id: str, event_id: str) -> list[str]:
@@ -117,6 +127,8 @@ class Pipeline:
 
         Deliveries are at least once and handling once per (event, subscriber):
         a subscriber that handled it records a ``duplicate`` and does nothing.
+        ``InputError`` when the run has no such event or it is a failure event (the
+        saga's).
         """
         try:
             route: Route | None = route_of(self.store.run_info(run_id))
@@ -130,9 +142,13 @@ class Pipeline:
     ) -> Run:
         """Check ``payload`` against the workflow's input contract, then enqueue the run.
 
-        Bad input raises a ``PipelineError`` and nothing is written or enqueued.
-        The same idempotency key (for the same workflow) returns the same run;
-        reusing it with another payload raises ``IdempotencyConflict``.
+        Bad input raises a ``PipelineError`` and nothing is written or enqueued:
+        ``UnknownWorkflow``, ``InputError`` (a bad idempotency key),
+        ``ContractViolation`` (the contract refuses it, or it is not JSON),
+        ``PayloadTooLarge``. The same idempotency key (for the same workflow) returns
+        the same run; reusing it with another payload raises ``IdempotencyConflict``.
+        ``StoreUnavailable`` when Redis cannot be reached, ``BrokerUnavailable`` when
+        the run cannot be enqueued (nothing of it is kept).
         """
         wf = workflows.get(workflow) if isinstance(workflow, str) else workflow
         if idempotency_key is not None:
@@ -199,9 +215,13 @@ class Pipeline:
         Without ``output`` the parked step(s) run again (the breaker may have
         closed); with it, ``output`` is checked against the parked step's
         output contract and sealed as that step's version (name the step when
-        several are parked), and the run goes on. Raises ``RunNotParked`` when
-        the run is not waiting, or while siblings of a parked parallel step
-        still run (they would otherwise run twice).
+        several are parked), and the run goes on. Raises ``RunNotFound`` for no
+        such run; ``RunNotParked`` when the run is not waiting, or while siblings
+        of a parked parallel step still run (they would otherwise run twice);
+        ``InputError`` when ``step`` is not a parked step or several are parked and
+        none is named; ``ContractViolation``/``PayloadTooLarge`` for a bad
+        ``output``; ``BrokerUnavailable`` when the rest cannot be enqueued (the run
+        is parked again, so resuming can be tried once more).
         """
         info = self.store.run_info(run_id)
         parked_keys = list(info.parked_steps)
@@ -271,23 +291,44 @@ class Pipeline:
             ) from e
         return Run(self, run_id)
 
-    def replay(self, run_id: str, from_version: int) -> Run:
+    def replay(self, run_id: str, from_version: int, *, edit: Any = None,
+               author: str = "") -> Run:
         """Start a new run from sealed version ``from_version`` of ``run_id`` (a fork).
 
         The new run's version 0 is that version (same payload, same digest); it runs
         what came after it: the workflow's next stage, or the subscribers of the event its
         agent publishes. Both runs' records name each other. Nothing before the version
         runs again.
+
+        With ``edit`` (a person's correction of that version's payload), the edit is
+        checked against the version's contract and against what comes next, and sealed
+        as the new run's version 1, whose parent is version 0 (the copy of the source
+        version), by ``author`` (``replay.edited`` in the trace); what comes next
+        receives the edit. A saga never undoes an edit: nothing executed it.
+
+        Raises ``RunNotFound``/``VersionNotFound`` when there is no such run or version;
+        ``InputError`` when nothing comes after the version (the run's output, an agent
+        that publishes nothing) or it is a member of a parallel group (replay from the
+        version that joins them); ``ContractViolation`` when what comes next refuses
+        it; ``BrokerUnavailable`` when the replay cannot be enqueued (nothing is kept).
         """
         info = self.store.run_info(run_id)
         flow = workflows.get(info.workflow)
         source = self.store.get(run_id, from_version)  # digest checked
         where = f"run {run_id} version {from_version} ({source.agent or 'the input'})"
-        # Version 0 of a replay is where that replay started, not the workflow's start.
-        inherited = info.replay_start if from_version == 0 else ""
+        # Version 0 of a replay (and a person's edit of it) is where that replay started,
+        # not the workflow's start.
+        starting = from_version == 0 or source.step == EDIT_STEP
+        inherited = info.replay_start if starting else ""
+        payload = source.payload if edit is None else edit
+        form = None if edit is None else sealable(
+            edit, self.store.max_payload_bytes, f"edit of {where}")
+        if edit is not None:  # what the version's producer promised, checked of the edit
+            flow.contract_of(source.contract).validate(edit, side="edit", agent=where,
+                                                       run_id=run_id, version=from_version)
         if isinstance(flow, Choreography):
             event_type = inherited or flow.start_event
-            if from_version:
+            if not starting:
                 emits = self._emits(source.agent)
                 if not emits:
                     raise InputError(f"{where}: its agent publishes nothing, so nothing comes "
@@ -302,26 +343,28 @@ class Pipeline:
             start_at = event_type
         else:
             assert isinstance(flow, Workflow)
-            stage = int(inherited or 0) if from_version == 0 else \
-                flow.stage_of(source.step) + 1
+            stage = int(inherited or 0) if starting else flow.stage_of(source.step) + 1
             start_at = str(stage)
             if stage >= len(flow.stages):
                 raise InputError(f"{where} is the run's output: nothing comes after it")
-            if from_version and len(flow.stages[stage - 1]) > 1:
+            if not starting and len(flow.stages[stage - 1]) > 1:
                 group = ", ".join(s.agent.name for s in flow.stages[stage - 1])
                 raise InputError(f"{where} is one of a parallel group ({group}); replay "
                                  "from the version that joins them, or from 0")
             consumers = [s.agent.input for s in flow.stages[stage]]
         for ref in consumers:  # what the first replayed step will check, checked now
-            flow.contract_of(ref).validate(source.payload, side="input", agent=where,
+            flow.contract_of(ref).validate(payload, side="input", agent=where,
                                            run_id=run_id, version=from_version)
         new_id = str(uuid.uuid4())
-        route = replace(flow.route, start=start_at)  # where the replay starts, recorded
+        # where the replay starts, and what it starts from, recorded
+        route = replace(flow.route, start=start_at, input_version=0 if edit is None else 1)
         if isinstance(flow, Choreography):  # ... with that event's subscribers
             route = replace(route, subscribers=tuple(
                 a.name for a in flow.subscribers(event_type)))
         self.store.create_run(new_id, workflow=flow.name, payload=source.payload,
                               contract=source.contract, route=route.to_json())
+        if form is not None:
+            self._seal_edit(new_id, source, edit, form, author)
         self.store.link_replay(run_id, from_version, new_id, start_at)
         tracing: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
         if self.settings.otel:  # the replay is a run of its own: its own trace
@@ -331,10 +374,10 @@ class Pipeline:
         try:
             with tracing:
                 if isinstance(flow, Choreography):
-                    flow.enqueue(self.app, self.store, new_id, event_type)
+                    choreography.enqueue(self.app, self.store, route, new_id)
                 else:
-                    assert isinstance(flow, Workflow)
-                    send(self.app, flow.compile(self.app, new_id, start=stage, upstream=0))
+                    send(self.app, compile_route(self.app, route, new_id, start=stage,
+                                                 upstream=route.input_version))
         except Exception as e:
             with contextlib.suppress(PipelineError):  # nothing half-made is left behind
                 self.store.delete_run(new_id)
@@ -346,6 +389,25 @@ class Pipeline:
         self.store.mark_enqueued(new_id)
         return Run(self, new_id)
 
+    def _seal_edit(self, run_id: str, source: Version, edit: Any, form: Sealable,
+                   author: str) -> None:
+        """Seal a person's edit of a replay's starting version as its version 1."""
+        try:
+            sealing = self.store.seal(run_id, step=EDIT_STEP, agent=source.agent,
+                                      contract=source.contract, payload=edit, parents=[0],
+                                      worker=f"person:{author}" if author else "person",
+                                      form=form)
+            if sealing.version != 1:
+                raise RunNotLive(f"replay {run_id}: the edit was not sealed as version 1 "
+                                 f"({sealing.outcome})")
+            self.store.note(run_id, "replay.edited", version=1, author=author or "-",
+                            agent=source.agent, source_digest=source.digest,
+                            digest=form.digest)
+        except Exception:
+            with contextlib.suppress(PipelineError):  # nothing half-made is left behind
+                self.store.delete_run(run_id)
+            raise
+
     @staticmethod
     def _emits(agent_name: str) -> str | None:
         from .agent import agents
@@ -353,14 +415,20 @@ class Pipeline:
         return agents.get(agent_name).emits if agent_name in agents else None
 
     def cancel(self, run_id: str, reason: str = "cancelled by hand") -> Run:
-        """Stop a live run and compensate what it sealed; ``RunNotLive`` if it has ended."""
+        """Stop a live run: no step seals from now on, and a saga undoes, newest first,
+        every step it sealed (``reason`` is logged). Returns at once; ``wait`` on the
+        run for it to end ``compensated``. ``RunNotFound`` for no such run,
+        ``RunNotLive`` when it has ended or is being compensated already."""
         if not saga.start(self.app, self.store, run_id, reason=reason):
             status = self.store.run_info(run_id).status.value
             raise RunNotLive(f"run {run_id} is {status}: there is nothing to cancel")
         return Run(self, run_id)
 
     def compensate(self, run_id: str) -> Run:
-        """Re-drive a ``compensation_failed`` run: compensate only what is still owed."""
+        """Re-drive a ``compensation_failed`` run: compensate only what is still owed.
+
+        Returns at once. ``RunNotFound`` for no such run, ``RunNotLive`` when the run
+        is not ``compensation_failed``."""
         saga.redrive(self.app, self.store, run_id)
         return Run(self, run_id)
 
@@ -390,28 +458,37 @@ class Run:
     """A handle on one run of a workflow."""
 
     def __init__(self, pipeline: Pipeline, run_id: str) -> None:
+        """A handle on run ``run_id``, unchecked (``Pipeline.run`` checks it exists)."""
         self.pipeline = pipeline
         self.run_id = run_id
 
     @property
     def store(self) -> StateStore:
+        """The state store of the client this handle came from."""
         return self.pipeline.store
 
     def info(self) -> RunInfo:
+        """The run's record now (status, head version, times, route, replay links);
+        ``RunNotFound`` when it expired."""
         return self.store.run_info(self.run_id)
 
     def status(self) -> RunStatus:
+        """The run's status now; ``RunNotFound`` when it expired."""
         return self.info().status
 
     def history(self) -> list[Version]:
-        """Every sealed version, oldest first, digests checked."""
+        """Every sealed version, oldest first, digests checked (``IntegrityError`` for
+        one that does not match its payload)."""
         return self.store.history(self.run_id)
 
     def lineage(self, version: int | None = None) -> list[Version]:
-        """The versions ``version`` (default: the latest) was made from, newest first."""
+        """The versions ``version`` (default: the latest) was made from, newest first;
+        ``VersionNotFound`` when the run has no such version."""
         return self.store.lineage(self.run_id, self.info().head if version is None else version)
 
     def result(self) -> RunResult:
+        """How the run stands now, without waiting: a live run's result has its live
+        status and no output yet."""
         info = self.info()
         output = None
         if info.output_version is not None:

@@ -24,7 +24,7 @@ from typing import Any, cast
 from .agent import agents
 from .catalog import known_agents
 from .keys import DEAD_LETTERS, RUNS_INDEX, RunKeys
-from .route import agent_of
+from .route import EDIT_STEP, agent_of
 from .state import StateStore, translate_errors
 from .state.version import digest_of
 
@@ -204,8 +204,8 @@ def _versions(run_id: str, run: Mapping[str, str], states: list[tuple[str, dict[
         if steps.get(step) != str(expected):
             violated("versions", f"{where}: step {step} is recorded at version "
                      f"{steps.get(step)!r}")
-        if expected > 0 and fields.get("degraded") != "1":
-            sealed[step] = expected
+        if expected > 0 and fields.get("degraded") != "1" and step != EDIT_STEP:
+            sealed[step] = expected  # what a failed run must have undone
     if states and run.get("head") != str(len(states) - 1):
         violated("versions", f"head is {run.get('head')!r} but the last version is "
                  f"{len(states) - 1}")

@@ -28,8 +28,8 @@ from typing import Any
 
 from .errors import WorkflowDefinitionError
 
-__all__ = ["ERRBACK_TASK", "FlowKind", "Route", "agent_of", "compensate_task", "default_queue",
-           "newest_first", "queues_of", "step_task"]
+__all__ = ["EDIT_STEP", "ERRBACK_TASK", "FlowKind", "Route", "agent_of", "compensate_task",
+           "default_queue", "newest_first", "queues_of", "step_task"]
 
 
 class FlowKind(StrEnum):
@@ -42,6 +42,9 @@ def default_queue(agent: str) -> str:
     return f"agents.{agent}"
 
 
+EDIT_STEP = "edit"
+"""The step key of a person's edit of a replay's starting version (``replay --edit``):
+nothing executed it, so nothing compensates it."""
 ERRBACK_TASK = "pipeline.run_failed"
 """The errback linked to every step: a step that failed for good begins the run's saga."""
 
@@ -94,6 +97,9 @@ class Route:
     a subscriber deployed later is not among them, and its queue is found elsewhere."""
     terminal: tuple[str, ...] = ()
     """A choreography's terminal event types."""
+    input_version: int = 0
+    """The version the run's first step receives: 0, its input; 1 for a replay whose
+    starting version a person edited (version 1 is the edit, its parent version 0)."""
 
     def holds(self, agent: str) -> bool:
         """Whether ``agent`` is one of the flow's agents as the run's creator knew them."""
@@ -131,6 +137,8 @@ class Route:
     def to_json(self) -> str:
         data: dict[str, Any] = {"kind": self.kind.value,
                                 "queues": dict(sorted(self.queues.items()))}
+        if self.input_version:
+            data["input_version"] = self.input_version
         if self.kind is FlowKind.WORKFLOW:
             data["stages"] = [list(stage) for stage in self.stages]
             if self.start:
@@ -154,6 +162,7 @@ class Route:
                 subscribers=tuple(_strings(data.get("subscribers", ()))),
                 agents=tuple(_strings(data.get("agents", ()))),
                 terminal=tuple(_strings(data.get("terminal", ()))),
+                input_version=int(data.get("input_version", 0)),
             )
         except (ValueError, KeyError, TypeError) as e:
             raise WorkflowDefinitionError(

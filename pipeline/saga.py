@@ -29,7 +29,7 @@ from .agent import Agent
 from .errors import RunNotFound, RunNotLive, UnknownWorkflow, WorkflowDefinitionError
 from .keys import DEAD_LETTERS, SAGAS, RunKeys
 from .lua import Batch, Script, checked
-from .route import Route, agent_of, compensate_task, newest_first
+from .route import EDIT_STEP, Route, agent_of, compensate_task, newest_first
 from .state import RunStatus, StateStore, Version
 from .state.store import translate_errors
 from .workflow import route_of
@@ -109,7 +109,9 @@ def plan(store: StateStore, run_id: str, *, owed_only: bool = False) -> list[lis
     """Stages of step keys to compensate, newest first (see the module docstring):
     a workflow's by stage, a choreography's one step a stage, newest sealed first."""
     info = store.run_info(run_id)
-    sealed = {v.step: v for v in store.history(run_id)[1:] if not v.degraded}
+    # a degraded stand-in and a person's edit (replay --edit) executed nothing to undo
+    sealed = {v.step: v for v in store.history(run_id)[1:]
+              if not v.degraded and v.step != EDIT_STEP}
     broken = {e["step"] for e in store.log(run_id)
               if e.get("event") == "step.failed" and e.get("side") == "output"}
     if owed_only:

@@ -542,7 +542,8 @@ def _redrive(app: Celery, store: StateStore, run: _Idle, report: SweepReport) ->
 
 def _enqueue(app: Celery, store: StateStore, route: Route, run_id: str) -> None:
     if route.kind is FlowKind.WORKFLOW:  # from the first stage, or where a replay starts
-        canvas.send(app, canvas.compile_route(app, route, run_id, start=int(route.start or 0)))
+        canvas.send(app, canvas.compile_route(app, route, run_id, start=int(route.start or 0),
+                                              upstream=route.input_version))
     else:
         choreography.enqueue(app, store, route, run_id)
 

@@ -5,6 +5,7 @@ parked run."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from pipeline import Pipeline, RunStatus
 from pipeline.observe import lineage_dot
 from pipeline.route import Route
 from tasks import SAMPLES, research
+from tasks.contracts import band_of
 from tasks.retrieval import index, words
 from tests.conftest import Cluster, wait_for
 from tests.test_saga import invoke_cli
@@ -204,6 +206,48 @@ def test_replay_forks_a_run_from_a_sealed_version(succeeded: str, redis_url: str
     assert Route.from_json(new.info().route).start == "1"
     assert f"replayed  as {data['run_id']}" in invoke_cli(redis_url, "inspect",
                                                           succeeded).stdout
+
+
+def test_replay_with_an_edit_seals_a_persons_correction_and_runs_on_from_it(
+    succeeded: str, redis_url: str, pipeline: Pipeline, tmp_path: Path,
+) -> None:
+    source = pipeline.run(succeeded)
+    scored = source.history()[1]
+    assert scored.agent == "credit_score"
+    corrected = {**scored.payload, "score": 320, "band": band_of(320)}
+    (tmp_path / "edit.json").write_text(json.dumps(corrected))
+
+    data = cli_json(redis_url, "replay", succeeded, "--from-version", "1", "--edit",
+                    str(tmp_path / "edit.json"), "--author", "alice", "--wait")
+
+    assert data["status"] == "succeeded"
+    fork = pipeline.run(data["run_id"])
+    history = fork.history()
+    assert history[0].digest == scored.digest  # version 0: the source version, unchanged
+    edit = history[1]
+    assert (edit.step, edit.agent, edit.contract, edit.parents, edit.payload) == (
+        "edit", "credit_score", scored.contract, (0,), corrected)
+    assert all(v.parents == (1,) for v in history[2:5])  # the next stage read the edit
+    assert data["output"]["decision"] == "declined" != source.result().output["decision"]
+    [edited] = [e for e in fork.pipeline.store.log(fork.run_id)
+                if e["event"] == "replay.edited"]
+    assert (edited["author"], edited["source_digest"]) == ("alice", scored.digest)
+    assert Route.from_json(fork.info().route).input_version == 1
+
+
+def test_an_edit_that_breaks_its_versions_contract_starts_nothing(
+    succeeded: str, redis_url: str, pipeline: Pipeline, tmp_path: Path,
+) -> None:
+    scored = pipeline.run(succeeded).history()[1]
+    (tmp_path / "edit.json").write_text(json.dumps({**scored.payload, "score": 320}))
+    before = len(cli_json(redis_url, "runs", "--limit", "1000"))
+
+    refused = invoke_cli(redis_url, "replay", succeeded, "--from-version", "1", "--edit",
+                         str(tmp_path / "edit.json"))
+
+    assert refused.exit_code == 2
+    assert "breaks contract credit_score@1" in refused.stderr and "band" in refused.stderr
+    assert len(cli_json(redis_url, "runs", "--limit", "1000")) == before
 
 
 def test_replay_of_a_choreography_starts_at_the_event_its_version_published(

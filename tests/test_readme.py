@@ -1,0 +1,122 @@
+"""The README's Python runs as written: each ```python block in a fresh interpreter (so its
+agents, contracts and workflows never meet this process's registries), from the repository's
+directory, against the test Redis and, when it starts a run, the session's workers. And every
+name it imports from the pipeline exists and is exported by ``pipeline`` itself."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import pipeline
+from tests.conftest import ROOT, worker_env
+
+README = Path(ROOT) / "README.md"
+
+SKIPPED = {
+    # first line of the block -> why it does not run here
+    "# start.py": "it needs a worker that imports support.py from the project's directory; "
+                  "tests/test_own_project.py runs that section from a temporary project",
+}
+"""Blocks that do not run here, by their first line, and why."""
+
+CHECKS = {
+    # block id -> code run after the block, in its interpreter: what its comments promise
+    "using-it-from-application-code": (
+        "from pipeline import RunStatus\n"
+        "assert result.status is RunStatus.SUCCEEDED, result\n"
+        "assert result.output['decision'] == 'approved', result.output\n"
+        "assert [v.version for v in run.history()] == list(range(6))\n"
+    ),
+    "circuit-breakers-2": "assert receipt == {'order': 'o-1', 'charged': 42}\n",
+}
+STARTS_A_RUN = re.compile(r"\.(start|wait)\(")
+"""A block that starts or waits for a run needs the session's workers."""
+
+
+@dataclass(frozen=True)
+class Block:
+    id: str
+    """The heading it is under, as a slug, numbered from the second block under it."""
+    line: int
+    code: str
+
+    @property
+    def first_line(self) -> str:
+        return self.code.splitlines()[0].strip() if self.code.strip() else ""
+
+
+def python_blocks(text: str) -> list[Block]:
+    blocks: list[Block] = []
+    heading, seen, lines, start = "top", 0, None, 0
+    for n, line in enumerate(text.splitlines(), 1):
+        if lines is None:
+            if line.startswith("#"):
+                heading = re.sub(r"[^a-z0-9]+", "-", line.lstrip("#").strip().lower()).strip("-")
+                seen = 0
+            elif line.strip() == "```python":
+                lines, start = [], n + 1
+        elif line.strip() == "```":
+            seen += 1
+            blocks.append(Block(heading if seen == 1 else f"{heading}-{seen}", start,
+                                "\n".join(lines) + "\n"))
+            lines = None
+        else:
+            lines.append(line)
+    assert lines is None, "the README ends inside a ```python block"
+    return blocks
+
+
+BLOCKS = python_blocks(README.read_text(encoding="utf-8"))
+
+
+def imports_from_pipeline(block: Block) -> list[tuple[str, str]]:
+    """(module, name) for every ``from pipeline... import name`` of the block."""
+    found = []
+    for node in ast.walk(ast.parse(block.code)):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "pipeline":
+            found += [(str(node.module), a.name) for a in node.names]
+    return found
+
+
+def test_the_readme_has_python_blocks_with_unique_ids() -> None:
+    assert len(BLOCKS) >= 6
+    assert len({b.id for b in BLOCKS}) == len(BLOCKS)
+    assert set(CHECKS) <= {b.id for b in BLOCKS}
+
+
+def test_every_skipped_block_is_still_in_the_readme() -> None:
+    assert set(SKIPPED) <= {b.first_line for b in BLOCKS}
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: b.id)
+def test_every_readme_block_runs_as_written(block: Block, redis_url: str,
+                                            request: pytest.FixtureRequest) -> None:
+    if block.first_line in SKIPPED:
+        pytest.skip(f"README line {block.line}: {SKIPPED[block.first_line]}")
+    if STARTS_A_RUN.search(block.code):
+        request.getfixturevalue("pipeline")  # the session's workers, on the same database
+    code = block.code + "\n" + CHECKS.get(block.id, "")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **worker_env(redis_url)})
+    assert done.returncode == 0, (
+        f"the README's block at line {block.line} ({block.id}) failed:\n{done.stderr}"
+    )
+
+
+@pytest.mark.parametrize("block", [b for b in BLOCKS if imports_from_pipeline(b)],
+                         ids=lambda b: b.id)
+def test_every_name_the_readme_imports_exists_and_is_exported_by_pipeline(
+    block: Block,
+) -> None:
+    for module, name in imports_from_pipeline(block):
+        assert hasattr(importlib.import_module(module), name), f"{module}.{name}"
+        assert name in pipeline.__all__, f"{name} (README line {block.line})"
