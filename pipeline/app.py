@@ -12,7 +12,7 @@ from celery import Celery, Task
 from celery.signals import task_postrun, worker_ready
 from kombu import Queue
 
-from . import catalog, choreography, lease, metrics, saga, sweeper
+from . import catalog, chaos, choreography, lease, metrics, saga, sweeper
 from .agent import Agent, agents
 from .breaker import BreakerRegistry, Fallback
 from .errors import ConfigurationError, StoreError
@@ -22,7 +22,7 @@ from .settings import Settings, tls_options
 from .state import RunStatus, StateStore
 from .workflow import ERRBACK_TASK, workflows
 
-__all__ = ["create_app", "import_agent_modules", "store_for"]
+__all__ = ["check_chaos_agents", "create_app", "import_agent_modules", "store_for"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,20 @@ def import_agent_modules(modules: tuple[str, ...], *, required: bool = True) -> 
                 f"cannot import agent module {name!r} ({e}); set PIPELINE_AGENT_MODULES to the "
                 "modules that define your agents, and run from the directory that holds them"
             ) from e
+
+
+def check_chaos_agents(settings: Settings) -> None:
+    """Refuse a ``PIPELINE_CHAOS`` rule whose agent name is a typo of a registered one.
+
+    A name no module of this process registers, and close to none, may be an agent of
+    another pool (pools may import different agent modules): it is said in the log, not
+    refused, and fires only on the pools that run that agent.
+    """
+    names = {a.name for a in agents}
+    for name in chaos.check_agents(settings.chaos, names):
+        log.warning("PIPELINE_CHAOS names agent %r, which no module of this process "
+                    "registers (PIPELINE_AGENT_MODULES=%s): it fires only on pools that "
+                    "import it", name, ",".join(settings.agent_modules))
 
 
 def restore_sweep(visibility_timeout_s: int) -> dict[str, int]:
@@ -101,8 +115,10 @@ def create_app(
     about a second instead of Celery's twenty retries. Without ``agents_required``
     (an operator's commands) a module that cannot be imported is skipped.
     """
-    settings = settings or Settings.from_env()
+    settings = settings or Settings.from_env()  # every value checked: refused before ready
     import_agent_modules(settings.agent_modules, required=agents_required)
+    if agents_required:
+        check_chaos_agents(settings)
     for flow in workflows:  # every subscriber is known now: check the event flows
         if isinstance(flow, choreography.Choreography) and agents_required:
             flow.check()

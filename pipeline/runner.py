@@ -26,7 +26,7 @@ from . import chaos
 from .agent import Agent, StepContext
 from .breaker.fallback import input_digest, take_fallback
 from .breaker.gate import Gate
-from .breaker.policy import Fallback
+from .breaker.policy import CONFIGURATION_FAULTS, Fallback
 from .choreography import Delivery
 from .contracts import contracts
 from .errors import (
@@ -226,6 +226,9 @@ def run_step(
             # it; when the planner did find it, only one of the two undoes it.
             _compensate_self(agent, store, run_id, step, opening.inputs, output, attempt,
                              claim=True)
+        raise
+    except CONFIGURATION_FAULTS as e:  # never retried: the same configuration fails again
+        _fail(agent, run_id, step, e, store, attempt=attempt, gate=gate, ctx=ctx)
         raise
     except agent.retry_on as e:
         if task.request.retries < agent.max_retries:

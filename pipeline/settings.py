@@ -1,14 +1,24 @@
-"""Settings read from the environment (DESIGN section 11)."""
+"""Settings read from the environment (DESIGN section 11).
+
+Every setting is read strictly, once, when ``Settings.from_env`` builds them: a value that
+cannot be used (not a number, out of range, a chaos spec with an unknown mode) is a
+``ConfigurationError`` naming the variable, the value and what is accepted, every such
+problem at once. A worker builds them before Celery starts (``pipeline.worker``), so it
+refuses to start on a bad value instead of reporting ready and failing every run. A
+``Settings`` built in code is checked the same way when it is constructed.
+"""
 
 from __future__ import annotations
 
 import os
 import re
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from . import chaos
 from .errors import ConfigurationError
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -19,6 +29,61 @@ DEFAULT_LEASE_S = 60
 DEFAULT_SWEEP_INTERVAL_S = 15
 DEFAULT_AGENT_MODULES = ("tasks",)
 DEFAULT_QUEUE = "pipeline"
+MAX_SECONDS = 10 * 365 * 24 * 3600
+"""No duration setting is meant to reach ten years: a larger value is a unit mistake (and
+Redis refuses an expiry far enough out)."""
+MAX_PAYLOAD_BYTES = 512 * 1024 * 1024
+"""Redis's largest string (``proto-max-bulk-len``'s default)."""
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off", "")
+
+
+@dataclass(frozen=True, slots=True)
+class WholeNumber:
+    """An integer setting: the variable it is read from, the field it fills, its range."""
+
+    variable: str
+    field: str
+    default: int
+    minimum: int
+    maximum: int
+    unit: str
+
+    @property
+    def accepted(self) -> str:
+        return (f"expected a whole number of {self.unit} from {self.minimum} to "
+                f"{self.maximum} (default {self.default})")
+
+    def read(self, env: Mapping[str, str]) -> int:
+        raw = env.get(self.variable)
+        if raw is None or raw == "":
+            return self.default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigurationError(
+                f"{self.variable}={raw!r} is not a whole number; {self.accepted}") from None
+        self.check(value, f"{self.variable}={raw!r}")
+        return value
+
+    def check(self, value: object, shown: str) -> None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigurationError(f"{shown} is not a whole number; {self.accepted}")
+        if not self.minimum <= value <= self.maximum:
+            raise ConfigurationError(f"{shown} is out of range; {self.accepted}")
+
+
+WHOLE_NUMBERS = (
+    WholeNumber("PIPELINE_MAX_PAYLOAD_BYTES", "max_payload_bytes", DEFAULT_MAX_PAYLOAD_BYTES,
+                1, MAX_PAYLOAD_BYTES, "bytes"),
+    WholeNumber("PIPELINE_RETENTION_S", "retention_s", DEFAULT_RETENTION_S, 1, MAX_SECONDS,
+                "seconds"),
+    WholeNumber("PIPELINE_VISIBILITY_TIMEOUT_S", "visibility_timeout_s",
+                DEFAULT_VISIBILITY_TIMEOUT_S, 1, MAX_SECONDS, "seconds"),
+    WholeNumber("PIPELINE_LEASE_S", "lease_s", DEFAULT_LEASE_S, 1, MAX_SECONDS, "seconds"),
+    WholeNumber("PIPELINE_SWEEP_INTERVAL_S", "sweep_interval_s", DEFAULT_SWEEP_INTERVAL_S,
+                1, MAX_SECONDS, "seconds"),
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -55,32 +120,45 @@ class Settings:
             shown[name] = redact_url(shown[name])
         return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
+    def __post_init__(self) -> None:
+        """Refuse values no process could run with, however the settings were built."""
+        for number in WHOLE_NUMBERS:
+            value = getattr(self, number.field)
+            number.check(value, f"{number.field}={value!r} ({number.variable})")
+        chaos.parse(self.chaos)
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """The settings the environment gives; ``ConfigurationError`` naming every variable
+        whose value cannot be used, with the value and what is accepted."""
         env = os.environ if environ is None else environ
-        redis_url = _state_url(env)
-        broker_url = _broker_url(env, redis_url)
-        modules = env.get("PIPELINE_AGENT_MODULES")
-        return cls(
-            redis_url=redis_url,
-            broker_url=broker_url,
-            result_backend=_result_backend(env, redis_url, broker_url),
-            max_payload_bytes=_int(env, "PIPELINE_MAX_PAYLOAD_BYTES", DEFAULT_MAX_PAYLOAD_BYTES),
-            retention_s=_int(env, "PIPELINE_RETENTION_S", DEFAULT_RETENTION_S),
-            visibility_timeout_s=_int(
-                env, "PIPELINE_VISIBILITY_TIMEOUT_S", DEFAULT_VISIBILITY_TIMEOUT_S
-            ),
-            lease_s=_int(env, "PIPELINE_LEASE_S", DEFAULT_LEASE_S),
-            sweep_interval_s=_int(env, "PIPELINE_SWEEP_INTERVAL_S", DEFAULT_SWEEP_INTERVAL_S),
-            agent_modules=(
-                tuple(m.strip() for m in modules.split(",") if m.strip())
-                if modules is not None
-                else DEFAULT_AGENT_MODULES
-            ),
-            chaos=env.get("PIPELINE_CHAOS", ""),
-            otel=env.get("PIPELINE_OTEL", "").strip().lower() in ("1", "true", "yes", "on"),
-            data_dir=env.get("PIPELINE_DATA_DIR") or _default_data_dir(env),
-        )
+        values: dict[str, Any] = {}
+        problems: list[str] = []
+
+        def read(field: str, reader: Callable[..., Any], *args: Any) -> None:
+            try:
+                values[field] = reader(*args)
+            except ConfigurationError as e:
+                problems.append(str(e))
+
+        read("redis_url", _state_url, env)
+        if "redis_url" in values:  # the broker and results default to it
+            read("broker_url", _broker_url, env, values["redis_url"])
+        if "broker_url" in values:
+            read("result_backend", _result_backend, env, values["redis_url"],
+                 values["broker_url"])
+        for number in WHOLE_NUMBERS:
+            read(number.field, number.read, env)
+        read("agent_modules", _agent_modules, env)
+        read("chaos", _chaos, env)
+        read("otel", _flag, env, "PIPELINE_OTEL")
+        values["data_dir"] = env.get("PIPELINE_DATA_DIR") or _default_data_dir(env)
+        if len(problems) == 1:
+            raise ConfigurationError(problems[0])
+        if problems:
+            raise ConfigurationError(f"{len(problems)} settings cannot be used:\n- "
+                                     + "\n- ".join(problems))
+        return cls(**values)
 
     @property
     def beat_schedule_path(self) -> str:
@@ -251,17 +329,36 @@ def _result_backend(env: Mapping[str, str], redis_url: str, broker_url: str) -> 
     return url
 
 
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
+def _agent_modules(env: Mapping[str, str]) -> tuple[str, ...]:
+    name = "PIPELINE_AGENT_MODULES"
     raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigurationError(f"{name}={raw!r} is not an integer") from None
-    if value <= 0:
-        raise ConfigurationError(f"{name}={raw!r} must be positive")
-    return value
+    if raw is None:
+        return DEFAULT_AGENT_MODULES
+    modules = tuple(m.strip() for m in raw.split(",") if m.strip())
+    for module in modules:
+        if not all(part.isidentifier() for part in module.split(".")):
+            raise ConfigurationError(
+                f"{name}={raw!r}: {module!r} is not a module name; expected module names "
+                "separated by commas, such as support.agents,billing (empty: no agents)"
+            )
+    return modules
+
+
+def _chaos(env: Mapping[str, str]) -> str:
+    spec = env.get(chaos.VARIABLE, "")
+    chaos.parse(spec)  # a ConfigurationError naming the part it cannot read
+    return spec
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "")
+    word = raw.strip().lower()
+    if word not in TRUE_WORDS + FALSE_WORDS:
+        raise ConfigurationError(
+            f"{name}={raw!r} is neither on nor off; expected {', '.join(TRUE_WORDS)} (on) or "
+            f"{', '.join(FALSE_WORDS[:-1])} or empty (off, the default)"
+        )
+    return word in TRUE_WORDS
 
 
 SECRET_QUERY_KEYS = frozenset({"password", "pass", "passwd", "secret", "token", "auth"})

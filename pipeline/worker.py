@@ -7,6 +7,10 @@ list of module names (``support.agents,billing``), found from the working direct
 ``celery -A`` finds its app) or installed. ``-Q`` narrows a pool to some queues; ``pipeline
 worker`` is the same with the pipeline's defaults, ``celery -A pipeline.worker beat`` runs
 the sweeper's schedule and ``pipeline flower`` serves Flower with authentication.
+
+Every setting is checked when this module is imported, before Celery starts: a value that
+cannot be used (``PIPELINE_LEASE_S=0``, ``PIPELINE_CHAOS=sentimnt=eror:1``) stops the worker
+with a ``ConfigurationError`` naming the variable, the value and what is accepted.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from marshmallow import Schema, fields
 from pipeline import StepContext, TransientAgentError, Workflow, agent, contract, parallel
 from pipeline.breaker import BreakerPolicy
 from pipeline.choreography import Choreography
+from pipeline.errors import ConfigurationError
 from pipeline.saga import CompensationContext
 from tests.quick_agents import (
     COMP_TRIES_KEY,
@@ -196,6 +197,19 @@ guarded_retry = _guarded("guarded_retry", "retry_later", retry_later_max=5)
 for _a in (guarded_fail, guarded_skip, guarded_cached, guarded_retry):
     Workflow(f"w_{_a.name}", [_a])
 parked_flow = Workflow("w_guarded_park", [increment, guarded_park, double])
+
+
+@agent(input="count@1", output="count@1", time_limit_s=5, max_retries=2, retry_backoff_s=0.1,
+       retry_on=(Exception,), breaker=QUICK_BREAKER)
+def misconfigured(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Fail as an agent whose own setting is missing does: with a ConfigurationError, which
+    says nothing of its health (never retried, never counted on its breaker)."""
+    _count(ctx)
+    raise ConfigurationError("TEST_MISCONFIGURED_API_KEY is not set; set it to the key of the "
+                             "service this agent calls")
+
+
+misconfiguring = Workflow("misconfiguring", [increment, misconfigured])
 
 
 @agent(input="count@1", output="count@1", time_limit_s=10, max_retries=0)

@@ -133,5 +133,5 @@ def test_bad_chaos_spec_is_a_configuration_error_naming_the_bad_part(spec: str, 
     with pytest.raises(ConfigurationError) as info:
         parse(spec)
     message = str(info.value)
-    assert message.startswith(f"PIPELINE_CHAOS: cannot read {bad!r};")
+    assert message.startswith(f"PIPELINE_CHAOS={spec!r}: cannot read {bad!r}: ")
     assert "error, crash, slow, bad_output" in message

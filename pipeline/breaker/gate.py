@@ -14,7 +14,7 @@ from ..errors import CircuitOpen, ContractViolation, StoreError
 from ..keys import breaker_cache_key
 from ..lua import Batch
 from ..state import StateStore
-from .policy import Fallback
+from .policy import CONFIGURATION_FAULTS, Fallback
 from .registry import BreakerRegistry, Permit
 
 if TYPE_CHECKING:
@@ -29,6 +29,8 @@ def outcome_of(agent: Agent, exc: BaseException) -> str:
     """How a failure counts: 'failure', or 'ignore' (it says nothing of the agent's health)."""
     if isinstance(exc, CircuitOpen | StoreError):
         return "ignore"  # the call never ran, or Redis failed, not the agent
+    if isinstance(exc, CONFIGURATION_FAULTS):
+        return "ignore"  # the pipeline's configuration, not the agent
     if isinstance(exc, ContractViolation) and exc.side == "input":
         return "ignore"  # the upstream's fault
     if isinstance(exc, agent.breaker.excluded):

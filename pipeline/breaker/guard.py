@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
 from ..errors import CircuitOpen, StoreError
-from .policy import BreakerPolicy, BreakerState
+from .policy import CONFIGURATION_FAULTS, BreakerPolicy, BreakerState
 from .registry import DEFAULT_PROBE_LEASE_S, BreakerRegistry
 
 P = ParamSpec("P")
@@ -63,7 +63,8 @@ class Breaker:
         try:
             result = fn(*args, **kwargs)
         except BaseException as exc:
-            outcome = "ignore" if isinstance(exc, self.policy.excluded) else "failure"
+            ignored = self.policy.excluded + CONFIGURATION_FAULTS
+            outcome = "ignore" if isinstance(exc, ignored) else "failure"
             self._record(outcome, lease, f"{type(exc).__name__}: {exc}")
             raise
         elapsed_s = time.perf_counter() - start

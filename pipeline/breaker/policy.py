@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from ..errors import ConfigurationError, UnknownContract
+
 DEFAULT_FAILURE_THRESHOLD = 5
 DEFAULT_WINDOW = 20
 DEFAULT_MIN_CALLS = 10
@@ -12,6 +14,10 @@ DEFAULT_FAILURE_RATE = 0.5
 DEFAULT_RESET_TIMEOUT_S = 60.0
 DEFAULT_HALF_OPEN_MAX_CALLS = 1
 DEFAULT_RETRY_LATER_MAX = 5
+CONFIGURATION_FAULTS: tuple[type[BaseException], ...] = (ConfigurationError, UnknownContract)
+"""Failures of the pipeline's configuration (a setting, a contract no module of this worker
+registers), not of the agent: they would fail every call of every agent alike, so no breaker
+counts them."""
 
 
 class BreakerState(StrEnum):

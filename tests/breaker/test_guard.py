@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from pipeline.breaker import Breaker, BreakerPolicy, BreakerRegistry, BreakerState
-from pipeline.errors import CircuitOpen, StoreUnavailable
+from pipeline.errors import CircuitOpen, ConfigurationError, StoreUnavailable
 from pipeline.state import connect
 from tests.conftest import socket_writes, wait_for
 
@@ -186,6 +186,21 @@ def test_excluded_errors_do_not_count_and_slow_successes_do(
     assert (snap.state, snap.failures) == (BreakerState.OPEN, 2)
     assert registry.transitions(agent)[-1]["reason"].startswith(
         "2 consecutive failures, last: slow call: ")
+
+
+def test_a_configuration_error_in_a_guarded_call_is_never_counted(
+        registry: BreakerRegistry) -> None:
+    agent, policy = new_agent(), BreakerPolicy(failure_threshold=1)
+    guard = Breaker(registry, agent, policy)
+
+    def misconfigured() -> None:
+        raise ConfigurationError("PAYMENTS_URL is not set")
+
+    for _ in range(3):
+        with pytest.raises(ConfigurationError):
+            guard.call(misconfigured)
+    snap = registry.snapshot(agent, policy)
+    assert (snap.state, snap.failures, snap.consecutive_failures) == (BreakerState.CLOSED, 0, 0)
 
 
 def test_the_breaker_decorates_a_function(registry: BreakerRegistry) -> None:

@@ -603,3 +603,13 @@ def test_an_excluded_error_says_nothing_of_the_agents_health() -> None:
     assert outcome_of(a, RuntimeError("down")) == "failure"
     assert outcome_of(a, ContractViolation("x", side="output")) == "failure"
     assert outcome_of(a, ContractViolation("x", side="input")) == "ignore"
+
+
+def test_a_configuration_error_says_nothing_of_the_agents_health() -> None:
+    from pipeline.agent import Agent
+    from pipeline.breaker.gate import outcome_of
+    from pipeline.errors import ConfigurationError, UnknownContract
+
+    a = Agent(name="t_configured", execute=lambda p, c: p, input="count@1", output="count@1")
+    assert outcome_of(a, ConfigurationError("PIPELINE_CHAOS='x=eror': ...")) == "ignore"
+    assert outcome_of(a, UnknownContract("unknown contract count@9")) == "ignore"
