@@ -128,18 +128,23 @@ def run(
         result = handle.wait(timeout) if wait else handle.result()
     except WaitTimeout as e:  # not bad input: report where the run is, and exit 1
         result = replace(handle.result(), error=str(e))
-    data = {"workflow": workflow, **result.to_dict()}
-    if as_json:
-        _echo_json(data)
-    else:
-        click.echo(f"run {handle.run_id} of {workflow}: {result.status.value} "
-                   f"(version {result.version})")
-        if result.error:
-            click.echo(f"error: {result.error}")
-        if result.output is not None:
-            click.echo(json.dumps(result.output, indent=2, ensure_ascii=False))
+    echo_result(workflow, result, as_json)
     if wait and result.status.value != "succeeded":
         sys.exit(EXIT_RUN_FAILED)
+
+
+def echo_result(workflow: str, result: Any, as_json: bool) -> None:
+    """Print a run's result as ``run`` does: run id, workflow, status, version, error and
+    output; with ``as_json``, ``{"workflow", **result.to_dict()}``."""
+    if as_json:
+        _echo_json({"workflow": workflow, **result.to_dict()})
+        return
+    click.echo(f"run {result.run_id} of {workflow}: {result.status.value} "
+               f"(version {result.version})")
+    if result.error:
+        click.echo(f"error: {result.error}")
+    if result.output is not None:
+        click.echo(json.dumps(result.output, indent=2, ensure_ascii=False))
 
 
 def _run_batch(p: Any, workflow: str, payloads: Any, key: str | None, timeout: float,
@@ -243,12 +248,14 @@ def history(run_id: str, as_json: bool) -> None:
 
 
 def format_history(versions: Sequence[Any]) -> str:
+    from .observe import NO_AGENT
+
     rows = [("version", "parents", "agent", "contract", "digest", "sealed at")]
     for v in versions:
         rows.append((
             str(v.version),
             ",".join(map(str, v.parents)) or "-",
-            v.agent or "(input)",
+            v.agent or NO_AGENT,
             v.contract,
             v.digest[:12] + (" degraded" if v.degraded else ""),
             _time(v.created_at),
@@ -453,14 +460,13 @@ def verify(run_ids: tuple[str, ...], as_json: bool) -> None:
 
 
 def _report(handle: Any, wait: bool, timeout: float, as_json: bool, *, ok: str) -> None:
+    """What ``replay``, ``resume``, ``cancel`` and ``compensate`` print: what ``run`` prints
+    for the run they started or continued; exit 1 if, waited for, it did not end ``ok``."""
     try:
         result = handle.wait(timeout) if wait else handle.result()
     except WaitTimeout as e:
         result = replace(handle.result(), error=str(e))
-    if as_json:
-        _echo_json(result.to_dict())
-    else:
-        click.echo(f"run {handle.run_id}: {handle.status().value}")
+    echo_result(handle.info().workflow, result, as_json)
     if wait and result.status.value != ok:
         sys.exit(EXIT_RUN_FAILED)
 
@@ -481,7 +487,8 @@ def exporter(address: str, port: int) -> None:
 @main.command()
 @json_option
 def contracts(as_json: bool) -> None:
-    """List the registered data contracts and their fields."""
+    """List the registered data contracts: each field's type, whether it is required or may
+    be null (allow_none), its validators, and each schema's @validates_schema rules."""
     from .app import import_agent_modules
     from .contracts import contracts as registry
     from .settings import Settings
@@ -491,19 +498,27 @@ def contracts(as_json: bool) -> None:
     if as_json:
         _echo_json(described)
         return
-    for c in described:
-        click.echo(c["contract"])
-        for line in _field_lines(c["fields"], "  "):
-            click.echo(line)
+    for i, c in enumerate(described):
+        rules = c["schema_validators"]
+        click.echo(("\n" if i else "") + c["contract"]
+                   + (f"  (schema validators: {', '.join(rules)})" if rules else ""))
+        rows = [("field", "type", "required", "allow_none", "validators"),
+                *_field_rows(c["fields"], "")]
+        click.echo(table(rows))
 
 
-def _field_lines(fields: dict[str, Any], indent: str) -> list[str]:
-    lines = []
+def _field_rows(fields: dict[str, Any], indent: str) -> list[tuple[str, ...]]:
+    """One row per field, a nested schema's fields indented under it."""
+    rows: list[tuple[str, ...]] = []
     for name, f in fields.items():
-        lines.append(f"{indent}{name}: {f['type']}{'' if f['required'] else ' (optional)'}")
+        rules = list(f["validators"])
+        if f.get("schema_validators"):
+            rules.append(f"schema: {', '.join(f['schema_validators'])}")
+        rows.append((indent + name, f["type"], "yes" if f["required"] else "no",
+                     "yes" if f["allow_none"] else "no", "; ".join(rules) or "-"))
         if "fields" in f:
-            lines += _field_lines(f["fields"], indent + "  ")
-    return lines
+            rows += _field_rows(f["fields"], indent + "  ")
+    return rows
 
 
 @main.command()

@@ -88,7 +88,7 @@ def trace(run_id: str, as_json: bool) -> None:
 @json_option
 def inspect(run_id: str, as_json: bool) -> None:
     """One page on a run: header, lineage tree, calls, compensations."""
-    from .observe import compensations, lineage_tree, reached, report, waiting_on
+    from .observe import compensations, lineage_tree, named, reached, report, waiting_on
 
     p = _pipeline()
     r = report(p.store, run_id)
@@ -115,7 +115,7 @@ def inspect(run_id: str, as_json: bool) -> None:
     others = [v for v in history if v.version not in reached(history, info.output_version)]
     if info.output_version is not None and others:
         click.echo("  not in the output's lineage: " + ", ".join(
-            f"v{v.version} {v.agent or '(input)'}" for v in others))
+            named(v) for v in others))
     click.echo("\ncalls:")
     click.echo(_calls_table(r.calls, r.start))
     click.echo(_tokens_line(r.by_agent, r.total))
@@ -126,26 +126,39 @@ def inspect(run_id: str, as_json: bool) -> None:
             click.echo(f"  +{int(e['at']) - r.start:>6} ms  {e['event']:<24} {what}"[:120])
 
 
+GRAPH_SUFFIXES = {".dot": "dot", ".gv": "dot", ".svg": "svg"}
+"""The file names whose format ``graph`` knows: the written format always matches them."""
+
+
 @main.command()
 @click.argument("run_id")
 @click.option("--output", "-o", "target", default=None,
-              help="Write here (.dot, or .svg when Graphviz's `dot` is installed); default "
-                   "stdout.")
+              help="Write here (.dot or .gv: DOT; .svg: SVG, which needs Graphviz's `dot`); "
+                   "default stdout.")
 @click.option("--format", "fmt", type=click.Choice(["dot", "svg"]), default=None,
-              help="Default: from the file name, else dot.")
+              help="Default: from the file name, else dot. A file named .dot, .gv or .svg "
+                   "is never written in the other format.")
 def graph(run_id: str, target: str | None, fmt: str | None) -> None:
-    """Write a run's lineage as Graphviz DOT, or SVG when `dot` is installed."""
+    """Write a run's lineage as Graphviz DOT, or SVG when `dot` is installed.
+
+    The format follows the file name: `-o run.svg` renders SVG with Graphviz (exit 2,
+    and nothing written, without it: write `-o run.dot` and render it elsewhere),
+    `-o run.dot` writes DOT. A --format that contradicts the file name is refused.
+    """
     from .observe import lineage_dot, render_svg
 
+    fmt = _graph_format(target, fmt)
     p = _pipeline()
     dot = lineage_dot(p.store.run_info(run_id), p.store.history(run_id))
-    fmt = fmt or ("svg" if target and target.endswith(".svg") else "dot")
     data: bytes = dot.encode()
     if fmt == "svg":
         svg = render_svg(dot)
         if svg is None:
-            raise InputError("SVG needs Graphviz's `dot` on PATH (apt install graphviz); "
-                             "write DOT instead (--format dot) and render it elsewhere")
+            instead = (f"-o {Path(target).with_suffix('.dot')}" if target
+                       else "--format dot")
+            raise InputError("SVG needs Graphviz's `dot` on PATH (apt install graphviz), "
+                             f"and it is not there; write DOT instead ({instead}) and render "
+                             "it where Graphviz is installed (dot -Tsvg)")
         data = svg
     if target is None:
         sys.stdout.buffer.write(data)
@@ -156,6 +169,17 @@ def graph(run_id: str, target: str | None, fmt: str | None) -> None:
     except OSError as e:
         raise InputError(f"cannot write {target}: {e.strerror or e}") from None
     click.echo(f"wrote {target} ({len(data):,} bytes, {fmt})", err=True)
+
+
+def _graph_format(target: str | None, fmt: str | None) -> str:
+    """The format to write: ``fmt``, else the file name's, else dot. ``InputError`` when
+    ``fmt`` contradicts the file name (DOT text in ``run.svg``, SVG in ``run.dot``)."""
+    by_name = GRAPH_SUFFIXES.get(Path(target).suffix.lower()) if target else None
+    if fmt and by_name and fmt != by_name:
+        right = Path(target or "").with_suffix(".dot" if fmt == "dot" else ".svg")
+        raise InputError(f"--format {fmt} would write {fmt.upper()} into {target}, a file "
+                         f"named for {by_name.upper()}; name the file {right}, or drop --format")
+    return fmt or by_name or "dot"
 
 
 @main.command()
@@ -194,6 +218,8 @@ def format_events(views: Sequence[EventView]) -> str:
                 str(v.version) if v.version >= 0 else "-", str(v.at - start))
         if v.failure:
             rows.append(head + ("-", "saga", "", "", "handed to the saga"))
+        elif not v.deliveries:  # a terminal event no agent subscribes to: the run's end
+            rows.append(head + ("-", "", "", "", "no subscriber"))
         for i, d in enumerate(v.deliveries):
             detail = (f"v{d.version}" if d.version is not None else "") or d.error[:60]
             rows.append((head if i == 0 else ("",) * 6) + (

@@ -7,12 +7,15 @@ it into other Python objects, so what is sealed is exactly what was checked.
 
 from __future__ import annotations
 
+import inspect
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
-from marshmallow import RAISE, Schema, ValidationError, fields
+from marshmallow import RAISE, Schema, ValidationError, fields, validate
+from marshmallow.decorators import VALIDATES, VALIDATES_SCHEMA
 
 from .errors import ContractMismatch, ContractViolation, UnknownContract
 
@@ -94,8 +97,11 @@ class Contract:
         return errors
 
     def describe(self) -> dict[str, Any]:
-        """The contract's fields as JSON-friendly data (for ``pipeline contracts``)."""
-        return {"contract": self.ref, "fields": _describe_fields(self.schema)}
+        """The contract as JSON-friendly data (for ``pipeline contracts``): each field's type,
+        ``required``, ``allow_none`` and ``validators``, and the schema's own rules
+        (``schema_validators``: its ``@validates_schema`` methods)."""
+        return {"contract": self.ref, "fields": _describe_fields(self.schema),
+                "schema_validators": _schema_rules(self.schema)}
 
 
 class ContractRegistry:
@@ -298,13 +304,55 @@ def _nested(f: fields.Nested) -> Schema:
 
 
 def _describe_fields(schema: Schema) -> dict[str, Any]:
+    field_rules: dict[str, list[str]] = {}
+    # marshmallow keeps a schema's decorated methods in _hooks: tag -> (name, many, options)
+    for method, _, options in schema._hooks[VALIDATES]:  # @validates("name", ...) methods
+        for name in options.get("field_names", ()):
+            field_rules.setdefault(name, []).append(method)
     out: dict[str, Any] = {}
     for name, f in schema.fields.items():
-        entry: dict[str, Any] = {"type": type(f).__name__, "required": f.required}
+        entry: dict[str, Any] = {
+            "type": type(f).__name__, "required": f.required, "allow_none": f.allow_none,
+            "validators": [_describe_validator(v) for v in f.validators]
+            + field_rules.get(name, []),
+        }
         if isinstance(f, fields.Nested) and isinstance(f.schema, Schema):
             entry["fields"] = _describe_fields(f.schema)
+            entry["schema_validators"] = _schema_rules(f.schema)
         out[name] = entry
     return out
+
+
+def _schema_rules(schema: Schema) -> list[str]:
+    """The names of a schema's ``@validates_schema`` methods."""
+    return [method for method, _, _ in schema._hooks[VALIDATES_SCHEMA]]
+
+
+def _describe_validator(validator: Any) -> str:
+    """A field validator as its constructor call, arguments left at their defaults and
+    error messages omitted: ``Range(min=0)``, ``OneOf(choices=['a', 'b'])``, ``Email()``;
+    a plain function by its name."""
+    if not isinstance(validator, validate.Validator):
+        return str(getattr(validator, "__qualname__", None) or type(validator).__name__)
+    args = []
+    for param in inspect.signature(type(validator).__init__).parameters.values():
+        if param.name in ("self", "error") or not hasattr(validator, param.name):
+            continue
+        value = getattr(validator, param.name)
+        if param.kind is param.VAR_POSITIONAL:  # And(*validators)
+            args += [_describe_validator(v) for v in value]
+            continue
+        if value == param.default or param.kind is param.VAR_KEYWORD or (
+                param.default is None and value in ([], ())):  # OneOf keeps no labels as []
+            continue
+        if isinstance(value, re.Pattern):
+            value = value.pattern
+        elif isinstance(value, set | frozenset):
+            value = sorted(value, key=str)
+        elif isinstance(value, tuple):
+            value = list(value)
+        args.append(f"{param.name}={value!r}")
+    return f"{type(validator).__name__}({', '.join(args)})"
 
 
 def _json_type(value: Any) -> str:

@@ -31,6 +31,7 @@ from .client import Pipeline, Run
 from .embedded import EmbeddedRedis, answers, free_port
 from .errors import ConfigurationError, PipelineError, StoreUnavailable
 from .local import FlowerProcess, WorkerProcess
+from .observe import named
 from .settings import DEFAULT_REDIS_URL, Settings, redact_url
 from .workflow import Flow
 
@@ -194,7 +195,7 @@ def _show_lineage(runs: list[Run]) -> None:
     click.echo(f"version {last.version} was made from versions "
                f"{', '.join(map(str, last.parents))}:")
     for v in shown.lineage(last.version)[1:]:
-        click.echo(f"  v{v.version} {v.agent or '(input)'} <- {list(v.parents) or 'the request'}")
+        click.echo(f"  {named(v)} <- {list(v.parents) or 'the request'}")
 
 
 def _show_compensation(runs: list[Run]) -> None:
@@ -244,7 +245,9 @@ def _show_choreography(p: Pipeline, spec: dict[str, Any], timeout_s: float) -> N
 
 def _show_refusal(p: Pipeline, workflow: Flow, rejected: str | None) -> None:
     if rejected:
-        click.echo(f"\nbad input is refused before anything is enqueued ({rejected}):")
+        shown = os.path.relpath(rejected) if rejected.startswith(os.getcwd() + os.sep) \
+            else rejected
+        click.echo(f"\nbad input is refused before anything is enqueued ({shown}):")
         try:
             p.start(workflow, read_json_input(rejected))
         except PipelineError as e:

@@ -26,7 +26,7 @@ from .catalog import known_agents
 from .keys import DEAD_LETTERS, RUNS_INDEX, RunKeys
 from .route import EDIT_STEP, agent_of
 from .state import StateStore, translate_errors
-from .state.version import digest_of
+from .state.version import digest_of, made_by
 
 __all__ = ["Violation", "Verdict", "verify"]
 
@@ -187,7 +187,7 @@ def _versions(run_id: str, run: Mapping[str, str], states: list[tuple[str, dict[
                      "not contiguous from 0")
             continue
         if digest_of(fields.get("payload", "")) != fields.get("digest"):
-            violated("versions", f"{where} (agent {fields.get('agent') or 'input'}): digest "
+            violated("versions", f"{where} ({made_by(fields.get('agent'))}): digest "
                      "does not match its payload")
         try:
             parents = [int(p) for p in json.loads(fields.get("parents", "[]"))]

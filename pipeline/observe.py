@@ -19,8 +19,8 @@ from .keys import RUNS_INDEX, RunKeys
 from .state import RunInfo, RunStatus, StateStore, Version
 from .state.store import translate_errors
 
-__all__ = ["Call", "CallReport", "Usage", "calls", "compensations", "lineage_dot", "lineage_tree",
-           "reached", "report", "runs", "usage"]
+__all__ = ["NO_AGENT", "Call", "CallReport", "Usage", "calls", "compensations", "lineage_dot",
+           "lineage_tree", "named", "reached", "report", "runs", "usage"]
 
 ENDINGS = {
     "step.sealed": "ok",
@@ -230,6 +230,16 @@ def waiting_on(info: RunInfo, log: Sequence[dict[str, str]]) -> str | None:
 
 # -- lineage -----------------------------------------------------------------------------
 
+NO_AGENT = "-"
+"""The agent cell of version 0, the run's input, which no agent made: its ``agent`` is empty
+(in Python, ``history --json`` and ``inspect --json``) and its step is ``input``. Tables
+show an empty cell as ``-``, as they show no parents."""
+
+
+def named(v: Version) -> str:
+    """A version as a line names it: ``v5 final_approval``, or ``v0`` for the run's input."""
+    return f"v{v.version} {v.agent}" if v.agent else f"v{v.version}"
+
 
 def lineage_tree(history: Sequence[Version], head: int | None = None) -> list[str]:
     """The versions as a tree, newest first: each version above the versions it was made
@@ -242,8 +252,8 @@ def lineage_tree(history: Sequence[Version], head: int | None = None) -> list[st
     def walk(n: int, prefix: str, last: bool, top: bool) -> None:
         v = by_version[n]
         branch = "" if top else ("`-- " if last else "|-- ")
-        label = (f"v{v.version} {v.agent or '(input)'} {v.contract} {v.digest[:12]}"
-                 + (" DEGRADED" if v.degraded else "") + (f" [{v.step}]" if v.agent else ""))
+        label = (f"{named(v)} {v.contract} {v.digest[:12]}"
+                 + (" DEGRADED" if v.degraded else "") + f" [{v.step}]")
         if n in shown:
             lines.append(f"{prefix}{branch}v{v.version} (above)")
             return
@@ -289,8 +299,8 @@ def lineage_dot(info: RunInfo, history: Sequence[Version]) -> str:
              f"  label={q(f'{info.workflow} {info.run_id} ({info.status.value})')};",
              "  node [shape=box, fontname=Helvetica];"]
     for v in history:
-        label = (f"v{v.version} {v.agent or 'input'}\\n{v.contract}\\n{v.digest[:12]}"
-                 + ("\\nDEGRADED" if v.degraded else ""))
+        label = (f"{named(v)}\\n{v.contract}\\n{v.digest[:12]}"
+                 + ("\\nDEGRADED" if v.degraded else "") + f"\\n[{v.step}]")
         style = ", style=filled, fillcolor=\"#f8d7a8\"" if v.degraded else ""
         if v.version == info.output_version:
             style += ", penwidth=2"

@@ -372,6 +372,23 @@ def test_an_unrouted_event_is_recorded_and_warned_about_and_the_run_still_ends(
     assert [e["type"] for e in listed if e["unrouted"]] == ["stray.noticed"]
 
 
+def test_events_lists_a_terminal_event_no_agent_subscribes_to(
+    pipeline: Pipeline, redis_url: str,
+) -> None:
+    run = pipeline.start("ticking", {"n": 1})
+    assert run.wait(30).status is RunStatus.SUCCEEDED
+    listed = json.loads(invoke_cli(redis_url, "events", run.run_id, "--json").stdout)
+    assert [(e["type"], e["terminal"], e["subscribers"]) for e in listed][-1] == (
+        "tick.tocked", True, [])
+    cli = invoke_cli(redis_url, "events", run.run_id)
+    assert cli.exit_code == 0 and cli.stderr == ""  # a terminal event is not unrouted
+    rows = {line.split()[0]: line.split() for line in cli.stdout.splitlines()[3:]
+            if line and not line.startswith(" ")}
+    assert list(rows) == [e["event_id"] for e in listed]  # every event, in order
+    assert rows["e3"][:6] == ["e3", "tick.tocked", "(terminal)", "e2", "tocker", "2"]
+    assert rows["e3"][7:] == ["-", "no", "subscriber"]
+
+
 def test_publishing_an_event_again_is_handled_once_per_subscriber(
     pipeline: Pipeline, rclient: redis.Redis,
 ) -> None:

@@ -244,7 +244,8 @@ def test_history_without_json_prints_a_table_in_version_order(
     rows = result.stdout.splitlines()
     assert rows[0].split()[:4] == ["version", "parents", "agent", "contract"]
     assert [r.split()[0] for r in rows[2:]] == ["0", "1", "2", "3", "4", "5"]
-    assert "(input)" in rows[2] and "final_approval" in rows[7]
+    assert rows[2].split()[:4] == ["0", "-", "-", "credit_application@1"]  # no agent, no parent
+    assert "final_approval" in rows[7]
 
 
 def test_trace_json_tells_what_happened_in_order(finished: str, redis_url: str) -> None:
@@ -269,8 +270,64 @@ def test_contracts_json_lists_the_input_contract_and_its_fields(redis_url: str) 
     fields = by_ref["credit_application@1"]
     assert set(fields) == {"application_id", "applicant", "income", "credit_history", "loan",
                            "device"}
-    assert fields["applicant"]["fields"]["email"] == {"type": "Email", "required": True}
+    assert fields["applicant"]["fields"]["email"] == {
+        "type": "Email", "required": True, "allow_none": False, "validators": ["Email()"]}
     assert fields["loan"]["fields"]["amount"]["required"] is True
+
+
+def test_contracts_show_required_allow_none_and_validators(redis_url: str) -> None:
+    result = invoke(redis_url, "contracts", "--json")
+    assert result.exit_code == 0, result.output
+    by_ref = {c["contract"]: c for c in json.loads(result.stdout)}
+    decision = by_ref["credit_decision@1"]
+    assert decision["schema_validators"] == ["approval_is_consistent"]
+    fields = decision["fields"]
+    assert fields["apr"] == {"type": "Float", "required": True, "allow_none": True,
+                             "validators": []}
+    assert fields["decision"]["validators"] == [
+        "OneOf(choices=['approved', 'declined', 'referred'])"]
+    assert fields["approved_amount"]["validators"] == ["Range(min=0)"]
+    application = by_ref["credit_application@1"]
+    assert application["schema_validators"] == []
+    loan = application["fields"]["loan"]
+    assert loan["schema_validators"] == [] and loan["allow_none"] is False
+    assert loan["fields"]["term_months"]["validators"] == ["Range(min=6, max=360)"]
+    assert application["fields"]["applicant"]["fields"]["country"]["validators"] == [
+        "Regexp(regex='^[A-Z]{2}$')"]
+    assert by_ref["research_question@1"]["fields"]["max_passages"] == {
+        "type": "Integer", "required": False, "allow_none": False,
+        "validators": ["Range(min=1, max=10)"]}
+    assert by_ref["credit_assessments@1"]["schema_validators"] == ["same_application"]
+
+    text = invoke(redis_url, "contracts")
+    assert text.exit_code == 0, text.output
+    section = text.stdout.split("\ncredit_decision@1")[1].split("\n\n")[0].splitlines()
+    assert section[0] == "  (schema validators: approval_is_consistent)"
+    assert section[1].split() == ["field", "type", "required", "allow_none", "validators"]
+    rows = {line.split()[0]: line.split() for line in section[3:]}
+    assert rows["apr"] == ["apr", "Float", "yes", "yes", "-"]
+    assert rows["decision"][2:] == ["yes", "no", "OneOf(choices=['approved',", "'declined',",
+                                    "'referred'])"]
+    optional = text.stdout.split("\nresearch_question@1")[1].split("\n\n")[0]
+    assert ["max_passages", "Integer", "no", "no", "Range(min=1,", "max=10)"] in [
+        line.split() for line in optional.splitlines()]
+
+
+def test_cancel_prints_what_run_prints(cluster: Cluster) -> None:
+    p = cluster.pipeline()  # no worker: the runs wait in the broker
+    first, second = (p.start(WORKFLOW, json.loads(Path(GOOD).read_text()),
+                             idempotency_key=key) for key in ("a", "b"))
+    result = invoke(cluster.url, "cancel", first.run_id)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        f"run {first.run_id} of {WORKFLOW}: compensating (version 0)",
+        "error: cancelled by hand"]
+    result = invoke(cluster.url, "cancel", second.run_id, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert set(data) == RUN_KEYS
+    assert (data["run_id"], data["workflow"], data["status"], data["version"]) == (
+        second.run_id, WORKFLOW, "compensating", 0)
 
 
 def test_workflows_json_lists_credit_decision_and_its_shape(redis_url: str) -> None:

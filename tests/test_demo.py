@@ -8,6 +8,8 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -24,8 +26,20 @@ def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_demo_runs_the_batch_and_shows_decisions_and_lineage(cluster: Cluster) -> None:
-    done = run_cli("demo", PIPELINE_REDIS_URL=cluster.url)
+@pytest.fixture(scope="module")
+def demo(second_redis_url: str) -> Iterator[subprocess.CompletedProcess[str]]:
+    """`pipeline demo` on the second test database, run once for the tests that read it."""
+    client = redis.Redis.from_url(second_redis_url)
+    client.flushdb()
+    yield run_cli("demo", PIPELINE_REDIS_URL=second_redis_url)
+    client.flushdb()
+    client.close()
+
+
+def test_demo_runs_the_batch_and_shows_decisions_and_lineage(
+    demo: subprocess.CompletedProcess[str],
+) -> None:
+    done = demo
     assert done.returncode == 0, done.stderr
     out, chaos = done.stdout.split("the same batch again with PIPELINE_CHAOS=")
     assert "8/8 runs succeeded" in out
@@ -54,6 +68,44 @@ def test_demo_runs_the_batch_and_shows_decisions_and_lineage(cluster: Cluster) -
     assert "run.compensating" in trail and "compensation.done      0:credit_score" in trail
     assert trail.index("1.") < trail.index("0:credit_score") < trail.index("run.compensated")
     assert "breakers reset" in chaos and "worker pool stopped" in chaos
+
+
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}")
+
+
+def masked(line: str) -> str:
+    """A line of the demo's output without what changes from run to run: run ids, times,
+    and every number (timings, and the versions parallel agents happen to seal as); a
+    table's rule is as wide as its widest cell, and cells are padded to it."""
+    line = TIMESTAMP.sub("TIME", UUID.sub("RUN", line))
+    line = re.sub(r"\d+", "0", re.sub(r"-{2,}", "--", line))
+    return " ".join(line.split())
+
+
+def readme_transcript() -> list[str]:
+    """The block after "What it prints (shortened):" in the README's "Two commands"."""
+    text = (Path(ROOT) / "README.md").read_text(encoding="utf-8")
+    after = text.split("What it prints (shortened):", 1)[1]
+    return after.split("```", 2)[1].splitlines()[1:]  # [0] is the rest of the fence line
+
+
+def test_the_readme_transcript_is_what_the_demo_prints(
+    demo: subprocess.CompletedProcess[str],
+) -> None:
+    """Every line of the README's transcript is a line the demo printed, once what changes
+    from run to run is masked; a `...` stands for what the README cut (lines, or the rest
+    of a line)."""
+    assert demo.returncode == 0, demo.stderr
+    printed = {masked(line) for line in demo.stdout.splitlines()}
+    shown = [line for line in readme_transcript() if line.strip() and line.strip() != "..."]
+    assert len(shown) > 30, "the transcript was not found in the README"
+    missing = []
+    for line in shown:
+        pattern = re.compile(".*".join(re.escape(part) for part in masked(line).split("...")))
+        if not any(pattern.fullmatch(out) for out in printed):
+            missing.append(line)
+    assert not missing, "README lines the demo does not print:\n" + "\n".join(missing)
 
 
 def test_demo_with_an_unreachable_redis_url_says_so(cluster: Cluster) -> None:

@@ -17,6 +17,7 @@ from tasks import SAMPLES, research
 from tasks.contracts import band_of
 from tasks.retrieval import index, words
 from tests.conftest import Cluster, wait_for
+from tests.test_cli import RUN_KEYS
 from tests.test_saga import invoke_cli
 
 GOOD = json.loads((SAMPLES / "good.json").read_text())
@@ -98,7 +99,7 @@ def test_inspect_shows_the_header_the_lineage_tree_and_the_calls(succeeded: str,
     assert f"run       {succeeded}" in out and "status    succeeded" in out
     tree = out.split("lineage")[1].split("calls:")[0].splitlines()
     assert tree[1].strip().startswith("v5 final_approval credit_decision@1")
-    assert any("`-- v0 (input) credit_application@1" in line for line in tree)
+    assert any("`-- v0 credit_application@1" in line for line in tree)
     assert sum("(above)" in line for line in tree) == 2  # v1 reached three times, shown once
     data = cli_json(redis_url, "inspect", succeeded)
     assert data["run"]["status"] == "succeeded" and len(data["versions"]) == 6
@@ -124,6 +125,52 @@ def test_graph_as_svg_without_graphviz_is_a_clear_error(succeeded: str, redis_ur
     monkeypatch.setenv("PATH", "/nonexistent")
     result = invoke_cli(redis_url, "graph", succeeded, "--format", "svg")
     assert result.exit_code == 2 and "Graphviz's `dot`" in result.stderr
+
+
+def test_graph_to_an_svg_file_without_graphviz_suggests_a_dot_file_and_writes_nothing(
+    succeeded: str, redis_url: str, monkeypatch: Any, tmp_path: Any,
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # a machine without Graphviz
+    target = tmp_path / "run.svg"
+    result = invoke_cli(redis_url, "graph", succeeded, "-o", str(target))
+    assert result.exit_code == 2 and "Graphviz's `dot`" in result.stderr
+    assert f"-o {tmp_path / 'run.dot'}" in result.stderr and "--format" not in result.stderr
+    assert not target.exists()
+    advised = invoke_cli(redis_url, "graph", succeeded, "-o", str(tmp_path / "run.dot"))
+    assert advised.exit_code == 0, advised.stderr
+    assert (tmp_path / "run.dot").read_text().startswith(f'digraph "run {succeeded}"')
+
+
+@pytest.mark.parametrize(("fmt", "name", "right"), [
+    ("dot", "run.svg", "run.dot"), ("svg", "run.dot", "run.svg"), ("dot", "RUN.SVG", "RUN.dot")])
+def test_graph_refuses_a_format_that_contradicts_the_file_name(
+    succeeded: str, redis_url: str, tmp_path: Any, fmt: str, name: str, right: str,
+) -> None:
+    result = invoke_cli(redis_url, "graph", succeeded, "--format", fmt, "-o",
+                        str(tmp_path / name))
+    assert result.exit_code == 2
+    assert f"--format {fmt} would write {fmt.upper()} into {tmp_path / name}" in result.stderr
+    assert f"name the file {tmp_path / right}" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_input_version_has_no_agent_in_every_view(succeeded: str, redis_url: str,
+                                                      pipeline: Pipeline) -> None:
+    """Version 0 is the run's input: its agent is empty in Python and in JSON, shown as an
+    empty cell (``-``) in tables, and lines name it ``v0`` and its step ``[input]``."""
+    v0 = pipeline.run(succeeded).history()[0]
+    assert (v0.agent, v0.step) == ("", "input")
+    assert cli_json(redis_url, "history", succeeded)[0]["agent"] == ""
+    assert cli_json(redis_url, "inspect", succeeded)["versions"][0]["agent"] == ""
+    history = invoke_cli(redis_url, "history", succeeded).stdout
+    assert history.splitlines()[2].split()[:4] == ["0", "-", "-", "credit_application@1"]
+    page = invoke_cli(redis_url, "inspect", succeeded).stdout
+    assert f"`-- v0 credit_application@1 {v0.digest[:12]} [input]" in page
+    dot = invoke_cli(redis_url, "graph", succeeded).stdout
+    assert f'v0 [label="v0\\ncredit_application@1\\n{v0.digest[:12]}\\n[input]"' in dot
+    trace = invoke_cli(redis_url, "trace", succeeded).stdout
+    for shown in (history, page, dot, trace):
+        assert "(input)" not in shown and "v0 input" not in shown
 
 
 # -- compensated, degraded, parked ------------------------------------------------------------
@@ -248,6 +295,19 @@ def test_an_edit_that_breaks_its_versions_contract_starts_nothing(
     assert refused.exit_code == 2
     assert "breaks contract credit_score@1" in refused.stderr and "band" in refused.stderr
     assert len(cli_json(redis_url, "runs", "--limit", "1000")) == before
+
+
+def test_replay_prints_what_run_prints(succeeded: str, redis_url: str,
+                                      pipeline: Pipeline) -> None:
+    text = invoke_cli(redis_url, "replay", succeeded, "--from-version", "1", "--wait")
+    assert text.exit_code == 0, text.output
+    lines = text.stdout.splitlines()
+    fork = lines[0].split()[1]
+    assert lines[0] == f"run {fork} replays {succeeded} from version 1"
+    assert lines[1] == f"run {fork} of credit_decision: succeeded (version 4)"
+    assert json.loads("\n".join(lines[2:])) == pipeline.run(succeeded).result().output
+    data = cli_json(redis_url, "replay", succeeded, "--from-version", "1", "--wait")
+    assert set(data) == RUN_KEYS and data["workflow"] == "credit_decision"
 
 
 def test_replay_of_a_choreography_starts_at_the_event_its_version_published(

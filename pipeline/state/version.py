@@ -129,6 +129,12 @@ def sealable(payload: Any, limit: int, where: str) -> Sealable:
     return Sealable(text, hashlib.sha256(data).hexdigest())
 
 
+def made_by(agent: str | None) -> str:
+    """Who made a version, in an error's words: ``agent credit_score``, or ``the run's
+    input`` for version 0, which no agent made (its ``agent`` is empty)."""
+    return f"agent {agent}" if agent else "the run's input"
+
+
 @dataclass(frozen=True, slots=True)
 class Version:
     """One sealed version of a run's state. Never changed once sealed."""
@@ -152,7 +158,7 @@ class Version:
         digest = digest_of(raw)
         if digest != fields["digest"]:
             raise IntegrityError(
-                f"run {run_id} version {version} (agent {fields.get('agent') or 'input'}): "
+                f"run {run_id} version {version} ({made_by(fields.get('agent'))}): "
                 f"digest mismatch: sealed {fields['digest'][:12]}…, payload hashes to "
                 f"{digest[:12]}…; the entry was changed outside the pipeline and cannot be trusted"
             )
