@@ -5,7 +5,7 @@ contracts, workflows and choreographies, breakers, the client, and every error.
 """
 
 from .agent import Agent, StepContext, agent, agents
-from .breaker import Breaker, BreakerPolicy, BreakerRegistry, BreakerState, Fallback
+from .breaker import Breaker, BreakerPolicy, BreakerRegistry, BreakerState, Fallback, FallbackOn
 from .choreography import Choreography
 from .client import Pipeline, Run, RunResult
 from .contracts import Contract, contract, contracts
@@ -63,6 +63,7 @@ __all__ = [
     "ContractViolation",
     "DeliveryLimitExceeded",
     "Fallback",
+    "FallbackOn",
     "IdempotencyConflict",
     "InputError",
     "IntegrityError",

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import redis
 
-from .breaker.policy import DEFAULT_RETRY_LATER_MAX, BreakerPolicy, Fallback
+from .breaker.policy import DEFAULT_RETRY_LATER_MAX, BreakerPolicy, Fallback, FallbackOn
 from .errors import TransientAgentError, UnknownAgent
 from .route import default_queue, step_task
 
@@ -66,6 +66,10 @@ Execute = Callable[[Any, StepContext], Any]
 Compensate = Callable[..., Any]
 FallbackName = Literal["fail", "skip", "cached", "park", "retry_later"]
 """The values of :class:`Fallback`, as ``agent(fallback=...)`` takes them."""
+FallbackOnName = Literal["refusal", "failure"]
+"""The values of :class:`FallbackOn`, as ``agent(fallback_on=...)`` takes them."""
+DefaultOutput = Callable[[Any, StepContext], Any]
+"""``default_output(input_payload, ctx) -> output``: a stand-in computed from the step's input."""
 
 
 class Agent:
@@ -92,6 +96,7 @@ class Agent:
         max_deliveries: int | None = None,
         breaker: BreakerPolicy | None = None,
         fallback: Fallback | FallbackName = Fallback.FAIL,
+        fallback_on: FallbackOn | FallbackOnName = FallbackOn.REFUSAL,
         default_output: Any = None,
         retry_later_max: int = DEFAULT_RETRY_LATER_MAX,
         compensation_retries: int = DEFAULT_COMPENSATION_RETRIES,
@@ -132,6 +137,7 @@ class Agent:
         self.time_limit_s = time_limit_s
         self.breaker = breaker or BreakerPolicy()
         self.fallback = _fallback(name, fallback)
+        self.fallback_on = _fallback_on(name, fallback_on, self.fallback)
         if self.fallback is Fallback.SKIP and default_output is None:
             raise ValueError(f"agent {name}: fallback 'skip' needs a default_output to seal")
         self.default_output = default_output
@@ -233,6 +239,7 @@ def agent(
     max_deliveries: int | None = None,
     breaker: BreakerPolicy | None = None,
     fallback: Fallback | FallbackName = Fallback.FAIL,
+    fallback_on: FallbackOn | FallbackOnName = FallbackOn.REFUSAL,
     default_output: Any = None,
     retry_later_max: int = DEFAULT_RETRY_LATER_MAX,
     compensation_retries: int = DEFAULT_COMPENSATION_RETRIES,
@@ -275,9 +282,18 @@ def agent(
             ``default_output``), ``"cached"`` (seal the last good output for the
             same input), ``"park"`` (wait for ``pipeline resume``) or
             ``"retry_later"`` (retry when the breaker may half-open).
-        default_output: the output sealed, marked degraded, when the breaker
-            refuses and ``fallback`` is ``"skip"`` (required then). A workflow that
-            uses the agent checks it against ``output`` when it is built.
+        fallback_on: when the fallback applies: ``"refusal"`` (default; only when
+            the breaker refuses the call) or ``"failure"`` (also when the agent's
+            call fails for good in a way the breaker counts: its error after its
+            retries, its time limit, an output that breaks its contract, whose
+            attempt is compensated at once). The failure is still counted and
+            traced. ``"failure"`` takes ``"skip"``, ``"cached"`` or ``"park"``
+            (``"retry_later"`` would repeat retries already spent).
+        default_output: the output sealed, marked degraded, when ``fallback`` is
+            ``"skip"`` (required then): a constant, which a workflow that uses the
+            agent checks against ``output`` when it is built, or a function
+            ``(input_payload, ctx) -> output``, checked when it is called (an output
+            that breaks the contract fails the step as a contract violation).
         retry_later_max: how many times ``"retry_later"`` waits for the breaker
             before the step fails (default 5).
         compensation_retries: retries of a failing compensation, with the same
@@ -295,7 +311,8 @@ def agent(
             compensate=compensate, queue=queue, max_retries=max_retries, retry_on=retry_on,
             retry_backoff_s=retry_backoff_s, retry_backoff_max_s=retry_backoff_max_s,
             time_limit_s=time_limit_s, max_deliveries=max_deliveries, breaker=breaker,
-            fallback=fallback, default_output=default_output, retry_later_max=retry_later_max,
+            fallback=fallback, fallback_on=fallback_on, default_output=default_output,
+            retry_later_max=retry_later_max,
             compensation_retries=compensation_retries, on=on, emits=emits,
             description=description,
         ))
@@ -309,6 +326,23 @@ def _fallback(name: str, value: str) -> Fallback:
     except ValueError:
         choices = ", ".join(f.value for f in Fallback)
         raise ValueError(f"fallback {value!r} for agent {name} is not one of: {choices}") from None
+
+
+def _fallback_on(name: str, value: str, fallback: Fallback) -> FallbackOn:
+    try:
+        on = FallbackOn(value)
+    except ValueError:
+        choices = ", ".join(f.value for f in FallbackOn)
+        raise ValueError(f"fallback_on {value!r} for agent {name} is not one of: "
+                         f"{choices}") from None
+    if on is FallbackOn.FAILURE and fallback in (Fallback.FAIL, Fallback.RETRY_LATER):
+        raise ValueError(
+            f"agent {name}: fallback_on 'failure' takes fallback 'skip', 'cached' or 'park', "
+            f"not {fallback.value!r}"
+            + (" (its retries already ran: raise max_retries instead)"
+               if fallback is Fallback.RETRY_LATER else "")
+        )
+    return on
 
 
 def _check_policy(name: str, *, retry_on: object, breaker: object, time_limit_s: float,

@@ -40,6 +40,7 @@ class AgentCard:
     on: tuple[str, ...] = ()
     emits: str | None = None
     fallback: str = Fallback.FAIL.value
+    fallback_on: str = "refusal"
     max_retries: int = 0
     compensation_retries: int = 0
     time_limit_s: float = 0.0
@@ -54,7 +55,8 @@ class AgentCard:
         policy["excluded"] = [e.__name__ for e in a.breaker.excluded]
         return cls(name=a.name, queue=a.queue, input=a.input, output=a.output,
                    compensates=a.compensate is not None, on=a.on, emits=a.emits,
-                   fallback=a.fallback.value, max_retries=a.max_retries,
+                   fallback=a.fallback.value, fallback_on=a.fallback_on.value,
+                   max_retries=a.max_retries,
                    compensation_retries=a.compensation_retries, time_limit_s=a.time_limit_s,
                    breaker=policy, worker=worker, published_at=published_at)
 

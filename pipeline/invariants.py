@@ -135,7 +135,15 @@ def _check(run_id: str, run: dict[str, str], states: list[tuple[str, dict[str, s
                        if e.get("event") in COMPENSATIONS)
     verdict.compensations += sum(outcomes.values())
     if status == "succeeded":
-        if outcomes or saga:
+        # A step whose output broke its contract and that fell back (fallback_on="failure")
+        # undid its own attempt, once, before its stand-in was sealed: the run goes on.
+        fell_back = {e.get("step", "") for _, e in log if e.get("event") == "step.fallback"}
+        undone = {k: n for k, n in outcomes.items()
+                  if not (k[0] in fell_back and k[1].startswith("step.self_compensat")
+                          and n == 1)}
+        claims = {k: v for k, v in saga.items()
+                  if not (k.removeprefix("c:") in fell_back and v == "self")}
+        if undone or claims:
             violated("compensation", f"a succeeded run has compensations: {dict(outcomes)}")
     elif status in ("compensated", "compensation_failed"):
         for step in sorted(sealed):  # the saga owes each of these exactly one outcome

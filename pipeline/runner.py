@@ -24,9 +24,9 @@ from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
 
 from . import chaos
 from .agent import Agent, StepContext
-from .breaker.fallback import input_digest, take_fallback
-from .breaker.gate import Gate
-from .breaker.policy import CONFIGURATION_FAULTS, Fallback
+from .breaker.fallback import input_digest, input_payload, take_fallback
+from .breaker.gate import Gate, outcome_of
+from .breaker.policy import CONFIGURATION_FAULTS, Fallback, FallbackOn
 from .choreography import Delivery
 from .contracts import contracts
 from .errors import (
@@ -108,6 +108,28 @@ def run_step(
     task_id = str(task.request.id or "")
     attempt = 0
     ctx: StepContext | None = None
+    executed = False  # the agent was called: a failure from here on may fall back
+
+    def fail(exc: BaseException) -> int | None:
+        """Log a failure for good; the version its fallback sealed instead, or None."""
+        _fail(agent, run_id, step, exc, store, attempt=attempt, gate=gate, ctx=ctx)
+        if not (executed and ctx is not None and falls_back_on(agent, exc)):
+            return None
+        if isinstance(exc, ContractViolation) and exc.side == "output":
+            # its side effects happened and no saga will undo them: the run goes on
+            _compensate_self(agent, store, run_id, step, opening.inputs, output, attempt,
+                             claim=True)
+        try:
+            return take_fallback(task, agent, store, run_id=run_id, step=step,
+                                 inputs=opening.inputs, fan_in=fan_in, final=final,
+                                 worker=worker, ctx=ctx, failure=exc, delivery=delivery)
+        except (Ignore, Retry):
+            raise
+        except Exception as e:
+            if e is not exc:
+                _note(store, run_id, "step.failed", **_failure_fields(agent, step, e, attempt))
+            raise
+
     try:
         opening = store.open_step(
             run_id,
@@ -152,18 +174,6 @@ def run_step(
             raise VersionNotFound(f"run {run_id} has no version {opening.missing_version}")
         for h in hooks:
             h.after_open(agent, opening, hook_extra)
-        if gate.refused:
-            assert gate.permit is not None
-            return take_fallback(task, agent, store, gate.permit, run_id=run_id, step=step,
-                                 inputs=opening.inputs, fan_in=fan_in, final=final,
-                                 worker=worker, delivery=delivery)
-
-        payload = _input_payload(opening.inputs, fan_in)
-        if needs_input_check(agent, opening.inputs, fan_in):
-            contracts.get(agent.input).validate(
-                payload, side="input", agent=agent.name, run_id=run_id,
-                version=None if fan_in else opening.inputs[0].version,
-            )
         ctx = StepContext(
             run_id=run_id,
             step=step,
@@ -175,6 +185,19 @@ def run_step(
             event=event,
             event_type=event_type,
         )
+        if gate.refused:
+            assert gate.permit is not None
+            return take_fallback(task, agent, store, run_id=run_id, step=step,
+                                 inputs=opening.inputs, fan_in=fan_in, final=final,
+                                 worker=worker, ctx=ctx, permit=gate.permit, delivery=delivery)
+
+        payload = input_payload(opening.inputs, fan_in)
+        if needs_input_check(agent, opening.inputs, fan_in):
+            contracts.get(agent.input).validate(
+                payload, side="input", agent=agent.name, run_id=run_id,
+                version=None if fan_in else opening.inputs[0].version,
+            )
+        executed = True
         output = _execute(agent, payload, ctx, chaos_spec, store)
         contracts.get(agent.output).validate(
             output, side="output", agent=agent.name, run_id=run_id
@@ -208,7 +231,8 @@ def run_step(
             f"run {run_id} step {step}: agent {agent.name} ran past its time limit of "
             f"{agent.time_limit_s:g}s"
         )
-        _fail(agent, run_id, step, exc, store, attempt=attempt, gate=gate, ctx=ctx)
+        if (fallen := fail(exc)) is not None:
+            return fallen
         raise exc from None
     except StoreUnavailable as e:
         # Redis went away mid-step. A seal is one atomic script: either nothing
@@ -220,7 +244,8 @@ def run_step(
         _fail(agent, run_id, step, e, store, attempt=attempt, gate=gate, ctx=ctx)
         raise
     except ContractViolation as e:  # never retried: the same input breaks it again
-        _fail(agent, run_id, step, e, store, attempt=attempt, gate=gate, ctx=ctx)
+        if (fallen := fail(e)) is not None:
+            return fallen
         if e.side == "output" and not store.run_info(run_id).status.is_live:
             # Its side effects happened, and the saga may have planned without
             # it; when the planner did find it, only one of the two undoes it.
@@ -238,10 +263,12 @@ def run_step(
                   error_type=type(e).__name__, error=str(e)[:500], countdown_s=countdown)
             gate.record_failure(e)  # every failed call counts, retried or not
             raise task.retry(exc=e, countdown=countdown, max_retries=agent.max_retries) from e
-        _fail(agent, run_id, step, e, store, attempt=attempt, gate=gate, ctx=ctx)
+        if (fallen := fail(e)) is not None:
+            return fallen
         raise
     except Exception as e:
-        _fail(agent, run_id, step, e, store, attempt=attempt, gate=gate, ctx=ctx)
+        if (fallen := fail(e)) is not None:
+            return fallen
         raise
 
     if sealing.outcome == "missing":
@@ -257,6 +284,14 @@ def run_step(
     if delivery is not None:
         delivery.hand_over_or_retry(task, store, sealing.extra[-1])
     return sealing.version
+
+
+def falls_back_on(agent: Agent, exc: BaseException) -> bool:
+    """Whether a call that failed for good takes the agent's fallback: with
+    ``fallback_on="failure"``, for every failure its breaker counts (an input that broke
+    the contract, a configuration error or a business answer in ``excluded`` is no
+    failure of the agent: the step fails as it would without the fallback)."""
+    return agent.fallback_on is FallbackOn.FAILURE and outcome_of(agent, exc) == "failure"
 
 
 def needs_input_check(agent: Agent, inputs: Sequence[Version], fan_in: bool) -> bool:
@@ -306,7 +341,7 @@ def _compensate_self(agent: Agent, store: StateStore, run_id: str, step: str,
     data = store.redis.hget(RunKeys(run_id).undo, step)
     ctx = CompensationContext(
         run_id=run_id, step=step, agent=agent.name,
-        input=_input_payload(inputs, len(inputs) > 1),
+        input=input_payload(inputs, len(inputs) > 1),
         input_versions=tuple(v.version for v in inputs), output=output, version=None,
         data=json.loads(data) if data else None, attempt=attempt, redis=store.redis,
     )
@@ -321,12 +356,6 @@ def _compensate_self(agent: Agent, store: StateStore, run_id: str, step: str,
             log.warning("run %s: could not dead-letter %s's self-compensation", run_id, step)
         return
     _note(store, run_id, "step.self_compensated", step=step, agent=agent.name)
-
-
-def _input_payload(inputs: Sequence[Version], fan_in: bool) -> Any:
-    if fan_in:
-        return {v.agent: v.payload for v in inputs}
-    return inputs[0].payload
 
 
 def _execute(agent: Agent, payload: Any, ctx: StepContext, chaos_spec: str,
@@ -351,6 +380,17 @@ def _fail(
     agent: Agent, run_id: str, step: str, exc: BaseException, store: StateStore, *,
     attempt: int, gate: Gate, ctx: StepContext | None = None,
 ) -> None:
+    fields = _failure_fields(agent, step, exc, attempt)
+    fields.update(gate.trace_fields())
+    fields.update(_usage_fields(ctx))
+    _note(store, run_id, "step.failed", **fields)
+    gate.record_failure(exc)
+    for h in hooks:
+        h.on_failure(agent, run_id, step, exc)
+
+
+def _failure_fields(agent: Agent, step: str, exc: BaseException,
+                    attempt: int) -> dict[str, str | int | float]:
     fields: dict[str, str | int | float] = {
         "step": step,
         "agent": agent.name,
@@ -358,16 +398,11 @@ def _fail(
         "error_type": type(exc).__name__,
         "error": str(exc)[:2000],
     }
-    fields.update(gate.trace_fields())
-    fields.update(_usage_fields(ctx))
     if isinstance(exc, ContractViolation):
         fields["contract"] = exc.contract
         fields["side"] = exc.side
         fields["fields"] = ",".join(exc.field_paths)
-    _note(store, run_id, "step.failed", **fields)
-    gate.record_failure(exc)
-    for h in hooks:
-        h.on_failure(agent, run_id, step, exc)
+    return fields
 
 
 def _note(store: StateStore, run_id: str, event: str, **fields: str | int | float) -> None:

@@ -174,8 +174,9 @@ class Workflow:
                     check_handoff(self._contracts.get(before[0].agent.output), consumer, where)
         for step in self.steps():  # every output, the last step's too
             output = self._contracts.get(step.agent.output)
-            if step.agent.default_output is not None:  # what the `skip` fallback seals
-                output.validate(step.agent.default_output, side="default output",
+            default = step.agent.default_output  # what the `skip` fallback seals
+            if default is not None and not callable(default):  # a function's: when called
+                output.validate(default, side="default output",
                                 agent=step.agent.name)
 
     # -- facts ------------------------------------------------------------------

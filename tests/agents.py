@@ -198,6 +198,38 @@ for _a in (guarded_fail, guarded_skip, guarded_cached, guarded_retry):
     Workflow(f"w_{_a.name}", [_a])
 parked_flow = Workflow("w_guarded_park", [increment, guarded_park, double])
 
+# -- fallback on failure: optional enrichments whose own failure seals a stand-in -----------
+
+
+def _enrich(name: str, default_output: Any) -> Any:
+    def execute(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+        _count(ctx)
+        book(ctx)
+        return {"n": payload["n"] * 10}
+
+    execute.__name__ = execute.__qualname__ = name
+    return agent(name, input="count@1", output="count@1", time_limit_s=5, max_retries=0,
+                 breaker=QUICK_BREAKER, fallback="skip", fallback_on="failure",
+                 default_output=default_output, compensate=undo)(execute)
+
+
+def negated(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """A stand-in computed from the input."""
+    return {"n": -payload["n"]}
+
+
+def uncountable(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """A stand-in that breaks the output contract."""
+    return {"n": "many"}
+
+
+enrich = _enrich("enrich", DEFAULT_COUNT)
+enrich_derived = _enrich("enrich_derived", negated)
+enrich_broken = _enrich("enrich_broken", uncountable)
+Workflow("w_enrich", [increment, enrich, double])
+for _a in (enrich_derived, enrich_broken):
+    Workflow(f"w_{_a.name}", [_a])
+
 
 @agent(input="count@1", output="count@1", time_limit_s=5, max_retries=2, retry_backoff_s=0.1,
        retry_on=(Exception,), breaker=QUICK_BREAKER)

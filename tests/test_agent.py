@@ -16,6 +16,7 @@ from pipeline import (
     Agent,
     BreakerPolicy,
     Fallback,
+    FallbackOn,
     StepContext,
     TransientAgentError,
     agent,
@@ -98,6 +99,43 @@ def test_a_fallback_is_taken_by_its_name_or_as_the_enum(fallback: Any) -> None:
 def test_skip_without_a_default_output_is_refused() -> None:
     with pytest.raises(ValueError, match="agent a: fallback 'skip' needs a default_output"):
         Agent(name="a", execute=triage, fallback="skip", **CONTRACTS)
+
+
+def test_fallback_on_is_the_refusal_alone_by_default() -> None:
+    a = Agent(name="a", execute=triage, fallback="skip", default_output={"n": 0}, **CONTRACTS)
+    assert a.fallback_on is FallbackOn.REFUSAL
+
+
+@pytest.mark.parametrize("fallback", ["skip", "cached", "park"])
+def test_fallback_on_failure_takes_skip_cached_or_park(fallback: Any) -> None:
+    a = Agent(name="a", execute=triage, fallback=fallback, fallback_on="failure",
+              default_output={"n": 0}, **CONTRACTS)
+    assert (a.fallback, a.fallback_on) == (Fallback(fallback), FallbackOn.FAILURE)
+
+
+def test_a_misspelt_fallback_on_names_the_valid_choices(registry: AgentRegistry) -> None:
+    with pytest.raises(ValueError) as info:
+        agent(fallback="skip", fallback_on="error", default_output={"n": 0},  # type: ignore[arg-type]
+              **CONTRACTS)(triage)
+    assert str(info.value) == ("fallback_on 'error' for agent triage is not one of: "
+                               "refusal, failure")
+    assert "triage" not in registry
+
+
+@pytest.mark.parametrize(("fallback", "tail"), [
+    ("fail", "not 'fail'"), ("retry_later", "its retries already ran: raise max_retries")])
+def test_fallback_on_failure_refuses_fail_and_retry_later(fallback: Any, tail: str) -> None:
+    with pytest.raises(ValueError, match=r"agent a: fallback_on 'failure' takes fallback 'skip', "
+                                         rf"'cached' or 'park', .*{re.escape(tail)}"):
+        Agent(name="a", execute=triage, fallback=fallback, fallback_on="failure", **CONTRACTS)
+
+
+def test_a_default_output_may_be_computed_from_the_input() -> None:
+    def half(ticket: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+        return {"n": ticket["n"] // 2}
+
+    a = Agent(name="a", execute=triage, fallback="skip", default_output=half, **CONTRACTS)
+    assert a.default_output is half
 
 
 def test_an_unknown_option_is_refused() -> None:

@@ -1,7 +1,7 @@
 """Circuit breakers: one per agent, in Redis, gating every dispatch (DESIGN section 8)."""
 
 from .guard import Breaker
-from .policy import BreakerPolicy, BreakerState, Fallback
+from .policy import BreakerPolicy, BreakerState, Fallback, FallbackOn
 from .registry import BreakerRegistry, Permit, Recorded, Snapshot
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "BreakerRegistry",
     "BreakerState",
     "Fallback",
+    "FallbackOn",
     "Permit",
     "Recorded",
     "Snapshot",

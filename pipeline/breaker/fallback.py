@@ -1,4 +1,5 @@
-"""What a step does when its agent's breaker refuses the call (DESIGN section 8)."""
+"""What a step does when its agent's breaker refuses the call, or, for an agent with
+``fallback_on="failure"``, when the call failed for good."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from .policy import Fallback
 from .registry import Permit
 
 if TYPE_CHECKING:
-    from ..agent import Agent
+    from ..agent import Agent, StepContext
     from ..choreography import Delivery
 
 MIN_RETRY_LATER_S = 1.0
@@ -30,11 +31,30 @@ def input_digest(inputs: Sequence[Version], fan_in: bool) -> str:
     return digest_of(canonical_json({v.agent: v.payload for v in inputs}))
 
 
+def input_payload(inputs: Sequence[Version], fan_in: bool) -> Any:
+    """What the agent is given: the upstream's payload, or a fan-in's mapping by agent."""
+    if fan_in:
+        return {v.agent: v.payload for v in inputs}
+    return inputs[0].payload
+
+
+def default_output(agent: Agent, inputs: Sequence[Version], fan_in: bool,
+                   ctx: StepContext) -> Any:
+    """The ``skip`` fallback's stand-in: the agent's constant, or its function of the input,
+    whose output is checked against the output contract here (a constant was checked when
+    the workflow was built)."""
+    if not callable(agent.default_output):
+        return agent.default_output
+    output = agent.default_output(input_payload(inputs, fan_in), ctx)
+    contracts.get(agent.output).validate(output, side="default output", agent=agent.name,
+                                         run_id=ctx.run_id)
+    return output
+
+
 def take_fallback(
     task: Task,
     agent: Agent,
     store: StateStore,
-    permit: Permit,
     *,
     run_id: str,
     step: str,
@@ -42,13 +62,27 @@ def take_fallback(
     fan_in: bool,
     final: bool,
     worker: str,
+    ctx: StepContext,
+    permit: Permit | None = None,
+    failure: BaseException | None = None,
     delivery: Delivery | None = None,
 ) -> int:
-    """Seal a stand-in, park the run, retry later, or raise ``CircuitOpen``."""
+    """Seal a stand-in, park the run, retry later, or raise.
+
+    With ``permit`` the breaker refused the call (``CircuitOpen`` when there is no
+    stand-in); with ``failure`` the call failed for good and the agent falls back on
+    failure (``failure`` is raised again when there is no stand-in).
+    """
     policy = agent.fallback
-    why = permit.refusal(agent.name)
-    store.note(run_id, "step.refused", step=step, agent=agent.name,
-               breaker=permit.state.value, fallback=policy.value, reason=why)
+    if permit is not None:
+        why = permit.refusal(agent.name)
+        store.note(run_id, "step.refused", step=step, agent=agent.name,
+                   breaker=permit.state.value, fallback=policy.value, reason=why)
+    else:
+        assert failure is not None
+        why = f"agent {agent.name} failed: {type(failure).__name__}: {failure}"[:500]
+        store.note(run_id, "step.fallback", step=step, agent=agent.name,
+                   fallback=policy.value, error_type=type(failure).__name__, reason=why)
 
     def seal_degraded(payload: Any, source: str) -> int:
         task_id = str(task.request.id or "")
@@ -68,10 +102,13 @@ def take_fallback(
         return sealing.version
 
     if policy is Fallback.SKIP:
-        return seal_degraded(agent.default_output, "default output")
+        source = "default output" if permit is not None else "default output after failure"
+        return seal_degraded(default_output(agent, inputs, fan_in, ctx), source)
     if policy is Fallback.CACHED:
         digest = input_digest(inputs, fan_in)
         cached = store.redis.get(breaker_cache_key(agent.name, agent.output, digest))
+        if cached is None and failure is not None:
+            raise failure
         if cached is None:
             raise CircuitOpen(f"run {run_id} step {step}: {why}, and no cached output of "
                               f"{agent.name} exists for this input (digest {digest[:12]})")
@@ -85,6 +122,9 @@ def take_fallback(
         if delivery is not None:  # a resume hands the delivery out again
             delivery.release(store, str(task.request.id or ""))
         raise Ignore()
+    if permit is None:  # an agent falls back on failure only with skip, cached or park
+        assert failure is not None
+        raise failure
     refused = int((task.request.kwargs or {}).get("refused", 0))
     if policy is Fallback.RETRY_LATER and refused < agent.retry_later_max:
         wait = permit.wait_s if permit.wait_s > 0 else agent.breaker.reset_timeout_s

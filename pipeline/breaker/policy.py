@@ -36,6 +36,13 @@ class Fallback(StrEnum):
     RETRY_LATER = "retry_later"  # retry when the breaker may half-open, a bounded number of times
 
 
+class FallbackOn(StrEnum):
+    """When a step takes its agent's fallback."""
+
+    REFUSAL = "refusal"  # only when the breaker refuses the call
+    FAILURE = "failure"  # also when the agent's call fails for good (counted by the breaker)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BreakerPolicy:
     """One agent's breaker settings; the state lives in Redis, shared by the fleet.

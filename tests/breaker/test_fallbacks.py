@@ -1,6 +1,7 @@
 """Each fallback policy end to end, on real workers: a breaker tripped by
 PIPELINE_CHAOS (or opened by hand in another process) refuses the call, and
-the agent's fallback decides what the run does."""
+the agent's fallback decides what the run does; with ``fallback_on="failure"``
+the agent's own failure takes the fallback too."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import pytest
 from pipeline import Pipeline, RunStatus
 from pipeline.breaker import BreakerState
 from pipeline.errors import BrokerUnavailable, RunNotParked
+from pipeline.invariants import verify
 from tests.agents import DEFAULT_COUNT, EXECUTIONS_KEY, HOLD_KEY, QUICK_BREAKER, guarded_park
 from tests.conftest import Cluster, settings_for, wait_for
+from tests.quick_agents import SIDE_EFFECTS_KEY, UNDONE_KEY
 
 
 def events(run: object, name: str) -> list[dict[str, str]]:
@@ -198,3 +201,76 @@ def test_resume_that_cannot_enqueue_parks_the_run_again(cluster: Cluster) -> Non
         Pipeline(settings=settings).resume(run.run_id)
     assert run.status() is RunStatus.WAITING_FOR_HUMAN
     assert run.info().parked_steps == ("1:guarded_park",)
+
+
+# -- fallback_on="failure": the agent's own failure seals the stand-in ---------------------
+
+
+def test_skip_on_failure_seals_the_default_output_when_the_agent_fails(cluster: Cluster) -> None:
+    cluster.worker(PIPELINE_CHAOS="enrich=error:1")
+    p = cluster.pipeline()
+    run = p.start("w_enrich", {"n": 1})
+    result = run.wait(20)
+    assert result.status is RunStatus.SUCCEEDED and result.degraded
+    assert result.output == {"n": DEFAULT_COUNT["n"] * 2}  # the run went on past the stand-in
+    stand_in = run.history()[2]
+    assert (stand_in.agent, stand_in.degraded, stand_in.payload) == ("enrich", True,
+                                                                     DEFAULT_COUNT)
+    failed, fell_back = events(run, "step.failed"), events(run, "step.fallback")
+    assert [(e["agent"], e["error_type"]) for e in failed] == [("enrich", "ChaosError")]
+    assert [(e["fallback"], e["error_type"]) for e in fell_back] == [("skip", "ChaosError")]
+    assert events(run, "step.degraded")[0]["source"] == "default output after failure"
+    snap = p.breakers.snapshot("enrich", QUICK_BREAKER)
+    assert (snap.state, snap.consecutive_failures, snap.failures) == (BreakerState.CLOSED, 1, 1)
+    assert verify(p.store, [run.run_id]).ok
+
+
+def test_skip_on_failure_computes_the_default_output_from_the_input(cluster: Cluster) -> None:
+    cluster.worker(PIPELINE_CHAOS="enrich_derived=error:1")
+    p = cluster.pipeline()
+    result = p.start("w_enrich_derived", {"n": 7}).wait(20)
+    assert result.status is RunStatus.SUCCEEDED and result.degraded
+    assert result.output == {"n": -7}
+
+
+def test_a_computed_default_output_that_breaks_the_contract_fails_the_step(
+    cluster: Cluster,
+) -> None:
+    cluster.worker(PIPELINE_CHAOS="enrich_broken=error:1")
+    p = cluster.pipeline()
+    run = p.start("w_enrich_broken", {"n": 7})
+    result = run.wait(20)
+    assert result.status is RunStatus.FAILED and result.error is not None  # nothing sealed
+    assert result.error.startswith("ContractViolation") and "default output" in result.error
+    sides = [e.get("side", "") for e in events(run, "step.failed")]
+    assert sides == ["", "default output"]
+
+
+def test_an_output_that_breaks_its_contract_is_undone_before_the_stand_in_is_sealed(
+    cluster: Cluster,
+) -> None:
+    cluster.worker(PIPELINE_CHAOS="enrich=bad_output:1")
+    p = cluster.pipeline()
+    run = p.start("w_enrich", {"n": 1})
+    result = run.wait(20)
+    assert result.status is RunStatus.SUCCEEDED and result.degraded
+    assert executions(cluster, run.run_id, "enrich") == 1
+    assert not cluster.redis.hexists(SIDE_EFFECTS_KEY.format(run_id=run.run_id), "enrich")
+    assert cluster.redis.get(UNDONE_KEY.format(run_id=run.run_id, agent="enrich")) == "1"
+    assert [e["event"] for e in run.store.log(run.run_id)
+            if e["event"] in ("step.failed", "step.self_compensated", "step.degraded")] == [
+        "step.failed", "step.self_compensated", "step.degraded"]
+    verdict = verify(p.store, [run.run_id])  # undone once, by itself: the invariants hold
+    assert verdict.ok, verdict.violations
+
+
+def test_fallback_on_refusal_leaves_the_agents_own_failure_failing_the_run(
+    cluster: Cluster,
+) -> None:
+    cluster.worker(PIPELINE_CHAOS="guarded_skip=error:1")
+    p = cluster.pipeline()
+    run = p.start("w_guarded_skip", {"n": 1})
+    result = run.wait(20)
+    assert result.status is RunStatus.FAILED and result.error is not None
+    assert result.error.startswith("ChaosError") and not result.degraded
+    assert not events(run, "step.fallback") and not events(run, "step.degraded")
