@@ -16,8 +16,10 @@ from typing import Any, Literal
 import redis
 
 from .breaker.policy import DEFAULT_RETRY_LATER_MAX, BreakerPolicy, Fallback, FallbackOn
-from .errors import TransientAgentError, UnknownAgent
+from .errors import StepError, TransientAgentError, UnknownAgent
+from .reads import LineageReads
 from .route import default_queue, step_task
+from .state.version import Version
 
 __all__ = ["Agent", "AgentRegistry", "StepContext", "agent", "agents"]
 
@@ -45,6 +47,30 @@ class StepContext:
     """The id of the event this step handles (choreography), else ''."""
     event_type: str = ""
     notes: dict[str, Any] = field(default_factory=dict)
+    reads: LineageReads | None = None
+    """What the step may read of earlier versions (built by the runner); see ``version``."""
+
+    @property
+    def run_input(self) -> Any:
+        """The run's input (version 0's payload): a copy, recorded as read in the trace."""
+        return self._reads().run_input
+
+    def version(self, n: int) -> Version:
+        """Sealed version ``n``, digest checked, if the step was made from it (its lineage:
+        its inputs and what they were made from); else ``VersionNotInLineage``. The payload
+        is a copy; the read is recorded in the step's trace entry."""
+        return self._reads().version(n)
+
+    def upstream(self, agent: str) -> Version:
+        """The newest version in the step's lineage sealed by ``agent`` (else
+        ``VersionNotInLineage``), as :meth:`version` returns it."""
+        return self._reads().upstream(agent)
+
+    def _reads(self) -> LineageReads:
+        if self.reads is None:
+            raise StepError(f"run {self.run_id} step {self.step}: this context was built "
+                            "without access to the run's versions")
+        return self.reads
 
     def report_usage(self, *, prompt_tokens: int = 0, completion_tokens: int = 0,
                      model: str = "") -> None:

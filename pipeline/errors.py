@@ -38,6 +38,7 @@ __all__ = [
     "RunNotParked",
     "RunNotLive",
     "StepTimeLimitExceeded",
+    "VersionNotInLineage",
     "WaitTimeout",
 ]
 
@@ -175,6 +176,10 @@ class RunNotLive(StoreError):
 
 class StepTimeLimitExceeded(StepError):
     """Raised when an agent's execute ran past its time limit."""
+
+
+class VersionNotInLineage(StepError):
+    """Raised when a step reads a version it was not made from (a sibling's, a later one)."""
 
 
 class WaitTimeout(PipelineError):

@@ -57,6 +57,7 @@ class Call:
     completion_tokens: int = 0
     model: str = ""
     task_id: str = ""
+    read: list[int] = field(default_factory=list)  # earlier versions read via ctx.version...
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,6 +119,7 @@ def calls(log: Sequence[dict[str, str]]) -> list[Call]:
         call.prompt_tokens = int(e.get("prompt_tokens", call.prompt_tokens))
         call.completion_tokens = int(e.get("completion_tokens", call.completion_tokens))
         call.model = e.get("model", call.model)
+        call.read = [int(v) for v in e["read"].split(",")] if e.get("read") else call.read
         if kind == "step.refused":
             call.fallback = e.get("fallback", "")
         if kind == "step.sealed":

@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from celery import Task
@@ -39,6 +40,7 @@ from .errors import (
     VersionNotFound,
 )
 from .keys import RunKeys
+from .reads import LineageReads
 from .state import Opening, StateStore, Version
 from .state.store import Extra
 from .state.version import sealable
@@ -184,6 +186,8 @@ def run_step(
             worker=worker,
             event=event,
             event_type=event_type,
+            reads=LineageReads(partial(store.get, run_id), run_id=run_id, step=step,
+                               inputs=opening.inputs),
         )
         if gate.refused:
             assert gate.permit is not None
@@ -221,7 +225,7 @@ def run_step(
             + [e for h in hooks for e in h.seal_extra(agent, ok=True, latency_ms=latency_ms)]
             + ([delivery.seal_extra(store, task_id)] if delivery is not None else []),
             form=form,
-            trace={**_usage_fields(ctx), **gate.trace_fields()},
+            trace={**_ctx_fields(ctx), **gate.trace_fields()},
         )
         gate.after_seal(sealing.extra)
     except (Ignore, Retry):
@@ -259,7 +263,7 @@ def run_step(
         if task.request.retries < agent.max_retries:
             countdown = agent.retry_countdown_s(task.request.retries)
             _note(store, run_id, "step.retry", step=step, agent=agent.name, attempt=attempt,
-                  **_usage_fields(ctx),
+                  **_ctx_fields(ctx),
                   error_type=type(e).__name__, error=str(e)[:500], countdown_s=countdown)
             gate.record_failure(e)  # every failed call counts, retried or not
             raise task.retry(exc=e, countdown=countdown, max_retries=agent.max_retries) from e
@@ -306,12 +310,14 @@ def needs_input_check(agent: Agent, inputs: Sequence[Version], fan_in: bool) -> 
     return fan_in or inputs[0].contract != agent.input
 
 
-def _usage_fields(ctx: StepContext | None) -> dict[str, str | int]:
-    """Token usage the agent reported, for the step's trace entry (a failed call costs too)."""
-    usage = ctx.notes.get("usage") if ctx is not None else None
-    if not usage:
+def _ctx_fields(ctx: StepContext | None) -> dict[str, str | int]:
+    """For the step's trace entry: the token usage the agent reported (a failed call costs
+    too) and the earlier versions it read (``read=0,2``)."""
+    if ctx is None:
         return {}
-    return {k: usage[k] for k in ("prompt_tokens", "completion_tokens", "model") if k in usage}
+    usage = ctx.notes.get("usage") or {}
+    fields = {k: usage[k] for k in ("prompt_tokens", "completion_tokens", "model") if k in usage}
+    return {**fields, **(ctx.reads.trace_fields() if ctx.reads is not None else {})}
 
 
 def _store_countdown_s(retries: int) -> float:
@@ -382,7 +388,7 @@ def _fail(
 ) -> None:
     fields = _failure_fields(agent, step, exc, attempt)
     fields.update(gate.trace_fields())
-    fields.update(_usage_fields(ctx))
+    fields.update(_ctx_fields(ctx))
     _note(store, run_id, "step.failed", **fields)
     gate.record_failure(exc)
     for h in hooks:

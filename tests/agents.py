@@ -142,6 +142,54 @@ def join(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
 fanning = Workflow("fanning", [parallel(double, bloat), join])
 
 
+@agent(input="count@1", output="count@1", time_limit_s=5, max_retries=0)
+def recall(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Read the run's input twice, mutating the first copy, and ``increment``'s version:
+    ``{"n": input * 100 + increment}``."""
+    first = ctx.run_input
+    first["n"] = -1  # a copy: the second read still sees the input
+    return {"n": ctx.run_input["n"] * 100 + ctx.upstream("increment").payload["n"]}
+
+
+@agent(input="count@1", output="count@1", time_limit_s=5, max_retries=0)
+def snoop(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Read the version after its input: a parallel sibling's or a later one (refused)."""
+    return {"n": ctx.version(ctx.input_versions[0] + 1).payload["n"]}
+
+
+@contract("recall_pair", 1)
+class RecallPair(Schema):
+    """The fan-in of ``recall`` and ``double``."""
+
+    recall = fields.Nested(Count, required=True)
+    double = fields.Nested(Count, required=True)
+
+
+@contract("snoop_pair", 1)
+class SnoopPair(Schema):
+    """The fan-in of ``snoop`` and ``double``."""
+
+    snoop = fields.Nested(Count, required=True)
+    double = fields.Nested(Count, required=True)
+
+
+@agent(input="recall_pair@1", output="count@1", time_limit_s=5, max_retries=0)
+def recall_join(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """``recall``'s number, plus ``double``'s read back from its version, plus the input."""
+    return {"n": payload["recall"]["n"] + ctx.upstream("double").payload["n"]
+            + ctx.run_input["n"]}
+
+
+@agent(input="snoop_pair@1", output="count@1", time_limit_s=5, max_retries=0)
+def snoop_join(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Never runs: ``snoop`` fails the run."""
+    return {"n": payload["snoop"]["n"]}
+
+
+recalling = Workflow("recalling", [increment, parallel(recall, double), recall_join])
+snooping = Workflow("snooping", [increment, parallel(snoop, double), snoop_join])
+
+
 @agent(input="count@1", output="count@1", time_limit_s=1, max_retries=0)
 def stubborn(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
     """Ignore the soft time limit, so only the hard limit (in the main process) stops it."""
