@@ -314,6 +314,7 @@ class Choreography:
             self._contracts.get(self._agents.get(target.split(":", 1)[1]).output).validate(
                 output, side="output", agent=target.split(":", 1)[1], run_id=run_id)
         store.resume(run_id, how="output" if output is not None else "rerun")
+        queue_of = catalog.resolver(store.redis, self.route)
         try:
             for key in parked:
                 event_id, name = key.split(":", 1)
@@ -324,7 +325,7 @@ class Choreography:
                 else:
                     dispatch(pipeline.app, run_id, Handover(
                         "again", event_id, int(event["version"]), (name,), str(event["type"])),
-                        queue_of=catalog.resolver(store.redis, self.route))
+                        queue_of=queue_of)
         except RunNotParked:
             raise
         except Exception as e:

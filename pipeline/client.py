@@ -23,15 +23,13 @@ from .errors import (
     PipelineError,
     RunNotLive,
     RunNotParked,
-    UnknownWorkflow,
     WaitTimeout,
-    WorkflowDefinitionError,
 )
-from .route import EDIT_STEP, Route
+from .route import EDIT_STEP
 from .settings import Settings, redact_url
 from .state import RunInfo, RunStatus, StateStore, Version
 from .state.version import Sealable, sealable
-from .workflow import Flow, Workflow, route_of, send, workflows
+from .workflow import Flow, Workflow, known_route, route_of, send, workflows
 
 __all__ = ["Pipeline", "Run", "RunResult"]
 
@@ -130,10 +128,7 @@ class Pipeline:
         ``InputError`` when the run has no such event or it is a failure event (the
         saga's).
         """
-        try:
-            route: Route | None = route_of(self.store.run_info(run_id))
-        except (UnknownWorkflow, WorkflowDefinitionError):  # an old run's, or unreadable
-            route = None
+        route = known_route(self.store.run_info(run_id))
         return redeliver(self.app, self.store, run_id, event_id,
                          queue_of=catalog.resolver(self.store.redis, route))
 

@@ -29,10 +29,10 @@ from .agent import Agent
 from .errors import RunNotFound, RunNotLive, UnknownWorkflow, WorkflowDefinitionError
 from .keys import DEAD_LETTERS, SAGAS, RunKeys
 from .lua import Batch, Script, checked
-from .route import EDIT_STEP, Route, agent_of, compensate_task, newest_first
+from .route import EDIT_STEP, agent_of, compensate_task, newest_first
 from .state import RunStatus, StateStore, Version
 from .state.store import translate_errors
-from .workflow import route_of
+from .workflow import known_route, route_of
 
 __all__ = ["CompensationContext", "begin", "compensate_run", "compensate_step", "dead_letter",
            "redrive"]
@@ -231,10 +231,7 @@ def redrive(app: Celery, store: StateStore, run_id: str) -> None:
 def _dispatch(app: Celery, store: StateStore, run_id: str, steps: Sequence[str]) -> None:
     """Send each step's compensation to its agent's queue, as the run's route names it
     (this worker need not know the agent)."""
-    try:
-        route: Route | None = route_of(store.run_info(run_id))
-    except (UnknownWorkflow, WorkflowDefinitionError):  # an old run's, or a route unread
-        route = None
+    route = known_route(store.run_info(run_id))
     for step in steps:
         name = agent_of(step)
         app.send_task(compensate_task(name), args=(run_id, step),

@@ -57,7 +57,7 @@ from .keys import HELD, LIVE, SAGAS, STALLED, SWEEP_LOCK, UNENQUEUED, RunKeys
 from .route import FlowKind, Route, agent_of
 from .state import StateStore
 from .state.store import translate_errors
-from .workflow import ERRBACK_TASK, recorded_route, route_of
+from .workflow import ERRBACK_TASK, recorded_route
 
 __all__ = ["SWEEP_TASK", "Redelivered", "SweepReport", "sweep"]
 
@@ -298,16 +298,16 @@ def _enqueue_forgotten(app: Celery, store: StateStore, lease_s: float,
             UNENQUEUED, "-inf", (seconds - lease_s) * 1000, start=0, num=BATCH)]
         pipe = store.redis.pipeline(transaction=False)
         for run_id in ids:
-            pipe.hmget(RunKeys(run_id).run, "status", "workflow", "enqueued")
+            pipe.hmget(RunKeys(run_id).run, "status", "workflow", "enqueued", "route")
         records = pipe.execute()
-    for run_id, (status, flow_name, enqueued) in zip(ids, records, strict=True):
+    for run_id, (status, flow_name, enqueued, recorded) in zip(ids, records, strict=True):
         if status != "running" or enqueued == "1":
             with translate_errors(store.url):
                 store.redis.zrem(UNENQUEUED, run_id)
             continue
         try:
-            route = route_of(store.run_info(run_id))
-        except (UnknownWorkflow, WorkflowDefinitionError, RunNotFound) as e:
+            route = recorded_route(run_id, str(flow_name), recorded or "")
+        except (UnknownWorkflow, WorkflowDefinitionError) as e:
             log.warning("sweeper: run %s of workflow %s was never enqueued, and cannot be: %s",
                         run_id, flow_name, e)
             with contextlib.suppress(StoreError):

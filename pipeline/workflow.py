@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .state import RunInfo, StateStore, Version
 
 __all__ = ["ERRBACK_TASK", "Flow", "Parallel", "Step", "Workflow", "WorkflowRegistry", "parallel",
-           "route_of", "send", "workflows"]
+           "known_route", "route_of", "send", "workflows"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,6 +292,16 @@ workflows = WorkflowRegistry()
 def route_of(info: RunInfo) -> Route:
     """The route run ``info`` was created with (see ``recorded_route``)."""
     return recorded_route(info.run_id, info.workflow, info.route)
+
+
+def known_route(info: RunInfo) -> Route | None:
+    """``route_of``, or None for a run whose route cannot be known here (one from before
+    routes were recorded, of a flow not registered here, or a route this version cannot
+    read): its agents' queues are then found without it (``catalog.queue_of``)."""
+    try:
+        return route_of(info)
+    except (UnknownWorkflow, WorkflowDefinitionError):
+        return None
 
 
 def recorded_route(run_id: str, workflow: str, recorded: str) -> Route:
