@@ -8,18 +8,13 @@ the sealed version it needs. Each agent becomes a Celery task named
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import redis
-
 from .breaker.policy import DEFAULT_RETRY_LATER_MAX, BreakerPolicy, Fallback, FallbackOn
-from .errors import StepError, TransientAgentError, UnknownAgent
-from .reads import LineageReads
+from .context import StepContext
+from .errors import TransientAgentError, UnknownAgent
 from .route import default_queue, step_task
-from .state.version import Version
 
 __all__ = ["Agent", "AgentRegistry", "StepContext", "agent", "agents"]
 
@@ -30,62 +25,6 @@ DEFAULT_TIME_LIMIT_S = 30.0
 DEFAULT_COMPENSATION_RETRIES = 3
 DEFAULT_REDELIVERY_ALLOWANCE = 3
 """Deliveries allowed beyond the retries: broker redeliveries after a lost worker."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StepContext:
-    """What an agent may know about the step it runs in."""
-
-    run_id: str
-    step: str
-    agent: str
-    attempt: int
-    input_versions: tuple[int, ...]
-    redis: redis.Redis
-    worker: str = ""
-    event: str = ""
-    """The id of the event this step handles (choreography), else ''."""
-    event_type: str = ""
-    notes: dict[str, Any] = field(default_factory=dict)
-    reads: LineageReads | None = None
-    """What the step may read of earlier versions (built by the runner); see ``version``."""
-
-    @property
-    def run_input(self) -> Any:
-        """The run's input (version 0's payload): a copy, recorded as read in the trace."""
-        return self._reads().run_input
-
-    def version(self, n: int) -> Version:
-        """Sealed version ``n``, digest checked, if the step was made from it (its lineage:
-        its inputs and what they were made from); else ``VersionNotInLineage``. The payload
-        is a copy; the read is recorded in the step's trace entry."""
-        return self._reads().version(n)
-
-    def upstream(self, agent: str) -> Version:
-        """The newest version in the step's lineage sealed by ``agent`` (else
-        ``VersionNotInLineage``), as :meth:`version` returns it."""
-        return self._reads().upstream(agent)
-
-    def _reads(self) -> LineageReads:
-        if self.reads is None:
-            raise StepError(f"run {self.run_id} step {self.step}: this context was built "
-                            "without access to the run's versions")
-        return self.reads
-
-    def report_usage(self, *, prompt_tokens: int = 0, completion_tokens: int = 0,
-                     model: str = "") -> None:
-        """Record what the call cost; it is sealed into the step's trace entry."""
-        usage = self.notes.setdefault("usage", {"prompt_tokens": 0, "completion_tokens": 0})
-        usage["prompt_tokens"] += int(prompt_tokens)
-        usage["completion_tokens"] += int(completion_tokens)
-        if model:
-            usage["model"] = model
-
-    def remember(self, data: Any) -> None:
-        """Record what this step's compensation will need (JSON): it gets it as ``data``."""
-        from .keys import RunKeys  # the agent module stays free of storage imports
-
-        self.redis.hset(RunKeys(self.run_id).undo, self.step, json.dumps(data))
 
 
 Execute = Callable[[Any, StepContext], Any]

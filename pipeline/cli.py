@@ -248,7 +248,7 @@ def history(run_id: str, as_json: bool) -> None:
 
 
 def format_history(versions: Sequence[Any]) -> str:
-    from .observe import NO_AGENT
+    from .lineage import NO_AGENT
 
     rows = [("version", "parents", "agent", "contract", "digest", "sealed at")]
     for v in versions:
@@ -285,7 +285,7 @@ def replay(run_id: str, version: int, source: str | None, author: str | None, wa
         run_id, version, edit=edit, author=author if author is not None else _user())
     if not as_json:
         click.echo(f"run {handle.run_id} replays {run_id} from version {version}")
-    _report(handle, wait, timeout, as_json, ok="succeeded")
+    _report(handle, wait, timeout, as_json, ok=("succeeded",))
 
 
 @main.command()
@@ -376,7 +376,7 @@ def resume(run_id: str, source: str | None, step: str | None, wait: bool, timeou
     output = read_json_input(source) if source is not None else None
     _report(_pipeline(agents_required=True).resume(run_id, output, step=step), wait, timeout,
             as_json,
-            ok="succeeded")
+            ok=("succeeded",))
 
 
 @main.command()
@@ -385,7 +385,7 @@ def resume(run_id: str, source: str | None, step: str | None, wait: bool, timeou
 @json_option
 def cancel(run_id: str, wait: bool, timeout: float, as_json: bool) -> None:
     """Stop RUN and compensate every step it sealed, newest first."""
-    _report(_pipeline().cancel(run_id), wait, timeout, as_json, ok="compensated")
+    _report(_pipeline().cancel(run_id), wait, timeout, as_json, ok=("cancelled",))
 
 
 @main.command()
@@ -393,8 +393,10 @@ def cancel(run_id: str, wait: bool, timeout: float, as_json: bool) -> None:
 @wait_options("the compensation")
 @json_option
 def compensate(run_id: str, wait: bool, timeout: float, as_json: bool) -> None:
-    """Re-drive a compensation_failed RUN: compensate only what it still owes."""
-    _report(_pipeline().compensate(run_id), wait, timeout, as_json, ok="compensated")
+    """Re-drive a compensation_failed RUN: compensate only what it still owes (it ends
+    compensated, or cancelled if it was cancelled)."""
+    _report(_pipeline().compensate(run_id), wait, timeout, as_json,
+            ok=("compensated", "cancelled"))
 
 
 @main.command()
@@ -459,7 +461,8 @@ def verify(run_ids: tuple[str, ...], as_json: bool) -> None:
         sys.exit(1)
 
 
-def _report(handle: Any, wait: bool, timeout: float, as_json: bool, *, ok: str) -> None:
+def _report(handle: Any, wait: bool, timeout: float, as_json: bool, *,
+            ok: Sequence[str]) -> None:
     """What ``replay``, ``resume``, ``cancel`` and ``compensate`` print: what ``run`` prints
     for the run they started or continued; exit 1 if, waited for, it did not end ``ok``."""
     try:
@@ -467,7 +470,7 @@ def _report(handle: Any, wait: bool, timeout: float, as_json: bool, *, ok: str) 
     except WaitTimeout as e:
         result = replace(handle.result(), error=str(e))
     echo_result(handle.info().workflow, result, as_json)
-    if wait and result.status.value != ok:
+    if wait and result.status.value not in ok:
         sys.exit(EXIT_RUN_FAILED)
 
 

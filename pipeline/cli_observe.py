@@ -20,14 +20,15 @@ if TYPE_CHECKING:
 
 def _calls_table(run_calls: Sequence[Call], start: int) -> str:
     rows: list[tuple[str, ...]] = [("+ms", "step", "agent", "try", "worker", "queue", "status",
-                                    "latency", "in", "out", "breaker", "fallback", "tokens",
-                                    "error")]
+                                    "latency", "in", "read", "out", "breaker", "fallback",
+                                    "tokens", "error")]
     for c in run_calls:
         rows.append((
             str(c.started_at - start), c.step, c.agent, str(c.attempt), c.worker, c.queue,
             c.status + (" (degraded)" if c.degraded and c.status == "ok" else ""),
             "" if c.latency_ms is None else f"{c.latency_ms:.0f} ms",
-            ",".join(map(str, c.inputs)), "" if c.output is None else str(c.output),
+            ",".join(map(str, c.inputs)), ",".join(map(str, c.read)),
+            "" if c.output is None else str(c.output),
             c.breaker, c.fallback,
             str(c.prompt_tokens + c.completion_tokens) if c.prompt_tokens or c.completion_tokens
             else "",
@@ -88,7 +89,8 @@ def trace(run_id: str, as_json: bool) -> None:
 @json_option
 def inspect(run_id: str, as_json: bool) -> None:
     """One page on a run: header, lineage tree, calls, compensations."""
-    from .observe import compensations, lineage_tree, named, reached, report, waiting_on
+    from .lineage import lineage_tree, named, reached
+    from .observe import compensations, report, waiting_on
 
     p = _pipeline()
     r = report(p.store, run_id)
@@ -145,7 +147,7 @@ def graph(run_id: str, target: str | None, fmt: str | None) -> None:
     and nothing written, without it: write `-o run.dot` and render it elsewhere),
     `-o run.dot` writes DOT. A --format that contradicts the file name is refused.
     """
-    from .observe import lineage_dot, render_svg
+    from .lineage import lineage_dot, render_svg
 
     fmt = _graph_format(target, fmt)
     p = _pipeline()

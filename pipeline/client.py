@@ -410,11 +410,13 @@ class Pipeline:
         return agents.get(agent_name).emits if agent_name in agents else None
 
     def cancel(self, run_id: str, reason: str = "cancelled by hand") -> Run:
-        """Stop a live run: no step seals from now on, and a saga undoes, newest first,
-        every step it sealed (``reason`` is logged). Returns at once; ``wait`` on the
-        run for it to end ``compensated``. ``RunNotFound`` for no such run,
-        ``RunNotLive`` when it has ended or is being compensated already."""
-        if not saga.start(self.app, self.store, run_id, reason=reason):
+        """Stop a live run: no step seals from now on, a step still running sees
+        ``ctx.cancelled`` and may stop early, and a saga undoes, newest first, every step
+        it sealed (``reason`` is logged). Returns at once; ``wait`` on the run for it to
+        end ``cancelled`` (``compensation_failed`` if an undo failed for good:
+        ``compensate`` re-drives it). ``RunNotFound`` for no such run, ``RunNotLive``
+        when it has ended or is being compensated already."""
+        if not saga.start(self.app, self.store, run_id, reason=reason, cancelled=True):
             status = self.store.run_info(run_id).status.value
             raise RunNotLive(f"run {run_id} is {status}: there is nothing to cancel")
         return Run(self, run_id)

@@ -30,8 +30,8 @@ from .cli_observe import format_events
 from .client import Pipeline, Run
 from .embedded import EmbeddedRedis, answers, free_port
 from .errors import ConfigurationError, PipelineError, StoreUnavailable
+from .lineage import named
 from .local import FlowerProcess, WorkerProcess
-from .observe import named
 from .settings import DEFAULT_REDIS_URL, Settings, redact_url
 from .workflow import Flow
 

@@ -39,6 +39,7 @@ __all__ = [
     "RunNotLive",
     "StepTimeLimitExceeded",
     "VersionNotInLineage",
+    "StepCancelled",
     "WaitTimeout",
 ]
 
@@ -180,6 +181,12 @@ class StepTimeLimitExceeded(StepError):
 
 class VersionNotInLineage(StepError):
     """Raised when a step reads a version it was not made from (a sibling's, a later one)."""
+
+
+class StepCancelled(StepError):
+    """Raised by ``ctx.raise_if_cancelled()`` when the step's run stopped while it ran
+    (cancelled, or failed by another step): the step ends without sealing and without
+    counting as a failure of its agent."""
 
 
 class WaitTimeout(PipelineError):

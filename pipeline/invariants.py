@@ -2,15 +2,15 @@
 
 Read from Redis alone, run by run:
 
-- **finished**: ``succeeded``, ``compensated``, ``compensation_failed`` with its dead
-  letters in ``pipeline:dead``, or ``failed`` with nothing sealed to undo;
+- **finished**: ``succeeded``, ``compensated``, ``cancelled``, ``compensation_failed`` with
+  its dead letters in ``pipeline:dead``, or ``failed`` with nothing sealed to undo;
 - **versions**: contiguous from 0 (stream id ``N-1``), the run's head the last one, every
   parent an earlier version, every digest the SHA-256 of its payload, every step key
   sealed once;
 - **compensation**: each step a failed run sealed (and each whose output broke its
   contract) compensated exactly once, dead at most once; none of a succeeded run;
 - **side effects** (when the caller says how to read them, as the soak does for the
-  credit ledger): none left by a compensated run.
+  credit ledger): none left by a compensated or cancelled run.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from .state.version import digest_of, made_by
 
 __all__ = ["Violation", "Verdict", "verify"]
 
-FINAL = ("succeeded", "compensated", "compensation_failed", "failed")
+FINAL = ("succeeded", "compensated", "cancelled", "compensation_failed", "failed")
 COMPENSATIONS = ("compensation.done", "compensation.dead", "step.self_compensated",
                  "step.self_compensation_failed")
 
@@ -145,7 +145,7 @@ def _check(run_id: str, run: dict[str, str], states: list[tuple[str, dict[str, s
                   if not (k.removeprefix("c:") in fell_back and v == "self")}
         if undone or claims:
             violated("compensation", f"a succeeded run has compensations: {dict(outcomes)}")
-    elif status in ("compensated", "compensation_failed"):
+    elif status in ("compensated", "cancelled", "compensation_failed"):
         for step in sorted(sealed):  # the saga owes each of these exactly one outcome
             done = outcomes[(step, "compensation.done")]
             died = outcomes[(step, "compensation.dead")]
@@ -176,7 +176,7 @@ def _check(run_id: str, run: dict[str, str], states: list[tuple[str, dict[str, s
         if extra:
             violated("compensation", f"compensated step(s) that sealed nothing and broke no "
                      f"contract: {', '.join(sorted(extra))}")
-        if status == "compensated" and side_effects is not None:
+        if status in ("compensated", "cancelled") and side_effects is not None:
             left = side_effects(run_id)
             if left:
                 violated("side effects", f"left after compensation: {sorted(left)}")

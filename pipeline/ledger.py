@@ -11,6 +11,7 @@ nothing is kept twice. A delivery's state is one of:
 - ``duplicate``: the same delivery came again and did nothing (one row each);
 - ``discarded``: it finished after the run stopped; nothing was sealed and it
   undid its own work;
+- ``cancelled``: it saw the run stop while it ran, and stopped without sealing;
 - ``skipped``: it arrived after the run stopped, and did nothing;
 - ``parked``: its agent's breaker was open and the run waits for a person;
 - ``unrouted``: the event had no subscriber (one row, agent ``-``).
@@ -33,7 +34,8 @@ from .state.store import translate_errors
 __all__ = ["DeliveryView", "EventView", "Explanation", "events", "explain"]
 
 ENDED = {"delivery.handled": "handled", "delivery.failed": "failed",
-         "step.discarded": "discarded", "step.skipped": "skipped"}
+         "step.discarded": "discarded", "step.cancelled": "cancelled",
+         "step.skipped": "skipped"}
 
 
 @dataclass(slots=True)
@@ -229,6 +231,7 @@ def _why(event: EventView, matched: str | None, routed: bool,
                    "attempt(s) so far)",
         "discarded": f"{how}: it finished after the run had stopped; nothing was sealed and "
                      "it undid its own work",
+        "cancelled": f"{how}: it saw the run stop while it ran and stopped without sealing",
         "skipped": f"{how}: it arrived after the run had stopped and did nothing",
         "parked": f"{how}: its breaker was open and the run waits for `pipeline resume`",
     }.get(first.state, f"{how}: {first.state}") + tail

@@ -65,7 +65,8 @@ this: on a cluster, the index may be written before the run's keys."""
 SETTLED_RECHECK_MS = 10_000
 """How long a finished run with no expiry is counted before it is read again."""
 READ_PAGE = 1000
-SETTLED = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.COMPENSATED})
+SETTLED = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.COMPENSATED,
+                     RunStatus.CANCELLED})
 """Statuses a run never leaves (``compensation_failed`` may be re-driven)."""
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 INSTALL_HINT = "pip install celery-agent-pipeline[metrics]"

@@ -1,5 +1,5 @@
-"""What happened in a run, read back from its log and its versions: the calls (one row per
-attempt), token usage, the lineage tree and graph, the compensations, the runs index.
+"""What happened in a run, read back from its log: the calls (one row per attempt), token
+usage, the compensations, the runs index (the lineage of its versions is ``lineage.py``).
 
 Nothing here writes (except dropping expired runs from the index); every figure is derived
 from what the runner, the saga and the breaker gate already log in the run's stream, so a
@@ -8,19 +8,17 @@ trace can never disagree with the run.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
 from .keys import RUNS_INDEX, RunKeys
-from .state import RunInfo, RunStatus, StateStore, Version
+from .state import RunInfo, RunStatus, StateStore
 from .state.store import translate_errors
 
-__all__ = ["NO_AGENT", "Call", "CallReport", "Usage", "calls", "compensations", "lineage_dot",
-           "lineage_tree", "named", "reached", "report", "runs", "usage"]
+__all__ = ["Call", "CallReport", "Usage", "calls", "compensations", "report", "runs", "usage",
+           "waiting_on"]
 
 ENDINGS = {
     "step.sealed": "ok",
@@ -29,6 +27,7 @@ ENDINGS = {
     "step.refused": "refused",
     "step.skipped": "skipped",
     "step.discarded": "discarded",
+    "step.cancelled": "cancelled",
     "step.exhausted": "exhausted",
 }
 
@@ -69,11 +68,13 @@ def calls(log: Sequence[dict[str, str]]) -> list[Call]:
     An attempt still open when its step starts again was ``lost`` (its worker died, or the
     broker handed the message out again). A delivery refused for a crash loop is a row of
     its own (``exhausted``, with the error that failed the run). A version sealed by someone
-    other than the attempt that was refused (a person resuming a parked run) is its own row.
+    other than the attempt that was refused (a person resuming a parked run) is its own row,
+    as is a stand-in sealed after an attempt failed for good (``fallback_on="failure"``).
     """
     out: list[Call] = []
     open_calls: dict[str, Call] = {}
     exhausted: dict[str, Call] = {}
+    newest: dict[str, Call] = {}  # each step's latest row
     for e in log:
         kind, step = e.get("event", ""), e.get("step", "")
         if kind in ("step.started", "step.exhausted"):
@@ -83,6 +84,7 @@ def calls(log: Sequence[dict[str, str]]) -> list[Call]:
                         started_at=int(e["at"]), task_id=e.get("task_id", ""),
                         inputs=[int(v) for v in e.get("inputs", "").split(",") if v])
             out.append(call)
+            newest[step] = call
             if kind == "step.started":
                 open_calls[step] = call
             else:
@@ -100,16 +102,22 @@ def calls(log: Sequence[dict[str, str]]) -> list[Call]:
                 found = exhausted.pop(step)  # why the crash loop failed the run
                 found.error_type, found.error = e.get("error_type", ""), e.get("error", "")
                 continue
-            if kind not in ("step.exhausted", "step.failed", "step.sealed"):
+            if kind == "step.degraded" and step in newest:
+                found = newest[step]  # the stand-in sealed after the attempt failed for good
+            elif kind not in ("step.exhausted", "step.failed", "step.sealed"):
                 continue
-            found = Call(step=step, agent=e.get("agent", ""), attempt=int(e.get("attempt", 0)),
-                         worker=e.get("worker", ""), started_at=int(e["at"]))
-            out.append(found)
+            else:
+                found = Call(step=step, agent=e.get("agent", ""),
+                             attempt=int(e.get("attempt", 0)), worker=e.get("worker", ""),
+                             started_at=int(e["at"]))
+                out.append(found)
+                newest[step] = found
         call = found
         if kind == "step.degraded":  # a fallback sealed a stand-in
             call.status, call.degraded = "ok", True
             call.output = int(e.get("version", 0))
             call.fallback = call.fallback or e.get("source", "")
+            call.read = [int(v) for v in e["read"].split(",")] if e.get("read") else call.read
             _end(call, e)
             continue
         call.status = ENDINGS[kind]
@@ -205,7 +213,7 @@ def report(store: StateStore, run_id: str) -> CallReport:
 def compensations(log: Sequence[dict[str, str]]) -> list[dict[str, str]]:
     """The saga's entries (and steps that undid themselves), in order."""
     kinds = ("run.compensating", "compensation.", "step.self_compensat", "run.compensated",
-             "run.compensation_failed", "step.discarded")
+             "run.cancelled", "run.compensation_failed", "step.discarded", "step.cancelled")
     return [e for e in log if e.get("event", "").startswith(kinds)]
 
 
@@ -228,100 +236,6 @@ def waiting_on(info: RunInfo, log: Sequence[dict[str, str]]) -> str | None:
             where = entry.get("step") or entry.get("task") or ""
             return f"{entry['event']} {where}: {entry.get('reason') or entry.get('error', '')}"
     return None
-
-
-# -- lineage -----------------------------------------------------------------------------
-
-NO_AGENT = "-"
-"""The agent cell of version 0, the run's input, which no agent made: its ``agent`` is empty
-(in Python, ``history --json`` and ``inspect --json``) and its step is ``input``. Tables
-show an empty cell as ``-``, as they show no parents."""
-
-
-def named(v: Version) -> str:
-    """A version as a line names it: ``v5 final_approval``, or ``v0`` for the run's input."""
-    return f"v{v.version} {v.agent}" if v.agent else f"v{v.version}"
-
-
-def lineage_tree(history: Sequence[Version], head: int | None = None) -> list[str]:
-    """The versions as a tree, newest first: each version above the versions it was made
-    from, indented. A version reached twice (a diamond) is shown once, then referred to."""
-    by_version = {v.version: v for v in history}
-    roots = [head] if head is not None else _tips(history)
-    lines: list[str] = []
-    shown: set[int] = set()
-
-    def walk(n: int, prefix: str, last: bool, top: bool) -> None:
-        v = by_version[n]
-        branch = "" if top else ("`-- " if last else "|-- ")
-        label = (f"{named(v)} {v.contract} {v.digest[:12]}"
-                 + (" DEGRADED" if v.degraded else "") + f" [{v.step}]")
-        if n in shown:
-            lines.append(f"{prefix}{branch}v{v.version} (above)")
-            return
-        shown.add(n)
-        lines.append(f"{prefix}{branch}{label}")
-        child_prefix = prefix + ("" if top else ("    " if last else "|   "))
-        parents = list(v.parents)
-        for i, p in enumerate(parents):
-            walk(p, child_prefix, i == len(parents) - 1, False)
-
-    for root in roots:
-        walk(root, "", True, True)
-    return lines
-
-
-def reached(history: Sequence[Version], head: int | None) -> set[int]:
-    """The versions ``head`` was made from, itself included (all of them without a head)."""
-    if head is None:
-        return {v.version for v in history}
-    parents = {v.version: v.parents for v in history}
-    seen: set[int] = set()
-    todo = [head]
-    while todo:
-        n = todo.pop()
-        if n not in seen:
-            seen.add(n)
-            todo += list(parents.get(n, ()))
-    return seen
-
-
-def _tips(history: Sequence[Version]) -> list[int]:
-    """Versions no other version was made from (the ends of the run's lineage)."""
-    used = {p for v in history for p in v.parents}
-    return sorted((v.version for v in history if v.version not in used), reverse=True)
-
-
-def lineage_dot(info: RunInfo, history: Sequence[Version]) -> str:
-    """The lineage as Graphviz DOT: one node per version, an edge from each parent."""
-    def q(text: str) -> str:  # labels keep their \n line breaks (DOT's own escape)
-        return '"' + text.replace('"', '\\"') + '"'
-
-    lines = [f"digraph {q('run ' + info.run_id)} {{", "  rankdir=LR;",
-             f"  label={q(f'{info.workflow} {info.run_id} ({info.status.value})')};",
-             "  node [shape=box, fontname=Helvetica];"]
-    for v in history:
-        label = (f"{named(v)}\\n{v.contract}\\n{v.digest[:12]}"
-                 + ("\\nDEGRADED" if v.degraded else "") + f"\\n[{v.step}]")
-        style = ", style=filled, fillcolor=\"#f8d7a8\"" if v.degraded else ""
-        if v.version == info.output_version:
-            style += ", penwidth=2"
-        lines.append(f"  v{v.version} [label={q(label)}{style}];")
-    for v in history:
-        for p in v.parents:
-            lines.append(f"  v{p} -> v{v.version};")
-    lines.append("}")
-    return "\n".join(lines) + "\n"
-
-
-def render_svg(dot_source: str) -> bytes | None:
-    """SVG from DOT with Graphviz's ``dot`` when it is installed, else None."""
-    binary = shutil.which("dot")
-    if binary is None:
-        return None
-    done = subprocess.run([binary, "-Tsvg"], input=dot_source.encode(), capture_output=True,
-                          timeout=60, check=True)
-    return done.stdout
 
 
 # -- the runs index ------------------------------------------------------------------------

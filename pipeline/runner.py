@@ -34,6 +34,7 @@ from .errors import (
     ContractViolation,
     DeliveryLimitExceeded,
     RunNotFound,
+    StepCancelled,
     StepTimeLimitExceeded,
     StoreError,
     StoreUnavailable,
@@ -256,6 +257,15 @@ def run_step(
             _compensate_self(agent, store, run_id, step, opening.inputs, output, attempt,
                              claim=True)
         raise
+    except StepCancelled as e:
+        if ctx is None or not ctx.cancelled:  # raised while the run is live: the agent's bug
+            if (fallen := fail(e)) is not None:
+                return fallen
+            raise
+        gate.release()  # the run stopped, the agent did not fail: the breaker does not count it
+        _note(store, run_id, "step.cancelled", step=step, agent=agent.name, attempt=attempt,
+              reason=str(e)[:2000], **_ctx_fields(ctx))
+        raise Ignore() from None
     except CONFIGURATION_FAULTS as e:  # never retried: the same configuration fails again
         _fail(agent, run_id, step, e, store, attempt=attempt, gate=gate, ctx=ctx)
         raise

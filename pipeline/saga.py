@@ -7,7 +7,8 @@ agent version, and every step whose output broke its contract (its side
 effects happened), grouped by workflow stage, newest stage first. A stage's
 compensations run side by side, each on its agent's queue; the last one in
 moves the saga to the next stage (Redis counts them, in one script), and the
-last stage ends the run ``compensated`` or ``compensation_failed``. A
+last stage ends the run ``compensated`` (``cancelled`` for a run a person
+cancelled) or ``compensation_failed``. A
 compensation that keeps failing goes to the dead-letter stream ``pipeline:dead``
 and the saga goes on; ``pipeline compensate RUN`` re-drives what is still owed.
 """
@@ -74,15 +75,18 @@ class CompensationContext:
     redis: redis.Redis
 
 
-def begin(store: StateStore, run_id: str, *, reason: str, agent: str = "") -> tuple[bool, bool]:
+def begin(store: StateStore, run_id: str, *, reason: str, agent: str = "",
+          cancelled: bool = False) -> tuple[bool, bool]:
     """Mark the run compensating, once: (True for the call that did it, whether the saga
-    still needs its planner: begun, here or elsewhere, and not planned yet)."""
+    still needs its planner: begun, here or elsewhere, and not planned yet). A run
+    ``cancelled`` by a person ends ``cancelled`` once compensated."""
     keys = RunKeys(run_id)
     batch = Batch(store.redis)
     # watched first, in the same round trip: a worker that dies right after leaves the saga
     # where the sweeper looks (it drops the entry if the run was not compensating after all)
     batch.command("ZADD", SAGAS, "NX", int(time.time() * 1000), run_id)
-    at = batch.script(BEGIN, [keys.run, keys.log, keys.saga], [reason[:2000], agent])
+    at = batch.script(BEGIN, [keys.run, keys.log, keys.saga], [reason[:2000], agent,
+                                                         "1" if cancelled else ""])
     with translate_errors(store.url):
         reply = checked(batch.execute()[at])
     if reply[0] == "missing":
@@ -92,14 +96,15 @@ def begin(store: StateStore, run_id: str, *, reason: str, agent: str = "") -> tu
     return False, reply[1] == "compensating" and reply[2] == "0"
 
 
-def start(app: Celery, store: StateStore, run_id: str, *, reason: str, agent: str = "") -> bool:
+def start(app: Celery, store: StateStore, run_id: str, *, reason: str, agent: str = "",
+          cancelled: bool = False) -> bool:
     """Begin the saga and enqueue its planner; False when it had begun already.
 
     A saga begun elsewhere (a choreography's failure event) and not planned yet gets its
     planner enqueued here too: planning twice is harmless, never planning leaves the run
     compensating for good.
     """
-    started, unplanned = begin(store, run_id, reason=reason, agent=agent)
+    started, unplanned = begin(store, run_id, reason=reason, agent=agent, cancelled=cancelled)
     if started or unplanned:
         app.send_task(COMPENSATE_RUN_TASK, args=(run_id,), queue=app.conf.task_default_queue)
     return started
@@ -137,11 +142,13 @@ def compensate_run(app: Celery, store: StateStore, run_id: str, redrive: bool = 
         log.info("run %s is %s: nothing to compensate", run_id, info.status.value)
         return
     stages = plan(store, run_id, owed_only=redrive)
-    if not stages and not redrive:  # nothing had run: nothing to undo
-        store.finish(run_id, RunStatus.FAILED, error=info.error or "",
-                     agent=info.failed_agent or "")
-        return
     keys = RunKeys(run_id)
+    if not stages and not redrive:  # nothing had run: nothing to undo
+        with translate_errors(store.url):
+            cancelled = store.redis.hget(keys.saga, "cancelled") == "1"
+        store.finish(run_id, RunStatus.CANCELLED if cancelled else RunStatus.FAILED,
+                     error=info.error or "", agent=info.failed_agent or "")
+        return
     with translate_errors(store.url):
         PLAN(store.redis, [keys.run, keys.log, keys.saga],
              [json.dumps(stages), "1" if redrive else "0"])

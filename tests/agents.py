@@ -10,7 +10,15 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import task_postrun
 from marshmallow import Schema, fields
 
-from pipeline import StepContext, TransientAgentError, Workflow, agent, contract, parallel
+from pipeline import (
+    StepCancelled,
+    StepContext,
+    TransientAgentError,
+    Workflow,
+    agent,
+    contract,
+    parallel,
+)
 from pipeline.breaker import BreakerPolicy
 from pipeline.choreography import Choreography
 from pipeline.errors import ConfigurationError
@@ -19,6 +27,7 @@ from tests.quick_agents import (
     COMP_TRIES_KEY,
     EXECUTIONS_KEY,
     HOLD_KEY,
+    SIDE_EFFECTS_KEY,
     book,
     finish_undo,
     hold,
@@ -262,8 +271,8 @@ def _enrich(name: str, default_output: Any) -> Any:
 
 
 def negated(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
-    """A stand-in computed from the input."""
-    return {"n": -payload["n"]}
+    """A stand-in computed from the input, and from the run's input read through ctx."""
+    return {"n": -payload["n"] - ctx.run_input["n"]}
 
 
 def uncountable(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
@@ -424,6 +433,33 @@ def snag_join(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
     return {"n": payload["tripwire"]["n"] + payload["snag"]["n"]}
 
 
+WATCH_SLICES_KEY = "test:watch-slices:{run_id}"
+"""How many 20 ms slices of work watcher did."""
+
+
+@agent(input="count@1", output="count@1", time_limit_s=40, max_retries=0, compensate=undo)
+def watcher(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Leave a side effect, then work in 20 ms slices until the run stops (at most 30 s):
+    then undo its own side effect and stop as cancelled, as a cooperative agent does."""
+    book(ctx)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if ctx.sleep(0.02):
+            ctx.redis.hdel(SIDE_EFFECTS_KEY.format(run_id=ctx.run_id), ctx.agent)
+            ctx.raise_if_cancelled()
+        ctx.redis.incr(WATCH_SLICES_KEY.format(run_id=ctx.run_id))
+    return {"n": payload["n"] + 1}
+
+
+@agent(input="count@1", output="count@1", time_limit_s=5, max_retries=0)
+def pretender(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Raise StepCancelled while its run is live: a bug of the agent's, not a cancel."""
+    raise StepCancelled(f"run {ctx.run_id}: pretender says it was cancelled")
+
+
+saga_watched = Workflow("saga_watched", [booked, watcher])
+saga_fickle_watched = Workflow("saga_fickle_watched", [fickle, watcher])
+saga_pretend = Workflow("saga_pretend", [booked, pretender])
 saga_slow = Workflow("saga_slow", [booked, slowpoke])
 saga_late = Workflow("saga_late", [booked, parallel(tripwire, lagger), lag_join])
 saga_snag = Workflow("saga_snag", [booked, parallel(tripwire, snag), snag_join])

@@ -37,6 +37,20 @@ CHECKS = {
         "assert [v.version for v in run.history()] == list(range(6))\n"
     ),
     "circuit-breakers-2": "assert receipt == {'order': 'o-1', 'charged': 42}\n",
+    # a step of a run that is gone (expired, or never was) stops at its first check
+    "cancelling-a-run": (
+        "import os, redis\n"
+        "from pipeline import StepCancelled\n"
+        "ctx = StepContext(run_id='no-such-run', step='0:write_report', agent='write_report',\n"
+        "                  attempt=1, input_versions=(0,),\n"
+        "                  redis=redis.Redis.from_url(os.environ['PIPELINE_REDIS_URL']))\n"
+        "try:\n"
+        "    write_report.execute({'pages': 3}, ctx)\n"
+        "except StepCancelled as e:\n"
+        "    assert 'the run is gone' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('the step ran on')\n"
+    ),
 }
 STARTS_A_RUN = re.compile(r"\.(start|wait)\(")
 """A block that starts or waits for a run needs the session's workers."""

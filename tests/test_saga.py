@@ -379,7 +379,7 @@ def test_pipeline_cancel_stops_a_held_run_and_compensates_what_it_sealed(
     cancelled = invoke_cli(cluster.url, "cancel", run_id, "--wait", "--json")
 
     assert cancelled.exit_code == 0, cancelled.output
-    assert json.loads(cancelled.stdout)["status"] == "compensated"
+    assert json.loads(cancelled.stdout)["status"] == "cancelled"
     r.delete(HOLD_KEY.format(run_id=run_id))
     wait_until_ended(p, run_id, {"1:lagger"})
     log = log_of(p, run_id)

@@ -95,7 +95,8 @@ def take_fallback(
         if sealing.outcome == "aborted":
             raise Ignore()
         store.note(run_id, "step.degraded", step=step, agent=agent.name, source=source,
-                   version=int(sealing.version or 0))
+                   version=int(sealing.version or 0),  # and what a default_output read
+                   **(ctx.reads.trace_fields() if ctx.reads is not None else {}))
         if delivery is not None:
             delivery.hand_over_or_retry(task, store, sealing.extra[-1])
         assert sealing.version is not None

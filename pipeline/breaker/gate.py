@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CircuitOpen, ContractViolation, StoreError
+from ..errors import CircuitOpen, ContractViolation, StepCancelled, StoreError
 from ..keys import breaker_cache_key
 from ..lua import Batch
 from ..state import StateStore
@@ -27,8 +27,8 @@ CACHE_TTL_S = 7 * 24 * 3600
 
 def outcome_of(agent: Agent, exc: BaseException) -> str:
     """How a failure counts: 'failure', or 'ignore' (it says nothing of the agent's health)."""
-    if isinstance(exc, CircuitOpen | StoreError):
-        return "ignore"  # the call never ran, or Redis failed, not the agent
+    if isinstance(exc, CircuitOpen | StoreError | StepCancelled):
+        return "ignore"  # the call never ran, Redis failed, or the run stopped: not the agent
     if isinstance(exc, CONFIGURATION_FAULTS):
         return "ignore"  # the pipeline's configuration, not the agent
     if isinstance(exc, ContractViolation) and exc.side == "input":

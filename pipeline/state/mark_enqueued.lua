@@ -9,7 +9,8 @@
 local status = redis.call('HGET', KEYS[3], 'status')
 if not status then return 0 end
 redis.call('HSET', KEYS[3], 'enqueued', '1')
-if status ~= 'succeeded' and status ~= 'failed' and status ~= 'compensated' then
+if status ~= 'succeeded' and status ~= 'failed' and status ~= 'compensated'
+    and status ~= 'cancelled' then
   for i = 1, #KEYS do redis.call('PERSIST', KEYS[i]) end  -- not over: no expiry
 end
 return 1

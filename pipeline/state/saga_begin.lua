@@ -6,6 +6,8 @@
 -- KEYS[3] = pipeline:{run}:saga  (hash: the compensation's state)
 -- ARGV[1] = why (error text, or 'cancelled by hand')
 -- ARGV[2] = agent to blame ('' when none)
+-- ARGV[3] = '1' when a person cancelled the run (it then ends 'cancelled', not
+--           'compensated'), '' otherwise
 -- Returns {'started'}, {'already', status, planned} or {'missing'}; planned is '1' once
 -- the planner recorded its plan (a saga begun elsewhere, say by emit.lua, and not planned
 -- yet still needs its planner enqueued).
@@ -20,7 +22,7 @@ local t = redis.call('TIME')
 local now = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 redis.call('HSET', KEYS[1], 'status', 'compensating', 'error', ARGV[1], 'failed_agent', ARGV[2],
   'updated_at', now)
-redis.call('HSET', KEYS[3], 'reason', ARGV[1], 'started_at', now)
+redis.call('HSET', KEYS[3], 'reason', ARGV[1], 'started_at', now, 'cancelled', ARGV[3])
 redis.call('XADD', KEYS[2], '*', 'event', 'run.compensating', 'at', now, 'reason', ARGV[1],
-  'agent', ARGV[2])
+  'agent', ARGV[2], 'cancelled', ARGV[3])
 return {'started'}

@@ -1,7 +1,8 @@
 -- Record one step's compensation outcome (once), and move the saga on.
 -- A stage is over when each of its steps is done or dead; the saga then moves to
 -- the next stage that still owes something, and after the last one ends the run
--- compensated (or compensation_failed if any step of the plan went dead). Called
+-- compensated, or cancelled when a person cancelled it (compensation_failed either
+-- way if any step of the plan went dead). Called
 -- with no step, it only moves on: it returns the current stage's steps that no
 -- compensation has claimed yet (the ones to dispatch), or finishes the run.
 -- KEYS[1..7] = the run's keys: states, steps, run, log, deliveries, saga, undo
@@ -46,7 +47,7 @@ while stage < #plan do
   stage = stage + 1
 end
 redis.call('HSET', KEYS[6], 'stage', tostring(stage))
-local final = 'compensated'
+local final = redis.call('HGET', KEYS[6], 'cancelled') == '1' and 'cancelled' or 'compensated'
 for _, steps in ipairs(plan) do
   for _, step in ipairs(steps) do
     if redis.call('HGET', KEYS[6], 'c:' .. step) == 'dead' then final = 'compensation_failed' end
@@ -54,7 +55,7 @@ for _, steps in ipairs(plan) do
 end
 redis.call('HSET', KEYS[3], 'status', final, 'finished_at', now, 'updated_at', now)
 redis.call('XADD', KEYS[4], '*', 'event', 'run.' .. final, 'at', now)
-if final == 'compensated' then
+if final ~= 'compensation_failed' then
   for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
 end
 return {'finished', final}

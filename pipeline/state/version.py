@@ -21,6 +21,8 @@ class RunStatus(StrEnum):
     COMPENSATING = "compensating"
     COMPENSATED = "compensated"
     COMPENSATION_FAILED = "compensation_failed"
+    CANCELLED = "cancelled"
+    """Cancelled by hand, and everything it had sealed compensated."""
     WAITING_FOR_HUMAN = "waiting_for_human"
 
     @property

@@ -14,6 +14,7 @@ from pipeline import Pipeline, RunStatus
 from pipeline.breaker import BreakerState
 from pipeline.errors import BrokerUnavailable, RunNotParked
 from pipeline.invariants import verify
+from pipeline.observe import report
 from tests.agents import DEFAULT_COUNT, EXECUTIONS_KEY, HOLD_KEY, QUICK_BREAKER, guarded_park
 from tests.conftest import Cluster, settings_for, wait_for
 from tests.quick_agents import SIDE_EFFECTS_KEY, UNDONE_KEY
@@ -230,7 +231,10 @@ def test_skip_on_failure_computes_the_default_output_from_the_input(cluster: Clu
     p = cluster.pipeline()
     result = p.start("w_enrich_derived", {"n": 7}).wait(20)
     assert result.status is RunStatus.SUCCEEDED and result.degraded
-    assert result.output == {"n": -7}
+    assert result.output == {"n": -14}
+    # what the stand-in read is in the trace, as an agent's reads are
+    [row] = [c for c in report(p.store, result.run_id).calls if c.status == "ok"]
+    assert (row.degraded, row.read) == (True, [0])
 
 
 def test_a_computed_default_output_that_breaks_the_contract_fails_the_step(
