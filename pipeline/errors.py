@@ -184,9 +184,7 @@ class VersionNotInLineage(StepError):
 
 
 class StepCancelled(StepError):
-    """Raised by ``ctx.raise_if_cancelled()`` when the step's run stopped while it ran
-    (cancelled, or failed by another step): the step ends without sealing and without
-    counting as a failure of its agent."""
+    """Raised by ``ctx.raise_if_cancelled()`` when the step's run stopped while it ran."""
 
 
 class WaitTimeout(PipelineError):

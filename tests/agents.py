@@ -441,6 +441,21 @@ WATCH_SLICES_KEY = "test:watch-slices:{run_id}"
 def watcher(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
     """Leave a side effect, then work in 20 ms slices until the run stops (at most 30 s):
     then undo its own side effect and stop as cancelled, as a cooperative agent does."""
+    return _watch(payload, ctx)
+
+
+@agent(input="count@1", output="count@1", on=["watch.requested"], emits="watch.done",
+       time_limit_s=40, max_retries=0, compensate=undo)
+def event_watcher(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """watcher, as a choreography's delivery."""
+    return _watch(payload, ctx)
+
+
+watching = Choreography("watching", start="watch.requested", terminal=["watch.done"],
+                        input="count@1")
+
+
+def _watch(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
     book(ctx)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

@@ -171,3 +171,21 @@ def test_a_context_built_by_hand_checks_its_run_through_its_own_redis(
                       input_versions=(0,), redis=rclient)
     assert ctx.cancelled
     assert ctx.sleep(30)  # returns at once: the run is gone
+
+
+def test_a_choreographed_delivery_sees_the_cancel_and_its_ledger_says_cancelled(
+    pipeline: Pipeline, redis_url: str,
+) -> None:
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    run = pipeline.start("watching", {"n": 1})
+    wait_for(lambda: slices(r, run.run_id) >= 1, 30, "the delivery to be working")
+
+    assert pipeline.cancel(run.run_id).wait(30).status is RunStatus.CANCELLED
+
+    wait_for(lambda: "step.cancelled" in {e["event"] for e in pipeline.store.log(run.run_id)},
+             10, "the delivery to stop")
+    shown = cli(redis_url, "events", run.run_id, "--json")
+    assert shown.exit_code == 0, shown.output
+    [delivery] = [d for e in json.loads(shown.stdout) for d in e["deliveries"]]
+    assert (delivery["agent"], delivery["state"]) == ("event_watcher", "cancelled")
+    assert r.hgetall(SIDE_EFFECTS_KEY.format(run_id=run.run_id)) == {}
