@@ -31,7 +31,7 @@ from bench.common import COUNT_DIR_ENV, install_task_counter
 from pipeline import StepContext, Workflow, agent, contract, parallel
 from pipeline.agent import Agent
 from pipeline.contracts import contracts, fan_in_schema
-from pipeline.runner import HARD_TIME_LIMIT_GRACE_S
+from pipeline.step import HARD_TIME_LIMIT_GRACE_S
 
 TIME_LIMIT_S = 30.0
 FANOUT_QUEUE = "agents.noop_fan"

@@ -48,7 +48,7 @@ STEPS = 5
 
 # What a pipeline step's time is spent on, by the function that owns it (cumulative).
 PARTS = (
-    ("the step, all told (run_step)", "pipeline/runner.py", "run_step"),
+    ("the step, all told (run_step)", "pipeline/step/runner.py", "run_step"),
     ("  open round trip (StateStore.open_step)", "pipeline/state/store.py", "open_step"),
     ("  seal round trip (StateStore.seal)", "pipeline/state/store.py", "seal"),
     ("  decoding the input versions", "pipeline/state/version.py", "from_entry"),

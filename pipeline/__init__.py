@@ -42,10 +42,11 @@ from .errors import (
     WorkflowDefinitionError,
     WorkflowError,
 )
+from .flow import workflows
 from .saga import CompensationContext
 from .settings import Settings
 from .state import RunInfo, RunStatus, StateStore, Version, connect
-from .workflow import Workflow, parallel, workflows
+from .workflow import Workflow, parallel
 
 __all__ = [
     "Agent",

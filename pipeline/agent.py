@@ -8,15 +8,21 @@ the sealed version it needs. Each agent becomes a Celery task named
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import importlib
+import logging
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from .breaker.policy import DEFAULT_RETRY_LATER_MAX, BreakerPolicy, Fallback, FallbackOn
 from .context import StepContext
-from .errors import TransientAgentError, UnknownAgent
-from .route import default_queue, step_task
+from .errors import ConfigurationError, TransientAgentError, UnknownAgent
+from .events import check_event_type, check_not_failure, check_pattern, matches
+from .names import default_queue, step_task
+from .registry import Registry
 
-__all__ = ["Agent", "AgentRegistry", "StepContext", "agent", "agents"]
+__all__ = ["Agent", "AgentRegistry", "StepContext", "agent", "agents", "import_agent_modules"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_RETRIES = 3
 DEFAULT_RETRY_BACKOFF_S = 1.0
@@ -69,12 +75,6 @@ class Agent:
         emits: str | None = None,
         description: str = "",
     ) -> None:
-        from .events import (  # events imports nothing of ours
-            check_event_type,
-            check_not_failure,
-            check_pattern,
-        )
-
         if not name or not name.replace("_", "").isalnum():
             raise ValueError(f"agent name {name!r} must be letters, digits and underscores")
         if isinstance(on, str):
@@ -128,8 +128,6 @@ class Agent:
 
     def subscribes_to(self, event_type: str) -> str | None:
         """The first of this agent's ``on`` patterns that matches ``event_type``, or None."""
-        from .events import matches
-
         return next((p for p in self.on if matches(p, event_type)), None)
 
     def compensator(self, fn: Compensate) -> Compensate:
@@ -145,23 +143,22 @@ class Agent:
         return f"Agent({self.name!r}, {self.input} -> {self.output})"
 
 
-class AgentRegistry:
+class AgentRegistry(Registry["Agent"]):
     """Agents by name."""
 
     def __init__(self) -> None:
-        self._agents: dict[str, Agent] = {}
+        super().__init__("agent", UnknownAgent)
         self._routes: dict[str, list[Agent]] = {}
 
     def register(self, a: Agent) -> Agent:
-        existing = self._agents.get(a.name)
+        existing = self._find(a.name)
         if existing is not None and existing.execute is not a.execute:
             if getattr(existing.execute, "__qualname__", None) != getattr(
                 a.execute, "__qualname__", None
             ):
                 raise ValueError(f"agent {a.name!r} is already registered")
-        self._agents[a.name] = a
         self._routes.clear()
-        return a
+        return self._put(a.name, a)
 
     def subscribers(self, event_type: str) -> list[Agent]:
         """The agents whose ``on`` matches ``event_type``, by name. Routed once per type
@@ -170,19 +167,6 @@ class AgentRegistry:
         if found is None:
             found = self._routes[event_type] = [a for a in self if a.subscribes_to(event_type)]
         return found
-
-    def get(self, name: str) -> Agent:
-        try:
-            return self._agents[name]
-        except KeyError:
-            known = ", ".join(sorted(self._agents)) or "none"
-            raise UnknownAgent(f"unknown agent {name!r} (registered: {known})") from None
-
-    def __iter__(self) -> Iterator[Agent]:
-        return iter(sorted(self._agents.values(), key=lambda a: a.name))
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._agents
 
 
 agents = AgentRegistry()
@@ -308,6 +292,23 @@ def _fallback_on(name: str, value: str, fallback: Fallback) -> FallbackOn:
                if fallback is Fallback.RETRY_LATER else "")
         )
     return on
+
+
+def import_agent_modules(modules: tuple[str, ...], *, required: bool = True) -> None:
+    """Import the modules that define agents, contracts and workflows. Not ``required``
+    (an operator's command, which reads what it needs from Redis), a module that cannot
+    be imported is skipped."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            if not required:
+                log.info("agent module %r not imported (%s): reading agents from Redis", name, e)
+                continue
+            raise ConfigurationError(
+                f"cannot import agent module {name!r} ({e}); set PIPELINE_AGENT_MODULES to the "
+                "modules that define your agents, and run from the directory that holds them"
+            ) from e
 
 
 def _check_policy(name: str, *, retry_on: object, breaker: object, time_limit_s: float,

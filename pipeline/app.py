@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import re
 from typing import Any
@@ -12,22 +11,29 @@ from celery import Celery, Task
 from celery.signals import task_postrun, worker_ready
 from kombu import Queue
 
-from . import catalog, chaos, choreography, lease, metrics, saga, sweeper
-from .agent import Agent, agents
+from . import catalog, chaos, choreography, counters, lease, saga, sweeper
+from .agent import Agent, agents, import_agent_modules
 from .breaker import BreakerRegistry, Fallback
 from .errors import ConfigurationError, StoreError
 from .events import failure_event
-from .runner import HARD_TIME_LIMIT_GRACE_S, STORE_RETRY_BACKOFF_MAX_S, run_step
+from .flow import workflows
+from .names import (
+    COMPENSATE_RUN_TASK,
+    ERRBACK_TASK,
+    FINISH_TASK,
+    SWEEP_TASK,
+    agent_of_task,
+    compensate_task,
+)
 from .settings import Settings, tls_options
 from .state import RunStatus, StateStore
-from .workflow import ERRBACK_TASK, workflows
+from .step import HARD_TIME_LIMIT_GRACE_S, STORE_RETRY_BACKOFF_MAX_S, run_step
 
-__all__ = ["check_chaos_agents", "create_app", "import_agent_modules", "store_for"]
+__all__ = ["check_chaos_agents", "create_app", "store_for"]
 
 log = logging.getLogger(__name__)
 
 
-FINISH_TASK = "pipeline.record_failure"
 CLIENT_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5,
                        "interval_max": 0.5}
 WORKER_PUBLISH_RETRY_POLICY = {"max_retries": 12, "interval_start": 0, "interval_step": 0.5,
@@ -36,23 +42,6 @@ WORKER_PUBLISH_RETRY_POLICY = {"max_retries": 12, "interval_start": 0, "interval
 failover of about 20 s (Celery's default gives up after 0.6 s, and the step then fails
 although nothing was wrong with it). Clients keep the default: they are told at once."""
 MAIN_PROCESS_FAILURES = ("TimeLimitExceeded", "WorkerLostError")
-
-
-def import_agent_modules(modules: tuple[str, ...], *, required: bool = True) -> None:
-    """Import the modules that define agents, contracts and workflows. Not ``required``
-    (an operator's command, which reads what it needs from Redis), a module that cannot
-    be imported is skipped."""
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError as e:
-            if not required:
-                log.info("agent module %r not imported (%s): reading agents from Redis", name, e)
-                continue
-            raise ConfigurationError(
-                f"cannot import agent module {name!r} ({e}); set PIPELINE_AGENT_MODULES to the "
-                "modules that define your agents, and run from the directory that holds them"
-            ) from e
 
 
 def check_chaos_agents(settings: Settings) -> None:
@@ -142,7 +131,7 @@ def create_app(
         + [Queue(q) for q in sorted({a.queue for a in agents})],
         task_routes={
             **{a.task_name: {"queue": a.queue} for a in agents},
-            **{f"compensate.{a.name}": {"queue": a.queue} for a in agents},
+            **{compensate_task(a.name): {"queue": a.queue} for a in agents},
         },
         task_send_sent_event=True,
         # A step for an agent this worker does not import goes back to the broker for a
@@ -157,7 +146,7 @@ def create_app(
         beat_schedule_filename=settings.beat_schedule_path,
         beat_scheduler="pipeline.beat:Scheduler",  # makes that directory first
         beat_schedule={"pipeline-sweep": {
-            "task": sweeper.SWEEP_TASK, "schedule": float(settings.sweep_interval_s),
+            "task": SWEEP_TASK, "schedule": float(settings.sweep_interval_s),
             "options": {"expires": float(settings.sweep_interval_s),
                         "queue": settings.default_queue},
         }},
@@ -172,7 +161,7 @@ def create_app(
     else:
         app.conf.task_publish_retry_policy = WORKER_PUBLISH_RETRY_POLICY
     app.pipeline_settings = settings
-    metrics.install_hooks()
+    counters.install_hooks()
     lease.install(app, store_for)  # a worker's main process marks what it holds (the sweeper)
 
     def release_subscriptions(sender: Any = None, **_: Any) -> None:
@@ -207,7 +196,7 @@ def create_app(
         failure = (
             kwargs["run_id"],
             str(kwargs.get("step", "")),
-            str(getattr(request, "task", "") or "").removeprefix("agent."),
+            agent_of_task(str(getattr(request, "task", "") or "")),
             type(exc).__name__,
             str(exc),
             f"{getattr(request, 'id', '')}:{getattr(request, 'retries', 0) or 0}",
@@ -234,7 +223,7 @@ def create_app(
             # Said in the run's trace, not only in this worker's log: `pipeline inspect`
             # shows why the saga stopped; the sweeper nudges it again after the lease.
             with contextlib.suppress(StoreError):
-                store_for(app).note_once(run_id, "saga.error", task=saga.COMPENSATE_RUN_TASK,
+                store_for(app).note_once(run_id, "saga.error", task=COMPENSATE_RUN_TASK,
                                     error=f"{type(e).__name__}: {e}"[:2000],
                                     reason="planning or dispatching the compensation failed; "
                                            "the sweeper sends the planner again")
@@ -248,10 +237,10 @@ def create_app(
         return report.to_dict()
 
     app.task(name=ERRBACK_TASK, ignore_result=True, shared=False)(run_failed_errback)
-    app.task(name=sweeper.SWEEP_TASK, ignore_result=True, shared=False,
+    app.task(name=SWEEP_TASK, ignore_result=True, shared=False,
              soft_time_limit=120, time_limit=130)(sweep_task)
     app.task(
-        name=saga.COMPENSATE_RUN_TASK, ignore_result=True, shared=False,
+        name=COMPENSATE_RUN_TASK, ignore_result=True, shared=False,
         autoretry_for=(StoreError,), retry_backoff=True, retry_backoff_max=30, max_retries=20,
     )(compensate_run_task)
     app.task(
@@ -271,7 +260,7 @@ class CompensationTask(Task):  # type: ignore[misc]
         detail = f"{type(exc).__name__}: {exc}"[:2000]
         try:
             saga.give_up_or_record(self.app, store_for(self.app), run_id, step,
-                                   self.name.removeprefix("compensate."), "dead", detail)
+                                   agent_of_task(self.name), "dead", detail)
         except Exception:  # noqa: BLE001 - nothing more can be done from here
             log.exception("run %s: could not record the failed compensation of %s",
                           run_id, step)
@@ -335,7 +324,7 @@ def _bind_agent(app: Celery, a: Agent, settings: Settings) -> None:
 
     compensate.__doc__ = f"Undo a step of agent {a.name} (saga)."
     app.task(
-        name=f"compensate.{a.name}", shared=False, bind=True, ignore_result=True,
+        name=compensate_task(a.name), shared=False, bind=True, ignore_result=True,
         base=CompensationTask, soft_time_limit=a.time_limit_s,
         time_limit=a.time_limit_s + HARD_TIME_LIMIT_GRACE_S,
         autoretry_for=(StoreError,), retry_backoff=True, retry_backoff_max=30,

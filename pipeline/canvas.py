@@ -11,15 +11,14 @@ client forgot, a resume.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from celery import Celery, chain, chord, group
 from celery.canvas import Signature
 
-from .route import ERRBACK_TASK, Route, agent_of, step_task
-
-if TYPE_CHECKING:
-    from .state import StateStore
+from .names import ERRBACK_TASK, step_task
+from .route import Route, agent_of
+from .state import StateStore
 
 __all__ = ["compile_route", "owed", "redrive", "send", "upstream"]
 

@@ -23,7 +23,8 @@ import redis
 from .agent import Agent, AgentRegistry, agents
 from .breaker.policy import BreakerPolicy, Fallback
 from .keys import AGENT_CATALOG
-from .route import Route, default_queue
+from .names import default_queue
+from .route import Route
 
 __all__ = ["AgentCard", "card", "known_agents", "publish", "queue_of", "read", "resolver"]
 

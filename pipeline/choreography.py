@@ -27,30 +27,28 @@ import logging
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from celery import Celery, Task
 
-from . import catalog
+from . import catalog, saga
 from .agent import Agent, AgentRegistry, agents
 from .contracts import Contract, ContractRegistry, check_handoff, contracts
 from .errors import (
-    BrokerUnavailable,
     ContractMismatch,
     InputError,
     RunNotParked,
     WorkflowDefinitionError,
 )
 from .events import check_event_type, failure_event
+from .flow import parked_again_on_failure, workflows
 from .keys import RunKeys
 from .lua import Batch, Script
-from .route import FlowKind, Route, default_queue, newest_first, queues_of, step_task
-from .state import StateStore, Version
-from .state.store import Extra, translate_errors
+from .names import ERRBACK_TASK, default_queue, step_task
+from .route import FlowKind, Route, newest_first, queues_of
+from .state import RunInfo, StateStore, Version, translate_errors
+from .state.store import Extra
 from .state.version import Sealable, sealable
-
-if TYPE_CHECKING:
-    from .client import Pipeline, Run
 
 __all__ = ["Choreography", "Delivery", "Handover", "dispatch", "fail_delivery", "publish"]
 
@@ -125,8 +123,6 @@ class Choreography:
         self._contracts = contract_registry
         contract_registry.get(input)  # UnknownContract now, not at the first run
         if register:
-            from .workflow import workflows
-
             workflows.register(self)
 
     # -- routing ----------------------------------------------------------------
@@ -273,14 +269,33 @@ class Choreography:
     # -- running ------------------------------------------------------------------
 
     def enqueue(self, app: Celery, store: StateStore, run_id: str,
-                event_type: str | None = None) -> None:
-        """Publish the run's starting event (once) and dispatch its deliveries; a replay
-        starts at ``event_type`` instead, carrying version 0."""
-        route = self.route
-        if event_type and event_type != route.start:
-            route = replace(route, start=event_type, subscribers=tuple(
-                a.name for a in self.subscribers(event_type)))
-        enqueue(app, store, route, run_id)
+                route: Route | None = None) -> None:
+        """Publish the run's starting event (once) and dispatch its deliveries; a replay's
+        ``route`` starts at another event."""
+        enqueue(app, store, route or self.route, run_id)
+
+    def replay_route(self, source: Version, *, starting: bool, inherited: str,
+                     where: str) -> tuple[Route, list[str]]:
+        """A replay from ``source`` (``where`` names it in errors): its route, starting at
+        the event its agent publishes (``starting``: a run's version 0, which starts at
+        the event that run started at, ``inherited``), and the contracts its subscribers
+        take; ``InputError`` when nothing comes after it."""
+        event_type = inherited or self.start_event
+        if not starting:
+            publisher = self._agents.get(source.agent) if source.agent in self._agents else None
+            if publisher is None or not publisher.emits:
+                raise InputError(f"{where}: its agent publishes nothing, so nothing comes "
+                                 "after it to replay")
+            if publisher.emits in self.terminal:
+                raise InputError(f"{where} is the run's output ({publisher.emits} ends the "
+                                 "run): nothing comes after it")
+            event_type = publisher.emits
+        subscribers = self.subscribers(event_type)
+        if not subscribers:
+            raise InputError(f"{where}: no agent subscribes to {event_type}")
+        route = replace(self.route, start=event_type,
+                        subscribers=tuple(a.name for a in subscribers))
+        return route, [a.input for a in subscribers]
 
     def owed(self, store: StateStore, run_id: str) -> list[str]:
         """The deliveries the run's ledger still owes (see the module function ``owed``)."""
@@ -291,15 +306,12 @@ class Choreography:
         function ``redrive``)."""
         return redrive(app, store, self.route, run_id)
 
-    def resume(self, pipeline: Pipeline, run_id: str, output: Any = None,
-               step: str | None = None) -> Run:
+    def resume(self, app: Celery, store: StateStore, info: RunInfo, output: Any = None,
+               step: str | None = None) -> None:
         """Continue a run whose deliveries parked: seal ``output`` for one of them (named by
         ``step`` when several parked) and publish what its agent emits; every other parked
         delivery (all of them, without ``output``) is handed out again."""
-        from .client import Run
-
-        store = pipeline.store
-        parked = list(store.run_info(run_id).parked_steps)
+        run_id, parked = info.run_id, list(info.parked_steps)
         if step is not None and step not in parked:
             raise InputError(f"delivery {step!r} of run {run_id} is not parked "
                              f"(parked: {', '.join(parked) or 'none'})")
@@ -315,33 +327,22 @@ class Choreography:
                 output, side="output", agent=target.split(":", 1)[1], run_id=run_id)
         store.resume(run_id, how="output" if output is not None else "rerun")
         queue_of = catalog.resolver(store.redis, self.route)
-        try:
+        with parked_again_on_failure(store, run_id, parked, "the parked deliveries"):
             for key in parked:
                 event_id, name = key.split(":", 1)
                 event = event_record(store, run_id, event_id)
                 if key == target:
                     assert form is not None
-                    self._seal_for(pipeline, run_id, key, output, int(event["version"]), form)
+                    self._seal_for(app, store, run_id, key, output, int(event["version"]),
+                                   form)
                 else:
-                    dispatch(pipeline.app, run_id, Handover(
+                    dispatch(app, run_id, Handover(
                         "again", event_id, int(event["version"]), (name,), str(event["type"])),
                         queue_of=queue_of)
-        except RunNotParked:
-            raise
-        except Exception as e:
-            # Park them again, so that `resume` can be tried once more: a delivery sealed
-            # meanwhile is a duplicate when it is handed out again.
-            for key in parked:
-                store.park(run_id, step=key, agent=key.split(":", 1)[1],
-                           reason=f"resume failed: {type(e).__name__}: {e}")
-            raise BrokerUnavailable(f"cannot hand out the parked deliveries of run {run_id}: "
-                                    f"{type(e).__name__}: {e}; the run is parked again") from e
-        return Run(pipeline, run_id)
 
-    def _seal_for(self, pipeline: Pipeline, run_id: str, key: str, output: Any,
+    def _seal_for(self, app: Celery, store: StateStore, run_id: str, key: str, output: Any,
                   version: int, form: Sealable) -> None:
         """Seal a person's output for a parked delivery and publish what its agent emits."""
-        store = pipeline.store
         event_id, name = key.split(":", 1)
         a = self._agents.get(name)
         delivery = Delivery(a, run_id=run_id, step=key, event=event_id)
@@ -351,7 +352,7 @@ class Choreography:
         if sealing.outcome not in ("new", "sealed"):
             raise RunNotParked(f"run {run_id} is {sealing.status or 'gone'}; the output was "
                                "not sealed")
-        delivery.hand_over(pipeline.app, store, sealing.extra[-1])
+        delivery.hand_over(app, store, sealing.extra[-1])
 
     def __repr__(self) -> str:
         return f"Choreography({self.name!r}, {self.start_event} -> {'|'.join(self.terminal)})"
@@ -492,8 +493,6 @@ def follow_up(app: Celery, store: StateStore, run_id: str, handover: Handover,
     if handover.outcome in ("published", "again"):
         dispatch(app, run_id, handover, queue_of=queue_of)
     elif handover.outcome == "compensating":
-        from . import saga  # the saga imports the app, which imports this
-
         saga.start(app, store, run_id, reason=handover.reason)
 
 
@@ -504,8 +503,6 @@ def dispatch(app: Celery, run_id: str, handover: Handover,
     (under the task id ``task_ids`` gives a subscriber, else a new one). ``queue_of`` finds
     a subscriber's queue (``catalog.resolver``: the run's route, this process, the fleet);
     without it, the subscriber's queue here, else ``agents.<name>``."""
-    from .workflow import ERRBACK_TASK
-
     for name in handover.subscribers:
         queue = queue_of(name) if queue_of is not None else (
             agents.get(name).queue if name in agents else default_queue(name))

@@ -492,7 +492,7 @@ def exporter(address: str, port: int) -> None:
 def contracts(as_json: bool) -> None:
     """List the registered data contracts: each field's type, whether it is required or may
     be null (allow_none), its validators, and each schema's @validates_schema rules."""
-    from .app import import_agent_modules
+    from .agent import import_agent_modules
     from .contracts import contracts as registry
     from .settings import Settings
 
@@ -528,9 +528,9 @@ def _field_rows(fields: dict[str, Any], indent: str) -> list[tuple[str, ...]]:
 @json_option
 def workflows(as_json: bool) -> None:
     """List the registered workflows."""
-    from .app import import_agent_modules
+    from .agent import import_agent_modules
+    from .flow import workflows as registry
     from .settings import Settings
-    from .workflow import workflows as registry
 
     import_agent_modules(Settings.from_env().agent_modules)
     described = [w.describe() for w in registry]

@@ -10,11 +10,11 @@ from typing import Any
 
 from celery import Celery
 
-from . import catalog, choreography, saga
+from . import catalog, saga
+from .agent import agents
 from .app import create_app
 from .breaker import BreakerRegistry
-from .canvas import compile_route
-from .choreography import Choreography, redeliver
+from .choreography import redeliver
 from .contracts import Contract
 from .errors import (
     BrokerUnavailable,
@@ -25,11 +25,11 @@ from .errors import (
     RunNotParked,
     WaitTimeout,
 )
+from .flow import Flow, known_route, workflows
 from .route import EDIT_STEP
 from .settings import Settings, redact_url
 from .state import RunInfo, RunStatus, StateStore, Version
 from .state.version import Sealable, sealable
-from .workflow import Flow, Workflow, known_route, route_of, send, workflows
 
 __all__ = ["Pipeline", "Run", "RunResult"]
 
@@ -179,7 +179,7 @@ class Pipeline:
             # once per step key.
         tracing: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
         if self.settings.otel:  # the span every step of the run descends from
-            from . import otel
+            from . import otel  # the `otel` extra, only when tracing is on
 
             tracing = otel.run_span(wf.name, run_id)
         with tracing:
@@ -224,66 +224,7 @@ class Pipeline:
             raise RunNotParked(
                 f"run {run_id} is {info.status.value}, not waiting_for_human: nothing to resume"
             )
-        flow = workflows.get(info.workflow)
-        if isinstance(flow, Choreography):
-            return flow.resume(self, run_id, output, step)
-        assert isinstance(flow, Workflow)
-        wf = flow
-        stage = wf.stage_of(parked_keys[0])
-        members = {s.key: s for s in wf.stages[stage]}
-        target, form = None, None
-        if output is not None:
-            if step is None and len(parked_keys) > 1:
-                raise InputError(f"run {run_id} has several parked steps "
-                                 f"({', '.join(parked_keys)}): name the one the output is for")
-            target = members.get(step or parked_keys[0])
-            if target is None or target.key not in parked_keys:
-                raise InputError(f"step {step!r} of run {run_id} is not parked "
-                                 f"(parked: {', '.join(parked_keys)})")
-            form = sealable(output, self.store.max_payload_bytes,
-                            f"run {run_id} output for parked step {target.key}")
-            wf.contract_of(target.agent.output).validate(
-                output, side="output", agent=target.agent.name, run_id=run_id
-            )
-        running = [k for k in members if k not in parked_keys]
-        unsealed = [k for k, v in zip(running, self.store.sealed_steps(run_id, running),
-                                      strict=True) if v is None]
-        if unsealed:
-            raise RunNotParked(f"run {run_id}: steps {', '.join(unsealed)} beside the parked one "
-                               "are still running; resume once they have sealed")
-        upstream = self._upstream(run_id, wf, stage)
-        self.store.resume(run_id, how="output" if output is not None else "rerun")
-        try:
-            if target is not None:
-                parents = upstream if isinstance(upstream, list) else [upstream]
-                sealing = self.store.seal(
-                    run_id, step=target.key, agent=target.agent.name,
-                    contract=target.agent.output, payload=output, parents=parents,
-                    final=target.final, worker="person", form=form,
-                )
-                if sealing.outcome not in ("new", "sealed"):
-                    raise RunNotParked(f"run {run_id} is {sealing.status or 'gone'}; the "
-                                       "output was not sealed")
-                if len(members) == 1:  # go on from the next stage
-                    if target.final:
-                        return Run(self, run_id)
-                    stage += 1
-                    upstream = self._upstream(run_id, wf, stage)
-            # from the route the run was created with, as the saga and the sweeper do
-            send(self.app, compile_route(self.app, route_of(info), run_id, start=stage,
-                                         upstream=upstream))
-        except RunNotParked:
-            raise
-        except Exception as e:
-            # Park it again, so that `resume` can be tried once more: a step
-            # sealed meanwhile returns its version when it runs again.
-            for key in parked_keys:
-                self.store.park(run_id, step=key, agent=members[key].agent.name,
-                                reason=f"resume failed: {type(e).__name__}: {e}")
-            raise BrokerUnavailable(
-                f"cannot enqueue the rest of run {run_id}: {type(e).__name__}: {e}; the run "
-                "is parked again"
-            ) from e
+        workflows.get(info.workflow).resume(self.app, self.store, info, output, step)
         return Run(self, run_id)
 
     def replay(self, run_id: str, from_version: int, *, edit: Any = None,
@@ -321,58 +262,27 @@ class Pipeline:
         if edit is not None:  # what the version's producer promised, checked of the edit
             flow.contract_of(source.contract).validate(edit, side="edit", agent=where,
                                                        run_id=run_id, version=from_version)
-        if isinstance(flow, Choreography):
-            event_type = inherited or flow.start_event
-            if not starting:
-                emits = self._emits(source.agent)
-                if not emits:
-                    raise InputError(f"{where}: its agent publishes nothing, so nothing comes "
-                                     "after it to replay")
-                if emits in flow.terminal:
-                    raise InputError(f"{where} is the run's output ({emits} ends the run): "
-                                     "nothing comes after it")
-                event_type = emits
-            if not flow.subscribers(event_type):
-                raise InputError(f"{where}: no agent subscribes to {event_type}")
-            consumers = [a.input for a in flow.subscribers(event_type)]
-            start_at = event_type
-        else:
-            assert isinstance(flow, Workflow)
-            stage = int(inherited or 0) if starting else flow.stage_of(source.step) + 1
-            start_at = str(stage)
-            if stage >= len(flow.stages):
-                raise InputError(f"{where} is the run's output: nothing comes after it")
-            if not starting and len(flow.stages[stage - 1]) > 1:
-                group = ", ".join(s.agent.name for s in flow.stages[stage - 1])
-                raise InputError(f"{where} is one of a parallel group ({group}); replay "
-                                 "from the version that joins them, or from 0")
-            consumers = [s.agent.input for s in flow.stages[stage]]
+        route, consumers = flow.replay_route(source, starting=starting, inherited=inherited,
+                                             where=where)
+        # the replay starts from its version 0, or from the edit sealed as its version 1
+        route = replace(route, input_version=0 if edit is None else 1)
         for ref in consumers:  # what the first replayed step will check, checked now
             flow.contract_of(ref).validate(payload, side="input", agent=where,
                                            run_id=run_id, version=from_version)
         new_id = str(uuid.uuid4())
-        # where the replay starts, and what it starts from, recorded
-        route = replace(flow.route, start=start_at, input_version=0 if edit is None else 1)
-        if isinstance(flow, Choreography):  # ... with that event's subscribers
-            route = replace(route, subscribers=tuple(
-                a.name for a in flow.subscribers(event_type)))
         self.store.create_run(new_id, workflow=flow.name, payload=source.payload,
                               contract=source.contract, route=route.to_json())
         if form is not None:
             self._seal_edit(new_id, source, edit, form, author)
-        self.store.link_replay(run_id, from_version, new_id, start_at)
+        self.store.link_replay(run_id, from_version, new_id, route.start)
         tracing: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
         if self.settings.otel:  # the replay is a run of its own: its own trace
-            from . import otel
+            from . import otel  # the `otel` extra, only when tracing is on
 
             tracing = otel.run_span(flow.name, new_id)
         try:
             with tracing:
-                if isinstance(flow, Choreography):
-                    choreography.enqueue(self.app, self.store, route, new_id)
-                else:
-                    send(self.app, compile_route(self.app, route, new_id, start=stage,
-                                                 upstream=route.input_version))
+                flow.enqueue(self.app, self.store, new_id, route=route)
         except Exception as e:
             with contextlib.suppress(PipelineError):  # nothing half-made is left behind
                 self.store.delete_run(new_id)
@@ -405,8 +315,6 @@ class Pipeline:
 
     @staticmethod
     def _emits(agent_name: str) -> str | None:
-        from .agent import agents
-
         return agents.get(agent_name).emits if agent_name in agents else None
 
     def cancel(self, run_id: str, reason: str = "cancelled by hand") -> Run:
@@ -428,17 +336,6 @@ class Pipeline:
         is not ``compensation_failed``."""
         saga.redrive(self.app, self.store, run_id)
         return Run(self, run_id)
-
-    def _upstream(self, run_id: str, wf: Workflow, stage: int) -> int | list[int]:
-        """What stage ``stage`` of a run receives (``Workflow.upstream``); refused while a
-        step of the stage before it is not sealed."""
-        replay_start = self.store.run_info(run_id).replay_start
-        keys = [] if stage == 0 else [s.key for s in wf.stages[stage - 1]]
-        sealed = dict(zip(keys, self.store.sealed_steps(run_id, keys), strict=True))
-        missing = [k for k, v in sealed.items() if v is None]
-        if missing and str(stage) != replay_start:
-            raise RunNotParked(f"run {run_id}: steps {missing} are not sealed; cannot resume")
-        return wf.upstream(stage, sealed, replay_start=replay_start)
 
     @staticmethod
     def run_id_for(workflow: str, idempotency_key: str) -> str:

@@ -29,6 +29,7 @@ from typing import Any
 from celery.worker.consumer import Consumer as CeleryConsumer
 
 from .app import store_for
+from .names import AGENT_TASK_PREFIXES
 
 __all__ = ["Consumer", "RETURN_DELAY_S"]
 
@@ -39,7 +40,6 @@ RETURN_DELAY_S = 1.0
 worker keeps consuming (one it shares with agents it knows)."""
 NOTED_MAX = 10_000
 """Messages remembered as noted in their run's trace (so a bounce is logged once)."""
-AGENT_TASK_PREFIXES = ("agent.", "compensate.")
 
 
 class Consumer(CeleryConsumer):  # type: ignore[misc]

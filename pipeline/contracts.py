@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ from marshmallow import RAISE, Schema, ValidationError, fields, validate
 from marshmallow.decorators import VALIDATES, VALIDATES_SCHEMA
 
 from .errors import ContractMismatch, ContractViolation, UnknownContract
+from .registry import Registry
 
 __all__ = [
     "Contract",
@@ -104,37 +105,21 @@ class Contract:
                 "schema_validators": _schema_rules(self.schema)}
 
 
-class ContractRegistry:
+class ContractRegistry(Registry[Contract]):
     """Contracts by ``name@version``."""
 
     def __init__(self) -> None:
-        self._by_ref: dict[str, Contract] = {}
+        super().__init__("contract", UnknownContract, order=lambda c: (c.name, c.version))
 
     def register(self, name: str, version: int, schema: type[Schema] | Schema) -> Contract:
         if "@" in name or not name:
             raise ValueError(f"contract name {name!r} must be non-empty and hold no '@'")
         instance = schema() if isinstance(schema, type) else schema
         c = Contract(name, int(version), instance)
-        existing = self._by_ref.get(c.ref)
+        existing = self._find(c.ref)
         if existing is not None and type(existing.schema) is not type(instance):
             raise ValueError(f"contract {c.ref} is already registered with another schema")
-        self._by_ref[c.ref] = c
-        return c
-
-    def get(self, ref: str) -> Contract:
-        try:
-            return self._by_ref[ref]
-        except KeyError:
-            known = ", ".join(sorted(self._by_ref)) or "none"
-            raise UnknownContract(
-                f"unknown contract {ref!r} (registered: {known})"
-            ) from None
-
-    def __iter__(self) -> Iterator[Contract]:
-        return iter(sorted(self._by_ref.values(), key=lambda c: (c.name, c.version)))
-
-    def __contains__(self, ref: object) -> bool:
-        return ref in self._by_ref
+        return self._put(c.ref, c)
 
 
 contracts = ContractRegistry()

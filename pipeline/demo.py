@@ -23,17 +23,16 @@ from typing import Any
 
 import click
 
-from .agent import agents
-from .app import import_agent_modules
+from .agent import agents, import_agent_modules
 from .cli import format_history, read_json_input, table, wait_all
 from .cli_observe import format_events
 from .client import Pipeline, Run
 from .embedded import EmbeddedRedis, answers, free_port
 from .errors import ConfigurationError, PipelineError, StoreUnavailable
+from .flow import Flow
 from .lineage import named
 from .local import FlowerProcess, WorkerProcess
 from .settings import DEFAULT_REDIS_URL, Settings, redact_url
-from .workflow import Flow
 
 RESET_REASON = "reset by pipeline demo"
 

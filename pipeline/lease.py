@@ -21,6 +21,8 @@ import threading
 from collections.abc import Callable
 
 from celery import Celery
+from celery.signals import worker_ready, worker_shutting_down
+from celery.worker import state  # the worker's own bookkeeping, in this process
 
 from .errors import StoreError
 from .state import StateStore
@@ -54,8 +56,6 @@ class WorkerHeartbeat:
 
     def beat(self) -> int:
         """Mark every message this worker holds now; how many."""
-        from celery.worker import state  # the worker's own bookkeeping, in this process
-
         held = [task_id for task_id in list(state.requests) if task_id]
         if held:
             self.store.hold(held)
@@ -76,8 +76,6 @@ class WorkerHeartbeat:
 def install(app: Celery, store_of: Callable[[Celery], StateStore]) -> None:
     """Start the heartbeat when a worker of ``app`` is ready (in its main process), stop it
     when the worker shuts down. ``store_of`` gives the app's store (``app.store_for``)."""
-    from celery.signals import worker_ready, worker_shutting_down
-
     running: list[WorkerHeartbeat] = []
 
     def started(sender: object = None, **_: object) -> None:

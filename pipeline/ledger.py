@@ -28,8 +28,7 @@ from .catalog import AgentCard
 from .errors import UnknownAgent
 from .events import matches
 from .keys import RunKeys
-from .state import StateStore
-from .state.store import translate_errors
+from .state import StateStore, translate_errors
 
 __all__ = ["DeliveryView", "EventView", "Explanation", "events", "explain"]
 

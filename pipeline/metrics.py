@@ -1,13 +1,7 @@
 """Prometheus metrics read from Redis at scrape time, served by ``pipeline exporter``.
 
-Workers serve no metrics: they only count, in Redis, what the exporter reports.
-A step's latency rides its seal round trip (three ``HINCRBY`` queued on the
-seal's batch, never inside the run's Lua script: on a cluster the counters live
-in another slot); a step that fails for good, and a compensation once recorded,
-cost one ``HINCRBY`` of their own, off the happy path. Every counter is a hash
-under ``pipeline:{metrics}`` (one hash tag: one slot).
-
-The exporter reads those hashes, the breakers, the dead-letter stream and the
+Workers serve no metrics: they only count, in Redis, what the exporter reports
+(``counters.py``). The exporter reads those hashes, the breakers, the dead-letter stream and the
 runs index when Prometheus scrapes it. A run in a status that never changes is
 read once and remembered (with its expiry) in the exporter, so a scrape reads
 only the live runs. Flower's own ``/metrics`` keeps covering tasks and workers.
@@ -25,40 +19,27 @@ from typing import TYPE_CHECKING, Any, cast
 
 import redis
 
-from . import runner
-from .agent import Agent
+from .agent import Agent, agents, import_agent_modules
 from .breaker import BreakerRegistry, Snapshot
+from .counters import COMPENSATIONS, FAILURES, LATENCY, LATENCY_BUCKETS_MS
 from .errors import ConfigurationError, StoreError
-from .keys import DEAD_LETTERS, METRICS_PREFIX, RUNS_INDEX, RunKeys
-from .lua import Batch, decoding_client
+from .flow import workflows
+from .keys import DEAD_LETTERS, RUNS_INDEX, RunKeys
+from .lua import decoding_client
 from .settings import Settings
-from .state import RunStatus, StateStore
-from .state.store import Extra, translate_errors
+from .state import RunStatus, StateStore, translate_errors
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the `metrics` extra's types; the extra is imported when the exporter starts
     from wsgiref.simple_server import WSGIServer
 
     from prometheus_client.metrics_core import Metric
 
-__all__ = ["DEFAULT_ADDRESS", "DEFAULT_PORT", "MetricsHooks", "PipelineCollector", "RunCensus",
-           "count_compensation", "install_hooks", "serve", "start"]
+__all__ = ["DEFAULT_ADDRESS", "DEFAULT_PORT", "PipelineCollector", "RunCensus", "serve", "start"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "127.0.0.1"
 DEFAULT_PORT = 9808
-LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000,
-                      60_000, 120_000, 300_000)
-"""Upper bounds of the step latency histogram (an agent may call a model for minutes)."""
-
-LATENCY = f"{METRICS_PREFIX}:latency"
-"""Hash ``<agent>:<bound ms>`` / ``<agent>:inf`` -> steps whose latency fell in that bucket
-(not cumulative), ``<agent>:count`` -> steps, ``<agent>:sum_us`` -> their total latency (µs)."""
-FAILURES = f"{METRICS_PREFIX}:failures"
-"""Hash agent -> steps of the agent that failed for good (not retried)."""
-COMPENSATIONS = f"{METRICS_PREFIX}:compensations"
-"""Hash ``<agent>:done`` / ``<agent>:dead`` -> compensations recorded with that outcome."""
-
 NEW_RUN_GRACE_MS = 60_000
 """An indexed run not found is dropped from the index only when seen before or older than
 this: on a cluster, the index may be written before the run's keys."""
@@ -70,70 +51,6 @@ SETTLED = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.COMPENSATE
 """Statuses a run never leaves (``compensation_failed`` may be re-driven)."""
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 INSTALL_HINT = "pip install celery-agent-pipeline[metrics]"
-
-
-# -- recording, in the workers -------------------------------------------------------------
-
-
-def _hincrby(key: str, field: str, amount: int) -> Extra:
-    def queue(batch: Batch) -> int:
-        return batch.command("HINCRBY", key, field, amount)
-
-    return queue
-
-
-def latency_extra(agent: str, latency_ms: float) -> list[Extra]:
-    """The three ``HINCRBY`` that observe one step's latency, to queue on its seal."""
-    bucket = next((str(b) for b in LATENCY_BUCKETS_MS if latency_ms <= b), "inf")
-    return [_hincrby(LATENCY, f"{agent}:{bucket}", 1), _hincrby(LATENCY, f"{agent}:count", 1),
-            _hincrby(LATENCY, f"{agent}:sum_us", round(latency_ms * 1000))]
-
-
-def _bump(client: redis.Redis, key: str, field: str) -> None:
-    """One counter, best effort: a metric never fails the work it counts."""
-    try:
-        client.hincrby(key, field, 1)
-    except redis.RedisError as e:
-        log.warning("could not count %s %s: %s", key, field, e)
-
-
-def count_compensation(client: redis.Redis, agent: str, outcome: str) -> None:
-    """Count a compensation recorded ``done`` or ``dead`` (the saga calls it once each)."""
-    _bump(client, COMPENSATIONS, f"{agent}:{outcome}")
-
-
-def _worker_redis() -> redis.Redis | None:
-    """The state client of the app whose task is running in this process, if any."""
-    from celery import current_task
-
-    app = getattr(current_task, "app", None)
-    if app is None or getattr(app, "pipeline_settings", None) is None:
-        return None
-    from .app import store_for  # the app imports this module
-
-    return store_for(app).redis
-
-
-class MetricsHooks(runner.StepHooks):
-    """Count each step's latency on its seal round trip, and its failures for good."""
-
-    def seal_extra(self, agent: Agent, *, ok: bool, latency_ms: float) -> Sequence[Extra]:
-        return latency_extra(agent.name, latency_ms)
-
-    def on_failure(self, agent: Agent, run_id: str, step: str, exc: BaseException) -> None:
-        client = _worker_redis()
-        if client is not None:
-            _bump(client, FAILURES, agent.name)
-
-
-_install_lock = threading.Lock()
-
-
-def install_hooks() -> None:
-    """Register the step hooks that record what the exporter reports (idempotent)."""
-    with _install_lock:
-        if not any(isinstance(h, MetricsHooks) for h in runner.hooks):
-            runner.hooks.append(MetricsHooks())
 
 
 # -- reading, in the exporter --------------------------------------------------------------
@@ -364,10 +281,6 @@ def start(settings: Settings, address: str = DEFAULT_ADDRESS,
     ``ConfigurationError`` without the ``metrics`` extra or when the port is taken.
     """
     prometheus_client = _prometheus()
-    from .agent import agents
-    from .app import import_agent_modules  # the app imports this module
-    from .workflow import workflows
-
     import_agent_modules(settings.agent_modules)
     registry = prometheus_client.CollectorRegistry()
     registry.register(PipelineCollector(StateStore.from_settings(settings), agents=agents,

@@ -14,8 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
 from .keys import RUNS_INDEX, RunKeys
-from .state import RunInfo, RunStatus, StateStore
-from .state.store import translate_errors
+from .state import RunInfo, RunStatus, StateStore, translate_errors
 
 __all__ = ["Call", "CallReport", "Usage", "calls", "compensations", "report", "runs", "usage",
            "waiting_on"]

@@ -35,9 +35,14 @@ from celery.signals import (
     task_retry,
 )
 
-from .app import FINISH_TASK
 from .errors import ConfigurationError
-from .saga import COMPENSATE_RUN_TASK
+from .names import (
+    AGENT_TASK_PREFIX,
+    COMPENSATE_RUN_TASK,
+    COMPENSATE_TASK_PREFIX,
+    FINISH_TASK,
+    agent_of_task,
+)
 
 try:
     from opentelemetry import context as otel_context
@@ -58,8 +63,6 @@ __all__ = ["install", "run_span"]
 log = logging.getLogger(__name__)
 
 TRACER_NAME = "pipeline"
-AGENT_PREFIX = "agent."
-COMPENSATE_PREFIX = "compensate."
 SUCCESS = "SUCCESS"
 POSITIONAL = {
     COMPENSATE_RUN_TASK: ("pipeline.run_id",),
@@ -192,7 +195,7 @@ def _end(sender: Task | None = None, task_id: str | None = None, retval: Any = N
         if state:
             running.span.set_attribute("celery.state", state)
         name = getattr(sender, "name", "")
-        if (state == SUCCESS and name.startswith(AGENT_PREFIX)
+        if (state == SUCCESS and name.startswith(AGENT_TASK_PREFIX)
                 and isinstance(retval, int) and not isinstance(retval, bool)):
             running.span.set_attribute("pipeline.output_version", retval)
     except Exception:
@@ -217,8 +220,8 @@ def _attributes(name: str, task_id: str, retries: int, args: Sequence[Any],
                 kwargs: Mapping[str, Any]) -> dict[str, AttributeValue]:
     """The span's attributes: what run, step, agent and versions the task is about."""
     attrs: dict[str, AttributeValue] = {"celery.task_id": task_id, "celery.retries": retries}
-    if name.startswith(AGENT_PREFIX):
-        attrs["pipeline.agent"] = name.removeprefix(AGENT_PREFIX)
+    if name.startswith(AGENT_TASK_PREFIX):
+        attrs["pipeline.agent"] = agent_of_task(name)
         if args:
             upstream = args[0]
             attrs["pipeline.input_versions"] = (
@@ -228,8 +231,8 @@ def _attributes(name: str, task_id: str, retries: int, args: Sequence[Any],
             if kwargs.get(key):
                 attrs[f"pipeline.{key}"] = str(kwargs[key])
         return attrs
-    if name.startswith(COMPENSATE_PREFIX):
-        attrs["pipeline.agent"] = name.removeprefix(COMPENSATE_PREFIX)
+    if name.startswith(COMPENSATE_TASK_PREFIX):
+        attrs["pipeline.agent"] = agent_of_task(name)
         positional: Sequence[str] = ("pipeline.run_id", "pipeline.step")
     else:
         positional = POSITIONAL.get(name, ())

@@ -27,9 +27,9 @@ from enum import StrEnum
 from typing import Any
 
 from .errors import WorkflowDefinitionError
+from .names import default_queue
 
-__all__ = ["EDIT_STEP", "ERRBACK_TASK", "FlowKind", "Route", "agent_of", "compensate_task",
-           "default_queue", "newest_first", "queues_of", "step_task"]
+__all__ = ["EDIT_STEP", "FlowKind", "Route", "agent_of", "newest_first", "queues_of"]
 
 
 class FlowKind(StrEnum):
@@ -37,26 +37,9 @@ class FlowKind(StrEnum):
     CHOREOGRAPHY = "choreography"
 
 
-def default_queue(agent: str) -> str:
-    """The queue an agent runs on unless it names another: ``agents.<name>``."""
-    return f"agents.{agent}"
-
-
 EDIT_STEP = "edit"
 """The step key of a person's edit of a replay's starting version (``replay --edit``):
 nothing executed it, so nothing compensates it."""
-ERRBACK_TASK = "pipeline.run_failed"
-"""The errback linked to every step: a step that failed for good begins the run's saga."""
-
-
-def step_task(agent: str) -> str:
-    """The Celery task that runs one step of ``agent``."""
-    return f"agent.{agent}"
-
-
-def compensate_task(agent: str) -> str:
-    """The Celery task that undoes one step of ``agent``."""
-    return f"compensate.{agent}"
 
 
 def agent_of(step: str) -> str:

@@ -27,20 +27,20 @@ from celery import Celery, Task
 
 from . import catalog
 from .agent import Agent
+from .counters import count_compensation
 from .errors import RunNotFound, RunNotLive, UnknownWorkflow, WorkflowDefinitionError
+from .flow import known_route, route_of
 from .keys import DEAD_LETTERS, SAGAS, RunKeys
 from .lua import Batch, Script, checked
-from .route import EDIT_STEP, agent_of, compensate_task, newest_first
-from .state import RunStatus, StateStore, Version
-from .state.store import translate_errors
-from .workflow import known_route, route_of
+from .names import COMPENSATE_RUN_TASK, compensate_task
+from .route import EDIT_STEP, agent_of, newest_first
+from .state import RunStatus, StateStore, Version, translate_errors
 
 __all__ = ["CompensationContext", "begin", "compensate_run", "compensate_step", "dead_letter",
            "redrive"]
 
 log = logging.getLogger(__name__)
 
-COMPENSATE_RUN_TASK = "pipeline.compensate_run"
 DEFAULT_COMPENSATION_RETRIES = 3
 DEAD_LETTERS_MAXLEN = 100_000
 SELF_COMPENSATED = "self"
@@ -209,8 +209,6 @@ def give_up_or_record(app: Celery, store: StateStore, run_id: str, step: str, ag
     """Record a compensation's outcome once; a dead one also goes to ``pipeline:dead``.
     Each outcome recorded is counted for the exporter (a separate command: the counters
     live in another slot than the run's keys)."""
-    from .metrics import count_compensation
-
     if advance(app, store, run_id, step, outcome, agent, detail) == "dup":
         return
     if outcome == "dead":

@@ -53,20 +53,18 @@ from celery import Celery
 
 from . import canvas, catalog, choreography, saga
 from .errors import RunNotFound, StoreError, UnknownWorkflow, WorkflowDefinitionError
+from .flow import recorded_route
 from .keys import HELD, LIVE, SAGAS, STALLED, SWEEP_LOCK, UNENQUEUED, RunKeys
+from .names import COMPENSATE_RUN_TASK, SWEEP_TASK, is_pipeline_task
 from .route import FlowKind, Route, agent_of
-from .state import StateStore
-from .state.store import translate_errors
-from .workflow import ERRBACK_TASK, recorded_route
+from .state import StateStore, translate_errors
 
 __all__ = ["SWEEP_TASK", "Redelivered", "SweepReport", "sweep"]
 
 log = logging.getLogger(__name__)
 
-SWEEP_TASK = "pipeline.sweep"
 BATCH = 500
 """Most runs looked at per pass in each of parts 2 and 3 (the oldest first)."""
-OWN_TASKS = (saga.COMPENSATE_RUN_TASK, ERRBACK_TASK, "pipeline.record_failure")
 MAX_REDRIVES = 3
 """Re-drives of one run that stopped moving; stuck once more, it is compensated."""
 
@@ -242,17 +240,13 @@ def _read(tag: str, payload: dict[str, Any], delivered: float) -> _Message | Non
     """One of the pipeline's messages (None for anyone else's)."""
     headers = payload.get("headers") or {}
     task, task_id = str(headers.get("task", "")), str(headers.get("id", ""))
-    if not _ours(task):
+    if not is_pipeline_task(task):  # a user's own tasks in the same broker are not ours
         return None
     due = delivered
     eta = headers.get("eta")
     if eta:
         due = max(due, datetime.fromisoformat(str(eta)).timestamp())
     return _Message(tag, task, task_id, _kwargs(payload), due)
-
-
-def _ours(task: str) -> bool:  # a user's own tasks in the same broker are not ours to move
-    return task.startswith(("agent.", "compensate.")) or task in OWN_TASKS
 
 
 def _kwargs(payload: dict[str, Any]) -> dict[str, Any]:
@@ -338,7 +332,7 @@ def _nudge_sagas(app: Celery, store: StateStore, lease_s: float, report: SweepRe
                 store.redis.zrem(SAGAS, run_id)
                 continue
             store.redis.zadd(SAGAS, {run_id: now_ms}, xx=True)
-        app.send_task(saga.COMPENSATE_RUN_TASK, args=(run_id,),
+        app.send_task(COMPENSATE_RUN_TASK, args=(run_id,),
                       queue=app.conf.task_default_queue)
         store.note(run_id, "saga.nudged", by="sweeper",
                    reason=f"no compensation recorded for {lease_s:g}s")

@@ -9,8 +9,8 @@ version number(s) its upstream sealed and returns the version it sealed.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass, replace
+from typing import Any
 
 from celery import Celery
 from celery.canvas import Signature
@@ -18,14 +18,18 @@ from celery.canvas import Signature
 from .agent import Agent, AgentRegistry, agents
 from .canvas import compile_route, owed, redrive, send, upstream
 from .contracts import Contract, ContractRegistry, check_handoff, contracts, fan_in_schema
-from .errors import ContractMismatch, UnknownWorkflow, WorkflowDefinitionError
-from .route import ERRBACK_TASK, FlowKind, Route, queues_of
+from .errors import (
+    ContractMismatch,
+    InputError,
+    RunNotParked,
+    WorkflowDefinitionError,
+)
+from .flow import parked_again_on_failure, route_of, workflows
+from .route import FlowKind, Route, queues_of
+from .state import RunInfo, StateStore, Version
+from .state.version import sealable
 
-if TYPE_CHECKING:
-    from .state import RunInfo, StateStore, Version
-
-__all__ = ["ERRBACK_TASK", "Flow", "Parallel", "Step", "Workflow", "WorkflowRegistry", "parallel",
-           "known_route", "route_of", "send", "workflows"]
+__all__ = ["Parallel", "Step", "Workflow", "parallel"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,43 +51,6 @@ class Step:
     agent: Agent
     fan_in: tuple[str, ...] = ()  # the agents whose outputs this step joins
     final: bool = False
-
-
-class Flow(Protocol):
-    """What the client, the saga and the CLI ask of a workflow or a choreography."""
-
-    name: str
-    kind: str
-    description: str
-
-    @property
-    def input_contract(self) -> Contract: ...
-
-    @property
-    def output_contract(self) -> Contract: ...
-
-    @property
-    def entry_agent(self) -> str: ...
-
-    def contract_of(self, ref: str) -> Contract: ...
-
-    def agents(self) -> list[Agent]: ...
-
-    def shape(self) -> str: ...
-
-    def describe(self) -> dict[str, Any]: ...
-
-    @property
-    def route(self) -> Route: ...
-
-    def compensation_stages(self, sealed: dict[str, Version],
-                            broken: set[str]) -> list[list[str]]: ...
-
-    def enqueue(self, app: Celery, store: StateStore, run_id: str) -> None: ...
-
-    def owed(self, store: StateStore, run_id: str) -> list[str]: ...
-
-    def redrive(self, app: Celery, store: StateStore, run_id: str) -> list[str]: ...
 
 
 class Workflow:
@@ -209,9 +176,32 @@ class Workflow:
         are compensated side by side."""
         return self.route.compensation_stages(sealed, broken)
 
-    def enqueue(self, app: Celery, store: StateStore, run_id: str) -> None:
-        """Send the run's canvas to the broker."""
-        send(app, self.compile(app, run_id))
+    def enqueue(self, app: Celery, store: StateStore, run_id: str,
+                route: Route | None = None) -> None:
+        """Send the run's canvas to the broker; a replay's from the stage its ``route``
+        starts at, with the version that route says the run starts from."""
+        if route is None:
+            send(app, self.compile(app, run_id))
+            return
+        send(app, compile_route(app, route, run_id, start=int(route.start or 0),
+                                upstream=route.input_version))
+
+    def replay_route(self, source: Version, *, starting: bool, inherited: str,
+                     where: str) -> tuple[Route, list[str]]:
+        """A replay from ``source`` (``where`` names it in errors): its route, starting at
+        the stage after the one that sealed it (``starting``: a run's version 0, which
+        starts where that run started, ``inherited``), and the contracts its first stage
+        takes; ``InputError`` when nothing comes after it, or it is one of a parallel
+        group (its siblings' outputs would be missing)."""
+        stage = int(inherited or 0) if starting else self.stage_of(source.step) + 1
+        if stage >= len(self.stages):
+            raise InputError(f"{where} is the run's output: nothing comes after it")
+        if not starting and len(self.stages[stage - 1]) > 1:
+            group = ", ".join(s.agent.name for s in self.stages[stage - 1])
+            raise InputError(f"{where} is one of a parallel group ({group}); replay from "
+                             "the version that joins them, or from 0")
+        return (replace(self.route, start=str(stage)),
+                [s.agent.input for s in self.stages[stage]])
 
     def owed(self, store: StateStore, run_id: str) -> list[str]:
         """The steps the run waits for: those not sealed of its first stage with any."""
@@ -226,6 +216,64 @@ class Workflow:
         """Send the run's canvas again from its first stage with a step not sealed (see
         the module function ``redrive``)."""
         return redrive(app, store, self.route, run_id)
+
+    def resume(self, app: Celery, store: StateStore, info: RunInfo, output: Any = None,
+               step: str | None = None) -> None:
+        """Continue a run parked for a person (``Pipeline.resume`` says how): seal ``output``
+        for the parked step, or run the parked steps again, and send the rest of the run."""
+        run_id, parked = info.run_id, list(info.parked_steps)
+        stage = self.stage_of(parked[0])
+        members = {s.key: s for s in self.stages[stage]}
+        target, form = None, None
+        if output is not None:
+            if step is None and len(parked) > 1:
+                raise InputError(f"run {run_id} has several parked steps "
+                                 f"({', '.join(parked)}): name the one the output is for")
+            target = members.get(step or parked[0])
+            if target is None or target.key not in parked:
+                raise InputError(f"step {step!r} of run {run_id} is not parked "
+                                 f"(parked: {', '.join(parked)})")
+            form = sealable(output, store.max_payload_bytes,
+                            f"run {run_id} output for parked step {target.key}")
+            self.contract_of(target.agent.output).validate(
+                output, side="output", agent=target.agent.name, run_id=run_id)
+        running = [k for k in members if k not in parked]
+        unsealed = [k for k, v in zip(running, store.sealed_steps(run_id, running), strict=True)
+                    if v is None]
+        if unsealed:
+            raise RunNotParked(f"run {run_id}: steps {', '.join(unsealed)} beside the parked one "
+                               "are still running; resume once they have sealed")
+        given = self._resumed_upstream(store, info, stage)
+        store.resume(run_id, how="output" if output is not None else "rerun")
+        with parked_again_on_failure(store, run_id, parked, "the rest of the run"):
+            if target is not None:
+                parents = given if isinstance(given, list) else [given]
+                sealing = store.seal(run_id, step=target.key, agent=target.agent.name,
+                                     contract=target.agent.output, payload=output,
+                                     parents=parents, final=target.final, worker="person",
+                                     form=form)
+                if sealing.outcome not in ("new", "sealed"):
+                    raise RunNotParked(f"run {run_id} is {sealing.status or 'gone'}; the "
+                                       "output was not sealed")
+                if len(members) == 1:  # go on from the next stage
+                    if target.final:
+                        return
+                    stage += 1
+                    given = self._resumed_upstream(store, info, stage)
+            # from the route the run was created with, as the saga and the sweeper do
+            send(app, compile_route(app, route_of(info), run_id, start=stage, upstream=given))
+
+    def _resumed_upstream(self, store: StateStore, info: RunInfo,
+                          stage: int) -> int | list[int]:
+        """What stage ``stage`` of a run receives; refused while a step of the stage
+        before it is not sealed."""
+        keys = [] if stage == 0 else [s.key for s in self.stages[stage - 1]]
+        sealed = dict(zip(keys, store.sealed_steps(info.run_id, keys), strict=True))
+        missing = [k for k, v in sealed.items() if v is None]
+        if missing and str(stage) != info.replay_start:
+            raise RunNotParked(f"run {info.run_id}: steps {missing} are not sealed; cannot "
+                               "resume")
+        return self.upstream(stage, sealed, replay_start=info.replay_start)
 
     def steps(self) -> Iterator[Step]:
         for stage in self.stages:
@@ -262,51 +310,3 @@ class Workflow:
 
     def __repr__(self) -> str:
         return f"Workflow({self.name!r}, {self.shape()})"
-
-
-class WorkflowRegistry:
-    """Workflows and choreographies by name: one namespace, since ``pipeline run`` takes both."""
-
-    def __init__(self) -> None:
-        self._by_name: dict[str, Flow] = {}
-
-    def register(self, wf: Flow) -> Flow:
-        self._by_name[wf.name] = wf
-        return wf
-
-    def get(self, name: str) -> Flow:
-        try:
-            return self._by_name[name]
-        except KeyError:
-            known = ", ".join(sorted(self._by_name)) or "none"
-            raise UnknownWorkflow(f"unknown workflow {name!r} (registered: {known})") from None
-
-    def __iter__(self) -> Iterator[Flow]:
-        return iter(sorted(self._by_name.values(), key=lambda w: w.name))
-
-
-workflows = WorkflowRegistry()
-"""The process-wide workflow registry."""
-
-
-def route_of(info: RunInfo) -> Route:
-    """The route run ``info`` was created with (see ``recorded_route``)."""
-    return recorded_route(info.run_id, info.workflow, info.route)
-
-
-def known_route(info: RunInfo) -> Route | None:
-    """``route_of``, or None for a run whose route cannot be known here (one from before
-    routes were recorded, of a flow not registered here, or a route this version cannot
-    read): its agents' queues are then found without it (``catalog.queue_of``)."""
-    try:
-        return route_of(info)
-    except (UnknownWorkflow, WorkflowDefinitionError):
-        return None
-
-
-def recorded_route(run_id: str, workflow: str, recorded: str) -> Route:
-    """The route a run recorded (JSON); a run from before routes were recorded takes its
-    flow's, if this process has the flow (else ``UnknownWorkflow``)."""
-    if recorded:
-        return Route.from_json(recorded, f"run {run_id}")
-    return workflows.get(workflow).route

@@ -426,8 +426,8 @@ def test_a_step_rechecks_its_input_only_when_the_sealed_contract_is_not_its_own(
     checked on read: the consumer checks again only under another contract (its own
     rules), and always for a fan-in mapping."""
     from pipeline.agent import agents
-    from pipeline.runner import needs_input_check
     from pipeline.state import Version
+    from pipeline.step.runner import needs_input_check
 
     def sealed(contract: str) -> Version:
         return Version(run_id="r", version=1, parents=(0,), agent="a", contract=contract,

@@ -37,9 +37,9 @@ from pipeline.cli import main
 from pipeline.client import MAX_IDEMPOTENCY_KEY_CHARS
 from pipeline.contracts import Contract, contracts
 from pipeline.errors import ContractViolation, InputError, PayloadTooLarge
+from pipeline.flow import workflows
 from pipeline.settings import DEFAULT_MAX_PAYLOAD_BYTES, Settings
 from pipeline.state.version import MAX_DEPTH, canonical_json, sealable
-from pipeline.workflow import workflows
 from tasks import SAMPLES
 from tests.conftest import AGENT_MODULES, Cluster, wait_for
 from tests.quick_agents import EXECUTIONS_KEY

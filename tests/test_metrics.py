@@ -21,14 +21,15 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline import Pipeline, RunStatus, metrics, runner
+from pipeline import Pipeline, RunStatus, counters, metrics
 from pipeline.agent import Agent
 from pipeline.breaker import BreakerRegistry
 from pipeline.embedded import free_port
 from pipeline.errors import ConfigurationError
+from pipeline.hooks import hooks
 from pipeline.keys import RUNS_INDEX
-from pipeline.runner import run_step
 from pipeline.state import StateStore
+from pipeline.step import run_step
 from tasks import SAMPLES
 from tests.agents import COMP_FAIL_KEY
 from tests.conftest import AGENT_MODULES, ROOT, Cluster, settings_for, socket_writes, wait_for
@@ -243,9 +244,9 @@ def test_without_the_metrics_extra_the_exporter_says_what_to_install(
 def test_a_step_still_costs_two_round_trips_with_its_latency_counted(cluster: Cluster) -> None:
     """The step runs in this process so its round trips can be counted: one write to the
     socket per round trip (a pipelined batch is one write)."""
-    metrics.install_hooks()
-    metrics.install_hooks()
-    assert sum(isinstance(h, metrics.MetricsHooks) for h in runner.hooks) == 1
+    counters.install_hooks()
+    counters.install_hooks()
+    assert sum(isinstance(h, counters.MetricsHooks) for h in hooks) == 1
     store = StateStore.from_settings(settings_for(cluster.url))
     metered = Agent(name="metered", execute=lambda payload, ctx: {"n": payload["n"] + 1},
                     input="count@1", output="count@1")  # its breaker rides the same trips
@@ -259,7 +260,7 @@ def test_a_step_still_costs_two_round_trips_with_its_latency_counted(cluster: Cl
 
     assert version == 1 and store.run_info("counted").status is RunStatus.SUCCEEDED
     assert len(writes) == 2  # open, seal
-    latency = cluster.redis.hgetall(metrics.LATENCY)
+    latency = cluster.redis.hgetall(counters.LATENCY)
     assert latency["metered:count"] == "2"
     assert sum(int(v) for k, v in latency.items()
                if k.startswith("metered:") and k.split(":")[1] not in ("count", "sum_us")) == 2

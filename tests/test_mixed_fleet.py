@@ -22,7 +22,7 @@ from kombu import Connection
 
 from pipeline import RunStatus
 from pipeline.cli import main
-from pipeline.sweeper import SWEEP_TASK
+from pipeline.names import SWEEP_TASK
 from tasks import SAMPLES
 from tasks.credit import ledger
 from tests.conftest import ROOT, Cluster, wait_for

@@ -32,7 +32,7 @@ from pipeline.errors import ConfigurationError, StoreUnavailable
 from pipeline.keys import RUNS_INDEX, RunKeys, breaker_key, breaker_log_key
 from pipeline.metrics import RunCensus
 from pipeline.settings import Settings, cluster_node_url
-from pipeline.state.store import StateStore, connect
+from pipeline.state import StateStore, connect
 from tasks.credit import ledger
 from tests.agents import QUICK_BREAKER
 from tests.conftest import AGENT_MODULES, Cluster

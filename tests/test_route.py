@@ -9,8 +9,8 @@ import pytest
 
 import tasks  # noqa: F401 - registers the example flows
 from pipeline.errors import WorkflowDefinitionError
+from pipeline.flow import workflows
 from pipeline.route import FlowKind, Route, queues_of
-from pipeline.workflow import workflows
 
 CREDIT = Route(kind=FlowKind.WORKFLOW,
                stages=(("0:a",), ("1.0:b", "1.1:c"), ("2:d",)),

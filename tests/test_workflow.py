@@ -24,7 +24,7 @@ from pipeline.errors import (
     UnknownWorkflow,
     WorkflowDefinitionError,
 )
-from pipeline.workflow import ERRBACK_TASK
+from pipeline.names import ERRBACK_TASK
 from tests.conftest import settings_for
 
 PARALLEL = ("income_verification", "risk_assessment", "fraud_detection")

@@ -15,7 +15,7 @@ from typing import Any, cast
 
 from ..keys import breaker_key, breaker_log_key, breaker_probes_key
 from ..lua import Arg, Batch, Client, Script, decoding_client, route
-from ..state.store import translate_errors
+from ..state import translate_errors
 from .policy import BreakerPolicy, BreakerState
 
 _PKG = "pipeline.breaker"

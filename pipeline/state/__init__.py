@@ -1,18 +1,32 @@
 """Immutable, versioned run state in Redis streams."""
 
-from .store import Created, Opening, Sealing, StateStore, connect, translate_errors
-from .version import RunInfo, RunStatus, Version, canonical_json, digest_of
+from .connection import connect, translate_errors
+from .replies import Created, Opening, OpeningOutcome, Sealing, SealingOutcome
+from .store import StateStore
+from .version import (
+    RunInfo,
+    RunStatus,
+    Version,
+    canonical_json,
+    digest_of,
+    input_digest,
+    input_payload,
+)
 
 __all__ = [
     "Created",
     "Opening",
+    "OpeningOutcome",
     "RunInfo",
     "RunStatus",
     "Sealing",
+    "SealingOutcome",
     "StateStore",
     "Version",
     "canonical_json",
     "connect",
     "digest_of",
+    "input_digest",
+    "input_payload",
     "translate_errors",
 ]

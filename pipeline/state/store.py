@@ -1,19 +1,20 @@
-"""The versioned state store: an append-only Redis stream per run (DESIGN sections 3-4)."""
+"""The versioned state store: an append-only Redis stream per run.
+
+Each run is a handful of keys under one hash tag (``keys.RunKeys``): its versions
+(a stream, appended to once per step key, never changed), the step keys sealed,
+its record, its log (what happened, for the trace) and its deliveries. Every
+change is one Lua script, so a step opens in one round trip and seals in one."""
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import redis
-from redis.cluster import RedisCluster
-from redis.exceptions import RedisClusterException
 
-from ..errors import RunNotFound, RunNotParked, StoreError, StoreUnavailable, VersionNotFound
+from ..errors import RunNotFound, RunNotParked, VersionNotFound
 from ..keys import HELD, LIVE, RUNS_INDEX, UNENQUEUED, RunKeys, version_stream_id
 from ..lua import Batch, Client, Script, checked, decoding_client, route
 from ..settings import (
@@ -21,10 +22,9 @@ from ..settings import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     DEFAULT_RETENTION_S,
     Settings,
-    cluster_node_url,
-    is_cluster_url,
-    redact_url,
 )
+from .connection import connect, translate_errors, url_of
+from .replies import Created, Opening, Sealing
 from .version import RunInfo, RunStatus, Sealable, Version, sealable
 
 _PKG = "pipeline.state"
@@ -50,79 +50,6 @@ Extra = Callable[[Batch], int]
 """Queues one more call on a step's round trip and returns its index in the batch."""
 
 
-CLIENT_OPTIONS: dict[str, Any] = {
-    "decode_responses": True,
-    "socket_connect_timeout": 5,
-    "socket_timeout": 30,
-    "health_check_interval": 30,
-}
-"""Timeouts a worker can live with (an XREAD BLOCK stays well under the socket timeout)."""
-
-
-def connect(url: str) -> Client:
-    """A client for the pipeline's state: a ``RedisCluster`` for ``redis+cluster://``.
-
-    A plain Redis client connects on first use; a cluster client asks the node
-    the URL names for the cluster's slot table at once, so an unreachable
-    cluster raises ``StoreUnavailable`` here.
-    """
-    if not is_cluster_url(url):
-        return redis.Redis.from_url(url, **CLIENT_OPTIONS)
-    with translate_errors(url):
-        return RedisCluster.from_url(cluster_node_url(url), **CLIENT_OPTIONS)
-
-
-@contextmanager
-def translate_errors(url: str) -> Iterator[None]:
-    """Turn redis-py connection errors into ``StoreUnavailable`` naming the URL."""
-    try:
-        yield
-    except redis.AuthenticationError as e:
-        raise StoreUnavailable(f"Redis at {redact_url(url)} refused the credentials: {e}") from e
-    except (redis.ConnectionError, redis.TimeoutError, RedisClusterException) as e:
-        raise StoreUnavailable(
-            f"cannot reach Redis at {redact_url(url)}: {e}; is it running, and is "
-            "PIPELINE_REDIS_URL right?"
-        ) from e
-    except redis.RedisError as e:  # read-only replica, OOM, MISCONF, NOPERM...
-        if isinstance(e, redis.exceptions.ClusterDownError):  # a failover under way
-            raise StoreUnavailable(f"Redis Cluster at {redact_url(url)} is down: {e}") from e
-        raise StoreError(f"Redis at {redact_url(url)} refused the command: {e}") from e
-
-
-@dataclass(frozen=True, slots=True)
-class Created:
-    run_id: str
-    created: bool
-    workflow: str
-    input_digest: str
-    enqueued: bool = False
-    age_s: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class Opening:
-    """What opening a step found. Exactly one of the outcomes is set."""
-
-    outcome: str  # open | sealed | missing | aborted | exhausted | noversion | duplicate | unknown
-    inputs: tuple[Version, ...] = ()
-    sealed_version: int | None = None
-    handover: bool = False  # sealed, and its handover (choreography) may not have happened
-    status: str | None = None
-    deliveries: int = 0
-    opened_at: float = 0.0
-    missing_version: int | None = None
-    extra: tuple[Any, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Sealing:
-    outcome: str  # new | sealed | missing | aborted
-    version: int | None = None
-    status: str | None = None
-    extra: tuple[Any, ...] = ()
-
-
 class StateStore:
     """Reads and appends sealed versions. Every write is one atomic Lua call."""
 
@@ -138,7 +65,7 @@ class StateStore:
         # Typed as a plain Redis for the code that hands it on (the step's context, the
         # metrics): a RedisCluster answers the same commands about the keys of one slot.
         self.redis = cast(redis.Redis, decoding_client(client, "StateStore"))
-        self.url = url or _url_of(client)
+        self.url = url or url_of(client)
         self.max_payload_bytes = max_payload_bytes
         self.retention_s = retention_s
         self.lease_s = lease_s
@@ -260,33 +187,7 @@ class StateStore:
         with translate_errors(self.url):
             results = batch.execute()
             reply = checked(results[0])
-        extras = tuple(results[i] for i in extra_idx)
-        outcome = reply[0]
-        if outcome == "open":
-            versions = tuple(
-                Version.from_entry(run_id, _pairs(fields)) for fields in reply[3:]
-            )
-            return Opening(
-                "open",
-                inputs=versions,
-                deliveries=int(reply[1]),
-                opened_at=int(reply[2]) / 1000.0,
-                extra=extras,
-            )
-        if outcome == "sealed":
-            return Opening("sealed", sealed_version=int(reply[1]), handover=reply[2] == "1",
-                           extra=extras)
-        if outcome == "duplicate":
-            return Opening("duplicate", status=reply[1], extra=extras)
-        if outcome == "unknown":
-            return Opening("unknown", extra=extras)
-        if outcome == "aborted":
-            return Opening("aborted", status=reply[1], extra=extras)
-        if outcome == "exhausted":
-            return Opening("exhausted", deliveries=int(reply[1]), extra=extras)
-        if outcome == "noversion":
-            return Opening("noversion", missing_version=int(reply[1]), extra=extras)
-        return Opening("missing", extra=extras)
+        return Opening.from_reply(run_id, reply, tuple(results[i] for i in extra_idx))
 
     def seal(
         self,
@@ -338,12 +239,7 @@ class StateStore:
         with translate_errors(self.url):
             results = batch.execute()
             reply = checked(results[0])
-        extras = tuple(results[i] for i in extra_idx)
-        if reply[0] in ("new", "sealed"):
-            return Sealing(reply[0], version=int(reply[1]), extra=extras)
-        if reply[0] == "aborted":
-            return Sealing("aborted", status=reply[1], extra=extras)
-        return Sealing("missing", extra=extras)
+        return Sealing.from_reply(reply, tuple(results[i] for i in extra_idx))
 
     def finish(self, run_id: str, status: RunStatus, *, error: str = "", agent: str = "") -> bool:
         """Move a running run to ``status``; False when it was not running."""
@@ -493,24 +389,8 @@ class StateStore:
             self.redis.ping()
 
 
-def _pairs(flat: Sequence[str]) -> dict[str, str]:
-    return dict(zip(flat[::2], flat[1::2], strict=True))
-
-
 def _no_run(run_id: str) -> str:
     return (
         f"no run {run_id!r}: it was never started, or it finished and expired "
         "(PIPELINE_RETENTION_S)"
     )
-
-
-def _url_of(client: Client) -> str:
-    """Where ``client`` points, for error messages (no credentials in it)."""
-    if isinstance(client, RedisCluster):
-        node = client.get_default_node()  # type: ignore[no-untyped-call]
-        return f"redis+cluster://{node.host}:{node.port}"
-    kw = client.connection_pool.connection_kwargs
-    if "path" in kw:
-        return f"unix://{kw['path']}?db={kw.get('db', 0)}"
-    scheme = "rediss" if kw.get("ssl") or "ssl_cert_reqs" in kw else "redis"
-    return f"{scheme}://{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"

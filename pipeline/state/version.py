@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -270,3 +271,17 @@ class RunInfo:
             "replays": list(self.replays),
             "parked_steps": list(self.parked_steps),
         }
+
+
+def input_digest(inputs: Sequence[Version], fan_in: bool) -> str:
+    """The digest of what a step is given (the ``cached`` fallback keys its outputs by it)."""
+    if not fan_in:
+        return inputs[0].digest
+    return digest_of(canonical_json({v.agent: v.payload for v in inputs}))
+
+
+def input_payload(inputs: Sequence[Version], fan_in: bool) -> Any:
+    """What the agent is given: the upstream's payload, or a fan-in's mapping by agent."""
+    if fan_in:
+        return {v.agent: v.payload for v in inputs}
+    return inputs[0].payload

@@ -591,8 +591,8 @@ def test_a_probe_delivered_again_keeps_its_own_lease(registry: BreakerRegistry) 
 
 def test_an_excluded_error_says_nothing_of_the_agents_health() -> None:
     from pipeline.agent import Agent
-    from pipeline.breaker.gate import outcome_of
     from pipeline.errors import ContractViolation
+    from pipeline.step.gate import outcome_of
 
     class Rejected(Exception):
         pass
@@ -607,8 +607,8 @@ def test_an_excluded_error_says_nothing_of_the_agents_health() -> None:
 
 def test_a_configuration_error_says_nothing_of_the_agents_health() -> None:
     from pipeline.agent import Agent
-    from pipeline.breaker.gate import outcome_of
     from pipeline.errors import ConfigurationError, UnknownContract
+    from pipeline.step.gate import outcome_of
 
     a = Agent(name="t_configured", execute=lambda p, c: p, input="count@1", output="count@1")
     assert outcome_of(a, ConfigurationError("PIPELINE_CHAOS='x=eror': ...")) == "ignore"

@@ -8,18 +8,16 @@ round trip. Only failures, refusals and transitions cost one of their own.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ..agent import Agent
+from ..breaker.policy import CONFIGURATION_FAULTS, Fallback
+from ..breaker.registry import BreakerRegistry, Permit
 from ..errors import CircuitOpen, ContractViolation, StepCancelled, StoreError
 from ..keys import breaker_cache_key
 from ..lua import Batch
 from ..state import StateStore
-from .policy import CONFIGURATION_FAULTS, Fallback
-from .registry import BreakerRegistry, Permit
-
-if TYPE_CHECKING:
-    from ..agent import Agent
-    from ..state.store import Extra
+from ..state.store import Extra
 
 CACHE_TTL_S = 7 * 24 * 3600
 """How long an agent's last good output for an input stays usable by the ``cached`` fallback."""

@@ -5,37 +5,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from celery import Task
 from celery.exceptions import Ignore
 
+from ..agent import Agent, StepContext
+from ..breaker.policy import Fallback
+from ..breaker.registry import Permit
+from ..choreography import Delivery
 from ..contracts import contracts
 from ..errors import CircuitOpen, RunNotFound
 from ..keys import breaker_cache_key
-from ..state import StateStore, Version, canonical_json, digest_of
-from .policy import Fallback
-from .registry import Permit
-
-if TYPE_CHECKING:
-    from ..agent import Agent, StepContext
-    from ..choreography import Delivery
+from ..state import StateStore, Version, input_digest, input_payload
 
 MIN_RETRY_LATER_S = 1.0
-
-
-def input_digest(inputs: Sequence[Version], fan_in: bool) -> str:
-    """The digest the ``cached`` fallback keys an input by."""
-    if not fan_in:
-        return inputs[0].digest
-    return digest_of(canonical_json({v.agent: v.payload for v in inputs}))
-
-
-def input_payload(inputs: Sequence[Version], fan_in: bool) -> Any:
-    """What the agent is given: the upstream's payload, or a fan-in's mapping by agent."""
-    if fan_in:
-        return {v.agent: v.payload for v in inputs}
-    return inputs[0].payload
 
 
 def default_output(agent: Agent, inputs: Sequence[Version], fan_in: bool,

@@ -4,15 +4,12 @@ open (one round trip) -> check input -> execute -> check output -> seal (one
 round trip). A step whose key is sealed already returns that version and does
 nothing else, so a redelivered or duplicated message is harmless.
 
-Extension points for the breaker and saga issues: ``StepHooks.open_extra`` and
-``StepHooks.seal_extra`` queue more Redis calls on the same round trips (a
-breaker script on the agent's keys), ``StepHooks.after_open`` may refuse the
-step, and ``StepHooks.on_failure`` sees every failure before it is raised.
+Every step runs the process's step hooks (``hooks.py``): more Redis calls on the
+same two round trips, a refusal once opened, and every failure that is not retried.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -23,30 +20,30 @@ from typing import Any
 from celery import Task
 from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
 
-from . import chaos
-from .agent import Agent, StepContext
-from .breaker.fallback import input_digest, input_payload, take_fallback
-from .breaker.gate import Gate, outcome_of
-from .breaker.policy import CONFIGURATION_FAULTS, Fallback, FallbackOn
-from .choreography import Delivery
-from .contracts import contracts
-from .errors import (
+from .. import chaos
+from ..agent import Agent, StepContext
+from ..breaker.policy import CONFIGURATION_FAULTS, Fallback, FallbackOn
+from ..choreography import Delivery
+from ..contracts import contracts
+from ..errors import (
     ContractViolation,
     DeliveryLimitExceeded,
     RunNotFound,
     StepCancelled,
     StepTimeLimitExceeded,
-    StoreError,
     StoreUnavailable,
     VersionNotFound,
 )
-from .keys import RunKeys
-from .reads import LineageReads
-from .state import Opening, StateStore, Version
-from .state.store import Extra
-from .state.version import sealable
+from ..hooks import hooks
+from ..reads import LineageReads
+from ..state import StateStore, Version, input_digest, input_payload
+from ..state.version import sealable
+from .fallback import take_fallback
+from .gate import Gate, outcome_of
+from .trace import ctx_fields, failure_fields, note
+from .undo import compensate_self
 
-__all__ = ["StepHooks", "hooks", "run_step"]
+__all__ = ["run_step"]
 
 log = logging.getLogger(__name__)
 
@@ -55,25 +52,6 @@ STORE_RETRIES = 8
 STORE_RETRY_BACKOFF_MAX_S = 30.0
 HARD_TIME_LIMIT_GRACE_S = 5.0
 """Seconds between an agent's soft time limit (the step fails cleanly) and the hard kill."""
-
-
-class StepHooks:
-    """No-op hooks; subclass and append to :data:`hooks` to extend every step."""
-
-    def open_extra(self, agent: Agent) -> Sequence[Extra]:
-        return ()
-
-    def after_open(self, agent: Agent, opening: Opening, extra: Sequence[Any]) -> None:
-        """Raise to refuse the step (for example, an open breaker)."""
-
-    def seal_extra(self, agent: Agent, *, ok: bool, latency_ms: float) -> Sequence[Extra]:
-        return ()
-
-    def on_failure(self, agent: Agent, run_id: str, step: str, exc: BaseException) -> None:
-        """Called once for a failure that will not be retried."""
-
-
-hooks: list[StepHooks] = []
 
 
 def run_step(
@@ -120,7 +98,7 @@ def run_step(
             return None
         if isinstance(exc, ContractViolation) and exc.side == "output":
             # its side effects happened and no saga will undo them: the run goes on
-            _compensate_self(agent, store, run_id, step, opening.inputs, output, attempt,
+            compensate_self(agent, store, run_id, step, opening.inputs, output, attempt,
                              claim=True)
         try:
             return take_fallback(task, agent, store, run_id=run_id, step=step,
@@ -130,7 +108,7 @@ def run_step(
             raise
         except Exception as e:
             if e is not exc:
-                _note(store, run_id, "step.failed", **_failure_fields(agent, step, e, attempt))
+                note(store, run_id, "step.failed", **failure_fields(agent.name, step, e, attempt))
             raise
 
     try:
@@ -226,7 +204,7 @@ def run_step(
             + [e for h in hooks for e in h.seal_extra(agent, ok=True, latency_ms=latency_ms)]
             + ([delivery.seal_extra(store, task_id)] if delivery is not None else []),
             form=form,
-            trace={**_ctx_fields(ctx), **gate.trace_fields()},
+            trace={**ctx_fields(ctx), **gate.trace_fields()},
         )
         gate.after_seal(sealing.extra)
     except (Ignore, Retry):
@@ -254,7 +232,7 @@ def run_step(
         if e.side == "output" and not store.run_info(run_id).status.is_live:
             # Its side effects happened, and the saga may have planned without
             # it; when the planner did find it, only one of the two undoes it.
-            _compensate_self(agent, store, run_id, step, opening.inputs, output, attempt,
+            compensate_self(agent, store, run_id, step, opening.inputs, output, attempt,
                              claim=True)
         raise
     except StepCancelled as e:
@@ -263,8 +241,8 @@ def run_step(
                 return fallen
             raise
         gate.release()  # the run stopped, the agent did not fail: the breaker does not count it
-        _note(store, run_id, "step.cancelled", step=step, agent=agent.name, attempt=attempt,
-              reason=str(e)[:2000], **_ctx_fields(ctx))
+        note(store, run_id, "step.cancelled", step=step, agent=agent.name, attempt=attempt,
+              reason=str(e)[:2000], **ctx_fields(ctx))
         raise Ignore() from None
     except CONFIGURATION_FAULTS as e:  # never retried: the same configuration fails again
         _fail(agent, run_id, step, e, store, attempt=attempt, gate=gate, ctx=ctx)
@@ -272,8 +250,8 @@ def run_step(
     except agent.retry_on as e:
         if task.request.retries < agent.max_retries:
             countdown = agent.retry_countdown_s(task.request.retries)
-            _note(store, run_id, "step.retry", step=step, agent=agent.name, attempt=attempt,
-                  **_ctx_fields(ctx),
+            note(store, run_id, "step.retry", step=step, agent=agent.name, attempt=attempt,
+                  **ctx_fields(ctx),
                   error_type=type(e).__name__, error=str(e)[:500], countdown_s=countdown)
             gate.record_failure(e)  # every failed call counts, retried or not
             raise task.retry(exc=e, countdown=countdown, max_retries=agent.max_retries) from e
@@ -290,9 +268,9 @@ def run_step(
     if sealing.outcome == "aborted":
         # The run stopped while this step ran: nothing is sealed, and the saga
         # planned without it, so the step undoes its own side effects.
-        _note(store, run_id, "step.discarded", step=step, agent=agent.name,
+        note(store, run_id, "step.discarded", step=step, agent=agent.name,
               reason=f"run is {sealing.status}")
-        _compensate_self(agent, store, run_id, step, opening.inputs, output, attempt)
+        compensate_self(agent, store, run_id, step, opening.inputs, output, attempt)
         raise Ignore()
     assert sealing.version is not None
     if delivery is not None:
@@ -320,65 +298,15 @@ def needs_input_check(agent: Agent, inputs: Sequence[Version], fan_in: bool) -> 
     return fan_in or inputs[0].contract != agent.input
 
 
-def _ctx_fields(ctx: StepContext | None) -> dict[str, str | int]:
-    """For the step's trace entry: the token usage the agent reported (a failed call costs
-    too) and the earlier versions it read (``read=0,2``)."""
-    if ctx is None:
-        return {}
-    usage = ctx.notes.get("usage") or {}
-    fields = {k: usage[k] for k in ("prompt_tokens", "completion_tokens", "model") if k in usage}
-    return {**fields, **(ctx.reads.trace_fields() if ctx.reads is not None else {})}
-
-
 def _store_countdown_s(retries: int) -> float:
     return float(min(2**retries, STORE_RETRY_BACKOFF_MAX_S))
-
-
-def _compensate_self(agent: Agent, store: StateStore, run_id: str, step: str,
-                     inputs: Sequence[Version], output: Any, attempt: int, *,
-                     claim: bool = False) -> None:
-    """Undo a step whose output will never be sealed, now, in this worker.
-
-    With ``claim``, first take the step's compensation from the saga, which
-    also owes it when its planner found the step in the log: whichever of the
-    two claims it first (``HSETNX`` on ``c:<step>``) undoes it.
-    """
-    if agent.compensate is None:
-        return
-    from .saga import (  # saga imports the app, which imports the runner
-        SELF_COMPENSATED,
-        CompensationContext,
-        dead_letter,
-    )
-
-    if claim and not store.redis.hsetnx(RunKeys(run_id).saga, f"c:{step}", SELF_COMPENSATED):
-        return  # the saga compensates it, or has
-
-    data = store.redis.hget(RunKeys(run_id).undo, step)
-    ctx = CompensationContext(
-        run_id=run_id, step=step, agent=agent.name,
-        input=input_payload(inputs, len(inputs) > 1),
-        input_versions=tuple(v.version for v in inputs), output=output, version=None,
-        data=json.loads(data) if data else None, attempt=attempt, redis=store.redis,
-    )
-    try:
-        agent.compensate(ctx)
-    except Exception as e:
-        _note(store, run_id, "step.self_compensation_failed", step=step, agent=agent.name,
-              error=f"{type(e).__name__}: {e}"[:2000])
-        try:
-            dead_letter(store, run_id, step, agent.name, f"{type(e).__name__}: {e}")
-        except StoreError:
-            log.warning("run %s: could not dead-letter %s's self-compensation", run_id, step)
-        return
-    _note(store, run_id, "step.self_compensated", step=step, agent=agent.name)
 
 
 def _execute(agent: Agent, payload: Any, ctx: StepContext, chaos_spec: str,
              store: StateStore) -> Any:
     mode = chaos.draw(chaos_spec, agent.name) if chaos_spec else None
     if mode is not None:  # in the trace, so that an injected fault is never taken for a bug
-        _note(store, ctx.run_id, "chaos", step=ctx.step, agent=agent.name, mode=mode.value,
+        note(store, ctx.run_id, "chaos", step=ctx.step, agent=agent.name, mode=mode.value,
               attempt=ctx.attempt)
     if mode is chaos.ChaosMode.CRASH:
         os._exit(chaos.CRASH_EXIT_CODE)
@@ -396,34 +324,10 @@ def _fail(
     agent: Agent, run_id: str, step: str, exc: BaseException, store: StateStore, *,
     attempt: int, gate: Gate, ctx: StepContext | None = None,
 ) -> None:
-    fields = _failure_fields(agent, step, exc, attempt)
+    fields = failure_fields(agent.name, step, exc, attempt)
     fields.update(gate.trace_fields())
-    fields.update(_ctx_fields(ctx))
-    _note(store, run_id, "step.failed", **fields)
+    fields.update(ctx_fields(ctx))
+    note(store, run_id, "step.failed", **fields)
     gate.record_failure(exc)
     for h in hooks:
-        h.on_failure(agent, run_id, step, exc)
-
-
-def _failure_fields(agent: Agent, step: str, exc: BaseException,
-                    attempt: int) -> dict[str, str | int | float]:
-    fields: dict[str, str | int | float] = {
-        "step": step,
-        "agent": agent.name,
-        "attempt": attempt,
-        "error_type": type(exc).__name__,
-        "error": str(exc)[:2000],
-    }
-    if isinstance(exc, ContractViolation):
-        fields["contract"] = exc.contract
-        fields["side"] = exc.side
-        fields["fields"] = ",".join(exc.field_paths)
-    return fields
-
-
-def _note(store: StateStore, run_id: str, event: str, **fields: str | int | float) -> None:
-    """Log to the run's trace; a failure to log never hides the failure being logged."""
-    try:
-        store.note(run_id, event, **fields)
-    except StoreError as e:
-        log.warning("run %s: could not log %s: %s", run_id, event, e)
+        h.on_failure(agent, store, run_id, step, exc)
