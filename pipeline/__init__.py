@@ -7,7 +7,7 @@ contracts, workflows and choreographies, breakers, the client, and every error.
 from .agent import Agent, StepContext, agent, agents
 from .breaker import Breaker, BreakerPolicy, BreakerRegistry, BreakerState, Fallback, FallbackOn
 from .choreography import Choreography
-from .client import Pipeline, Run, RunResult
+from .client import Pipeline
 from .contracts import Contract, contract, contracts
 from .errors import (
     AgentError,
@@ -17,6 +17,7 @@ from .errors import (
     ContractError,
     ContractMismatch,
     ContractViolation,
+    DefinitionError,
     DeliveryLimitExceeded,
     IdempotencyConflict,
     InputError,
@@ -33,6 +34,7 @@ from .errors import (
     StoreError,
     StoreUnavailable,
     TransientAgentError,
+    TransientStoreError,
     UnknownAgent,
     UnknownContract,
     UnknownWorkflow,
@@ -43,6 +45,7 @@ from .errors import (
     WorkflowError,
 )
 from .flow import workflows
+from .run import Run, RunResult
 from .saga import CompensationContext
 from .settings import Settings
 from .state import RunInfo, RunStatus, StateStore, Version, connect
@@ -64,6 +67,7 @@ __all__ = [
     "ContractError",
     "ContractMismatch",
     "ContractViolation",
+    "DefinitionError",
     "DeliveryLimitExceeded",
     "Fallback",
     "FallbackOn",
@@ -90,6 +94,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "TransientAgentError",
+    "TransientStoreError",
     "UnknownAgent",
     "UnknownContract",
     "UnknownWorkflow",

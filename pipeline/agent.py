@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from .breaker.policy import DEFAULT_RETRY_LATER_MAX, BreakerPolicy, Fallback, FallbackOn
 from .context import StepContext
-from .errors import ConfigurationError, TransientAgentError, UnknownAgent
+from .errors import ConfigurationError, DefinitionError, TransientAgentError, UnknownAgent
 from .events import check_event_type, check_not_failure, check_pattern, matches
 from .names import default_queue, step_task
 from .registry import Registry
@@ -76,7 +76,7 @@ class Agent:
         description: str = "",
     ) -> None:
         if not name or not name.replace("_", "").isalnum():
-            raise ValueError(f"agent name {name!r} must be letters, digits and underscores")
+            raise DefinitionError(f"agent name {name!r} must be letters, digits and underscores")
         if isinstance(on, str):
             on = (on,)
         for pattern in on:
@@ -104,7 +104,7 @@ class Agent:
         self.fallback = _fallback(name, fallback)
         self.fallback_on = _fallback_on(name, fallback_on, self.fallback)
         if self.fallback is Fallback.SKIP and default_output is None:
-            raise ValueError(f"agent {name}: fallback 'skip' needs a default_output to seal")
+            raise DefinitionError(f"agent {name}: fallback 'skip' needs a default_output to seal")
         self.default_output = default_output
         self.retry_later_max = retry_later_max
         self.compensation_retries = compensation_retries
@@ -115,7 +115,7 @@ class Agent:
             max_retries + 1 + later + DEFAULT_REDELIVERY_ALLOWANCE
         )
         if self.max_deliveries < max_retries + later + 1:
-            raise ValueError(
+            raise DefinitionError(
                 f"agent {name}: max_deliveries {self.max_deliveries} leaves no room for its "
                 f"{max_retries + later} retries; it must be at least {max_retries + later + 1}"
             )
@@ -156,7 +156,7 @@ class AgentRegistry(Registry["Agent"]):
             if getattr(existing.execute, "__qualname__", None) != getattr(
                 a.execute, "__qualname__", None
             ):
-                raise ValueError(f"agent {a.name!r} is already registered")
+                raise DefinitionError(f"agent {a.name!r} is already registered")
         self._routes.clear()
         return self._put(a.name, a)
 
@@ -274,7 +274,8 @@ def _fallback(name: str, value: str) -> Fallback:
         return Fallback(value)
     except ValueError:
         choices = ", ".join(f.value for f in Fallback)
-        raise ValueError(f"fallback {value!r} for agent {name} is not one of: {choices}") from None
+        raise DefinitionError(f"fallback {value!r} for agent {name} is not one of: "
+                              f"{choices}") from None
 
 
 def _fallback_on(name: str, value: str, fallback: Fallback) -> FallbackOn:
@@ -282,10 +283,10 @@ def _fallback_on(name: str, value: str, fallback: Fallback) -> FallbackOn:
         on = FallbackOn(value)
     except ValueError:
         choices = ", ".join(f.value for f in FallbackOn)
-        raise ValueError(f"fallback_on {value!r} for agent {name} is not one of: "
+        raise DefinitionError(f"fallback_on {value!r} for agent {name} is not one of: "
                          f"{choices}") from None
     if on is FallbackOn.FAILURE and fallback in (Fallback.FAIL, Fallback.RETRY_LATER):
-        raise ValueError(
+        raise DefinitionError(
             f"agent {name}: fallback_on 'failure' takes fallback 'skip', 'cached' or 'park', "
             f"not {fallback.value!r}"
             + (" (its retries already ran: raise max_retries instead)"
@@ -314,25 +315,26 @@ def import_agent_modules(modules: tuple[str, ...], *, required: bool = True) -> 
 def _check_policy(name: str, *, retry_on: object, breaker: object, time_limit_s: float,
                   max_retries: int, retry_later_max: int, compensation_retries: int,
                   retry_backoff_s: float, retry_backoff_max_s: float) -> None:
-    """``ValueError`` or ``TypeError`` naming the agent, the option and what it takes."""
+    """``DefinitionError`` naming the agent, the option and what it takes."""
     if not _is_number(time_limit_s) or time_limit_s <= 0:
-        raise ValueError(f"agent {name}: time_limit_s must be seconds > 0, not {time_limit_s!r}")
+        raise DefinitionError(f"agent {name}: time_limit_s must be seconds > 0, "
+                              f"not {time_limit_s!r}")
     counts = {"max_retries": max_retries, "retry_later_max": retry_later_max,
               "compensation_retries": compensation_retries}
     for option, n in counts.items():
         if not _is_number(n) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"agent {name}: {option} must be a whole number >= 0, not {n!r}")
+            raise DefinitionError(f"agent {name}: {option} must be a whole number >= 0, not {n!r}")
     delays = {"retry_backoff_s": retry_backoff_s, "retry_backoff_max_s": retry_backoff_max_s}
     for option, s in delays.items():
         if not _is_number(s) or s < 0:
-            raise ValueError(f"agent {name}: {option} must be seconds >= 0, not {s!r}")
+            raise DefinitionError(f"agent {name}: {option} must be seconds >= 0, not {s!r}")
     if not isinstance(retry_on, tuple) or not all(
         isinstance(e, type) and issubclass(e, BaseException) for e in retry_on
     ):
-        raise TypeError(f"agent {name}: retry_on must be a tuple of exception classes, "
+        raise DefinitionError(f"agent {name}: retry_on must be a tuple of exception classes, "
                         f"such as (TransientAgentError,), not {retry_on!r}")
     if breaker is not None and not isinstance(breaker, BreakerPolicy):
-        raise TypeError(f"agent {name}: breaker must be a BreakerPolicy, not {breaker!r}")
+        raise DefinitionError(f"agent {name}: breaker must be a BreakerPolicy, not {breaker!r}")
 
 
 def _is_number(value: object) -> bool:

@@ -1,4 +1,5 @@
-"""The Celery app: DESIGN section 10's settings, one task per agent, the errback."""
+"""The Celery app: its settings (JSON only, acks late, the queues), one task per agent,
+the errback that begins a failed run's saga, and the pipeline's own tasks."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from kombu import Queue
 from . import catalog, chaos, choreography, counters, lease, saga, sweeper
 from .agent import Agent, agents, import_agent_modules
 from .breaker import BreakerRegistry, Fallback
-from .errors import ConfigurationError, StoreError
+from .errors import ConfigurationError, StoreError, TransientStoreError
 from .events import failure_event
 from .flow import workflows
 from .names import (
@@ -25,9 +26,10 @@ from .names import (
     agent_of_task,
     compensate_task,
 )
-from .settings import Settings, tls_options
+from .settings import Settings
 from .state import RunStatus, StateStore
 from .step import HARD_TIME_LIMIT_GRACE_S, STORE_RETRY_BACKOFF_MAX_S, run_step
+from .urls import tls_options
 
 __all__ = ["check_chaos_agents", "create_app", "store_for"]
 
@@ -161,7 +163,7 @@ def create_app(
     else:
         app.conf.task_publish_retry_policy = WORKER_PUBLISH_RETRY_POLICY
     app.pipeline_settings = settings
-    counters.install_hooks()
+    counters.install_hooks(app)
     lease.install(app, store_for)  # a worker's main process marks what it holds (the sweeper)
 
     def release_subscriptions(sender: Any = None, **_: Any) -> None:
@@ -241,10 +243,11 @@ def create_app(
              soft_time_limit=120, time_limit=130)(sweep_task)
     app.task(
         name=COMPENSATE_RUN_TASK, ignore_result=True, shared=False,
-        autoretry_for=(StoreError,), retry_backoff=True, retry_backoff_max=30, max_retries=20,
+        autoretry_for=(TransientStoreError,), retry_backoff=True, retry_backoff_max=30,
+        max_retries=20,
     )(compensate_run_task)
     app.task(
-        name=FINISH_TASK, ignore_result=True, shared=False, autoretry_for=(StoreError,),
+        name=FINISH_TASK, ignore_result=True, shared=False, autoretry_for=(TransientStoreError,),
         retry_backoff=True, retry_backoff_max=30, max_retries=20,
     )(finish_run)
     return app
@@ -327,7 +330,7 @@ def _bind_agent(app: Celery, a: Agent, settings: Settings) -> None:
         name=compensate_task(a.name), shared=False, bind=True, ignore_result=True,
         base=CompensationTask, soft_time_limit=a.time_limit_s,
         time_limit=a.time_limit_s + HARD_TIME_LIMIT_GRACE_S,
-        autoretry_for=(StoreError,), retry_backoff=True, retry_backoff_max=30,
+        autoretry_for=(TransientStoreError,), retry_backoff=True, retry_backoff_max=30,
         max_retries=max(a.compensation_retries, 8),
     )(compensate)
     step.__doc__ = a.description or f"Run agent {a.name} as one step of a workflow."

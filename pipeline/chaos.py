@@ -1,4 +1,4 @@
-"""``PIPELINE_CHAOS``: make named agents misbehave on purpose (DESIGN section 11).
+"""``PIPELINE_CHAOS``: make named agents misbehave on purpose .
 
 ``PIPELINE_CHAOS="agent=mode:probability[,agent=mode:probability...]"`` where
 mode is ``error`` (raise), ``crash`` (kill the worker process), ``slow`` (sleep

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from celery import Celery
 
 from . import catalog, saga
-from .agent import agents
 from .app import create_app
 from .breaker import BreakerRegistry
 from .choreography import redeliver
@@ -23,20 +21,17 @@ from .errors import (
     PipelineError,
     RunNotLive,
     RunNotParked,
-    WaitTimeout,
 )
 from .flow import Flow, known_route, workflows
 from .route import EDIT_STEP
+from .run import Run, RunResult
 from .settings import Settings, redact_url
-from .state import RunInfo, RunStatus, StateStore, Version
+from .state import RunStatus, StateStore, Version
 from .state.version import Sealable, sealable
 
 __all__ = ["Pipeline", "Run", "RunResult"]
 
 IDEMPOTENCY_NAMESPACE = uuid.UUID("5b0c43a4-6f5e-4d8e-9a55-2f3f1c7c9e11")
-DEFAULT_WAIT_TIMEOUT_S = 60.0
-WAIT_BLOCK_MS = 1000
-FINAL_EVENTS = frozenset(f"run.{s.value}" for s in RunStatus if s.is_final)
 """The log entries a run ends with (every final status is logged as ``run.<status>``)."""
 ENQUEUE_GRACE_S = 30.0
 """How long a run that was created but not enqueued belongs to the start that created it."""
@@ -59,31 +54,6 @@ def check_idempotency_key(key: str) -> None:
     except UnicodeEncodeError as e:
         raise InputError(f"idempotency key {key!r} is not UTF-8 text: {e.reason} "
                          f"at position {e.start}") from None
-
-
-@dataclass(frozen=True, slots=True)
-class RunResult:
-    """How a run ended: its ``status``, its ``output`` (the payload of version
-    ``version``, the run's output; None unless one was sealed), the ``error`` that
-    failed it, and ``degraded`` when a breaker's fallback stood in for an agent."""
-
-    status: RunStatus
-    output: Any
-    version: int
-    run_id: str = ""
-    error: str | None = None
-    degraded: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        """The result as JSON-ready data, the status as its string value."""
-        return {
-            "run_id": self.run_id,
-            "status": self.status.value,
-            "version": self.version,
-            "output": self.output,
-            "error": self.error,
-            "degraded": self.degraded,
-        }
 
 
 class Pipeline:
@@ -313,10 +283,6 @@ class Pipeline:
                 self.store.delete_run(run_id)
             raise
 
-    @staticmethod
-    def _emits(agent_name: str) -> str | None:
-        return agents.get(agent_name).emits if agent_name in agents else None
-
     def cancel(self, run_id: str, reason: str = "cancelled by hand") -> Run:
         """Stop a live run: no step seals from now on, a step still running sees
         ``ctx.cancelled`` and may stop early, and a saga undoes, newest first, every step
@@ -346,79 +312,3 @@ class Pipeline:
         """A handle on an existing run; raises ``RunNotFound`` when there is none."""
         self.store.run_info(run_id)
         return Run(self, run_id)
-
-
-class Run:
-    """A handle on one run of a workflow."""
-
-    def __init__(self, pipeline: Pipeline, run_id: str) -> None:
-        """A handle on run ``run_id``, unchecked (``Pipeline.run`` checks it exists)."""
-        self.pipeline = pipeline
-        self.run_id = run_id
-
-    @property
-    def store(self) -> StateStore:
-        """The state store of the client this handle came from."""
-        return self.pipeline.store
-
-    def info(self) -> RunInfo:
-        """The run's record now (status, head version, times, route, replay links);
-        ``RunNotFound`` when it expired."""
-        return self.store.run_info(self.run_id)
-
-    def status(self) -> RunStatus:
-        """The run's status now; ``RunNotFound`` when it expired."""
-        return self.info().status
-
-    def history(self) -> list[Version]:
-        """Every sealed version, oldest first, digests checked (``IntegrityError`` for
-        one that does not match its payload)."""
-        return self.store.history(self.run_id)
-
-    def lineage(self, version: int | None = None) -> list[Version]:
-        """The versions ``version`` (default: the latest) was made from, newest first;
-        ``VersionNotFound`` when the run has no such version."""
-        return self.store.lineage(self.run_id, self.info().head if version is None else version)
-
-    def result(self) -> RunResult:
-        """How the run stands now, without waiting: a live run's result has its live
-        status and no output yet."""
-        info = self.info()
-        output = None
-        if info.output_version is not None:
-            output = self.store.get(self.run_id, info.output_version).payload
-        return RunResult(
-            status=info.status,
-            output=output,
-            version=info.output_version if info.output_version is not None else info.head,
-            run_id=self.run_id,
-            error=info.error,
-            degraded=info.degraded,
-        )
-
-    def wait(self, timeout: float = DEFAULT_WAIT_TIMEOUT_S) -> RunResult:
-        """Block until the run reaches a final status; ``WaitTimeout`` after ``timeout`` s.
-
-        Waits on the run's log stream (XREAD BLOCK), so it wakes as soon as
-        something happens instead of polling.
-        """
-        deadline = time.monotonic() + timeout
-        last = "0-0"
-        info = self.info()
-        while not info.status.is_final:
-            remaining_ms = int((deadline - time.monotonic()) * 1000)
-            if remaining_ms <= 0:
-                raise WaitTimeout(
-                    f"run {self.run_id} is still {info.status.value} after {timeout:g}s "
-                    f"(head version {info.head})"
-                )
-            last, happened = self.store.wait_events(self.run_id, last,
-                                                    min(remaining_ms, WAIT_BLOCK_MS))
-            # Only the entry a run ends with changes the answer: steps starting and
-            # sealing do not need the run's record read again.
-            if not happened or any(e in FINAL_EVENTS for e in happened):
-                info = self.info()
-        return self.result()
-
-    def __repr__(self) -> str:
-        return f"Run({self.run_id!r})"

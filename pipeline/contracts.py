@@ -17,7 +17,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
 from marshmallow.decorators import VALIDATES, VALIDATES_SCHEMA
 
-from .errors import ContractMismatch, ContractViolation, UnknownContract
+from .errors import ContractMismatch, ContractViolation, DefinitionError, UnknownContract
 from .registry import Registry
 
 __all__ = [
@@ -113,12 +113,12 @@ class ContractRegistry(Registry[Contract]):
 
     def register(self, name: str, version: int, schema: type[Schema] | Schema) -> Contract:
         if "@" in name or not name:
-            raise ValueError(f"contract name {name!r} must be non-empty and hold no '@'")
+            raise DefinitionError(f"contract name {name!r} must be non-empty and hold no '@'")
         instance = schema() if isinstance(schema, type) else schema
         c = Contract(name, int(version), instance)
         existing = self._find(c.ref)
         if existing is not None and type(existing.schema) is not type(instance):
-            raise ValueError(f"contract {c.ref} is already registered with another schema")
+            raise DefinitionError(f"contract {c.ref} is already registered with another schema")
         return self._put(c.ref, c)
 
 

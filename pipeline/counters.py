@@ -10,13 +10,12 @@ slot); a step that fails for good, and a compensation once recorded, cost one
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Sequence
 
 import redis
 
 from .agent import Agent
-from .hooks import StepHooks, hooks
+from .hooks import StepHooks, add_hook
 from .keys import METRICS_PREFIX
 from .lua import Batch
 from .state import StateStore
@@ -77,11 +76,6 @@ class MetricsHooks(StepHooks):
         _bump(store.redis, FAILURES, agent.name)
 
 
-_install_lock = threading.Lock()
-
-
-def install_hooks() -> None:
-    """Register the step hooks that record what the exporter reports (idempotent)."""
-    with _install_lock:
-        if not any(isinstance(h, MetricsHooks) for h in hooks):
-            hooks.append(MetricsHooks())
+def install_hooks(app: object) -> None:
+    """Give ``app``'s steps the hook that records what the exporter reports (once)."""
+    add_hook(app, MetricsHooks())

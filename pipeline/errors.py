@@ -3,6 +3,12 @@
 Messages say what was wrong, where (run, version, agent, field path) and, when
 there is something to do, what to do. Constructors take the message first so
 that Celery can rebuild these exceptions from a JSON result.
+
+A ``TransientStoreError`` (Redis or the broker unreachable, refusing writes for
+now) is worth retrying and the pipeline's tasks retry it; every other
+``StoreError`` (``RunNotFound``, ``IntegrityError``, ``PayloadTooLarge``, ...)
+fails the same way again and is never retried. A ``DefinitionError`` (a bad
+agent, contract, policy or flow) is raised when the thing is defined, at import.
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ from collections.abc import Mapping, Sequence
 __all__ = [
     "PipelineError",
     "ConfigurationError",
+    "DefinitionError",
     "StoreError",
+    "TransientStoreError",
     "StoreUnavailable",
     "BrokerUnavailable",
     "RunNotFound",
@@ -52,15 +60,23 @@ class ConfigurationError(PipelineError):
     """Raised when a setting from the environment or code is missing or invalid."""
 
 
+class DefinitionError(PipelineError, ValueError):
+    """Raised when an agent, contract, breaker policy, event type or flow is defined wrong."""
+
+
 class StoreError(PipelineError):
     """Raised when the versioned state store cannot do what was asked."""
 
 
-class StoreUnavailable(StoreError):
+class TransientStoreError(StoreError):
+    """Raised when Redis or the broker fails for now (unreachable, refusing writes): retried."""
+
+
+class StoreUnavailable(TransientStoreError):
     """Raised when Redis cannot be reached; the message names the URL, password redacted."""
 
 
-class BrokerUnavailable(StoreError):
+class BrokerUnavailable(TransientStoreError):
     """Raised when the Celery broker refuses a message; nothing of the run is kept."""
 
 
@@ -143,7 +159,7 @@ class UnknownAgent(WorkflowError):
     """Raised when a workflow or task names an agent that is not registered."""
 
 
-class WorkflowDefinitionError(WorkflowError):
+class WorkflowDefinitionError(WorkflowError, DefinitionError):
     """Raised when a workflow's graph is malformed (empty, duplicate parallel agents...)."""
 
 

@@ -1,4 +1,4 @@
-"""Event types and subscription patterns (choreography, DESIGN section 9).
+"""Event types and subscription patterns (choreography).
 
 An event type is dot-separated segments of letters, digits, ``_`` and ``-``:
 ``research.completed``. A pattern is the same, where a segment may be ``*``,
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+from .errors import DefinitionError
+
 __all__ = ["check_event_type", "check_not_failure", "check_pattern", "failure_event",
            "matches"]
 
@@ -18,14 +20,14 @@ MAX_EVENT_TYPE_LEN = 200
 
 def _check(text: str, where: str, *, wildcards: bool) -> None:
     if not isinstance(text, str) or not text or len(text) > MAX_EVENT_TYPE_LEN:
-        raise ValueError(f"{where}: {text!r} is not an event type (1 to "
+        raise DefinitionError(f"{where}: {text!r} is not an event type (1 to "
                          f"{MAX_EVENT_TYPE_LEN} characters)")
     for segment in text.split("."):
         if segment == "*" and wildcards:
             continue
         if not _SEGMENT.match(segment):
             allowed = "letters, digits, '_' and '-'" + (", or '*' alone" if wildcards else "")
-            raise ValueError(f"{where}: {text!r} has a segment {segment!r}; segments are "
+            raise DefinitionError(f"{where}: {text!r} has a segment {segment!r}; segments are "
                              f"{allowed}, separated by dots")
 
 
@@ -42,7 +44,7 @@ def check_pattern(pattern: str, where: str) -> None:
 def check_not_failure(event_type: str, where: str) -> None:
     """``<x>.failed`` is reserved for failure events, which go to the saga, never to agents."""
     if event_type.rsplit(".", 1)[-1] == FAILED:
-        raise ValueError(f"{where}: {event_type!r} ends in '.{FAILED}', which is reserved: a "
+        raise DefinitionError(f"{where}: {event_type!r} ends in '.{FAILED}', which is reserved: a "
                          "handler that fails publishes <agent>.failed and the saga, not an "
                          "agent, handles it")
 

@@ -3,8 +3,10 @@
 A hook may queue more Redis calls on the step's two round trips (``open_extra``,
 ``seal_extra``: the exporter's latency counters ride the seal), refuse a step once
 it opened (``after_open``), and see every failure that will not be retried
-(``on_failure``, with the store the step uses). Hooks are registered in
-:data:`hooks`, once per process (``counters.install_hooks``).
+(``on_failure``, with the store the step uses). Hooks belong to a Celery app, as
+dramatiq's middleware belongs to its broker: ``add_hook(app, hook)`` (the app adds the
+exporter's counters, ``counters.install_hooks``), and the steps of that app's tasks
+run them, in order.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from .agent import Agent
 from .state import Opening, StateStore
 from .state.store import Extra
 
-__all__ = ["StepHooks", "hooks"]
+__all__ = ["StepHooks", "add_hook", "hooks_of"]
+
+APP_ATTRIBUTE = "pipeline_hooks"
 
 
 class StepHooks:
@@ -36,5 +40,14 @@ class StepHooks:
         """Called once for a failure that will not be retried."""
 
 
-hooks: list[StepHooks] = []
-"""The hooks every step of this process runs, in order."""
+def hooks_of(app: object) -> list[StepHooks]:
+    """The step hooks of ``app``, in order (none for an app that was given none)."""
+    found: list[StepHooks] = getattr(app, APP_ATTRIBUTE, None) or []
+    return found
+
+
+def add_hook(app: object, hook: StepHooks) -> None:
+    """Give ``app``'s steps ``hook``, after the others; once per kind of hook."""
+    found = hooks_of(app)
+    if not any(type(h) is type(hook) for h in found):
+        setattr(app, APP_ATTRIBUTE, [*found, hook])

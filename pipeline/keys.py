@@ -1,4 +1,4 @@
-"""Every Redis key the pipeline uses, in one place (DESIGN section 3).
+"""Every Redis key the pipeline uses, in one place.
 
 All keys of a run share the hash tag ``{<run_id>}`` so that one Lua script may
 touch them all, on a single Redis or a cluster.

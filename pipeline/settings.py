@@ -1,4 +1,4 @@
-"""Settings read from the environment (DESIGN section 11).
+"""Settings read from the environment.
 
 Every setting is read strictly, once, when ``Settings.from_env`` builds them: a value that
 cannot be used (not a number, out of range, a chaos spec with an unknown mode) is a
@@ -11,15 +11,30 @@ refuses to start on a bad value instead of reporting ready and failing every run
 from __future__ import annotations
 
 import os
-import re
-import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from . import chaos
 from .errors import ConfigurationError
+from .urls import (
+    AMQP_FORMS,
+    AMQP_SCHEMES,
+    CLUSTER_FORMS,
+    CLUSTER_SCHEMES,
+    REDIS_FORMS,
+    REDIS_SCHEMES,
+    check_userinfo,
+    is_cluster_url,
+    redact_url,
+    scheme_of,
+)
+
+__all__ = ["DEFAULT_AGENT_MODULES", "DEFAULT_LEASE_S", "DEFAULT_MAX_PAYLOAD_BYTES",
+           "DEFAULT_QUEUE", "DEFAULT_REDIS_URL", "DEFAULT_RETENTION_S",
+           "DEFAULT_SWEEP_INTERVAL_S", "DEFAULT_VISIBILITY_TIMEOUT_S", "Settings",
+           "redact_url"]
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
@@ -169,7 +184,7 @@ class Settings:
     @property
     def broker_is_redis(self) -> bool:
         """Whether Celery's broker is a Redis (else RabbitMQ)."""
-        return _scheme(self.broker_url) in REDIS_SCHEMES
+        return scheme_of(self.broker_url) in REDIS_SCHEMES
 
     def with_redis(self, url: str) -> Settings:
         """The same settings with state, broker and results all on ``url`` (a plain Redis)."""
@@ -187,69 +202,13 @@ def _default_data_dir(env: Mapping[str, str]) -> str:
 
 
 URL_FIELDS = ("redis_url", "broker_url", "result_backend")
-REDIS_SCHEMES = ("redis", "rediss", "unix")
-CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
-"""PIPELINE_REDIS_URL only: a Redis Cluster, reached through any one of its nodes."""
-AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
-"""CELERY_BROKER_URL only: RabbitMQ."""
-
-_REDIS_FORMS = "redis://host:port/db (rediss:// for TLS, unix:// for a socket)"
-_CLUSTER_FORMS = "redis+cluster://host:port for a Redis Cluster (rediss+cluster:// for TLS)"
-_AMQP_FORMS = "amqp://user:password@host:5672/vhost for RabbitMQ (amqps:// for TLS)"
-
-
-def is_cluster_url(url: str) -> bool:
-    """Whether ``url`` names a Redis Cluster (``redis+cluster://`` or ``rediss+cluster://``)."""
-    return _scheme(url) in CLUSTER_SCHEMES
-
-
-def cluster_node_url(url: str) -> str:
-    """The ``redis://`` (or ``rediss://``) URL of the node a cluster URL names."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme.removesuffix("+cluster"), parts.netloc, parts.path,
-                       parts.query, parts.fragment))
-
-
-def tls_options(url: str) -> dict[str, object] | None:
-    """Celery's TLS options (``broker_use_ssl``, ``redis_backend_use_ssl``) for a Redis URL.
-
-    A ``rediss://`` URL verifies the server's certificate, as redis-py does for the
-    state: against ``ssl_ca_certs`` when the URL names it, else the system's CAs.
-    Left alone, kombu would not verify at all and Celery's result backend would refuse
-    the URL. ``ssl_*`` parameters in the URL take precedence (``ssl_cert_reqs=none``
-    turns verification off, knowingly).
-    """
-    if _scheme(url) != "rediss":
-        return None
-    return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
-
-
-def _scheme(url: str) -> str:
-    return urlsplit(url).scheme.lower()
-
-
-def _after_host(url: str) -> str:
-    parts = urlsplit(url)
-    return parts.path + parts.query + parts.fragment
-
-
-def _check_userinfo(name: str, url: str) -> None:
-    """An ``@`` after the host means a password whose ``/``, ``?`` or ``#`` was not
-    percent-encoded: the URL would be read with part of the password as its host or
-    path, and drivers' errors would show it."""
-    if "@" in _after_host(url):
-        raise ConfigurationError(
-            f"{name} has an '@' after its host: percent-encode the password's '/', '?', '#' "
-            "and '@' (urllib.parse.quote(password, safe='')), or use %40 for an '@' in a "
-            "query parameter"
-        )
 
 
 def _state_url(env: Mapping[str, str]) -> str:
     name = "PIPELINE_REDIS_URL"
     url = env.get(name) or DEFAULT_REDIS_URL
-    _check_userinfo(name, url)
-    scheme = _scheme(url)
+    check_userinfo(name, url)
+    scheme = scheme_of(url)
     if scheme in CLUSTER_SCHEMES:
         parts = urlsplit(url)
         if not parts.hostname or parts.path.strip("/") not in ("", "0"):
@@ -260,8 +219,8 @@ def _state_url(env: Mapping[str, str]) -> str:
         return url
     if scheme not in REDIS_SCHEMES:
         raise ConfigurationError(
-            f"{name}={redact_url(url)} is not a Redis URL; expected {_REDIS_FORMS}, or "
-            f"{_CLUSTER_FORMS}"
+            f"{name}={redact_url(url)} is not a Redis URL; expected {REDIS_FORMS}, or "
+            f"{CLUSTER_FORMS}"
         )
     return url
 
@@ -273,23 +232,23 @@ def _broker_url(env: Mapping[str, str], redis_url: str) -> str:
         if is_cluster_url(redis_url):
             raise ConfigurationError(
                 f"PIPELINE_REDIS_URL={redact_url(redis_url)} is a Redis Cluster, which Celery "
-                f"cannot use as its broker: set {name} to a plain Redis, {_REDIS_FORMS}, or "
-                f"to {_AMQP_FORMS}"
+                f"cannot use as its broker: set {name} to a plain Redis, {REDIS_FORMS}, or "
+                f"to {AMQP_FORMS}"
             )
         _check_broker_password(redis_url, f"PIPELINE_REDIS_URL={redact_url(redis_url)} (the "
                                           f"broker too, {name} being unset)")
         return redis_url
-    _check_userinfo(name, url)
-    scheme = _scheme(url)
+    check_userinfo(name, url)
+    scheme = scheme_of(url)
     if scheme in CLUSTER_SCHEMES:
         raise ConfigurationError(
             f"{name}={redact_url(url)}: Celery cannot use a Redis Cluster as its broker; "
-            f"expected a plain Redis, {_REDIS_FORMS}, or {_AMQP_FORMS}"
+            f"expected a plain Redis, {REDIS_FORMS}, or {AMQP_FORMS}"
         )
     if scheme not in REDIS_SCHEMES + AMQP_SCHEMES:
         raise ConfigurationError(
             f"{name}={redact_url(url)} is not a Redis or RabbitMQ URL; expected "
-            f"{_REDIS_FORMS}, or {_AMQP_FORMS}"
+            f"{REDIS_FORMS}, or {AMQP_FORMS}"
         )
     _check_broker_password(url, f"{name}={redact_url(url)}")
     return url
@@ -298,7 +257,7 @@ def _broker_url(env: Mapping[str, str], redis_url: str) -> str:
 def _check_broker_password(url: str, shown: str) -> None:
     """kombu cannot take a Redis password as ``?password=`` (it fails on the first send)."""
     query = urlsplit(url).query
-    if _scheme(url) in REDIS_SCHEMES and any(
+    if scheme_of(url) in REDIS_SCHEMES and any(
             item.partition("=")[0].lower() == "password" for item in query.split("&")):
         raise ConfigurationError(
             f"{shown}: Celery's Redis broker cannot take ?password=; put the password in the "
@@ -313,16 +272,16 @@ def _result_backend(env: Mapping[str, str], redis_url: str, broker_url: str) -> 
     if not url:
         if not is_cluster_url(redis_url):
             return redis_url
-        if _scheme(broker_url) in REDIS_SCHEMES:
+        if scheme_of(broker_url) in REDIS_SCHEMES:
             return broker_url
         raise ConfigurationError(
             f"PIPELINE_REDIS_URL={redact_url(redis_url)} is a Redis Cluster and the broker is "
-            f"RabbitMQ: set {name} to a plain Redis, {_REDIS_FORMS} (chords need it)"
+            f"RabbitMQ: set {name} to a plain Redis, {REDIS_FORMS} (chords need it)"
         )
-    _check_userinfo(name, url)
-    if _scheme(url) not in REDIS_SCHEMES:
+    check_userinfo(name, url)
+    if scheme_of(url) not in REDIS_SCHEMES:
         raise ConfigurationError(
-            f"{name}={redact_url(url)} is not a plain Redis URL; expected {_REDIS_FORMS}. "
+            f"{name}={redact_url(url)} is not a plain Redis URL; expected {REDIS_FORMS}. "
             "Results stay on a Redis whatever the broker (workflow chords count on it), and "
             "Celery cannot keep them on a Redis Cluster"
         )
@@ -359,45 +318,3 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
             f"{', '.join(FALSE_WORDS[:-1])} or empty (off, the default)"
         )
     return word in TRUE_WORDS
-
-
-SECRET_QUERY_KEYS = frozenset({"password", "pass", "passwd", "secret", "token", "auth"})
-_HOST = re.compile(r"(?:[\w.-]+|\[[0-9A-Fa-f:.]+\])(?::\d+)?")
-SECRET_QUERY_SUFFIXES = ("password", "passwd", "secret", "token")
-"""And any key ending so (``ssl_password``)."""
-
-
-def _secret_key(key: str) -> bool:
-    key = key.lower()
-    return key in SECRET_QUERY_KEYS or key.endswith(SECRET_QUERY_SUFFIXES)
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***`` (in the user part, and in query
-    parameters such as ``?password=``), safe for logs and errors.
-
-    Fails closed: an ``@`` after the host (a password whose ``/``, ``?`` or ``#`` was
-    not percent-encoded) hides everything before the last ``@``.
-    """
-    try:
-        parts = urlsplit(url)
-        if "@" in _after_host(url):
-            tail = redact_url(f"{parts.scheme}://{url.rpartition('@')[2]}")
-            if not _HOST.fullmatch(urlsplit(tail).netloc):
-                return "<unparseable URL>"
-            return tail.replace("://", "://***@", 1)
-        password = parts.password
-        host = parts.hostname or ""
-        if parts.port is not None:
-            host = f"{host}:{parts.port}"
-    except ValueError:  # a port that is not a number, say: show nothing of it
-        return "<unparseable URL>"
-    netloc = parts.netloc
-    if password is not None:
-        netloc = f"{parts.username or ''}:***@{host}"
-    query = "&".join(
-        f"{k}=***" if _secret_key(k) else (f"{k}={v}" if v or "=" in item else k)
-        for item in parts.query.split("&") if item
-        for k, _, v in [item.partition("=")]
-    )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

@@ -1,9 +1,9 @@
 """Workflows: a graph of agents, checked when built, compiled to a Celery canvas.
 
 ``Workflow("w", [a, parallel(b, c, d), e])`` compiles to
-``chain(step(a), chord(group(step(b), step(c), step(d)), step(e)))`` (DESIGN
-section 6). Messages carry references only: each step task receives the
-version number(s) its upstream sealed and returns the version it sealed.
+``chain(step(a), chord(group(step(b), step(c), step(d)), step(e)))``. Messages
+carry references only: each step task receives the version number(s) its upstream
+sealed and returns the version it sealed.
 """
 
 from __future__ import annotations

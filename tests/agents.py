@@ -540,9 +540,9 @@ straying = Choreography("straying", start="stray.requested", terminal=["stray.do
 def _crash_before_dispatch() -> None:
     """Wrap the dispatch of published events: die once, for a run whose test asked, after
     the delivery sealed and published and before its tasks reached the broker."""
-    import pipeline.choreography as choreography
+    import pipeline.choreography.publishing as publishing
 
-    real = choreography.dispatch
+    real = publishing.dispatch
 
     def dispatch(app: Any, run_id: str, handover: Any, *args: Any, **kwargs: Any) -> None:
         if handover.event != "e1" and os.environ.get("PIPELINE_TEST_CRASH_BEFORE_DISPATCH"):
@@ -552,7 +552,7 @@ def _crash_before_dispatch() -> None:
                 os._exit(1)
         real(app, run_id, handover, *args, **kwargs)
 
-    choreography.dispatch = dispatch  # type: ignore[assignment]
+    publishing.dispatch = dispatch  # type: ignore[assignment]
 
 
 _crash_before_dispatch()

@@ -15,6 +15,7 @@ import pytest
 from pipeline import (
     Agent,
     BreakerPolicy,
+    DefinitionError,
     Fallback,
     FallbackOn,
     StepContext,
@@ -156,18 +157,18 @@ def test_an_unknown_option_is_refused() -> None:
 def test_a_bad_number_names_the_agent_the_option_and_what_it_takes(
     option: str, value: Any, message: str
 ) -> None:
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(DefinitionError, match=re.escape(message)):
         Agent(name="a", execute=triage, **CONTRACTS, **{option: value})
 
 
 @pytest.mark.parametrize("retry_on", [TransientAgentError, [TransientAgentError], ("timeout",)])
 def test_retry_on_must_be_a_tuple_of_exception_classes(retry_on: Any) -> None:
-    with pytest.raises(TypeError, match=r"agent a: retry_on must be a tuple of exception "):
+    with pytest.raises(DefinitionError, match=r"agent a: retry_on must be a tuple of exception "):
         Agent(name="a", execute=triage, retry_on=retry_on, **CONTRACTS)
 
 
 def test_a_breaker_must_be_a_breaker_policy() -> None:
-    with pytest.raises(TypeError, match="agent a: breaker must be a BreakerPolicy"):
+    with pytest.raises(DefinitionError, match="agent a: breaker must be a BreakerPolicy"):
         Agent(name="a", execute=triage, breaker={"failure_threshold": 3},  # type: ignore[arg-type]
               **CONTRACTS)
 

@@ -204,7 +204,7 @@ def test_nothing_outstanding_and_no_terminal_event_stalls_the_run(client_only: P
 def _handle(p: Pipeline, run_id: str, step: str, task: str, *, emits: str = "",
             subscribers: tuple[str, ...] = ()) -> Any:
     """Open, seal and end one delivery the way a worker does (open, then seal + emit)."""
-    from pipeline.choreography import EMIT, Handover, _emit_args
+    from pipeline.choreography.publishing import EMIT, Handover, emit_args
 
     event, agent = step.split(":")
     opened = p.store.open_step(run_id, step=step, agent=agent, inputs=[0], max_deliveries=5,
@@ -212,7 +212,7 @@ def _handle(p: Pipeline, run_id: str, step: str, task: str, *, emits: str = "",
     assert opened.outcome == "open"
     p.store.seal(run_id, step=step, agent=agent, contract="count@1", payload={"n": 1},
                  parents=[0])
-    reply = EMIT(p.store.redis, RunKeys(run_id).all(), _emit_args(
+    reply = EMIT(p.store.redis, RunKeys(run_id).all(), emit_args(
         delivery=step, outcome="handled", task_id=task, source=step, event_type=emits,
         publisher=agent, cause=event, version="", terminal=(), failure=False,
         retention_s=60, subscribers=subscribers))
@@ -250,9 +250,9 @@ def test_a_waiting_run_ends_once_nothing_is_outstanding_and_an_unknown_delivery_
     run_id = _new_run(p)
     publish(p.store, run_id, source="start", event_type="tick.requested", publisher="client",
             version=0, subscribers=["ticker"], terminal=["tick.requested.done"])
-    from pipeline.choreography import EMIT, _emit_args
+    from pipeline.choreography.publishing import EMIT, emit_args
 
-    EMIT(p.store.redis, RunKeys(run_id).all(), _emit_args(  # no such delivery: ignored
+    EMIT(p.store.redis, RunKeys(run_id).all(), emit_args(  # no such delivery: ignored
         delivery="e9:ghost", outcome="failed", task_id="x", source="e9:ghost#failed",
         event_type="", publisher="ghost", cause="e9", version="", terminal=(), failure=False,
         retention_s=60, subscribers=()))

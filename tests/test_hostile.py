@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from marshmallow import RAISE, Schema, fields
 
-import pipeline.cli
+import pipeline.cli.group
 import tests.agents  # noqa: F401  (registers the test contracts and workflows)
 import tests.hostile_agents  # noqa: F401  (registers grow_request@1, blob@1, growing)
 from pipeline import Pipeline, RunStatus
@@ -355,7 +355,7 @@ def one_client(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> Cluster:
     client = Pipeline(settings=Settings.from_env({
         "PIPELINE_REDIS_URL": cluster.url, "PIPELINE_AGENT_MODULES": AGENT_MODULES,
         "PIPELINE_MAX_PAYLOAD_BYTES": str(FUZZ_LIMIT)}))
-    monkeypatch.setattr(pipeline.cli, "_pipeline", lambda **_: client)
+    monkeypatch.setattr(pipeline.cli.group, "client", lambda **_: client)
     return cluster
 
 

@@ -26,7 +26,7 @@ from pipeline.agent import Agent
 from pipeline.breaker import BreakerRegistry
 from pipeline.embedded import free_port
 from pipeline.errors import ConfigurationError
-from pipeline.hooks import hooks
+from pipeline.hooks import hooks_of
 from pipeline.keys import RUNS_INDEX
 from pipeline.state import StateStore
 from pipeline.step import run_step
@@ -244,13 +244,15 @@ def test_without_the_metrics_extra_the_exporter_says_what_to_install(
 def test_a_step_still_costs_two_round_trips_with_its_latency_counted(cluster: Cluster) -> None:
     """The step runs in this process so its round trips can be counted: one write to the
     socket per round trip (a pipelined batch is one write)."""
-    counters.install_hooks()
-    counters.install_hooks()
-    assert sum(isinstance(h, counters.MetricsHooks) for h in hooks) == 1
+    app = SimpleNamespace()
+    counters.install_hooks(app)
+    counters.install_hooks(app)
+    assert [type(h) for h in hooks_of(app)] == [counters.MetricsHooks]
     store = StateStore.from_settings(settings_for(cluster.url))
     metered = Agent(name="metered", execute=lambda payload, ctx: {"n": payload["n"] + 1},
                     input="count@1", output="count@1")  # its breaker rides the same trips
-    task = SimpleNamespace(request=SimpleNamespace(hostname="test", id="task", retries=0))
+    task = SimpleNamespace(app=app,
+                           request=SimpleNamespace(hostname="test", id="task", retries=0))
     for run_id in ("warm-up", "counted"):
         store.create_run(run_id, workflow="metered", payload={"n": 1}, contract="count@1")
     run_step(task, metered, store, 0, run_id="warm-up", step="0:metered", final=True)

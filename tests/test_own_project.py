@@ -133,6 +133,21 @@ def test_the_readme_own_project_runs_from_a_directory_outside_the_repository(
     assert not list(project.root.glob("celerybeat-schedule*"))
 
 
+def test_the_readme_own_project_tests_its_agents_with_pipeline_testing(
+        project: Project, cluster: Cluster) -> None:
+    (project.root / "support.py").write_text(block("# support.py"))
+    (project.root / "conftest.py").write_text(block("# conftest.py"))
+    (project.root / "test_support.py").write_text(block("# test_support.py"))
+    db = cluster.url.rsplit("/", 1)[1]
+
+    ran = project.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                       "test_support.py"],
+                      PIPELINE_TEST_REDIS_URL=cluster.url, PIPELINE_TEST_REDIS_DB=db)
+
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-2000:]
+    assert "2 passed" in ran.stdout
+
+
 def test_the_readme_own_project_serves_flower_only_with_authentication(
         project: Project) -> None:
     (project.root / "support.py").write_text(block("# support.py"))

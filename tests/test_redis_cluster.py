@@ -31,8 +31,9 @@ from pipeline.breaker import BreakerRegistry, BreakerState
 from pipeline.errors import ConfigurationError, StoreUnavailable
 from pipeline.keys import RUNS_INDEX, RunKeys, breaker_key, breaker_log_key
 from pipeline.metrics import RunCensus
-from pipeline.settings import Settings, cluster_node_url
+from pipeline.settings import Settings
 from pipeline.state import StateStore, connect
+from pipeline.urls import cluster_node_url
 from tasks.credit import ledger
 from tests.agents import QUICK_BREAKER
 from tests.conftest import AGENT_MODULES, Cluster

@@ -1,4 +1,4 @@
-"""Circuit breakers: one per agent, in Redis, gating every dispatch (DESIGN section 8)."""
+"""Circuit breakers: one per agent, in Redis, gating every dispatch ."""
 
 from .guard import Breaker
 from .policy import BreakerPolicy, BreakerState, Fallback, FallbackOn

@@ -1,4 +1,4 @@
--- Ask an agent's breaker for permission to run one call (DESIGN section 8).
+-- Ask an agent's breaker for permission to run one call.
 -- KEYS[1] = pipeline:breaker:{agent}         (hash: state, counters, opened_at, last transition)
 -- KEYS[2] = pipeline:breaker:{agent}:log     (stream: the breaker's transitions)
 -- KEYS[3] = pipeline:breaker:{agent}:probes  (zset: probe lease id -> lease expiry, ms)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from ..errors import ConfigurationError, UnknownContract
+from ..errors import ConfigurationError, DefinitionError, UnknownContract
 
 DEFAULT_FAILURE_THRESHOLD = 5
 DEFAULT_WINDOW = 20
@@ -69,10 +69,10 @@ class BreakerPolicy:
 
     def __post_init__(self) -> None:
         if self.failure_threshold < 1 or self.window < 1 or self.half_open_max_calls < 1:
-            raise ValueError("failure_threshold, window and half_open_max_calls must be >= 1")
+            raise DefinitionError("failure_threshold, window and half_open_max_calls must be >= 1")
         if not 0.0 <= self.failure_rate <= 1.0:
-            raise ValueError(f"failure_rate {self.failure_rate} must be between 0 and 1")
+            raise DefinitionError(f"failure_rate {self.failure_rate} must be between 0 and 1")
         if self.min_calls < 1 or self.min_calls > self.window:
-            raise ValueError(f"min_calls {self.min_calls} must be between 1 and window")
+            raise DefinitionError(f"min_calls {self.min_calls} must be between 1 and window")
         if self.reset_timeout_s <= 0:
-            raise ValueError("reset_timeout_s must be positive")
+            raise DefinitionError("reset_timeout_s must be positive")

@@ -11,9 +11,9 @@ import redis
 from redis.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
 
-from ..errors import StoreError, StoreUnavailable
+from ..errors import StoreUnavailable, TransientStoreError
 from ..lua import Client
-from ..settings import cluster_node_url, is_cluster_url, redact_url
+from ..urls import cluster_node_url, is_cluster_url, redact_url
 
 __all__ = ["CLIENT_OPTIONS", "connect", "translate_errors", "url_of"]
 
@@ -55,7 +55,7 @@ def translate_errors(url: str) -> Iterator[None]:
     except redis.RedisError as e:  # read-only replica, OOM, MISCONF, NOPERM...
         if isinstance(e, redis.exceptions.ClusterDownError):  # a failover under way
             raise StoreUnavailable(f"Redis Cluster at {redact_url(url)} is down: {e}") from e
-        raise StoreError(f"Redis at {redact_url(url)} refused the command: {e}") from e
+        raise TransientStoreError(f"Redis at {redact_url(url)} refused the command: {e}") from e
 
 
 def url_of(client: Client) -> str:

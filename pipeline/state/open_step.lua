@@ -1,4 +1,4 @@
--- Open a step: the first of the step's two round trips (DESIGN section 5).
+-- Open a step: the first of the step's two round trips.
 -- KEYS[1] = pipeline:{run}:states      (stream of sealed versions)
 -- KEYS[2] = pipeline:{run}:steps       (hash step key -> version)
 -- KEYS[3] = pipeline:{run}:run         (hash: the run's record)

@@ -1,4 +1,4 @@
-"""The sealed version and the run's record (DESIGN section 4)."""
+"""The sealed version and the run's record."""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
-"""The step lifecycle, run inside a worker for every agent (DESIGN section 5).
+"""The step lifecycle, run inside a worker for every agent.
 
 open (one round trip) -> check input -> execute -> check output -> seal (one
 round trip). A step whose key is sealed already returns that version and does
 nothing else, so a redelivered or duplicated message is harmless.
 
-Every step runs the process's step hooks (``hooks.py``): more Redis calls on the
+Every step runs its app's step hooks (``hooks.py``): more Redis calls on the
 same two round trips, a refusal once opened, and every failure that is not retried.
 """
 
@@ -34,7 +34,7 @@ from ..errors import (
     StoreUnavailable,
     VersionNotFound,
 )
-from ..hooks import hooks
+from ..hooks import StepHooks, hooks_of
 from ..reads import LineageReads
 from ..state import StateStore, Version, input_digest, input_payload
 from ..state.version import sealable
@@ -79,6 +79,7 @@ def run_step(
     the run. Only ``Ignore`` (the run is over) and ``Retry`` pass untouched.
     """
     started = time.monotonic()
+    hooks = hooks_of(task.app)
     fan_in = not isinstance(upstream, int)
     inputs = [int(v) for v in upstream] if isinstance(upstream, Sequence) else [int(upstream)]
     worker = str(task.request.hostname or os.uname().nodename)
@@ -93,7 +94,7 @@ def run_step(
 
     def fail(exc: BaseException) -> int | None:
         """Log a failure for good; the version its fallback sealed instead, or None."""
-        _fail(agent, run_id, step, exc, store, attempt=attempt, gate=gate, ctx=ctx)
+        _fail(agent, run_id, step, exc, store, attempt=attempt, gate=gate, ctx=ctx, hooks=hooks)
         if not (executed and ctx is not None and falls_back_on(agent, exc)):
             return None
         if isinstance(exc, ContractViolation) and exc.side == "output":
@@ -224,7 +225,8 @@ def run_step(
         if task.request.retries < STORE_RETRIES:
             raise task.retry(exc=e, countdown=_store_countdown_s(task.request.retries),
                              max_retries=STORE_RETRIES) from e
-        _fail(agent, run_id, step, e, store, attempt=attempt, gate=gate, ctx=ctx)
+        _fail(agent, run_id, step, e, store, attempt=attempt, gate=gate, ctx=ctx,
+              hooks=hooks)
         raise
     except ContractViolation as e:  # never retried: the same input breaks it again
         if (fallen := fail(e)) is not None:
@@ -245,7 +247,8 @@ def run_step(
               reason=str(e)[:2000], **ctx_fields(ctx))
         raise Ignore() from None
     except CONFIGURATION_FAULTS as e:  # never retried: the same configuration fails again
-        _fail(agent, run_id, step, e, store, attempt=attempt, gate=gate, ctx=ctx)
+        _fail(agent, run_id, step, e, store, attempt=attempt, gate=gate, ctx=ctx,
+              hooks=hooks)
         raise
     except agent.retry_on as e:
         if task.request.retries < agent.max_retries:
@@ -322,7 +325,7 @@ def _execute(agent: Agent, payload: Any, ctx: StepContext, chaos_spec: str,
 
 def _fail(
     agent: Agent, run_id: str, step: str, exc: BaseException, store: StateStore, *,
-    attempt: int, gate: Gate, ctx: StepContext | None = None,
+    attempt: int, gate: Gate, ctx: StepContext | None = None, hooks: Sequence[StepHooks] = (),
 ) -> None:
     fields = failure_fields(agent.name, step, exc, attempt)
     fields.update(gate.trace_fields())

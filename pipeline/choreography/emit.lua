@@ -19,7 +19,7 @@
 -- ARGV[12..] = the subscribers of the event (agent names), as routed by the publisher;
 --              for a failure event, ARGV[12] is why the delivery failed (the saga's reason)
 -- The saga begins here, atomically with what ends the run's progress (a failure event, or
--- nothing outstanding and no terminal event), exactly as saga_begin.lua does: no sibling
+-- nothing outstanding and no terminal event), exactly as saga/begin.lua does: no sibling
 -- can end the run 'succeeded' in between. The caller then enqueues the saga's planner.
 -- Returns one of:
 --   {'missing'}                        no such run
@@ -48,7 +48,7 @@ local function keep_with_run()  -- the ledger and events expire with the run, or
   end
 end
 
-local function begin_saga(reason, agent)  -- as saga_begin.lua
+local function begin_saga(reason, agent)  -- as saga/begin.lua
   if redis.call('HSETNX', KEYS[6], 'started', '1') == 0 then return false end
   redis.call('HSET', KEYS[3], 'status', 'compensating', 'error', reason, 'failed_agent', agent,
     'updated_at', now)

@@ -1,9 +1,11 @@
-"""``pipeline worker`` and ``pipeline flower``: the pipeline's processes, from any directory.
+"""``pipeline worker``, ``pipeline flower`` and ``pipeline demo``: the pipeline's processes,
+from any directory.
 
-Thin wrappers that replace themselves with ``celery -A pipeline.worker ...`` (signals go
-straight to Celery): a worker of the agents in ``PIPELINE_AGENT_MODULES`` (with ``--beat``,
-also the sweeper's schedule, kept under ``PIPELINE_DATA_DIR``), and Flower with the
-package's ``flowerconfig``, which refuses to start without ``FLOWER_BASIC_AUTH``.
+``worker`` and ``flower`` are thin wrappers that replace themselves with
+``celery -A pipeline.worker ...`` (signals go straight to Celery): a worker of the agents in
+``PIPELINE_AGENT_MODULES`` (with ``--beat``, also the sweeper's schedule, kept under
+``PIPELINE_DATA_DIR``), and Flower with the package's ``flowerconfig``, which refuses to
+start without ``FLOWER_BASIC_AUTH``. ``demo`` starts and stops its own processes.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from importlib import resources
 
 import click
 
-from .cli import main
-from .settings import Settings
+from ..settings import Settings
+from .demo import run_demo
+from .group import main
 
 CELERY = [sys.executable, "-m", "celery", "-A", "pipeline.worker"]
 
@@ -64,3 +67,20 @@ def _become(argv: list[str]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(argv[0], argv)
+
+
+@main.command()
+@click.option("--input", "source", default=None, help="JSON list of payloads (default: the "
+              "deployment's sample batch).")
+@click.option("--concurrency", default=2, show_default=True, help="Worker pool processes.")
+@click.option("--timeout", type=float, default=60.0, show_default=True)
+@click.option("--flower", is_flag=True, help="Also start Flower (basic auth) and print its URL "
+              "and credentials.")
+@click.option("--hold", "hold_s", type=float, default=None,
+              help="With --flower: keep Flower up this many seconds at the end (default: "
+                   "until Enter on a terminal).")
+def demo(source: str | None, concurrency: int, timeout: float, flower: bool,
+         hold_s: float | None) -> None:
+    """Start Redis (if needed) and a worker pool, run a batch, show the results."""
+    run_demo(source=source, concurrency=concurrency, timeout_s=timeout, flower=flower,
+             hold_s=hold_s)

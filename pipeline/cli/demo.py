@@ -23,16 +23,17 @@ from typing import Any
 
 import click
 
-from .agent import agents, import_agent_modules
-from .cli import format_history, read_json_input, table, wait_all
-from .cli_observe import format_events
-from .client import Pipeline, Run
-from .embedded import EmbeddedRedis, answers, free_port
-from .errors import ConfigurationError, PipelineError, StoreUnavailable
-from .flow import Flow
-from .lineage import named
-from .local import FlowerProcess, WorkerProcess
-from .settings import DEFAULT_REDIS_URL, Settings, redact_url
+from ..agent import agents, import_agent_modules
+from ..client import Pipeline, Run
+from ..embedded import EmbeddedRedis, answers, free_port
+from ..errors import ConfigurationError, PipelineError, StoreUnavailable
+from ..flow import Flow
+from ..ledger import events, explain
+from ..lineage import named
+from ..local import FlowerProcess, WorkerProcess
+from ..settings import DEFAULT_REDIS_URL, Settings, redact_url
+from .group import read_json_input, wait_all
+from .output import format_events, format_history, table
 
 RESET_REASON = "reset by pipeline demo"
 
@@ -213,8 +214,6 @@ def _show_compensation(runs: list[Run]) -> None:
 
 def _show_choreography(p: Pipeline, spec: dict[str, Any], timeout_s: float) -> None:
     """Run the event-driven flow on each sample: its ledger, and why an agent did not react."""
-    from .ledger import events, explain
-
     flow = p.workflow(spec["workflow"])
     _reset_breakers(p, flow)
     click.echo(f"\nchoreography {flow.name}: {flow.shape()}")

@@ -3,62 +3,28 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
-from .cli import _echo_json, _known_agents, _pipeline, _time, json_option, main, table
-from .errors import InputError
-
-if TYPE_CHECKING:
-    from .ledger import EventView
-    from .observe import Call, Usage
-    from .state import RunInfo
-
-
-def _calls_table(run_calls: Sequence[Call], start: int) -> str:
-    rows: list[tuple[str, ...]] = [("+ms", "step", "agent", "try", "worker", "queue", "status",
-                                    "latency", "in", "read", "out", "breaker", "fallback",
-                                    "tokens", "error")]
-    for c in run_calls:
-        rows.append((
-            str(c.started_at - start), c.step, c.agent, str(c.attempt), c.worker, c.queue,
-            c.status + (" (degraded)" if c.degraded and c.status == "ok" else ""),
-            "" if c.latency_ms is None else f"{c.latency_ms:.0f} ms",
-            ",".join(map(str, c.inputs)), ",".join(map(str, c.read)),
-            "" if c.output is None else str(c.output),
-            c.breaker, c.fallback,
-            str(c.prompt_tokens + c.completion_tokens) if c.prompt_tokens or c.completion_tokens
-            else "",
-            f"{c.error_type}: {c.error}"[:80] if c.error_type else c.error[:80],
-        ))
-    return table(rows)
-
-
-def _tokens_line(per: dict[str, Usage], total: Usage) -> str:
-    parts = [f"{agent} {u.total:,}" for agent, u in sorted(per.items()) if u.total]
-    return (f"tokens: {total.total:,} (prompt {total.prompt_tokens:,}, completion "
-            f"{total.completion_tokens:,})" + (f"; by agent: {', '.join(parts)}" if parts else ""))
-
-
-def _header(info: RunInfo, total: Usage) -> list[str]:
-    took = ((info.finished_at or info.updated_at) - info.created_at) * 1000
-    lines = [f"run       {info.run_id}",
-             f"workflow  {info.workflow}",
-             f"status    {info.status.value}" + (" (degraded)" if info.degraded else ""),
-             f"created   {_time(info.created_at)}",
-             f"duration  {took:.0f} ms" + ("" if info.finished_at else " so far"),
-             f"tokens    {total.total:,} (prompt {total.prompt_tokens:,}, completion "
-             f"{total.completion_tokens:,}) in {total.calls} calls"]
-    if info.replay_of:
-        lines.append(f"replay of {info.replay_of}")
-    if info.replays:
-        lines.append(f"replayed  as {', '.join(info.replays)}")
-    if info.error:
-        lines.append(f"error     {info.failed_agent}: {info.error}")
-    return lines
+from ..errors import InputError
+from ..ledger import events as read_events
+from ..ledger import explain as explain_agent
+from ..lineage import lineage_dot, lineage_tree, named, reached, render_svg
+from ..observe import compensations, report, waiting_on
+from ..observe import runs as recent_runs
+from ..state import RunStatus
+from . import group
+from .group import fleet_agents, json_option, main
+from .output import (
+    calls_table,
+    echo_json,
+    format_events,
+    run_header,
+    table,
+    timestamp,
+    tokens_line,
+)
 
 
 @main.command()
@@ -66,17 +32,15 @@ def _header(info: RunInfo, total: Usage) -> list[str]:
 @json_option
 def trace(run_id: str, as_json: bool) -> None:
     """Every call of a run, one row per attempt, with its tokens; then the run's log."""
-    from .observe import report
-
-    r = report(_pipeline().store, run_id)
+    r = report(group.client().store, run_id)
     if as_json:
-        _echo_json({"run_id": run_id, "workflow": r.info.workflow,
-                    "status": r.info.status.value, "calls": [c.to_dict() for c in r.calls],
-                    "tokens": r.tokens(), "log": r.log})
+        echo_json({"run_id": run_id, "workflow": r.info.workflow,
+                   "status": r.info.status.value, "calls": [c.to_dict() for c in r.calls],
+                   "tokens": r.tokens(), "log": r.log})
         return
     click.echo(f"run {run_id} of {r.info.workflow}: {r.info.status.value}")
-    click.echo(_calls_table(r.calls, r.start))
-    click.echo(_tokens_line(r.by_agent, r.total))
+    click.echo(calls_table(r.calls, r.start))
+    click.echo(tokens_line(r.by_agent, r.total))
     click.echo("\nlog:")
     for e in r.log:
         rest = {k: v for k, v in e.items() if k not in ("id", "at", "event")}
@@ -89,17 +53,14 @@ def trace(run_id: str, as_json: bool) -> None:
 @json_option
 def inspect(run_id: str, as_json: bool) -> None:
     """One page on a run: header, lineage tree, calls, compensations."""
-    from .lineage import lineage_tree, named, reached
-    from .observe import compensations, report, waiting_on
-
-    p = _pipeline()
+    p = group.client()
     r = report(p.store, run_id)
     info = r.info
     history = p.store.history(run_id)
     undone = compensations(r.log)
     waiting = waiting_on(info, r.log)
     if as_json:
-        _echo_json({
+        echo_json({
             "run": {**info.to_dict(), "tokens": r.total.to_dict(), "waiting": waiting},
             "versions": [v.to_dict() for v in history],
             "calls": [c.to_dict() for c in r.calls],
@@ -107,7 +68,7 @@ def inspect(run_id: str, as_json: bool) -> None:
             "compensations": undone,
         })
         return
-    for line in _header(info, r.total):
+    for line in run_header(info, r.total):
         click.echo(line)
     if waiting:
         click.echo(f"waiting: {waiting}")
@@ -119,8 +80,8 @@ def inspect(run_id: str, as_json: bool) -> None:
         click.echo("  not in the output's lineage: " + ", ".join(
             named(v) for v in others))
     click.echo("\ncalls:")
-    click.echo(_calls_table(r.calls, r.start))
-    click.echo(_tokens_line(r.by_agent, r.total))
+    click.echo(calls_table(r.calls, r.start))
+    click.echo(tokens_line(r.by_agent, r.total))
     if undone:
         click.echo("\ncompensation:")
         for e in undone:
@@ -147,10 +108,8 @@ def graph(run_id: str, target: str | None, fmt: str | None) -> None:
     and nothing written, without it: write `-o run.dot` and render it elsewhere),
     `-o run.dot` writes DOT. A --format that contradicts the file name is refused.
     """
-    from .lineage import lineage_dot, render_svg
-
     fmt = _graph_format(target, fmt)
-    p = _pipeline()
+    p = group.client()
     dot = lineage_dot(p.store.run_info(run_id), p.store.history(run_id))
     data: bytes = dot.encode()
     if fmt == "svg":
@@ -191,43 +150,19 @@ def _graph_format(target: str | None, fmt: str | None) -> str:
 @json_option
 def runs(status: str | None, workflow: str | None, limit: int, as_json: bool) -> None:
     """List recent runs, newest first, from the index kept in Redis."""
-    from .observe import runs as recent
-    from .state import RunStatus
-
     if status is not None and status not in {s.value for s in RunStatus}:
         raise InputError(f"--status {status!r} is not a run status (one of "
                          f"{', '.join(s.value for s in RunStatus)})")
-    rows = recent(_pipeline().store, status=status, workflow=workflow, limit=limit)
+    rows = recent_runs(group.client().store, status=status, workflow=workflow, limit=limit)
     if as_json:
-        _echo_json([r.to_dict() for r in rows])
+        echo_json([r.to_dict() for r in rows])
         return
     out = [("run", "workflow", "status", "created", "ms", "versions", "error")]
     for r in rows:
         took = "" if r.finished_at is None else f"{(r.finished_at - r.created_at) * 1000:.0f}"
         out.append((r.run_id, r.workflow, r.status + (" (degraded)" if r.degraded else ""),
-                    _time(r.created_at), took, str(r.head + 1), r.error[:60]))
+                    timestamp(r.created_at), took, str(r.head + 1), r.error[:60]))
     click.echo(table(out))
-
-
-def format_events(views: Sequence[EventView]) -> str:
-    """The ledger as a table: one row per delivery, under the event it delivers."""
-    start = views[0].at if views else 0
-    rows: list[tuple[str, ...]] = [("event", "type", "cause", "by", "version", "+ms", "delivery",
-                                    "state", "attempts", "latency", "detail")]
-    for v in views:
-        head = (v.event_id, v.type + (" (terminal)" if v.terminal else "")
-                + (" (failure)" if v.failure else ""), v.cause or "-", v.publisher,
-                str(v.version) if v.version >= 0 else "-", str(v.at - start))
-        if v.failure:
-            rows.append(head + ("-", "saga", "", "", "handed to the saga"))
-        elif not v.deliveries:  # a terminal event no agent subscribes to: the run's end
-            rows.append(head + ("-", "", "", "", "no subscriber"))
-        for i, d in enumerate(v.deliveries):
-            detail = (f"v{d.version}" if d.version is not None else "") or d.error[:60]
-            rows.append((head if i == 0 else ("",) * 6) + (
-                d.agent, d.state, str(d.attempts or ""),
-                "" if d.latency_ms is None else f"{d.latency_ms:.0f} ms", detail))
-    return table(rows)
 
 
 @main.command()
@@ -235,12 +170,10 @@ def format_events(views: Sequence[EventView]) -> str:
 @json_option
 def events(run_id: str, as_json: bool) -> None:
     """Show a choreographed run's events: cause, subscribers, and each delivery's state."""
-    from .ledger import events as read_events
-
-    p = _pipeline()
+    p = group.client()
     views = read_events(p.store, run_id)
     if as_json:
-        _echo_json([v.to_dict() for v in views])
+        echo_json([v.to_dict() for v in views])
         return
     info = p.store.run_info(run_id)
     click.echo(f"run {run_id} of {info.workflow}: {info.status.value}")
@@ -260,12 +193,10 @@ def events(run_id: str, as_json: bool) -> None:
 @json_option
 def explain(run_id: str, agent: str, as_json: bool) -> None:
     """Why AGENT did or did not react in RUN: its subscriptions, the events, each delivery."""
-    from .ledger import explain as explain_agent
-
-    p = _pipeline()
-    why = explain_agent(p.store, run_id, agent, _known_agents(p).get(agent))
+    p = group.client()
+    why = explain_agent(p.store, run_id, agent, fleet_agents(p).get(agent))
     if as_json:
-        _echo_json(why.to_dict())
+        echo_json(why.to_dict())
         return
     click.echo(f"agent {why.agent}: on {', '.join(why.on) or '(nothing)'}; emits "
                f"{why.emits or '(nothing)'}; input {why.input_contract or '?'}")

@@ -1,6 +1,6 @@
 -- Record the compensation plan: stages of step keys, newest stage first. Kept
 -- when called again (a redelivered compensate_run) unless told to replace it
--- (a re-drive, which plans only what is still owed). saga_done.lua then moves on.
+-- (a re-drive, which plans only what is still owed). done.lua then moves on.
 -- KEYS[1] = pipeline:{run}:run   (hash: the run's record)
 -- KEYS[2] = pipeline:{run}:log   (stream: what happened)
 -- KEYS[3] = pipeline:{run}:saga  (hash: plan, stage, c:<step> -> claimed|self|done|dead)
