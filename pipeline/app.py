@@ -183,7 +183,7 @@ def create_app(
 
     worker_ready.connect(publish_agents, weak=False)
     if settings.otel:
-        from . import otel  # the `otel` extra
+        from .observe import otel  # the `otel` extra
 
         otel.install(app)
     for a in agents:

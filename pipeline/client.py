@@ -149,7 +149,7 @@ class Pipeline:
             # once per step key.
         tracing: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
         if self.settings.otel:  # the span every step of the run descends from
-            from . import otel  # the `otel` extra, only when tracing is on
+            from .observe import otel  # the `otel` extra, only when tracing is on
 
             tracing = otel.run_span(wf.name, run_id)
         with tracing:
@@ -247,7 +247,7 @@ class Pipeline:
         self.store.link_replay(run_id, from_version, new_id, route.start)
         tracing: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
         if self.settings.otel:  # the replay is a run of its own: its own trace
-            from . import otel  # the `otel` extra, only when tracing is on
+            from .observe import otel  # the `otel` extra, only when tracing is on
 
             tracing = otel.run_span(flow.name, new_id)
         try:

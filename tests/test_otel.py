@@ -20,8 +20,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from pipeline import Pipeline, RunStatus, otel
-from pipeline.ledger import events
+from pipeline import Pipeline, RunStatus
+from pipeline.observe import otel
+from pipeline.observe.ledger import events
 from tasks import SAMPLES
 from tests.conftest import ROOT, Cluster, settings_for, wait_for
 from tests.otel_agents import SPANS_KEY, record
@@ -253,8 +254,8 @@ def test_without_pipeline_otel_no_handler_is_connected_and_pipeline_otel_not_imp
         connected = [key for s in (signals.before_task_publish, signals.task_prerun,
                                    signals.task_postrun, signals.task_failure,
                                    signals.task_retry)
-                     for key, _ in s.receivers if "pipeline.otel" in str(key)]
-        print(connected, "pipeline.otel" in sys.modules)
+                     for key, _ in s.receivers if "pipeline.observe.otel" in str(key)]
+        print(connected, "pipeline.observe.otel" in sys.modules)
     """, PIPELINE_AGENT_MODULES="tasks")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[] False"
@@ -297,7 +298,7 @@ def test_a_tracing_error_is_logged_and_never_raised(
     from pipeline.app import create_app
 
     app = create_app(settings_for(redis_url, otel=True))
-    caplog.set_level(logging.ERROR, logger="pipeline.otel")
+    caplog.set_level(logging.ERROR, logger="pipeline.observe.otel")
     task = _BrokenTask(app)
     otel._start(sender=task, task_id="t-1", args=(0,), kwargs={"run_id": "r", "step": "0:x"})
     otel._failed(sender=task, task_id="t-1", exception=RuntimeError("step failed"))

@@ -30,7 +30,7 @@ from pipeline.app import create_app
 from pipeline.breaker import BreakerRegistry, BreakerState
 from pipeline.errors import ConfigurationError, StoreUnavailable
 from pipeline.keys import RUNS_INDEX, RunKeys, breaker_key, breaker_log_key
-from pipeline.metrics import RunCensus
+from pipeline.observe.metrics import RunCensus
 from pipeline.settings import Settings
 from pipeline.state import StateStore, connect
 from pipeline.urls import cluster_node_url

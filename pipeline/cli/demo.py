@@ -28,9 +28,9 @@ from ..client import Pipeline, Run
 from ..embedded import EmbeddedRedis, answers, free_port
 from ..errors import ConfigurationError, PipelineError, StoreUnavailable
 from ..flow import Flow
-from ..ledger import events, explain
-from ..lineage import named
 from ..local import FlowerProcess, WorkerProcess
+from ..observe.ledger import events, explain
+from ..observe.lineage import named
 from ..settings import DEFAULT_REDIS_URL, Settings, redact_url
 from .group import read_json_input, wait_all
 from .output import format_events, format_history, table

@@ -16,7 +16,7 @@ from ..contracts import contracts as contract_registry
 from ..errors import UnknownAgent
 from ..flow import workflows as workflow_registry
 from ..invariants import verify as check_invariants
-from ..metrics import serve
+from ..observe.metrics import serve
 from ..settings import Settings
 from ..sweeper import sweep as sweep_once
 from . import group

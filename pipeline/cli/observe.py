@@ -8,11 +8,11 @@ from pathlib import Path
 import click
 
 from ..errors import InputError
-from ..ledger import events as read_events
-from ..ledger import explain as explain_agent
-from ..lineage import lineage_dot, lineage_tree, named, reached, render_svg
 from ..observe import compensations, report, waiting_on
 from ..observe import runs as recent_runs
+from ..observe.ledger import events as read_events
+from ..observe.ledger import explain as explain_agent
+from ..observe.lineage import lineage_dot, lineage_tree, named, reached, render_svg
 from ..state import RunStatus
 from . import group
 from .group import fleet_agents, json_option, main

@@ -10,9 +10,9 @@ from typing import Any
 
 import click
 
-from ..ledger import EventView
-from ..lineage import NO_AGENT
 from ..observe import Call, Usage
+from ..observe.ledger import EventView
+from ..observe.lineage import NO_AGENT
 from ..state import RunInfo
 
 

@@ -35,8 +35,8 @@ from celery.signals import (
     task_retry,
 )
 
-from .errors import ConfigurationError
-from .names import (
+from ..errors import ConfigurationError
+from ..names import (
     AGENT_TASK_PREFIX,
     COMPENSATE_RUN_TASK,
     COMPENSATE_TASK_PREFIX,

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 from collections.abc import Sequence
 
-from .state import RunInfo, Version
+from ..state import RunInfo, Version
 
 __all__ = ["NO_AGENT", "lineage_dot", "lineage_tree", "named", "reached", "render_svg"]
 

@@ -19,15 +19,15 @@ from typing import TYPE_CHECKING, Any, cast
 
 import redis
 
-from .agent import Agent, agents, import_agent_modules
-from .breaker import BreakerRegistry, Snapshot
-from .counters import COMPENSATIONS, FAILURES, LATENCY, LATENCY_BUCKETS_MS
-from .errors import ConfigurationError, StoreError
-from .flow import workflows
-from .keys import DEAD_LETTERS, RUNS_INDEX, RunKeys
-from .lua import decoding_client
-from .settings import Settings
-from .state import RunStatus, StateStore, translate_errors
+from ..agent import Agent, agents, import_agent_modules
+from ..breaker import BreakerRegistry, Snapshot
+from ..counters import COMPENSATIONS, FAILURES, LATENCY, LATENCY_BUCKETS_MS
+from ..errors import ConfigurationError, StoreError
+from ..flow import workflows
+from ..keys import DEAD_LETTERS, RUNS_INDEX, RunKeys
+from ..lua import decoding_client
+from ..settings import Settings
+from ..state import RunStatus, StateStore, translate_errors
 
 if TYPE_CHECKING:  # the `metrics` extra's types; the extra is imported when the exporter starts
     from wsgiref.simple_server import WSGIServer

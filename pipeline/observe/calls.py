@@ -1,5 +1,5 @@
 """What happened in a run, read back from its log: the calls (one row per attempt), token
-usage, the compensations, the runs index (the lineage of its versions is ``lineage.py``).
+usage, the compensations, the runs index (the lineage of its versions is ``lineage``).
 
 Nothing here writes (except dropping expired runs from the index); every figure is derived
 from what the runner, the saga and the breaker gate already log in the run's stream, so a
@@ -13,8 +13,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
-from .keys import RUNS_INDEX, RunKeys
-from .state import RunInfo, RunStatus, StateStore, translate_errors
+from ..keys import RUNS_INDEX, RunKeys
+from ..state import RunInfo, RunStatus, StateStore, translate_errors
 
 __all__ = ["Call", "CallReport", "Usage", "calls", "compensations", "report", "runs", "usage",
            "waiting_on"]

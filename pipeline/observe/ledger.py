@@ -23,12 +23,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
-from .agent import Agent
-from .catalog import AgentCard
-from .errors import UnknownAgent
-from .events import matches
-from .keys import RunKeys
-from .state import StateStore, translate_errors
+from ..agent import Agent
+from ..catalog import AgentCard
+from ..errors import UnknownAgent
+from ..events import matches
+from ..keys import RunKeys
+from ..state import StateStore, translate_errors
 
 __all__ = ["DeliveryView", "EventView", "Explanation", "events", "explain"]
 
