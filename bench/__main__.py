@@ -22,6 +22,8 @@ SCRIPTS = ("overhead", "roundtrips", "growth", "breakers")
 QUICK = {"breakers": ["--calls", "20", "--rounds", "1", "--duration", "0.1"]}
 """How to run each script at a tiny size (the others take ``--quick``)."""
 BARE = "bare celery"
+DEFAULTS = "bare celery, defaults"
+"""Bare Celery as a user configures it by default (``bench.default_app``)."""
 
 Row = list[str]
 
@@ -36,6 +38,11 @@ def overhead_rows(r: dict[str, Any]) -> list[Row]:
          f"{lat[BARE]['median']:.1f}", f"{r['ratio_latency_median']:.2f}x", ""],
         ["latency p95 (ms)", f"{lat['pipeline']['p95']:.1f}", f"{lat[BARE]['p95']:.1f}",
          f"{r['ratio_latency_p95']:.2f}x", ""],
+        ["  vs bare Celery with its defaults: throughput", f"{tp['pipeline']:.1f}",
+         f"{tp[DEFAULTS]:.1f}", f"{r['ratio_throughput_defaults']:.2f}x", ""],
+        ["  vs bare Celery with its defaults: latency median",
+         f"{lat['pipeline']['median']:.1f}", f"{lat[DEFAULTS]['median']:.1f}",
+         f"{r['ratio_latency_median_defaults']:.2f}x", ""],
         [f"  ({shape}, {r['rounds']} alternating rounds)", "", "", "", ""],
     ]
 

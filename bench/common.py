@@ -112,12 +112,14 @@ def worker_env(state_url: str, broker_url: str | None = None, **extra: str) -> d
             "PIPELINE_CHAOS": "", "PIPELINE_OTEL": "", **extra}
 
 
-def worker(env: Mapping[str, str], *, concurrency: int, queues: Sequence[str] = ()) -> Any:
-    """A real ``celery -A config worker`` (prefork) serving the no-op agents and bare tasks."""
+def worker(env: Mapping[str, str], *, concurrency: int, queues: Sequence[str] = (),
+           app: str = "config") -> Any:
+    """A real ``celery -A <app> worker`` (prefork): by default the pipeline's, serving the
+    no-op agents and bare tasks."""
     from pipeline.local import WorkerProcess
 
-    return WorkerProcess(env=env, concurrency=concurrency, queues=queues, cwd=str(ROOT),
-                         name=f"bench{uuid.uuid4().hex[:6]}")
+    return WorkerProcess(app=app, env=env, concurrency=concurrency, queues=queues,
+                         cwd=str(ROOT), name=f"bench{uuid.uuid4().hex[:6]}")
 
 
 def client(state_url: str, broker_url: str | None = None) -> Any:

@@ -6,8 +6,11 @@ checked on both sides of each handoff, the breaker (closed) gating every step,
 every output sealed as a version, the run's trace and the step metrics. Against
 it, the same canvas of plain Celery tasks: ``chain(task, chord(group(3 tasks),
 task))`` on the same queues, sent by the same Celery app (JSON, acks_late,
-prefetch 1, the same time limits), served by the same prefork pool. Rounds
-alternate (pipeline, bare, then bare, pipeline, ...).
+prefetch 1, the same time limits), served by the same prefork pool. And a second
+baseline that shares nothing of the pipeline's settings: bare Celery as a user
+configures it by default (``bench.default_app``: its own app and worker, Celery's
+default prefetch, acks late), on a pool of the same size, measured in each round
+after the other two, their pool stopped. Rounds alternate the order of the kinds.
 
 - throughput: ``--in-flight`` workflows started at once, workflows/s until the last ends;
 - latency: end to end (start to result in hand), one workflow at a time.
@@ -41,6 +44,8 @@ from bench.common import (
     worker,
     worker_env,
 )
+from bench.default_app import QUEUE as DEFAULT_QUEUE
+from bench.default_app import DefaultKind
 from bench.noop_agents import CREDIT_QUEUES, bare_credit, noop_credit
 
 PAYLOAD = {"n": 0}
@@ -51,18 +56,31 @@ def measure(url: str, *, concurrency: int, in_flight: int, latency_runs: int,
     p = client(url)
     pipeline = PipelineKind(p, noop_credit.name, PAYLOAD)
     bare = BareKind(bench_app(p.settings), bare_credit)
+    defaults = DefaultKind(url)
     kinds: list[Kind] = [pipeline, bare]
+    rates: dict[str, list[float]] = {k.name: [] for k in [*kinds, defaults]}
+    times: dict[str, list[float]] = {k.name: [] for k in [*kinds, defaults]}
+
+    def measure_round(kinds: list[Kind], r: int) -> None:
+        """The throughput, then the latency, of each kind, in alternating order."""
+        for kind in in_order(kinds, r):
+            rates[kind.name].append(throughput(kind, in_flight))
+        for kind in in_order(kinds, r):
+            times[kind.name] += latencies_ms(kind, latency_runs)
+
     queues = [*CREDIT_QUEUES, p.settings.default_queue]
-    with worker(worker_env(url), concurrency=concurrency, queues=queues):
-        warm_up(kinds, concurrency)
-        rates: dict[str, list[float]] = {k.name: [] for k in kinds}
-        times: dict[str, list[float]] = {k.name: [] for k in kinds}
-        for r in range(rounds):  # a round: the throughput, then the latency, of each kind
-            for kind in in_order(kinds, r):
-                rates[kind.name].append(throughput(kind, in_flight))
-            for kind in in_order(kinds, r):
-                times[kind.name] += latencies_ms(kind, latency_runs)
-        release_results(p.app)
+    for r in range(rounds):
+        # the pipeline and the bare canvas on the pipeline's pool, then the default-configured
+        # baseline on a pool of its own, the other one stopped: each round, so that a machine
+        # that drifts weighs on all three alike, and never two pools side by side
+        with worker(worker_env(url), concurrency=concurrency, queues=queues):
+            warm_up(kinds, concurrency)
+            measure_round(kinds, r)
+            release_results(p.app)
+        with worker(worker_env(url), concurrency=concurrency, queues=[DEFAULT_QUEUE],
+                    app="bench.default_app"):
+            warm_up([defaults], concurrency)
+            measure_round([defaults], r)
     steps = len(noop_credit.agents())
     tp = {name: median(v) for name, v in rates.items()}
     lat = {name: {"median": median(v), "p95": p95(v)} for name, v in times.items()}
@@ -75,6 +93,8 @@ def measure(url: str, *, concurrency: int, in_flight: int, latency_runs: int,
         "ratio_throughput": tp["pipeline"] / tp["bare celery"],
         "ratio_latency_median": lat["pipeline"]["median"] / lat["bare celery"]["median"],
         "ratio_latency_p95": lat["pipeline"]["p95"] / lat["bare celery"]["p95"],
+        "ratio_throughput_defaults": tp["pipeline"] / tp[defaults.name],
+        "ratio_latency_median_defaults": lat["pipeline"]["median"] / lat[defaults.name]["median"],
         "added_ms_per_step": (lat["pipeline"]["median"] - lat["bare celery"]["median"]) / steps,
     }
 
@@ -87,6 +107,8 @@ def report(r: dict[str, Any]) -> str:
     ]
     rows.append(["pipeline / bare", f"{r['ratio_throughput']:.2f}x",
                  f"{r['ratio_latency_median']:.2f}x", f"{r['ratio_latency_p95']:.2f}x"])
+    rows.append(["pipeline / bare, defaults", f"{r['ratio_throughput_defaults']:.2f}x",
+                 f"{r['ratio_latency_median_defaults']:.2f}x", ""])
     head = (f"overhead: {r['workflow']} ({r['shape']}), prefork pool of {r['concurrency']}, "
             f"{r['rounds']} alternating rounds of {r['in_flight']} in flight and "
             f"{r['latency_runs']} one at a time")

@@ -49,6 +49,7 @@ def test_the_breaker_benchmark_runs_and_reports_every_kind(second_redis_url: str
 
 MEASURED = ("overhead", "roundtrips", "growth")
 BARE = "bare celery"
+DEFAULTS = "bare celery, defaults"
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,8 @@ def test_every_benchmark_runs_at_a_tiny_size_and_prints_one_table(quick_bench: Q
                 "state round trips per step", "all Redis round trips per step",
                 "throughput, pool of 1", "throughput, pool of 2", "fan-out of 2",
                 "fan-out of 4", "read version 1 of 10 versions",
-                "read version 1 of 100 versions", "bytes per finished run"):
+                "read version 1 of 100 versions", "bytes per finished run",
+                "vs bare Celery with its defaults: throughput"):
         assert row in table, f"no row {row!r} in:\n{table}"
     assert "not measured" not in table
 
@@ -102,11 +104,13 @@ def test_the_overhead_benchmark_reports_throughput_latency_and_their_ratios(
         quick_bench: QuickBench) -> None:
     overhead = quick_bench.section("overhead")
     assert overhead["steps"] == 5 and overhead["in_flight"] == 4
-    for kind in ("pipeline", BARE):
+    # the second baseline: bare Celery as a user configures it by default, on its own pool
+    for kind in ("pipeline", BARE, DEFAULTS):
         assert overhead["throughput_wf_per_s"][kind] > 0
         assert len(overhead["throughput_rounds"][kind]) == overhead["rounds"]
         assert 0 < overhead["latency_ms"][kind]["median"] <= overhead["latency_ms"][kind]["p95"]
-    for ratio in ("ratio_throughput", "ratio_latency_median", "ratio_latency_p95"):
+    for ratio in ("ratio_throughput", "ratio_latency_median", "ratio_latency_p95",
+                  "ratio_throughput_defaults", "ratio_latency_median_defaults"):
         assert overhead[ratio] > 0
 
 
