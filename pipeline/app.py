@@ -29,8 +29,7 @@ from .names import (
 from .settings import Settings
 from .state import RunStatus, StateStore
 from .step import HARD_TIME_LIMIT_GRACE_S, STORE_RETRY_BACKOFF_MAX_S, run_step
-from .transport import TRANSPORT
-from .urls import scheme_of, tls_options
+from .urls import tls_options
 
 __all__ = ["check_chaos_agents", "create_app", "store_for"]
 
@@ -155,8 +154,6 @@ def create_app(
         }},
     )
     # rediss://: verify the server's certificate (kombu would not, by default).
-    if scheme_of(settings.broker_url) in ("redis", "rediss"):
-        app.conf.broker_transport = TRANSPORT  # one publishing client per pool
     if (broker_tls := tls_options(settings.broker_url)) is not None:
         app.conf.broker_use_ssl = broker_tls
     if (backend_tls := tls_options(settings.result_backend)) is not None:
