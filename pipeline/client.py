@@ -32,7 +32,6 @@ from .state.version import Sealable, sealable
 __all__ = ["Pipeline", "Run", "RunResult"]
 
 IDEMPOTENCY_NAMESPACE = uuid.UUID("5b0c43a4-6f5e-4d8e-9a55-2f3f1c7c9e11")
-"""The log entries a run ends with (every final status is logged as ``run.<status>``)."""
 ENQUEUE_GRACE_S = 30.0
 """How long a run that was created but not enqueued belongs to the start that created it."""
 MAX_IDEMPOTENCY_KEY_CHARS = 256

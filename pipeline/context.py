@@ -94,12 +94,8 @@ class StepContext:
     reads: LineageReads | None = None
     """What the step may read of earlier versions (built by the runner); see ``version``."""
     cancel: CancelCheck | None = None
-    """Whether the run still wants the step's output; see ``cancelled`` (made when None)."""
-
-    def __post_init__(self) -> None:
-        if self.cancel is None:
-            object.__setattr__(self, "cancel", CancelCheck(partial(_run_status, self.redis,
-                                                                   self.run_id)))
+    """Whether the run still wants the step's output; see ``cancelled`` (made on the first
+    ask: a step that never asks builds nothing)."""
 
     @property
     def cancelled(self) -> bool:
@@ -132,7 +128,10 @@ class StepContext:
         return True
 
     def _cancel_check(self) -> CancelCheck:
-        assert self.cancel is not None  # made in __post_init__
+        if self.cancel is None:  # frozen: set once, on the first ask
+            object.__setattr__(self, "cancel", CancelCheck(partial(_run_status, self.redis,
+                                                                   self.run_id)))
+        assert self.cancel is not None
         return self.cancel
 
     @property

@@ -38,6 +38,7 @@ FAILURES = f"{METRICS_PREFIX}:failures"
 COMPENSATIONS = f"{METRICS_PREFIX}:compensations"
 """Hash ``<agent>:done`` / ``<agent>:dead`` -> compensations recorded with that outcome."""
 
+
 def _hincrby(key: str, field: str, amount: int) -> Extra:
     def queue(batch: Batch) -> int:
         return batch.command("HINCRBY", key, field, amount)

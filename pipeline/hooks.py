@@ -24,7 +24,7 @@ APP_ATTRIBUTE = "pipeline_hooks"
 
 
 class StepHooks:
-    """No-op hooks; subclass and append to :data:`hooks` to extend every step."""
+    """No-op hooks; subclass and give an app one (``add_hook``) to extend its steps."""
 
     def open_extra(self, agent: Agent) -> Sequence[Extra]:
         return ()

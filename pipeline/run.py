@@ -14,6 +14,7 @@ __all__ = ["DEFAULT_WAIT_TIMEOUT_S", "Run", "RunResult"]
 DEFAULT_WAIT_TIMEOUT_S = 60.0
 WAIT_BLOCK_MS = 1000
 FINAL_EVENTS = frozenset(f"run.{s.value}" for s in RunStatus if s.is_final)
+"""The log entries a run ends with (every final status is logged as ``run.<status>``)."""
 
 
 class Client(Protocol):

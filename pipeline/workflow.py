@@ -180,9 +180,7 @@ class Workflow:
                 route: Route | None = None) -> None:
         """Send the run's canvas to the broker; a replay's from the stage its ``route``
         starts at, with the version that route says the run starts from."""
-        if route is None:
-            send(app, self.compile(app, run_id))
-            return
+        route = route or self.route
         send(app, compile_route(app, route, run_id, start=int(route.start or 0),
                                 upstream=route.input_version))
 

@@ -12,7 +12,13 @@ from celery import Celery
 from .. import catalog
 from ..agent import Agent, AgentRegistry, agents
 from ..contracts import Contract, ContractRegistry, check_handoff, contracts
-from ..errors import ContractMismatch, InputError, RunNotParked, WorkflowDefinitionError
+from ..errors import (
+    ContractMismatch,
+    DefinitionError,
+    InputError,
+    RunNotParked,
+    WorkflowDefinitionError,
+)
 from ..events import check_event_type
 from ..flow import parked_again_on_failure, workflows
 from ..route import FlowKind, Route, newest_first, queues_of
@@ -51,7 +57,7 @@ class Choreography:
             check_event_type(start, f"choreography {name}: start")
             for t in terminal:
                 check_event_type(t, f"choreography {name}: terminal")
-        except ValueError as e:
+        except DefinitionError as e:
             raise WorkflowDefinitionError(str(e)) from None
         self.name = name
         self.start_event = start
