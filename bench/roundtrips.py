@@ -97,6 +97,28 @@ def per_step(lines: list[dict[str, Any]], label: str) -> dict[str, Any]:
             "by_command": {k: v / n for k, v in sorted(commands.items())}}
 
 
+def by_step(lines: list[dict[str, Any]]) -> dict[str, float]:
+    """All round trips (every server) per step of the workflow, averaged over its runs: a
+    sequential step by its key; a parallel stage's members by rank within their run (the
+    one with the most round trips is the one that joined), as ``<stage>.<rank>``."""
+    runs: dict[str, dict[str, int]] = {}
+    for t in lines:
+        trips = sum(v["round_trips"] for v in t.values() if isinstance(v, dict))
+        runs.setdefault(t["run_id"], {})[t["step"]] = trips
+    totals: Counter[str] = Counter()
+    for steps in runs.values():
+        stages: dict[str, list[int]] = {}
+        for key, trips in steps.items():
+            stage, _, _ = key.partition(":")
+            stages.setdefault(stage.split(".")[0] if "." in stage else key, []).append(trips)
+        for name, trips in stages.items():
+            if len(trips) == 1:
+                totals[name] += trips[0]
+            else:
+                totals.update({f"{name}.{rank}": n for rank, n in enumerate(sorted(trips))})
+    return {name: n / len(runs) for name, n in sorted(totals.items())}
+
+
 def measure(*, workflows: int, concurrency: int) -> dict[str, Any]:
     with EmbeddedRedis() as state, EmbeddedRedis() as broker, settled(), \
             tempfile.TemporaryDirectory(prefix="bench-count-") as count_dir:
@@ -146,7 +168,7 @@ def _summarise(phases: dict[str, Any], *, workflows: int, steps: int, offset: in
     for name, phase in phases.items():
         lines = phase["lines"]
         out[name] = {"tasks": len(lines), "state": per_step(lines, "state"),
-                     "broker": per_step(lines, "broker")}
+                     "broker": per_step(lines, "broker"), "by_step": by_step(lines)}
     ours = phases["pipeline"]
     by_steps: Counter[str] = Counter()
     for t in ours["lines"]:
@@ -195,6 +217,11 @@ def report(r: dict[str, Any]) -> str:
                  f"{bare['broker']['round_trips']:.2f}",
                  f"{ours['broker']['min_round_trips']}..{ours['broker']['max_round_trips']}", ""])
     rows.append(["extra round trips", f"{r['extra_round_trips_per_step']:.2f}", "", "", ""])
+    steps = [[name, f"{n:.1f}", f"{bare['by_step'].get(name, 0.0):.1f}", "", ""]
+             for name, n in ours["by_step"].items()]
+    rows.append(["all round trips, by step (a parallel stage's members by rank, the last "
+                 "joins)", "", "", "", ""])
+    rows += [[f"  {name}", *rest] for name, *rest in steps]
     s = r["state_server"]
     scripts = ", ".join(f"{k} {v:.1f}" for k, v in s["script_commands_per_workflow"].items())
     client_cmds = ", ".join(f"{k} {v:.1f}" for k, v in s["client_commands_per_workflow"].items())

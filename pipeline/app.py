@@ -12,7 +12,7 @@ from celery import Celery, Task
 from celery.signals import task_postrun, worker_ready
 from kombu import Queue
 
-from . import catalog, chaos, choreography, counters, lease, saga, sweeper
+from . import catalog, chaos, choreography, counters, join, lease, saga, sweeper
 from .agent import Agent, agents, import_agent_modules
 from .breaker import BreakerRegistry, Fallback
 from .errors import ConfigurationError, StoreError, TransientStoreError
@@ -114,6 +114,7 @@ def create_app(
         if isinstance(flow, choreography.Choreography) and agents_required:
             flow.check()
     app = Celery(main, broker=settings.broker_url, backend=settings.result_backend)
+    join.install(app)  # Celery's Redis result backend, with a chord of steps joined in the seal
     app.conf.update(
         # JSON only: pickle is remote code execution for anyone who can write to the broker.
         task_serializer="json",

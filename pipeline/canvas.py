@@ -16,6 +16,7 @@ from typing import Any
 from celery import Celery, chain, chord, group
 from celery.canvas import Signature
 
+from .join import joins_in_seal
 from .names import ERRBACK_TASK, step_task
 from .route import Route, agent_of
 from .state import StateStore
@@ -56,10 +57,11 @@ def compile_route(
 
 def _signature(app: Celery, route: Route, run_id: str, key: str, *,
                upstream: int | list[int] | None, joined: bool, final: bool) -> Signature:
-    """One step's task. Only a chord member's result is stored (the chord joins on it);
-    every other step ignores its Celery result, since the sealed version is the result.
-    That saves a backend write per step and keeps the client from subscribing to each
-    run's result channel."""
+    """One step's task. No step stores its Celery result: the sealed version is the
+    result, and a chord of steps joins in the seal (``join.py``). Only an app whose
+    backend is not the pipeline's stores its members' results, for Celery's join. That
+    saves a backend write per step and keeps the client from subscribing to each run's
+    result channel."""
     kwargs: dict[str, Any] = {"run_id": run_id, "step": key}
     if final:
         kwargs["final"] = True
@@ -69,7 +71,7 @@ def _signature(app: Celery, route: Route, run_id: str, key: str, *,
         args=() if upstream is None else (upstream,),
         kwargs=kwargs,
         queue=route.queue_of(agent),
-        ignore_result=not joined,
+        ignore_result=not joined or joins_in_seal(app),
     )
     sig.link_error(app.signature(ERRBACK_TASK))
     return sig

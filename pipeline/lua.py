@@ -71,11 +71,14 @@ def route(client: Client, key: str) -> dict[str, Any]:
 
 
 class Script:
-    """One Lua file and its SHA1."""
+    """One Lua file and its SHA1; ``include`` names files of the same package whose
+    functions it uses, put before it (Redis scripts cannot load one another)."""
 
-    def __init__(self, package: str, filename: str) -> None:
+    def __init__(self, package: str, filename: str, *, include: Sequence[str] = ()) -> None:
         self.name = filename
-        self.source = resources.files(package).joinpath(filename).read_text(encoding="utf-8")
+        files = resources.files(package)
+        self.source = "".join(files.joinpath(name).read_text(encoding="utf-8")
+                              for name in (*include, filename))
         self.sha = hashlib.sha1(self.source.encode("utf-8")).hexdigest()
 
     def __call__(self, client: Client, keys: Sequence[str], args: Sequence[Arg]) -> Any:

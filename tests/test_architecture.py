@@ -25,7 +25,7 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(("contracts", "state", "agent", "context", "reads", "breaker.policy",
                      "route", "hooks"), 1),
     # 2. the breaker registry, counters, the heartbeat, flows and their canvases, the catalog
-    **dict.fromkeys(("breaker", "counters", "lease", "canvas", "flow", "workflow",
+    **dict.fromkeys(("breaker", "counters", "lease", "canvas", "join", "flow", "workflow",
                      "catalog"), 2),
     # 3. the saga, choreography
     **dict.fromkeys(("saga", "choreography"), 3),

@@ -1,6 +1,7 @@
 """Immutable, versioned run state in Redis streams."""
 
 from .connection import connect, translate_errors
+from .joins import rejoin
 from .replies import Created, Opening, OpeningOutcome, Sealing, SealingOutcome
 from .store import StateStore
 from .version import (
@@ -28,5 +29,6 @@ __all__ = [
     "digest_of",
     "input_digest",
     "input_payload",
+    "rejoin",
     "translate_errors",
 ]

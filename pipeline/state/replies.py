@@ -96,16 +96,26 @@ class Sealing:
     version: int | None = None
     status: str | None = None
     extra: tuple[Any, ...] = ()
+    joined: tuple[int, ...] = ()
+    """The versions of the stage this seal completed, in stage order, when it joined a
+    chord (see ``StateStore.seal``); else empty."""
 
     @classmethod
     def from_reply(cls, reply: Sequence[Any], extra: tuple[Any, ...]) -> Sealing:
         """Parse ``seal.lua``'s reply (``extra``: what the hooks queued behind it)."""
         outcome = SealingOutcome(reply[0])
-        if outcome in (SealingOutcome.NEW, SealingOutcome.SEALED):
+        if outcome is SealingOutcome.NEW:
+            return cls(outcome, version=int(reply[1]), extra=extra, joined=versions(reply[3]))
+        if outcome is SealingOutcome.SEALED:
             return cls(outcome, version=int(reply[1]), extra=extra)
         if outcome is SealingOutcome.ABORTED:
             return cls(outcome, status=reply[1], extra=extra)
         return cls(outcome, extra=extra)
+
+
+def versions(joined: str) -> tuple[int, ...]:
+    """Comma-separated version numbers (a join's, from a script) as ints."""
+    return tuple(int(v) for v in joined.split(",")) if joined else ()
 
 
 def _pairs(flat: Sequence[str]) -> dict[str, str]:

@@ -16,9 +16,16 @@
 -- ARGV[9] = '1' when the output is degraded, else '0'
 -- ARGV[10] = worker host name
 -- ARGV[11] = the step's latency so far, milliseconds
--- ARGV[12..] = more field, value pairs for the step's trace entry (token usage)
--- Returns {'new', version, at_ms}, {'sealed', version} (this step key was sealed
+-- ARGV[12] = the Celery group id of the chord this step is a member of, '' for none
+-- ARGV[13..] = more field, value pairs for the step's trace entry (token usage)
+-- Returns {'new', version, at_ms, joined}, {'sealed', version} (this step key was sealed
 -- before: the same version, nothing written), {'missing'} or {'aborted', status}.
+--
+-- The chord's join: a member of a parallel stage (ARGV[12] set) whose seal completes
+-- the stage (every step key of it sealed, this one last) joins it. It records the join
+-- in the run's record (`join:<stage>` = `<group>|<step>`: atomic, so exactly one seal
+-- joins a stage) and returns `joined`, the stage's versions in stage order as
+-- comma-separated numbers, for the chord's body; '' for any other seal.
 local sealed = redis.call('HGET', KEYS[2], ARGV[1])
 if sealed then return {'sealed', sealed} end
 local status = redis.call('HGET', KEYS[3], 'status')
@@ -37,11 +44,26 @@ if ARGV[9] == '1' then redis.call('HSET', KEYS[3], 'degraded', '1') end
 local entry = {'event', 'step.sealed', 'at', now, 'step', ARGV[1], 'agent', ARGV[2],
   'version', v, 'parents', ARGV[6], 'worker', ARGV[10], 'latency_ms', ARGV[11],
   'degraded', ARGV[9]}
-for i = 12, #ARGV do entry[#entry + 1] = ARGV[i] end
+for i = 13, #ARGV do entry[#entry + 1] = ARGV[i] end
+local joined = ''
+if ARGV[12] ~= '' then
+  local stage, keys = stage_of(redis.call('HGET', KEYS[3], 'route'), ARGV[1])
+  if stage then
+    local versions = redis.call('HMGET', KEYS[2], unpack(keys))
+    local complete = true
+    for _, sv in ipairs(versions) do if not sv then complete = false end end
+    if complete then
+      joined = table.concat(versions, ',')
+      redis.call('HSET', KEYS[3], 'join:' .. stage, ARGV[12] .. '|' .. ARGV[1])
+      entry[#entry + 1] = 'joined'
+      entry[#entry + 1] = joined
+    end
+  end
+end
 redis.call('XADD', KEYS[4], '*', unpack(entry))
 if ARGV[7] == '1' then
   redis.call('HSET', KEYS[3], 'status', 'succeeded', 'output_version', v, 'finished_at', now)
   redis.call('XADD', KEYS[4], '*', 'event', 'run.succeeded', 'at', now, 'version', v)
   for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[8]) end
 end
-return {'new', v, now}
+return {'new', v, now, joined}

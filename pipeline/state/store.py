@@ -30,7 +30,7 @@ from .version import RunInfo, RunStatus, Sealable, Version, sealable
 _PKG = "pipeline.state"
 CREATE_RUN = Script(_PKG, "create_run.lua")
 OPEN_STEP = Script(_PKG, "open_step.lua")
-SEAL = Script(_PKG, "seal.lua")
+SEAL = Script(_PKG, "seal.lua", include=["stages.lua"])
 FINISH = Script(_PKG, "finish.lua")
 NOTE = Script(_PKG, "note.lua")
 MARK_ENQUEUED = Script(_PKG, "mark_enqueued.lua")
@@ -205,11 +205,14 @@ class StateStore:
         extra: Sequence[Extra] = (),
         form: Sealable | None = None,
         trace: dict[str, str | int] | None = None,
+        group: str = "",
     ) -> Sealing:
         """Append ``payload`` as the run's next version, once per step key.
 
         A step key sealed before returns its version and writes nothing.
-        ``trace`` adds fields to the step's trace entry (token usage).
+        ``trace`` adds fields to the step's trace entry (token usage). A member of a
+        chord (``group``, its Celery group id) whose seal completes its stage joins it:
+        ``Sealing.joined`` holds the stage's versions for the chord's body.
         Raises ``PayloadTooLarge`` or ``ContractViolation`` (not JSON) before
         anything reaches Redis.
         """
@@ -232,6 +235,7 @@ class StateStore:
                 "1" if degraded else "0",
                 worker,
                 f"{latency_ms:.3f}",
+                group,
                 *(x for pair in (trace or {}).items() for x in pair),
             ],
         )

@@ -10,6 +10,7 @@ from typing import Any
 from celery import Task
 from celery.exceptions import Ignore
 
+from .. import join
 from ..agent import Agent, StepContext
 from ..breaker.policy import Fallback
 from ..breaker.registry import Permit
@@ -73,7 +74,8 @@ def take_fallback(
         sealing = store.seal(run_id, step=step, agent=agent.name, contract=agent.output,
                              payload=payload, parents=[v.version for v in inputs],
                              final=final, degraded=True, worker=worker,
-                             extra=[delivery.seal_extra(store, task_id)] if delivery else ())
+                             extra=[delivery.seal_extra(store, task_id)] if delivery else (),
+                             group=join.member_group(task.request))
         if sealing.outcome == "missing":
             raise RunNotFound(f"run {run_id} disappeared while step {step} fell back")
         if sealing.outcome == "aborted":
@@ -84,6 +86,8 @@ def take_fallback(
         if delivery is not None:
             delivery.hand_over_or_retry(task, store, sealing.extra[-1])
         assert sealing.version is not None
+        if sealing.joined:
+            join.hand_over(task.request, sealing.joined)
         return sealing.version
 
     if policy is Fallback.SKIP:

@@ -20,7 +20,7 @@ from typing import Any
 from celery import Task
 from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
 
-from .. import chaos
+from .. import chaos, join
 from ..agent import Agent, StepContext
 from ..breaker.policy import CONFIGURATION_FAULTS, Fallback, FallbackOn
 from ..choreography import Delivery
@@ -36,7 +36,7 @@ from ..errors import (
 )
 from ..hooks import StepHooks, hooks_of
 from ..reads import LineageReads
-from ..state import StateStore, Version, input_digest, input_payload
+from ..state import StateStore, Version, input_digest, input_payload, rejoin
 from ..state.version import sealable
 from .fallback import take_fallback
 from .gate import Gate, outcome_of
@@ -133,6 +133,8 @@ def run_step(
             assert opening.sealed_version is not None
             if delivery is not None and opening.handover:
                 delivery.hand_over_again(task, store, task_id)
+            if group := join.member_group(task.request):  # its body may never have gone
+                join.hand_over(task.request, rejoin(store, run_id, step, group))
             return opening.sealed_version
         if opening.outcome == "duplicate":  # recorded by the open script
             raise Ignore()
@@ -206,6 +208,7 @@ def run_step(
             + ([delivery.seal_extra(store, task_id)] if delivery is not None else []),
             form=form,
             trace={**ctx_fields(ctx), **gate.trace_fields()},
+            group=join.member_group(task.request),
         )
         gate.after_seal(sealing.extra)
     except (Ignore, Retry):
@@ -276,6 +279,8 @@ def run_step(
         compensate_self(agent, store, run_id, step, opening.inputs, output, attempt)
         raise Ignore()
     assert sealing.version is not None
+    if sealing.joined:  # the backend sends the chord's body once this task returns
+        join.hand_over(task.request, sealing.joined)
     if delivery is not None:
         delivery.hand_over_or_retry(task, store, sealing.extra[-1])
     return sealing.version
