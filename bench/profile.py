@@ -19,16 +19,16 @@ Usage: python -m bench.profile [--workflows N] [--top K]
 from __future__ import annotations
 
 import argparse
-import hashlib
 import pstats
+import sys
 import tempfile
 from collections import defaultdict
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import redis
 
+import pipeline.app  # noqa: F401 - every module of the pipeline, and so every script
 from bench.common import (
     BareKind,
     Kind,
@@ -42,6 +42,7 @@ from bench.common import (
 )
 from bench.noop_agents import CREDIT_QUEUES, bare_credit, noop_credit
 from pipeline.embedded import EmbeddedRedis
+from pipeline.lua import Script
 
 PROFILE_DIR_ENV = "BENCH_PROFILE_DIR"
 STEPS = 5
@@ -105,14 +106,11 @@ def cumulative(stats: Any, path: str, name: str) -> tuple[float, int]:
 
 
 def script_names() -> dict[str, str]:
-    """SHA1 -> file name of every Lua script the pipeline ships."""
-    names = {}
-    for package in ("pipeline.state", "pipeline.breaker"):
-        for entry in resources.files(package).iterdir():
-            if entry.name.endswith(".lua"):
-                names[hashlib.sha1(entry.read_text(encoding="utf-8").encode()).hexdigest()] = \
-                    entry.name
-    return names
+    """SHA1 -> file name of every Lua script the pipeline ships (as loaded: with the files
+    it includes)."""
+    return {v.sha: v.name for module in list(sys.modules.values())
+            if module is not None and module.__name__.startswith("pipeline")
+            for v in vars(module).values() if isinstance(v, Script)}
 
 
 def server_time(url: str, kind: Kind, workflows: int, queues: list[str]

@@ -573,3 +573,7 @@ def dangle_first(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
 guard_park = _guarded("guard_park", "park", on=["guard.requested"], emits="guard.done")
 guarding = Choreography("guarding", start="guard.requested", terminal=["guard.done"],
                         input="count@1")
+
+# -- a stage of three joined in the seal, and the hooks at the join's edges (test_join.py) --
+
+from tests import join_agents  # noqa: E402, F401  (every test worker loads its agents)
