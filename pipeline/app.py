@@ -113,7 +113,9 @@ def create_app(
     for flow in workflows:  # every subscriber is known now: check the event flows
         if isinstance(flow, choreography.Choreography) and agents_required:
             flow.check()
-    app = Celery(main, broker=settings.broker_url, backend=settings.result_backend)
+    # a task's message and its task-sent event in one round trip (sending.py)
+    app = Celery(main, broker=settings.broker_url, backend=settings.result_backend,
+                 amqp="pipeline.sending:AMQP")
     join.install(app)  # Celery's Redis result backend, with a chord of steps joined in the seal
     app.conf.update(
         # JSON only: pickle is remote code execution for anyone who can write to the broker.

@@ -24,9 +24,10 @@ LAYERS: dict[str, int] = {
     # 1. contracts, versioned state, agents and what a step may know, breaker policy, routes
     **dict.fromkeys(("contracts", "state", "agent", "context", "reads", "breaker.policy",
                      "route", "hooks"), 1),
-    # 2. the breaker registry, counters, the heartbeat, flows and their canvases, the catalog
-    **dict.fromkeys(("breaker", "counters", "lease", "canvas", "join", "flow", "workflow",
-                     "catalog"), 2),
+    # 2. the breaker registry, counters, the heartbeat, flows and their canvases, the chord's
+    # join and the task sender Celery uses, the catalog
+    **dict.fromkeys(("breaker", "counters", "lease", "canvas", "join", "sending", "flow",
+                     "workflow", "catalog"), 2),
     # 3. the saga, choreography
     **dict.fromkeys(("saga", "choreography"), 3),
     # 4. a step inside a worker, the sweeper, the invariants

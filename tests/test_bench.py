@@ -145,6 +145,21 @@ def test_a_pipeline_step_costs_at_most_two_state_round_trips(quick_bench: QuickB
 
 
 @pytest.mark.workers
+def test_all_redis_round_trips_of_a_step_average_at_most_four(quick_bench: QuickBench) -> None:
+    """Every server, counted in the task processes: a step's open and seal, and what it
+    sends on. The chord joins in the seal: a member that does not join sends nothing more,
+    the one that joins sends the body, and no step stores a Celery result."""
+    ours = quick_bench.section("roundtrips")["pipeline"]
+    assert ours["state"]["round_trips"] + ours["broker"]["round_trips"] <= 4.0, ours
+    by_step = ours["by_step"]
+    assert set(by_step) == {"0:noop_score", "1.0", "1.1", "1.2", "2:noop_approval"}
+    assert by_step["1.0"] == by_step["1.1"] == 2  # open, seal
+    assert by_step["1.2"] == 3  # open, seal, the body (its message and event in one)
+    assert by_step["0:noop_score"] == 5  # open, seal, the three members
+    assert by_step["2:noop_approval"] == 2  # the last step sends nothing
+
+
+@pytest.mark.workers
 def test_the_profile_breaks_a_step_down_on_both_sides_of_the_wire() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "bench.profile", "--workflows", "20", "--top", "3"],

@@ -22,7 +22,7 @@ FIRST_QUEUE = "agents.credit_score"
 GOOD = str(SAMPLES / "good.json")
 DECLINED = str(SAMPLES / "declined.json")
 INVALID = str(SAMPLES / "invalid.json")
-# DESIGN section 11's keys, and `degraded` (added by the breaker issue; keys are only added)
+# the run's documented JSON keys, and `degraded` (added with the breakers; keys are only added)
 RUN_KEYS = {"run_id", "workflow", "status", "version", "output", "error", "degraded"}
 VERSION_KEYS = {"run_id", "version", "parents", "agent", "contract", "payload", "digest",
                 "created_at", "step", "degraded"}

@@ -170,3 +170,21 @@ def test_a_complete_stage_sent_again_as_a_chord_joins_once_more(pipeline: Pipeli
     seed = int(pipeline.store.redis.hget(RunKeys(run_id).steps, "0:seed"))  # type: ignore[arg-type]
     send(pipeline.app, compile_route(pipeline.app, route, run_id, start=1, upstream=seed))
     assert_joined_once(pipeline, run_id, 8, rejoined=1)
+
+
+def test_a_run_that_recorded_no_route_joins_by_its_workflows_route(pipeline: Pipeline) -> None:
+    """A run created by a client from before routes were recorded: the seal cannot tell
+    the stage, so the member that completes it joins by the route its worker knows."""
+    run_id = str(uuid.uuid4())
+    pipeline.store.create_run(run_id, workflow="trio", payload={"n": 3}, contract="count@1")
+    assert pipeline.store.redis.hget(RunKeys(run_id).run, "route") is None
+    pipeline.workflow("trio").enqueue(pipeline.app, pipeline.store, run_id)
+    pipeline.store.mark_enqueued(run_id)
+    result = pipeline.run(run_id).wait(30)
+    assert result.status is RunStatus.SUCCEEDED, result.error
+    assert result.output == {"n": 3 * 3 + 111}
+    joined = [e for e in pipeline.store.log(run_id) if e.get("joined")]
+    assert [e["event"] for e in joined] == ["stage.joined"]
+    by_step = {v.step: v.version for v in pipeline.run(run_id).history()}
+    assert joined[0]["joined"] == ",".join(str(by_step[k]) for k in MEMBERS)  # stage order
+    assert executions(pipeline.store.redis, run_id, "gather") == 1

@@ -1,5 +1,5 @@
 """Workflows: a bad graph fails when it is built, never mid-run; a good one compiles
-to the canvas of DESIGN section 6, carrying references only."""
+to a chain of chords, carrying references only."""
 
 from __future__ import annotations
 

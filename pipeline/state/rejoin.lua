@@ -5,8 +5,11 @@
 -- KEYS[4] = pipeline:{run}:log         (stream: what happened)
 -- ARGV[1] = the member's step key
 -- ARGV[2] = the Celery group id of its chord
+-- ARGV[3] = the trace entry to write when it joins: stage.rejoined, or stage.joined (the
+--           first join of a run that recorded no route, which its seal could not make)
+-- ARGV[4] = the run's route (JSON) when its record holds none, else ''
 -- Returns {joined} (the stage's versions, comma-separated, in stage order: send the
--- chord's body with them) or {} (nothing to send).
+-- chord's body with them), {} (nothing to send) or {'?'} (no route to go by).
 --
 -- The member that sealed last joined the stage in its seal (seal.lua). Its worker may
 -- have died before it sent the body: the member's message is delivered again, opens
@@ -16,7 +19,9 @@
 -- the chord that joined does not.
 local status = redis.call('HGET', KEYS[2], 'status')
 if status ~= 'running' then return {} end
-local stage, keys, stages = stage_of(redis.call('HGET', KEYS[2], 'route'), ARGV[1])
+local route = redis.call('HGET', KEYS[2], 'route') or ARGV[4]
+if route == '' then return {'?'} end
+local stage, keys, stages = stage_of(route, ARGV[1])
 if not stage or not stages[stage + 2] then return {} end
 local versions = redis.call('HMGET', KEYS[1], unpack(keys))
 for _, v in ipairs(versions) do if not v then return {} end end
@@ -35,6 +40,6 @@ local joined = table.concat(versions, ',')
 redis.call('HSET', KEYS[2], field, ARGV[2] .. '|' .. ARGV[1])
 local t = redis.call('TIME')
 local now = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
-redis.call('XADD', KEYS[4], '*', 'event', 'stage.rejoined', 'at', now, 'step', ARGV[1],
+redis.call('XADD', KEYS[4], '*', 'event', ARGV[3], 'at', now, 'step', ARGV[1],
   'stage', tostring(stage), 'joined', joined)
 return {joined}

@@ -96,9 +96,10 @@ class Sealing:
     version: int | None = None
     status: str | None = None
     extra: tuple[Any, ...] = ()
-    joined: tuple[int, ...] = ()
+    joined: tuple[int, ...] | None = ()
     """The versions of the stage this seal completed, in stage order, when it joined a
-    chord (see ``StateStore.seal``); else empty."""
+    chord (see ``StateStore.seal``); else empty; None for a chord member of a run that
+    recorded no route (the seal could not tell: ``pipeline.state.rejoin`` can)."""
 
     @classmethod
     def from_reply(cls, reply: Sequence[Any], extra: tuple[Any, ...]) -> Sealing:
@@ -113,8 +114,10 @@ class Sealing:
         return cls(outcome, extra=extra)
 
 
-def versions(joined: str) -> tuple[int, ...]:
-    """Comma-separated version numbers (a join's, from a script) as ints."""
+def versions(joined: str) -> tuple[int, ...] | None:
+    """Comma-separated version numbers (a join's, from a script) as ints; None for '?'."""
+    if joined == "?":
+        return None
     return tuple(int(v) for v in joined.split(",")) if joined else ()
 
 

@@ -25,7 +25,8 @@
 -- the stage (every step key of it sealed, this one last) joins it. It records the join
 -- in the run's record (`join:<stage>` = `<group>|<step>`: atomic, so exactly one seal
 -- joins a stage) and returns `joined`, the stage's versions in stage order as
--- comma-separated numbers, for the chord's body; '' for any other seal.
+-- comma-separated numbers, for the chord's body; '' for any other seal; '?' for a member
+-- of a run that recorded no route (the caller joins with a route of its own, rejoin.lua).
 local sealed = redis.call('HGET', KEYS[2], ARGV[1])
 if sealed then return {'sealed', sealed} end
 local status = redis.call('HGET', KEYS[3], 'status')
@@ -47,7 +48,9 @@ local entry = {'event', 'step.sealed', 'at', now, 'step', ARGV[1], 'agent', ARGV
 for i = 13, #ARGV do entry[#entry + 1] = ARGV[i] end
 local joined = ''
 if ARGV[12] ~= '' then
-  local stage, keys = stage_of(redis.call('HGET', KEYS[3], 'route'), ARGV[1])
+  local route = redis.call('HGET', KEYS[3], 'route')
+  local stage, keys = stage_of(route, ARGV[1])
+  if not route then joined = '?' end  -- a run from before routes: the caller finds its own
   if stage then
     local versions = redis.call('HMGET', KEYS[2], unpack(keys))
     local complete = true

@@ -19,6 +19,7 @@ from ..contracts import contracts
 from ..errors import CircuitOpen, RunNotFound
 from ..keys import breaker_cache_key
 from ..state import StateStore, Version, input_digest, input_payload
+from .joining import after_seal
 
 MIN_RETRY_LATER_S = 1.0
 
@@ -86,8 +87,7 @@ def take_fallback(
         if delivery is not None:
             delivery.hand_over_or_retry(task, store, sealing.extra[-1])
         assert sealing.version is not None
-        if sealing.joined:
-            join.hand_over(task.request, sealing.joined)
+        after_seal(task, store, run_id, step, sealing.joined)
         return sealing.version
 
     if policy is Fallback.SKIP:

@@ -36,10 +36,11 @@ from ..errors import (
 )
 from ..hooks import StepHooks, hooks_of
 from ..reads import LineageReads
-from ..state import StateStore, Version, input_digest, input_payload, rejoin
+from ..state import StateStore, Version, input_digest, input_payload
 from ..state.version import sealable
 from .fallback import take_fallback
 from .gate import Gate, outcome_of
+from .joining import after_seal, join_again
 from .trace import ctx_fields, failure_fields, note
 from .undo import compensate_self
 
@@ -133,8 +134,7 @@ def run_step(
             assert opening.sealed_version is not None
             if delivery is not None and opening.handover:
                 delivery.hand_over_again(task, store, task_id)
-            if group := join.member_group(task.request):  # its body may never have gone
-                join.hand_over(task.request, rejoin(store, run_id, step, group))
+            join_again(task, store, run_id, step)  # a chord's body may never have gone
             return opening.sealed_version
         if opening.outcome == "duplicate":  # recorded by the open script
             raise Ignore()
@@ -279,8 +279,7 @@ def run_step(
         compensate_self(agent, store, run_id, step, opening.inputs, output, attempt)
         raise Ignore()
     assert sealing.version is not None
-    if sealing.joined:  # the backend sends the chord's body once this task returns
-        join.hand_over(task.request, sealing.joined)
+    after_seal(task, store, run_id, step, sealing.joined)  # a chord's body goes after it
     if delivery is not None:
         delivery.hand_over_or_retry(task, store, sealing.extra[-1])
     return sealing.version

@@ -2,9 +2,10 @@
 
 kombu's Redis transport pops a message (BRPOP) and records it unacked in a second
 command: a worker killed in between, or with the popped reply still unread in its
-socket, loses the message for good, and no broker setting closes that window. A chord
-whose member was handed out again after it had joined counts one member too many and
-never runs its body. Either way the run waits forever for a message nobody holds.
+socket, loses the message for good, and no broker setting closes that window. A chord's
+body sent by a worker that could not reach the broker, or the body of a stage joined by
+a worker of an older version (one that left the join to Celery's backend), never goes.
+Either way the run waits forever for a message nobody holds.
 
 Every live run is watched in ``LIVE`` until it ends. A run whose log has not moved for
 ``2 x lease_s`` and of which no message is in any of its queues (at any priority) or
