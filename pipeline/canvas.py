@@ -16,7 +16,7 @@ from typing import Any
 from celery import Celery, chain, chord, group
 from celery.canvas import Signature
 
-from .join import joins_in_seal
+from .join import joins_in_seal, unwatched
 from .names import ERRBACK_TASK, step_task
 from .route import Route, agent_of
 from .state import StateStore
@@ -118,13 +118,19 @@ def redrive(app: Celery, store: StateStore, route: Route, run_id: str) -> list[s
 
 
 def send(app: Celery, canvas: Signature) -> None:
-    """Send a canvas, and stop listening for results nobody will read.
+    """Send a canvas, and listen for none of its results.
 
-    Sending subscribes the sender to the result channel of every task whose result is
-    stored (a chord's members, which the chord joins on) and keeps their AsyncResults
-    pending in the app. The client waits on the run's log, never on those results: left
-    alone, a long-lived client would hold three subscriptions per run, for ever.
+    Celery's sending subscribes the sender to the result channel of every member of a
+    group it freezes, and keeps their AsyncResults pending in the app. The client waits
+    on the run's log, never on those results: left alone, a long-lived client would hold
+    three subscriptions per run, for ever. With the pipeline's backend no step stores a
+    result, and nothing is subscribed to (``join.unwatched``); with another, the
+    subscriptions are dropped once the canvas is sent.
     """
+    if joins_in_seal(app):  # no step stores a result: subscribe to none
+        with unwatched(app):
+            canvas.apply_async()
+        return
     result = canvas.apply_async()
     backend = app.backend
     if not hasattr(backend, "remove_pending_result"):  # a backend without subscriptions

@@ -27,7 +27,8 @@ URL: Celery shows and logs that Redis URL as for its own backend, and the settin
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from celery import Celery, states
@@ -36,7 +37,7 @@ from celery.canvas import maybe_signature
 
 from .names import AGENT_TASK_PREFIX
 
-__all__ = ["Backend", "hand_over", "install", "joins_in_seal", "member_group"]
+__all__ = ["Backend", "hand_over", "install", "joins_in_seal", "member_group", "unwatched"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,21 @@ def install(app: Celery) -> None:
 def joins_in_seal(app: Celery) -> bool:
     """Whether ``app``'s chords of steps join in the seal (its backend is this one)."""
     return isinstance(app.backend, Backend)
+
+
+@contextmanager
+def unwatched(app: Celery) -> Iterator[None]:
+    """While sending a canvas of steps from this thread, subscribe to none of its results
+    (Celery subscribes to every member of a group it freezes; no step stores a result)."""
+    backend = app.backend
+    if not isinstance(backend, Backend):
+        yield
+        return
+    backend._sending += 1  # an app's backend is one per thread: this thread's sends
+    try:
+        yield
+    finally:
+        backend._sending -= 1
 
 
 def member_group(request: Any) -> str:
@@ -89,6 +105,7 @@ class Backend(RedisBackend):  # type: ignore[misc]
         super().__init__(*args, url=url, **kwargs)
         self._joined_in_seal: set[str] = set()  # group ids, until their size is skipped
         self._unwatched: set[str] = set()  # member task ids, until their wait is skipped
+        self._sending = 0  # inside ``unwatched``
 
     def apply_chord(self, header_result_args: Any, body: Any, **kwargs: Any) -> Any:
         if _is_step(body):  # set_chord_size comes next, for the same group: skip it
@@ -106,6 +123,8 @@ class Backend(RedisBackend):  # type: ignore[misc]
         """Sending a group waits for each member's result (a ready barrier nothing reads),
         subscribing to its result channel: not for the members of a chord of steps, which
         store no result."""
+        if self._sending:
+            return result
         if str(result.id) in self._unwatched:
             self._unwatched.discard(str(result.id))
             return result
