@@ -83,7 +83,9 @@ class Run:
     def result(self) -> RunResult:
         """How the run stands now, without waiting: a live run's result has its live
         status and no output yet."""
-        info = self.info()
+        return self._result_of(self.info())
+
+    def _result_of(self, info: RunInfo) -> RunResult:
         output = None
         if info.output_version is not None:
             output = self.store.get(self.run_id, info.output_version).payload
@@ -118,7 +120,7 @@ class Run:
             # sealing do not need the run's record read again.
             if not happened or any(e in FINAL_EVENTS for e in happened):
                 info = self.info()
-        return self.result()
+        return self._result_of(info)  # the record read last: final, it changes no more
 
     def __repr__(self) -> str:
         return f"Run({self.run_id!r})"
