@@ -22,6 +22,7 @@ from .errors import (
     IdempotencyConflict,
     InputError,
     IntegrityError,
+    LimitError,
     PayloadTooLarge,
     PipelineError,
     RunAborted,
@@ -33,10 +34,12 @@ from .errors import (
     StepTimeLimitExceeded,
     StoreError,
     StoreUnavailable,
+    Throttled,
     TransientAgentError,
     TransientStoreError,
     UnknownAgent,
     UnknownContract,
+    UnknownLimit,
     UnknownWorkflow,
     VersionNotFound,
     VersionNotInLineage,
@@ -45,6 +48,7 @@ from .errors import (
     WorkflowError,
 )
 from .flow import workflows
+from .limits import Limit, Limiter, limit, limits
 from .run import Run, RunResult
 from .saga import CompensationContext
 from .settings import Settings
@@ -74,6 +78,9 @@ __all__ = [
     "IdempotencyConflict",
     "InputError",
     "IntegrityError",
+    "Limit",
+    "LimitError",
+    "Limiter",
     "PayloadTooLarge",
     "Pipeline",
     "PipelineError",
@@ -93,10 +100,12 @@ __all__ = [
     "StepTimeLimitExceeded",
     "StoreError",
     "StoreUnavailable",
+    "Throttled",
     "TransientAgentError",
     "TransientStoreError",
     "UnknownAgent",
     "UnknownContract",
+    "UnknownLimit",
     "UnknownWorkflow",
     "Version",
     "VersionNotFound",
@@ -110,6 +119,8 @@ __all__ = [
     "connect",
     "contract",
     "contracts",
+    "limit",
+    "limits",
     "parallel",
     "workflows",
 ]

@@ -49,6 +49,9 @@ __all__ = [
     "VersionNotInLineage",
     "StepCancelled",
     "WaitTimeout",
+    "LimitError",
+    "UnknownLimit",
+    "Throttled",
 ]
 
 
@@ -205,3 +208,22 @@ class StepCancelled(StepError):
 
 class WaitTimeout(PipelineError):
     """Raised when ``Run.wait`` gives up before the run reached a final status."""
+
+
+class LimitError(PipelineError):
+    """Raised about a named limit (a rate, a concurrency) shared by the whole fleet."""
+
+
+class UnknownLimit(LimitError):
+    """Raised when an agent or a ``Limiter`` names a limit that is not registered."""
+
+
+class Throttled(LimitError):
+    """Raised when a call waited for its limit longer than it may, or can never pass it
+    (one call costs more than the limit's whole window); ``wait_s`` is the wait the limit
+    asked for, ``reason`` what it is waiting on (requests, tokens, concurrency)."""
+
+    def __init__(self, message: str, wait_s: float = 0.0, reason: str = "") -> None:
+        super().__init__(message)
+        self.wait_s = wait_s
+        self.reason = reason

@@ -129,6 +129,13 @@ def breaker_cache_key(agent: str, contract: str, input_digest: str) -> str:
     return f"{PREFIX}:breaker:{{{agent}}}:cache:{contract}:{input_digest}"
 
 
+def limit_keys(name: str) -> list[str]:
+    """A named limit's keys, one hash tag: its rates' times (hash), the calls in flight
+    (sorted set lease -> expiry, ms) and their token reservations (hash lease -> tokens)."""
+    base = f"{PREFIX}:limit:{{{name}}}"
+    return [base, f"{base}:leases", f"{base}:reserved"]
+
+
 def version_stream_id(version: int) -> str:
     """Stream id of version N: found directly with XRANGE, never by scanning."""
     return f"{version}-1"

@@ -26,7 +26,7 @@ LAYERS: dict[str, int] = {
                      "route", "hooks"), 1),
     # 2. the breaker registry, counters, the heartbeat, flows and their canvases, the chord's
     # join and the task sender Celery uses, the catalog
-    **dict.fromkeys(("breaker", "counters", "lease", "canvas", "join", "sending", "flow",
+    **dict.fromkeys(("breaker", "counters", "lease", "canvas", "join", "sending", "limits", "flow",
                      "workflow", "catalog"), 2),
     # 3. the saga, choreography
     **dict.fromkeys(("saga", "choreography"), 3),

@@ -1,0 +1,57 @@
+-- Admit one call under a named limit, or say how long to wait: one atomic step on the
+-- limit's keys, on Redis server time, exact however many workers call at once.
+-- KEYS[1] = pipeline:limit:{name}          (hash: requests, tokens = GCRA theoretical
+--                                          arrival times, ms)
+-- KEYS[2] = pipeline:limit:{name}:leases   (zset lease -> expiry, ms: calls in flight)
+-- KEYS[3] = pipeline:limit:{name}:reserved (hash lease -> tokens reserved)
+-- ARGV[1] = lease (one per attempt: a second acquire of the same lease admits it again
+--           and charges nothing)
+-- ARGV[2] = ms per request (60000 / requests per minute), 0 for no request rate
+-- ARGV[3] = ms per token (60000 / tokens per minute), 0 for no token rate
+-- ARGV[4] = concurrency, 0 for none
+-- ARGV[5] = tokens to reserve (the call's estimate)
+-- ARGV[6] = the lease's life, ms (a call whose worker died gives its slot back then)
+-- ARGV[7] = the window, ms (60000): at most a window's worth is admitted at once
+-- Returns {'ok'}, {'wait', ms, reason} (reason: requests, tokens or concurrency) or
+-- {'never', reason} (one call costs more than the whole window allows).
+--
+-- GCRA: a rate keeps one time, when the limit would be empty again (tat). A call of cost
+-- c is admitted when max(tat, now) + c x interval stays within the window from now; the
+-- wait is how far past it would go.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease, window = ARGV[1], tonumber(ARGV[7])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if redis.call('ZSCORE', KEYS[2], lease) then return {'ok'} end
+local function check(field, interval, cost)
+  if interval <= 0 or cost <= 0 then return nil, 0 end
+  if cost * interval > window then return 'never', 0 end
+  local tat = math.max(tonumber(redis.call('HGET', KEYS[1], field) or now), now)
+  local next = tat + cost * interval
+  if next - now > window then return 'wait', next - window - now end
+  return nil, next
+end
+local rate_req, rate_tok = tonumber(ARGV[2]), tonumber(ARGV[3])
+local tokens = tonumber(ARGV[5])
+local verdict_r, next_r = check('requests', rate_req, 1)
+local verdict_t, next_t = check('tokens', rate_tok, tokens)
+if verdict_r == 'never' then return {'never', 'requests'} end
+if verdict_t == 'never' then return {'never', 'tokens'} end
+local wait, reason = 0, ''
+if verdict_r == 'wait' and next_r > wait then wait, reason = next_r, 'requests' end
+if verdict_t == 'wait' and next_t > wait then wait, reason = next_t, 'tokens' end
+local concurrency = tonumber(ARGV[4])
+if concurrency > 0 and redis.call('ZCARD', KEYS[2]) >= concurrency then
+  local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+  local until_free = math.min(tonumber(first[2]) - now, 1000)  -- a release may come first
+  if until_free > wait then wait, reason = until_free, 'concurrency' end
+end
+if reason ~= '' then return {'wait', tostring(math.max(1, math.ceil(wait))), reason} end
+if rate_req > 0 then redis.call('HSET', KEYS[1], 'requests', tostring(next_r)) end
+if rate_tok > 0 and tokens > 0 then redis.call('HSET', KEYS[1], 'tokens', tostring(next_t)) end
+local life = tonumber(ARGV[6])
+redis.call('ZADD', KEYS[2], now + life, lease)
+if tokens > 0 then redis.call('HSET', KEYS[3], lease, tostring(tokens)) end
+local keep = math.max(2 * window, life)
+for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], keep) end
+return {'ok'}

@@ -1,0 +1,111 @@
+"""Drawing on a named limit from anywhere in the fleet: admit a call or say how long to
+wait (``acquire.lua``), and settle it once it ended (``settle.lua``), each one round trip
+on Redis server time, exact however many processes and threads draw at once.
+
+A call holds a lease from its admission to its settlement: one per attempt, so admitting
+the same lease again charges nothing and settling it twice settles once. A lease whose
+holder died runs out after ``lease_s``: its concurrency slot comes back, and the tokens it
+reserved stay spent (what the call used is unknown, so the limit errs on the safe side).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ..errors import Throttled
+from ..keys import limit_keys
+from ..lua import Arg, Client, Script, decoding_client
+from ..state import translate_errors
+from .policy import WINDOW_S, Limit, limits
+
+__all__ = ["DEFAULT_LEASE_S", "Admission", "Limiter"]
+
+ACQUIRE = Script("pipeline.limits", "acquire.lua")
+SETTLE = Script("pipeline.limits", "settle.lua")
+
+DEFAULT_LEASE_S = 60.0
+DEFAULT_MAX_WAIT_S = 60.0
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What the limit said to one call: admitted, or wait ``wait_s`` for ``reason``
+    (requests, tokens or concurrency); ``never`` when one call costs more than the limit
+    admits in a whole window."""
+
+    admitted: bool
+    wait_s: float = 0.0
+    reason: str = ""
+    never: bool = False
+
+
+class Limiter:
+    """One named limit (a ``Limit``, or the name of one registered with ``limit``)."""
+
+    def __init__(self, client: Client, limit: Limit | str, *, lease_s: float = DEFAULT_LEASE_S,
+                 max_wait_s: float = DEFAULT_MAX_WAIT_S, url: str = "") -> None:
+        self.redis = decoding_client(client, "Limiter")
+        self.limit = limits.get(limit) if isinstance(limit, str) else limit
+        self.lease_s = lease_s
+        self.max_wait_s = max_wait_s
+        self.url = url
+        self._keys = limit_keys(self.limit.name)
+
+    def acquire(self, lease: str, *, tokens: int = 0) -> Admission:
+        """Admit the call holding ``lease``, reserving ``tokens`` (its estimate), or say how
+        long to wait."""
+        lim = self.limit
+        args: list[Arg] = [lease, lim.ms_per_request, lim.ms_per_token, lim.concurrency or 0,
+                max(0, int(tokens)), int(self.lease_s * 1000), int(WINDOW_S * 1000)]
+        with translate_errors(self.url):
+            reply = ACQUIRE(self.redis, self._keys, args)
+        if reply[0] == "ok":
+            return Admission(True)
+        if reply[0] == "never":
+            return Admission(False, reason=reply[1], never=True)
+        return Admission(False, wait_s=int(reply[1]) / 1000.0, reason=reply[2])
+
+    def settle(self, lease: str, *, tokens: int = 0) -> bool:
+        """End the call holding ``lease``, which used ``tokens``: its slot comes back and
+        its reservation is charged the difference. False when there was nothing to settle
+        (settled before, or its lease ran out)."""
+        with translate_errors(self.url):
+            reply = SETTLE(self.redis, self._keys,
+                           [lease, self.limit.ms_per_token, max(0, int(tokens))])
+        return bool(reply[0] == "settled")
+
+    def call(self, fn: Callable[..., T], *args: Any, tokens: int = 0,
+             usage: Callable[[T], int] | None = None, **kwargs: Any) -> T:
+        """Call ``fn(*args, **kwargs)`` once the limit admits it, waiting as long as the
+        limit says (at most ``max_wait_s`` in all, else ``Throttled``). ``tokens`` is the
+        call's estimate; ``usage(result)``, when given, what it really used (settled
+        against the estimate). A call that raises is settled with its estimate."""
+        lease = uuid.uuid4().hex
+        waited = 0.0
+        while not (admission := self.acquire(lease, tokens=tokens)).admitted:
+            name = self.limit.name
+            if admission.never:
+                raise Throttled(f"limit {name}: a call of {tokens} tokens can never pass it "
+                                f"(more {admission.reason} than it admits in "
+                                f"{WINDOW_S:g} s)", reason=admission.reason)
+            if waited + admission.wait_s > self.max_wait_s:
+                raise Throttled(f"limit {name}: waited {waited:.1f} s for {admission.reason}, "
+                                f"and it asks {admission.wait_s:.1f} s more, past "
+                                f"max_wait_s={self.max_wait_s:g}",
+                                wait_s=admission.wait_s, reason=admission.reason)
+            time.sleep(admission.wait_s)
+            waited += admission.wait_s
+        used = tokens
+        try:
+            result = fn(*args, **kwargs)
+            if usage is not None:
+                used = int(usage(result))
+            return result
+        finally:
+            self.settle(lease, tokens=used)

@@ -1,0 +1,84 @@
+"""A named limit: requests and tokens a minute, calls at once, shared by the whole fleet.
+
+``limit("openai:gpt-4o", requests_per_minute=500, tokens_per_minute=30_000,
+concurrency=16)`` (any subset) defines one and registers it in ``limits``, as an agent
+registers itself; a name defined twice must be defined alike. The limit's state lives in
+Redis under its own hash tag (``keys.limit_keys``), so every worker and every
+``Limiter`` of the fleet draws on the same one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..errors import DefinitionError, UnknownLimit
+from ..registry import Registry
+
+__all__ = ["WINDOW_S", "Limit", "LimitRegistry", "limit", "limits"]
+
+WINDOW_S = 60.0
+"""Rates are per minute, and at most a minute's worth is admitted at once (the burst)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limit:
+    """One named limit; ``None`` leaves that side unlimited."""
+
+    name: str
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+    concurrency: int | None = None
+
+    def __post_init__(self) -> None:
+        where = f"limit {self.name!r}"
+        if not self.name or any(c in self.name for c in "{}") or self.name != self.name.strip():
+            raise DefinitionError(f"{where}: a limit's name is a non-empty string without "
+                                  "braces or surrounding spaces (it becomes a Redis hash tag)")
+        for field in ("requests_per_minute", "tokens_per_minute"):
+            value = getattr(self, field)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                      or not math.isfinite(value) or value <= 0):
+                raise DefinitionError(f"{where}: {field}={value!r} must be a number above 0")
+        if self.concurrency is not None and (isinstance(self.concurrency, bool)
+                                             or not isinstance(self.concurrency, int)
+                                             or self.concurrency < 1):
+            raise DefinitionError(f"{where}: concurrency={self.concurrency!r} must be a whole "
+                                  "number from 1")
+        if (self.requests_per_minute, self.tokens_per_minute, self.concurrency) \
+                == (None, None, None):
+            raise DefinitionError(f"{where}: give requests_per_minute, tokens_per_minute or "
+                                  "concurrency (or several)")
+
+    @property
+    def ms_per_request(self) -> float:
+        """GCRA's interval for one request, ms (0: no request rate)."""
+        return WINDOW_S * 1000 / self.requests_per_minute if self.requests_per_minute else 0.0
+
+    @property
+    def ms_per_token(self) -> float:
+        """GCRA's interval for one token, ms (0: no token rate)."""
+        return WINDOW_S * 1000 / self.tokens_per_minute if self.tokens_per_minute else 0.0
+
+
+class LimitRegistry(Registry[Limit]):
+    """The limits this process defined, by name."""
+
+    def register(self, new: Limit) -> Limit:
+        known = self._find(new.name)
+        if known is None:
+            return self._put(new.name, new)
+        if known != new:
+            raise DefinitionError(f"limit {new.name!r} is defined twice, differently: "
+                                  f"{known} and {new}")
+        return known
+
+
+limits = LimitRegistry("limit", UnknownLimit)
+
+
+def limit(name: str, *, requests_per_minute: float | None = None,
+          tokens_per_minute: float | None = None, concurrency: int | None = None) -> Limit:
+    """Define the limit ``name`` (see the module docstring) and register it."""
+    return limits.register(Limit(name=name, requests_per_minute=requests_per_minute,
+                                 tokens_per_minute=tokens_per_minute, concurrency=concurrency))

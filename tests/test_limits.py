@@ -1,0 +1,190 @@
+"""Named limits on a real Redis: GCRA for requests and tokens on server time, reservations
+settled once against what a call used, concurrency leases that run out when their holder
+dies, and ``Limiter.call`` waiting as long as the limit says."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from pipeline import DefinitionError, Limit, Limiter, Throttled, UnknownLimit, limit, limits
+from pipeline.state import connect
+from tests.conftest import ROOT, wait_for
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    c = connect(redis_url)
+    yield c  # type: ignore[misc]
+    c.close()
+
+
+def fresh(**sides: float) -> Limit:
+    """A limit no other test draws on."""
+    return Limit(name=f"test:{uuid.uuid4().hex[:8]}", **sides)  # type: ignore[arg-type]
+
+
+def lease() -> str:
+    return uuid.uuid4().hex
+
+
+@pytest.mark.parametrize(("name", "sides", "wrong"), [
+    ("a{b}", {"concurrency": 1}, "braces"),
+    ("", {"concurrency": 1}, "non-empty"),
+    ("x", {}, "give requests_per_minute"),
+    ("x", {"requests_per_minute": 0}, "requests_per_minute=0"),
+    ("x", {"tokens_per_minute": float("inf")}, "tokens_per_minute=inf"),
+    ("x", {"concurrency": True}, "concurrency=True"),
+    ("x", {"concurrency": 0}, "concurrency=0"),
+])
+def test_a_bad_limit_is_refused_when_defined_naming_what(name: str, sides: dict[str, float],
+                                                          wrong: str) -> None:
+    with pytest.raises(DefinitionError, match=wrong):
+        Limit(name=name, **sides)  # type: ignore[arg-type]
+
+
+def test_a_limit_defined_twice_must_be_defined_alike() -> None:
+    name = f"test:twice:{uuid.uuid4().hex[:8]}"
+    first = limit(name, requests_per_minute=10)
+    assert limit(name, requests_per_minute=10) == first and limits.get(name) is first
+    with pytest.raises(DefinitionError, match="defined twice"):
+        limit(name, requests_per_minute=11)
+    with pytest.raises(UnknownLimit, match=name):
+        Limiter(connect("redis://127.0.0.1:1/0"), "test:nobody-defined-this")
+
+
+def test_requests_pass_a_windows_worth_at_once_then_one_each_interval(
+        client: redis.Redis) -> None:
+    lim = Limiter(client, fresh(requests_per_minute=3))  # one each 20 s, three at once
+    assert all(lim.acquire(lease()).admitted for _ in range(3))
+    refused = lim.acquire(lease())
+    assert not refused.admitted and refused.reason == "requests"
+    assert 17.0 <= refused.wait_s <= 20.0  # 20 s less the time since the first
+
+
+def test_a_lease_admitted_again_is_charged_once(client: redis.Redis) -> None:
+    lim = Limiter(client, fresh(requests_per_minute=1))
+    held = lease()
+    assert lim.acquire(held).admitted and lim.acquire(held).admitted
+    assert lim.acquire(lease()).reason == "requests"
+
+
+def test_tokens_reserved_are_settled_against_what_the_call_used(client: redis.Redis) -> None:
+    """1,000 tokens a minute (60 ms a token): two calls of 600 do not fit a minute; the
+    first used 100, its 500 come back, and the second fits."""
+    lim = Limiter(client, fresh(tokens_per_minute=1000))
+    first = lease()
+    assert lim.acquire(first, tokens=600).admitted
+    refused = lim.acquire(lease(), tokens=600)
+    assert not refused.admitted and refused.reason == "tokens"
+    assert 10.0 <= refused.wait_s <= 12.0  # (600 + 600 - 1000) x 60 ms, less time gone by
+    assert lim.settle(first, tokens=100)
+    assert not lim.settle(first, tokens=100)  # once
+    assert lim.acquire(lease(), tokens=600).admitted
+
+
+def test_a_call_that_used_more_than_it_reserved_leaves_a_debt_later_calls_wait_out(
+        client: redis.Redis) -> None:
+    lim = Limiter(client, fresh(tokens_per_minute=1000))
+    held = lease()
+    assert lim.acquire(held, tokens=100).admitted
+    assert lim.settle(held, tokens=2100)  # 2,000 over: two minutes of tokens
+    refused = lim.acquire(lease(), tokens=1)
+    assert refused.reason == "tokens" and 64.0 <= refused.wait_s <= 66.1  # 126.06 s - 60 s
+
+
+def test_a_refund_never_moves_the_limit_before_now(client: redis.Redis) -> None:
+    lim = Limiter(client, fresh(tokens_per_minute=1000))
+    held = lease()
+    assert lim.acquire(held, tokens=1000).admitted  # the whole minute
+    assert lim.settle(held, tokens=0)  # all of it back: the limit is empty, not in credit
+    assert lim.acquire(lease(), tokens=1000).admitted
+    assert lim.acquire(lease(), tokens=1).reason == "tokens"
+
+
+def test_a_call_larger_than_the_window_can_never_pass(client: redis.Redis) -> None:
+    lim = Limiter(client, fresh(tokens_per_minute=1000))
+    assert lim.acquire(lease(), tokens=1001).never
+    with pytest.raises(Throttled, match="can never pass") as e:
+        lim.call(lambda: None, tokens=1001)
+    assert e.value.reason == "tokens"
+
+
+def test_concurrency_slots_come_back_when_settled_or_when_their_lease_runs_out(
+        client: redis.Redis) -> None:
+    lim = Limiter(client, fresh(concurrency=2), lease_s=0.5)
+    a, b = lease(), lease()
+    assert lim.acquire(a).admitted
+    held_at = time.monotonic()
+    assert lim.acquire(b).admitted
+    refused = lim.acquire(lease())
+    assert refused.reason == "concurrency" and 0 < refused.wait_s <= 0.5
+    assert lim.settle(a)
+    assert lim.acquire(lease()).admitted  # a's slot
+    wait_for(lambda: lim.acquire(lease()).admitted, timeout_s=5,
+             message="b's lease to run out")
+    assert time.monotonic() - held_at >= 0.4  # b held its slot until its lease ran out
+    assert not lim.settle(b)  # nothing left to settle
+
+
+def test_the_slot_of_a_process_killed_holding_it_comes_back_within_the_lease(
+        redis_url: str, client: redis.Redis) -> None:
+    name = f"test:kill:{uuid.uuid4().hex[:8]}"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time\n"
+         "from pipeline import Limit, Limiter\n"
+         "from pipeline.state import connect\n"
+         f"lim = Limiter(connect({redis_url!r}), Limit(name={name!r}, concurrency=1), "
+         "lease_s=1.0)\n"
+         "assert lim.acquire('held').admitted\n"
+         "print('held', flush=True)\n"
+         "time.sleep(60)\n"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        lim = Limiter(client, Limit(name=name, concurrency=1), lease_s=1.0)
+        assert lim.acquire(lease()).reason == "concurrency"
+        holder.kill()
+        holder.wait(10)
+        started = time.monotonic()
+        wait_for(lambda: lim.acquire(lease()).admitted, timeout_s=5,
+                 message="the killed holder's slot to come back")
+        assert time.monotonic() - started <= 3.0  # the lease is 1 s: not for ever
+    finally:
+        holder.kill()
+        holder.wait(10)
+
+
+def test_call_waits_as_long_as_the_limit_says_and_settles_what_was_used(
+        client: redis.Redis) -> None:
+    """60,000 tokens a minute (1 ms a token), the minute spent: a call of 300 waits ~0.3 s;
+    it used none, so its 300 come back for the next call (and no more)."""
+    lim = Limiter(client, fresh(tokens_per_minute=60_000))
+    assert lim.acquire(lease(), tokens=60_000).admitted
+    started = time.monotonic()
+    assert lim.call(lambda x: x * 2, 21, tokens=300, usage=lambda _: 0) == 42
+    assert time.monotonic() - started >= 0.25
+    assert lim.acquire(lease(), tokens=300).admitted  # the 300 it did not use
+    assert lim.acquire(lease(), tokens=30_000).reason == "tokens"  # and no more
+    with pytest.raises(Throttled, match="past max_wait_s") as e:
+        Limiter(client, lim.limit, max_wait_s=0.05).call(lambda: None, tokens=300)
+    assert e.value.reason == "tokens" and e.value.wait_s > 0.05
+
+
+def test_a_call_that_raises_is_settled_with_its_estimate(client: redis.Redis) -> None:
+    lim = Limiter(client, fresh(concurrency=1, tokens_per_minute=1000))
+
+    def fails() -> None:
+        raise RuntimeError("the model answered 500")
+
+    with pytest.raises(RuntimeError):
+        lim.call(fails, tokens=400)
+    assert lim.acquire(lease(), tokens=600).admitted  # its slot is back: 400 + 600 fit
+    assert lim.acquire(lease(), tokens=1).reason in ("concurrency", "tokens")
