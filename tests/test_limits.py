@@ -188,3 +188,59 @@ def test_a_call_that_raises_is_settled_with_its_estimate(client: redis.Redis) ->
         lim.call(fails, tokens=400)
     assert lim.acquire(lease(), tokens=600).admitted  # its slot is back: 400 + 600 fit
     assert lim.acquire(lease(), tokens=1).reason in ("concurrency", "tokens")
+
+
+DRAWER = """
+import sys, threading, time
+from pipeline import Limit, Limiter
+from pipeline.state import connect
+url, name, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+lim = Limiter(connect(url), Limit(name=name, requests_per_minute=600))
+admitted = [0] * 8
+print("ready", flush=True)
+sys.stdin.readline()  # go
+end = time.monotonic() + seconds
+def draw(i):
+    while time.monotonic() < end:
+        if lim.acquire(f"{i}-{time.monotonic_ns()}").admitted:
+            admitted[i] += 1
+threads = [threading.Thread(target=draw, args=(i,)) for i in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(sum(admitted), flush=True)
+"""
+
+
+def server_ms(client: redis.Redis) -> float:
+    seconds, micros = client.time()
+    return seconds * 1000 + micros / 1000
+
+
+def test_four_processes_of_eight_threads_get_what_gcra_allows_within_one_call(
+        redis_url: str, client: redis.Redis) -> None:
+    """600 requests a minute: a minute's worth (600) at once, then one each 100 ms. 32
+    threads in 4 processes draw for 2 s; from the server's clock before the first call and
+    after the last, GCRA allows 600 + elapsed / 100 ms."""
+    name = f"test:gcra:{uuid.uuid4().hex[:8]}"
+    drawers = [subprocess.Popen([sys.executable, "-c", DRAWER, redis_url, name, "2"],
+                                cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True) for _ in range(4)]
+    try:
+        for d in drawers:
+            assert d.stdout is not None and d.stdout.readline().strip() == "ready"
+        began = server_ms(client)
+        for d in drawers:
+            assert d.stdin is not None
+            d.stdin.write("go\n")
+            d.stdin.flush()
+        counts = [int(d.communicate(timeout=30)[0].strip()) for d in drawers]
+        ended = server_ms(client)
+    finally:
+        for d in drawers:
+            d.kill()
+            d.wait(10)
+    allowed = 600 + (ended - began) / 100.0
+    admitted = sum(counts)
+    assert admitted <= allowed + 1, (counts, allowed)
+    assert admitted >= 0.95 * allowed, (counts, allowed)
+    assert all(c > 0 for c in counts)  # every process drew on the one limit
