@@ -14,10 +14,12 @@ import redis
 
 import tests.agents  # noqa: F401 - its contracts first: the join agents use them
 from pipeline import Pipeline, RunStatus
+from pipeline.app import create_app
 from pipeline.canvas import compile_route, redrive, send
 from pipeline.flow import route_of
+from pipeline.join import joins_in_seal
 from pipeline.keys import RunKeys
-from tests.conftest import Cluster, wait_for
+from tests.conftest import Cluster, settings_for, wait_for
 from tests.join_agents import (
     BODY_STEP,
     CRASH_AFTER_BODY_KEY,
@@ -188,3 +190,27 @@ def test_a_run_that_recorded_no_route_joins_by_its_workflows_route(pipeline: Pip
     by_step = {v.step: v.version for v in pipeline.run(run_id).history()}
     assert joined[0]["joined"] == ",".join(str(by_step[k]) for k in MEMBERS)  # stage order
     assert executions(pipeline.store.redis, run_id, "gather") == 1
+
+
+def test_a_chord_sent_by_a_client_that_leaves_the_join_to_celery_joins_once(
+        redis_url: str, pipeline: Pipeline) -> None:
+    """A client of an older version (Celery's own Redis backend): it sizes the chord and its
+    members store their results. The workers join the stage in the seal all the same, and
+    the body runs once; Celery's count never completes, so it sends no second body."""
+    settings = settings_for(redis_url)
+    app = create_app(settings)
+    app.backend_cls = "celery.backends.redis:RedisBackend"
+    assert not joins_in_seal(app)
+    older = Pipeline(settings=settings, app=app)
+    key = f"older-client-{uuid.uuid4()}"
+    run_id = Pipeline.run_id_for("trio", key)
+    older.start("trio", {"n": 4}, idempotency_key=key)
+    assert_joined_once(pipeline, run_id, 4)
+    # a workflow that starts with a parallel stage: the older client sends the chord itself
+    run = older.start("fanning", {"n": 3})
+    result = run.wait(30)
+    assert result.status is RunStatus.SUCCEEDED, result.error
+    assert result.output == {"n": 3 * 2 + 10**80 + 3}
+    log = pipeline.store.log(run.run_id)
+    assert len([e for e in log if e.get("joined")]) == 1
+    assert [e["step"] for e in log if e["event"] == "step.started"].count("1:join") == 1
