@@ -219,11 +219,9 @@ class UnknownLimit(LimitError):
 
 
 class Throttled(LimitError):
-    """Raised when a call waited for its limit longer than it may, or can never pass it
-    (one call costs more than the limit's whole window); ``wait_s`` is the wait the limit
-    asked for, ``reason`` what it is waiting on (requests, tokens, concurrency)."""
+    """Raised when a call would wait for its limit longer than it may, or can never pass it."""
 
     def __init__(self, message: str, wait_s: float = 0.0, reason: str = "") -> None:
         super().__init__(message)
-        self.wait_s = wait_s
-        self.reason = reason
+        self.wait_s = wait_s  # the wait the limit asked for
+        self.reason = reason  # what it waits on: requests, tokens or concurrency
