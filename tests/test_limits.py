@@ -4,6 +4,7 @@ dies, and ``Limiter.call`` waiting as long as the limit says."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ import redis
 from pipeline import DefinitionError, Limit, Limiter, Throttled, UnknownLimit, limit, limits
 from pipeline.state import connect
 from tests.conftest import ROOT, wait_for
+from tests.test_cli import invoke
 
 
 @pytest.fixture
@@ -244,3 +246,26 @@ def test_four_processes_of_eight_threads_get_what_gcra_allows_within_one_call(
     assert admitted <= allowed + 1, (counts, allowed)
     assert admitted >= 0.95 * allowed, (counts, allowed)
     assert all(c > 0 for c in counts)  # every process drew on the one limit
+
+
+def test_pipeline_limits_shows_each_limit_drawn_on_as_it_stands(
+        redis_url: str, client: redis.Redis) -> None:
+    shown = fresh(requests_per_minute=2, tokens_per_minute=1000, concurrency=3)
+    lim = Limiter(client, shown)
+    held = lease()
+    assert lim.acquire(held, tokens=400).admitted
+    assert lim.acquire(lease(), tokens=100).admitted
+    assert lim.acquire(lease(), tokens=100).reason == "requests"  # two a minute: refused
+    assert lim.settle(held, tokens=2000)  # 1,600 over: a debt
+    result = invoke(redis_url, "limits", "--json")
+    assert result.exit_code == 0, result.output
+    state = next(s for s in json.loads(result.output) if s["name"] == shown.name)
+    assert (state["requests_per_minute"], state["tokens_per_minute"], state["concurrency"]) \
+        == (2, 1000, 3)
+    assert round(state["requests_in_window"]) == 2
+    assert state["in_flight"] == 1 and state["tokens_reserved"] == 100
+    assert round(state["tokens_in_window"]) == 1000  # the whole minute, and more owed
+    assert 64.0 <= state["debt_s"] <= 66.0  # 2,100 tokens at 60 ms: 126 s, 60 s a window
+    assert state["throttled"] == 1 and 29.0 <= state["throttled_s"] <= 30.0
+    table = invoke(redis_url, "limits")
+    assert table.exit_code == 0 and shown.name in table.output, table.output

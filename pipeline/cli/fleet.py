@@ -1,5 +1,5 @@
 """The ``pipeline`` commands that look after the fleet rather than one run: breakers (and
-``reset``/``open``), sweep, verify, exporter, contracts, workflows."""
+``reset``/``open``), limits, sweep, verify, exporter, contracts, workflows."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from ..contracts import contracts as contract_registry
 from ..errors import UnknownAgent
 from ..flow import workflows as workflow_registry
 from ..invariants import verify as check_invariants
+from ..limits import limit_states
 from ..observe.metrics import serve
 from ..settings import Settings
 from ..sweeper import sweep as sweep_once
@@ -49,6 +50,34 @@ def breakers(ctx: click.Context, as_json: bool) -> None:
             str(snap.successes), str(snap.failures), str(snap.rejected),
             "-" if snap.half_open_in_s is None else f"{snap.half_open_in_s:.0f}s",
             f"{last['from']} -> {last['to']}: {last['reason']}" if last else "-",
+        ))
+    click.echo(table(rows))
+
+
+@main.command("limits")
+@json_option
+def limits_command(as_json: bool) -> None:
+    """List every limit the fleet drew on lately: its rates, the current minute's use,
+    calls in flight, tokens reserved, debt, and how often and how long it held calls back."""
+    p = group.client()
+    states = limit_states(p.store.redis, url=p.store.url)
+    if as_json:
+        echo_json([s.to_dict() for s in states])
+        return
+    if not states:
+        click.echo("no limit was drawn on in the last two minutes")
+        return
+    rows = [("limit", "requests/min", "tokens/min", "concurrency", "requests now",
+             "tokens now", "in flight", "reserved", "debt", "throttled")]
+    for st in states:
+        rows.append((
+            st.name,
+            f"{st.requests_per_minute:g}" if st.requests_per_minute else "-",
+            f"{st.tokens_per_minute:g}" if st.tokens_per_minute else "-",
+            str(st.concurrency or "-"),
+            f"{st.requests_in_window:.0f}", f"{st.tokens_in_window:.0f}",
+            str(st.in_flight), str(st.tokens_reserved), f"{st.debt_s:.1f}s",
+            f"{st.throttled} ({st.throttled_s:.1f}s)",
         ))
     click.echo(table(rows))
 

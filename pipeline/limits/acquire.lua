@@ -1,7 +1,8 @@
 -- Admit one call under a named limit, or say how long to wait: one atomic step on the
 -- limit's keys, on Redis server time, exact however many workers call at once.
 -- KEYS[1] = pipeline:limit:{name}          (hash: requests, tokens = GCRA theoretical
---                                          arrival times, ms)
+--                                          arrival times, ms; the limit's definition as
+--                                          last used; throttled, throttled_ms: refusals)
 -- KEYS[2] = pipeline:limit:{name}:leases   (zset lease -> expiry, ms: calls in flight)
 -- KEYS[3] = pipeline:limit:{name}:reserved (hash lease -> tokens reserved)
 -- ARGV[1] = lease (one per attempt: a second acquire of the same lease admits it again
@@ -46,7 +47,16 @@ if concurrency > 0 and redis.call('ZCARD', KEYS[2]) >= concurrency then
   local until_free = math.min(tonumber(first[2]) - now, 1000)  -- a release may come first
   if until_free > wait then wait, reason = until_free, 'concurrency' end
 end
-if reason ~= '' then return {'wait', tostring(math.max(1, math.ceil(wait))), reason} end
+-- what `pipeline limits` shows: the limit as its callers define it, and the refusals
+redis.call('HSET', KEYS[1], 'ms_per_request', ARGV[2], 'ms_per_token', ARGV[3],
+  'concurrency', ARGV[4])
+if reason ~= '' then
+  wait = math.max(1, math.ceil(wait))
+  redis.call('HINCRBY', KEYS[1], 'throttled', 1)
+  redis.call('HINCRBY', KEYS[1], 'throttled_ms', wait)
+  redis.call('PEXPIRE', KEYS[1], math.max(2 * window, tonumber(ARGV[6])))
+  return {'wait', tostring(wait), reason}
+end
 if rate_req > 0 then redis.call('HSET', KEYS[1], 'requests', tostring(next_r)) end
 if rate_tok > 0 and tokens > 0 then redis.call('HSET', KEYS[1], 'tokens', tostring(next_t)) end
 local life = tonumber(ARGV[6])
