@@ -39,10 +39,12 @@ def compile_route(
     """
     parts: list[Signature] = []
     last = len(route.stages) - 1
+    store_results = not joins_in_seal(app)  # a chord joins on its members' results
     for i, stage in enumerate(route.stages[start:], start):
         first = upstream if i == start else None
-        sigs = [_signature(app, route, run_id, key, upstream=first, joined=len(stage) > 1,
-                           final=i == last) for key in stage]
+        sigs = [_signature(app, route, run_id, key, upstream=first,
+                           store_result=store_results and len(stage) > 1, final=i == last)
+                for key in stage]
         if len(sigs) == 1:
             previous = parts[-1] if parts else None
             if isinstance(previous, group):
@@ -56,7 +58,8 @@ def compile_route(
 
 
 def _signature(app: Celery, route: Route, run_id: str, key: str, *,
-               upstream: int | list[int] | None, joined: bool, final: bool) -> Signature:
+               upstream: int | list[int] | None, store_result: bool,
+               final: bool) -> Signature:
     """One step's task. No step stores its Celery result: the sealed version is the
     result, and a chord of steps joins in the seal (``join.py``). Only an app whose
     backend is not the pipeline's stores its members' results, for Celery's join. That
@@ -71,7 +74,7 @@ def _signature(app: Celery, route: Route, run_id: str, key: str, *,
         args=() if upstream is None else (upstream,),
         kwargs=kwargs,
         queue=route.queue_of(agent),
-        ignore_result=not joined or joins_in_seal(app),
+        ignore_result=not store_result,
     )
     sig.link_error(app.signature(ERRBACK_TASK))
     return sig

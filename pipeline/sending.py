@@ -31,10 +31,8 @@ class AMQP(CeleryAMQP):  # type: ignore[misc]
         send = super()._create_task_sender()
 
         def send_task_message(producer: Any, name: str, message: Any, **kwargs: Any) -> Any:
-            if getattr(producer._batch_local, "current", None) is not None:
-                return send(producer, name, message, **kwargs)  # the caller's batch
             try:
-                with producer.batch():
+                with producer.batch():  # inside a caller's batch, it joins that one
                     return send(producer, name, message, **kwargs)
             except BatchPublishError:
                 return send(producer, name, message, **kwargs)

@@ -23,8 +23,8 @@ local route = redis.call('HGET', KEYS[2], 'route') or ARGV[4]
 if route == '' then return {'?'} end
 local stage, keys, stages = stage_of(route, ARGV[1])
 if not stage or not stages[stage + 2] then return {} end
-local versions = redis.call('HMGET', KEYS[1], unpack(keys))
-for _, v in ipairs(versions) do if not v then return {} end end
+local joined = sealed_stage(KEYS[1], keys)
+if not joined then return {} end
 for _, key in ipairs(stages[stage + 2]) do
   if redis.call('HEXISTS', KEYS[1], key) == 1 or redis.call('HEXISTS', KEYS[3], key) == 1 then
     return {}
@@ -36,7 +36,6 @@ if held then
   local group, step = string.match(held, '^(.-)|(.*)$')
   if group == ARGV[2] and step ~= ARGV[1] then return {} end
 end
-local joined = table.concat(versions, ',')
 redis.call('HSET', KEYS[2], field, ARGV[2] .. '|' .. ARGV[1])
 local t = redis.call('TIME')
 local now = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))

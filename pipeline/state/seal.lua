@@ -51,16 +51,12 @@ if ARGV[12] ~= '' then
   local route = redis.call('HGET', KEYS[3], 'route')
   local stage, keys = stage_of(route, ARGV[1])
   if not route then joined = '?' end  -- a run from before routes: the caller finds its own
-  if stage then
-    local versions = redis.call('HMGET', KEYS[2], unpack(keys))
-    local complete = true
-    for _, sv in ipairs(versions) do if not sv then complete = false end end
-    if complete then
-      joined = table.concat(versions, ',')
-      redis.call('HSET', KEYS[3], 'join:' .. stage, ARGV[12] .. '|' .. ARGV[1])
-      entry[#entry + 1] = 'joined'
-      entry[#entry + 1] = joined
-    end
+  local complete = stage and sealed_stage(KEYS[2], keys)
+  if complete then
+    joined = complete
+    redis.call('HSET', KEYS[3], 'join:' .. stage, ARGV[12] .. '|' .. ARGV[1])
+    entry[#entry + 1] = 'joined'
+    entry[#entry + 1] = joined
   end
 end
 redis.call('XADD', KEYS[4], '*', unpack(entry))
