@@ -39,6 +39,10 @@ FallbackName = Literal["fail", "skip", "cached", "park", "retry_later"]
 """The values of :class:`Fallback`, as ``agent(fallback=...)`` takes them."""
 FallbackOnName = Literal["refusal", "failure"]
 """The values of :class:`FallbackOn`, as ``agent(fallback_on=...)`` takes them."""
+EstimateTokens = Callable[[Any], int]
+"""``estimate_tokens(input_payload) -> tokens`` a call is expected to use."""
+DEFAULT_LIMIT_WAIT_MAX_S = 600.0
+"""How long a step may wait for its limits, in all, before its agent's fallback applies."""
 DefaultOutput = Callable[[Any, StepContext], Any]
 """``default_output(input_payload, ctx) -> output``: a stand-in computed from the step's input."""
 
@@ -74,6 +78,9 @@ class Agent:
         on: Sequence[str] = (),
         emits: str | None = None,
         description: str = "",
+        limits: Sequence[str] = (),
+        estimate_tokens: int | EstimateTokens = 0,
+        limit_wait_max_s: float = DEFAULT_LIMIT_WAIT_MAX_S,
     ) -> None:
         if not name or not name.replace("_", "").isalnum():
             raise DefinitionError(f"agent name {name!r} must be letters, digits and underscores")
@@ -120,6 +127,15 @@ class Agent:
                 f"{max_retries + later} retries; it must be at least {max_retries + later + 1}"
             )
         self.description = description or (execute.__doc__ or "").strip().split("\n")[0]
+        self.limits, self.estimate_tokens = _check_limits(
+            name, limits, estimate_tokens, limit_wait_max_s)
+        self.limit_wait_max_s = float(limit_wait_max_s)
+
+    def estimate(self, payload: Any) -> int:
+        """The tokens a call on ``payload`` is expected to use (reserved before it runs)."""
+        if callable(self.estimate_tokens):
+            return max(0, int(self.estimate_tokens(payload)))
+        return self.estimate_tokens
 
     @property
     def task_name(self) -> str:
@@ -195,6 +211,9 @@ def agent(
     on: Sequence[str] = (),
     emits: str | None = None,
     description: str = "",
+    limits: Sequence[str] = (),
+    estimate_tokens: int | EstimateTokens = 0,
+    limit_wait_max_s: float = DEFAULT_LIMIT_WAIT_MAX_S,
 ) -> Callable[[Execute], Agent]:
     """Decorator: turn ``execute(payload, ctx)`` into a registered :class:`Agent`.
 
@@ -252,6 +271,16 @@ def agent(
         emits: the event type it publishes when a step of it seals (choreography).
         description: one line on what the agent does, the docstring of its Celery
             task (default: the first line of the function's docstring).
+        limits: names of limits (``pipeline.limit``) every call draws on: a step waits
+            for all of them before it runs, and is retried after the wait they compute
+            (not counted as a retry, nor on the breaker).
+        estimate_tokens: the tokens a call is expected to use, reserved against its
+            limits (and its run's budget) before it runs and settled against what it
+            reports (``ctx.report_usage``): a whole number, or a function of the input
+            payload (which costs the step one more round trip, after its input is read).
+        limit_wait_max_s: how long a step may wait for its limits in all before its
+            ``fallback`` applies (``"fail"``: the step fails with ``Throttled``);
+            default 600.
     """
 
     def register(fn: Execute) -> Agent:
@@ -263,7 +292,8 @@ def agent(
             fallback=fallback, fallback_on=fallback_on, default_output=default_output,
             retry_later_max=retry_later_max,
             compensation_retries=compensation_retries, on=on, emits=emits,
-            description=description,
+            description=description, limits=limits, estimate_tokens=estimate_tokens,
+            limit_wait_max_s=limit_wait_max_s,
         ))
 
     return register
@@ -335,6 +365,25 @@ def _check_policy(name: str, *, retry_on: object, breaker: object, time_limit_s:
                         f"such as (TransientAgentError,), not {retry_on!r}")
     if breaker is not None and not isinstance(breaker, BreakerPolicy):
         raise DefinitionError(f"agent {name}: breaker must be a BreakerPolicy, not {breaker!r}")
+
+
+def _check_limits(name: str, limits: object, estimate: object,
+                  wait_max_s: object) -> tuple[tuple[str, ...], int | EstimateTokens]:
+    if isinstance(limits, str):
+        limits = (limits,)
+    if not isinstance(limits, Sequence) or not all(
+            isinstance(n, str) and n and n == n.strip() and "{" not in n and "}" not in n
+            for n in limits):
+        raise DefinitionError(f"agent {name}: limits must be names of limits, such as "
+                              f"('openai:gpt-4o',), not {limits!r}")
+    if not callable(estimate) and (not _is_number(estimate) or not isinstance(estimate, int)
+                                   or estimate < 0):
+        raise DefinitionError(f"agent {name}: estimate_tokens must be a whole number >= 0 or "
+                              f"a function of the input payload, not {estimate!r}")
+    if not _is_number(wait_max_s) or wait_max_s < 0:  # type: ignore[operator]
+        raise DefinitionError(f"agent {name}: limit_wait_max_s must be seconds >= 0, "
+                              f"not {wait_max_s!r}")
+    return tuple(dict.fromkeys(limits)), estimate
 
 
 def _is_number(value: object) -> bool:

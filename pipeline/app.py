@@ -18,6 +18,7 @@ from .breaker import BreakerRegistry, Fallback
 from .errors import ConfigurationError, StoreError, TransientStoreError
 from .events import failure_event
 from .flow import workflows
+from .limits import limits
 from .names import (
     COMPENSATE_RUN_TASK,
     ERRBACK_TASK,
@@ -316,6 +317,8 @@ def _bind_agent(app: Celery, a: Agent, settings: Settings) -> None:
             f"({settings.visibility_timeout_s}s, PIPELINE_VISIBILITY_TIMEOUT_S), or a step is "
             "delivered twice while it waits or runs (celery/celery#5935)"
         )
+
+    limits.require(a.limits, f"agent {a.name}")
 
     def step(self: Task, upstream: Any, *, run_id: str, step: str, final: bool = False,
              refused: int = 0, event: str = "", event_type: str = "") -> int:

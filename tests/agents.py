@@ -574,6 +574,7 @@ guard_park = _guarded("guard_park", "park", on=["guard.requested"], emits="guard
 guarding = Choreography("guarding", start="guard.requested", terminal=["guard.done"],
                         input="count@1")
 
-# -- a stage of three joined in the seal, and the hooks at the join's edges (test_join.py) --
+# -- every test worker loads these too: a stage of three joined in the seal, and the hooks
+# at the join's edges (test_join.py); agents that draw on named limits (test_limited_steps)
 
-from tests import join_agents  # noqa: E402, F401  (every test worker loads its agents)
+from tests import join_agents, limit_agents  # noqa: E402, F401

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from ..errors import ConfigurationError, DefinitionError, UnknownContract
+from ..errors import ConfigurationError, DefinitionError, UnknownContract, UnknownLimit
 
 DEFAULT_FAILURE_THRESHOLD = 5
 DEFAULT_WINDOW = 20
@@ -14,7 +14,8 @@ DEFAULT_FAILURE_RATE = 0.5
 DEFAULT_RESET_TIMEOUT_S = 60.0
 DEFAULT_HALF_OPEN_MAX_CALLS = 1
 DEFAULT_RETRY_LATER_MAX = 5
-CONFIGURATION_FAULTS: tuple[type[BaseException], ...] = (ConfigurationError, UnknownContract)
+CONFIGURATION_FAULTS: tuple[type[BaseException], ...] = (ConfigurationError, UnknownContract,
+                                                        UnknownLimit)
 """Failures of the pipeline's configuration (a setting, a contract no module of this worker
 registers), not of the agent: they would fail every call of every agent alike, so no breaker
 counts them."""

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from ..errors import Throttled
 from ..keys import limit_keys
-from ..lua import Arg, Client, Script, decoding_client
+from ..lua import Arg, Batch, Client, Script, checked, decoding_client
 from ..state import translate_errors
 from .policy import WINDOW_S, Limit, limits
 
@@ -60,25 +60,47 @@ class Limiter:
     def acquire(self, lease: str, *, tokens: int = 0) -> Admission:
         """Admit the call holding ``lease``, reserving ``tokens`` (its estimate), or say how
         long to wait."""
-        lim = self.limit
-        args: list[Arg] = [lease, lim.ms_per_request, lim.ms_per_token, lim.concurrency or 0,
-                max(0, int(tokens)), int(self.lease_s * 1000), int(WINDOW_S * 1000)]
         with translate_errors(self.url):
-            reply = ACQUIRE(self.redis, self._keys, args)
+            reply = ACQUIRE(self.redis, self._keys, self._acquire_args(lease, tokens))
+        return self.admission(reply)
+
+    def settle(self, lease: str, *, tokens: int = 0, cancel: bool = False) -> bool:
+        """End the call holding ``lease``, which used ``tokens``: its slot comes back and
+        its reservation is charged the difference; ``cancel``, the call was never made, and
+        its request is given back too. False when there was nothing to settle (settled
+        before, or its lease ran out)."""
+        with translate_errors(self.url):
+            reply = SETTLE(self.redis, self._keys, self._settle_args(lease, tokens, cancel))
+        return bool(reply[0] == "settled")
+
+    # -- the same, queued on a round trip of the caller's (a step's open and seal) -------
+
+    def queue_acquire(self, batch: Batch, lease: str, *, tokens: int = 0) -> int:
+        return batch.script(ACQUIRE, self._keys, self._acquire_args(lease, tokens))
+
+    def queue_settle(self, batch: Batch, lease: str, *, tokens: int = 0,
+                     cancel: bool = False) -> int:
+        return batch.script(SETTLE, self._keys, self._settle_args(lease, tokens, cancel))
+
+    @staticmethod
+    def admission(reply: Any) -> Admission:
+        """``acquire.lua``'s reply, read (an error queued in a batch is raised)."""
+        reply = checked(reply)
         if reply[0] == "ok":
             return Admission(True)
         if reply[0] == "never":
             return Admission(False, reason=reply[1], never=True)
         return Admission(False, wait_s=int(reply[1]) / 1000.0, reason=reply[2])
 
-    def settle(self, lease: str, *, tokens: int = 0) -> bool:
-        """End the call holding ``lease``, which used ``tokens``: its slot comes back and
-        its reservation is charged the difference. False when there was nothing to settle
-        (settled before, or its lease ran out)."""
-        with translate_errors(self.url):
-            reply = SETTLE(self.redis, self._keys,
-                           [lease, self.limit.ms_per_token, max(0, int(tokens))])
-        return bool(reply[0] == "settled")
+    def _acquire_args(self, lease: str, tokens: int) -> list[Arg]:
+        lim = self.limit
+        return [lease, lim.ms_per_request, lim.ms_per_token, lim.concurrency or 0,
+                max(0, int(tokens)), int(self.lease_s * 1000), int(WINDOW_S * 1000)]
+
+    def _settle_args(self, lease: str, tokens: int, cancel: bool) -> list[Arg]:
+        lim = self.limit
+        return [lease, lim.ms_per_token, max(0, int(tokens)),
+                lim.ms_per_request if cancel else 0]
 
     def call(self, fn: Callable[..., T], *args: Any, tokens: int = 0,
              usage: Callable[[T], int] | None = None, **kwargs: Any) -> T:

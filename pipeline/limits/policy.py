@@ -10,9 +10,10 @@ Redis under its own hash tag (``keys.limit_keys``), so every worker and every
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..errors import DefinitionError, UnknownLimit
+from ..errors import ConfigurationError, DefinitionError, UnknownLimit
 from ..registry import Registry
 
 __all__ = ["WINDOW_S", "Limit", "LimitRegistry", "limit", "limits"]
@@ -72,6 +73,15 @@ class LimitRegistry(Registry[Limit]):
             raise DefinitionError(f"limit {new.name!r} is defined twice, differently: "
                                   f"{known} and {new}")
         return known
+
+    def require(self, names: Iterable[str], who: str) -> None:
+        """``ConfigurationError`` unless every limit ``who`` draws on is defined here."""
+        unknown = [name for name in names if name not in self]
+        if unknown:
+            raise ConfigurationError(
+                f"{who} draws on limit(s) {', '.join(unknown)} that no module of this process "
+                f"defines (known: {', '.join(lim.name for lim in self) or 'none'}): define "
+                "them with pipeline.limit(...) in a module PIPELINE_AGENT_MODULES imports")
 
 
 limits = LimitRegistry("limit", UnknownLimit)

@@ -28,6 +28,7 @@ ENDINGS = {
     "step.discarded": "discarded",
     "step.cancelled": "cancelled",
     "step.exhausted": "exhausted",
+    "step.throttled": "throttled",
 }
 
 
@@ -45,7 +46,9 @@ class Call:
     inputs: list[int] = field(default_factory=list)
     output: int | None = None
     status: str = "running"  # running ok failed retried refused skipped discarded exhausted
-    #                          lost (the attempt's worker died, or it was handed out again)
+    #                          throttled (a limit refused it: not run, sent again after
+    #                          ``wait_ms``), lost (the attempt's worker died, or it was
+    #                          handed out again)
     error_type: str = ""
     error: str = ""
     breaker: str = ""
@@ -56,6 +59,8 @@ class Call:
     model: str = ""
     task_id: str = ""
     read: list[int] = field(default_factory=list)  # earlier versions read via ctx.version...
+    limit: str = ""  # the limit that throttled it
+    wait_ms: int = 0  # and the wait it asked for
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,6 +134,9 @@ def calls(log: Sequence[dict[str, str]]) -> list[Call]:
         call.read = [int(v) for v in e["read"].split(",")] if e.get("read") else call.read
         if kind == "step.refused":
             call.fallback = e.get("fallback", "")
+        if kind == "step.throttled":
+            call.limit, call.wait_ms = e.get("limit", ""), int(e.get("wait_ms", 0))
+            call.error = f"limit {call.limit}: {e.get('reason', '')}, wait {call.wait_ms} ms"
         if kind == "step.sealed":
             call.output = int(e["version"])
             call.degraded = e.get("degraded") == "1"
@@ -171,6 +179,8 @@ def usage(run_calls: Iterable[Call]) -> tuple[dict[str, Usage], Usage]:
     per: dict[str, Usage] = {}
     total = Usage()
     for c in run_calls:
+        if c.status == "throttled":
+            continue  # not called: its limit refused it
         u = per.setdefault(c.agent, Usage())
         u.calls += 1
         total.calls += 1

@@ -219,6 +219,8 @@ class RunInfo:
     """Where a replay started: a workflow's stage index, or a choreography's event type."""
     route: str = ""
     """The run's route as JSON (``pipeline.route.Route``), '' for a run from before routes."""
+    throttled_ms: int = 0
+    """How long its steps waited for their limits, in all (every ``step.throttled``)."""
 
     @property
     def parked_step(self) -> str | None:
@@ -249,6 +251,7 @@ class RunInfo:
             replays=tuple(sorted(k.removeprefix("replay:") for k in h if k.startswith("replay:"))),
             replay_start=h.get("replay_start", ""),
             route=h.get("route", ""),
+            throttled_ms=int(h.get("throttled_ms") or 0),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -270,6 +273,7 @@ class RunInfo:
             "replay_of": self.replay_of or None,
             "replays": list(self.replays),
             "parked_steps": list(self.parked_steps),
+            "throttled_ms": self.throttled_ms,
         }
 
 

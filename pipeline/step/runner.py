@@ -18,7 +18,7 @@ from functools import partial
 from typing import Any
 
 from celery import Task
-from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
+from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 
 from .. import chaos, join
 from ..agent import Agent, StepContext
@@ -41,6 +41,7 @@ from ..state.version import sealable
 from .fallback import take_fallback
 from .gate import Gate, outcome_of
 from .joining import after_seal, join_again
+from .throttle import throttle
 from .trace import ctx_fields, failure_fields, note
 from .undo import compensate_self
 
@@ -173,17 +174,24 @@ def run_step(
         )
         if gate.refused:
             assert gate.permit is not None
+            gate.draw.release(ran=False)
             return take_fallback(task, agent, store, run_id=run_id, step=step,
                                  inputs=opening.inputs, fan_in=fan_in, final=final,
                                  worker=worker, ctx=ctx, permit=gate.permit, delivery=delivery)
 
         payload = input_payload(opening.inputs, fan_in)
+        gate.draw.acquire_for(payload)  # an estimate of the input: admitted now
+        if (refusal := gate.draw.refusal) is not None:
+            return throttle(task, agent, store, gate, refusal, ctx=ctx, inputs=opening.inputs,
+                            fan_in=fan_in, final=final, delivery=delivery,
+                            longest_wait_s=max(agent.retry_backoff_max_s,
+                                               STORE_RETRY_BACKOFF_MAX_S))
         if needs_input_check(agent, opening.inputs, fan_in):
             contracts.get(agent.input).validate(
                 payload, side="input", agent=agent.name, run_id=run_id,
                 version=None if fan_in else opening.inputs[0].version,
             )
-        executed = True
+        executed = gate.draw.ran = True
         output = _execute(agent, payload, ctx, chaos_spec, store)
         contracts.get(agent.output).validate(
             output, side="output", agent=agent.name, run_id=run_id
@@ -203,7 +211,7 @@ def run_step(
             final=final,
             worker=worker,
             latency_ms=latency_ms,
-            extra=gate.seal_extra(latency_ms=latency_ms, cache=cache)
+            extra=gate.seal_extra(latency_ms=latency_ms, cache=cache, ctx=ctx)
             + [e for h in hooks for e in h.seal_extra(agent, ok=True, latency_ms=latency_ms)]
             + ([delivery.seal_extra(store, task_id)] if delivery is not None else []),
             form=form,
@@ -211,7 +219,7 @@ def run_step(
             group=join.member_group(task.request),
         )
         gate.after_seal(sealing.extra)
-    except (Ignore, Retry):
+    except (Ignore, Retry, Reject):
         raise
     except SoftTimeLimitExceeded:
         exc = StepTimeLimitExceeded(
@@ -245,7 +253,7 @@ def run_step(
             if (fallen := fail(e)) is not None:
                 return fallen
             raise
-        gate.release()  # the run stopped, the agent did not fail: the breaker does not count it
+        gate.release(ctx=ctx)  # the run stopped, the agent did not fail: no breaker counts it
         note(store, run_id, "step.cancelled", step=step, agent=agent.name, attempt=attempt,
               reason=str(e)[:2000], **ctx_fields(ctx))
         raise Ignore() from None
@@ -259,7 +267,7 @@ def run_step(
             note(store, run_id, "step.retry", step=step, agent=agent.name, attempt=attempt,
                   **ctx_fields(ctx),
                   error_type=type(e).__name__, error=str(e)[:500], countdown_s=countdown)
-            gate.record_failure(e)  # every failed call counts, retried or not
+            gate.record_failure(e, ctx)  # every failed call counts, retried or not
             raise task.retry(exc=e, countdown=countdown, max_retries=agent.max_retries) from e
         if (fallen := fail(e)) is not None:
             return fallen
@@ -335,6 +343,6 @@ def _fail(
     fields.update(gate.trace_fields())
     fields.update(ctx_fields(ctx))
     note(store, run_id, "step.failed", **fields)
-    gate.record_failure(exc)
+    gate.record_failure(exc, ctx)
     for h in hooks:
         h.on_failure(agent, store, run_id, step, exc)
