@@ -12,6 +12,7 @@ from .contracts import Contract, contract, contracts
 from .errors import (
     AgentError,
     BrokerUnavailable,
+    BudgetExceeded,
     CircuitOpen,
     ConfigurationError,
     ContractError,
@@ -52,7 +53,7 @@ from .limits import Limit, Limiter, limit, limits
 from .run import Run, RunResult
 from .saga import CompensationContext
 from .settings import Settings
-from .state import RunInfo, RunStatus, StateStore, Version, connect
+from .state import Budget, RunInfo, RunStatus, StateStore, Version, connect
 from .workflow import Workflow, parallel
 
 __all__ = [
@@ -63,6 +64,8 @@ __all__ = [
     "BreakerRegistry",
     "BreakerState",
     "BrokerUnavailable",
+    "Budget",
+    "BudgetExceeded",
     "Choreography",
     "CircuitOpen",
     "CompensationContext",

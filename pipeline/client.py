@@ -22,11 +22,12 @@ from .errors import (
     RunNotLive,
     RunNotParked,
 )
-from .flow import Flow, known_route, workflows
+from .flow import Flow, check_budget, known_route, workflows
 from .route import EDIT_STEP
 from .run import Run, RunResult
 from .settings import Settings, redact_url
-from .state import RunStatus, StateStore, Version
+from .state import Budget, RunStatus, StateStore, Version
+from .state.replays import link_replay, unlink_replay
 from .state.version import Sealable, sealable
 
 __all__ = ["Pipeline", "Run", "RunResult"]
@@ -102,7 +103,8 @@ class Pipeline:
                          queue_of=catalog.resolver(self.store.redis, route))
 
     def start(
-        self, workflow: str | Flow, payload: Any, idempotency_key: str | None = None
+        self, workflow: str | Flow, payload: Any, idempotency_key: str | None = None, *,
+        budget: Budget | None = None,
     ) -> Run:
         """Check ``payload`` against the workflow's input contract, then enqueue the run.
 
@@ -111,6 +113,9 @@ class Pipeline:
         ``ContractViolation`` (the contract refuses it, or it is not JSON),
         ``PayloadTooLarge``. The same idempotency key (for the same workflow) returns
         the same run; reusing it with another payload raises ``IdempotencyConflict``.
+        ``budget`` bounds what the run's steps may spend (a ``Budget`` of tokens and/or
+        cost), instead of the workflow's own: a step that would cross it does not run, and
+        the run fails with ``BudgetExceeded``.
         ``StoreUnavailable`` when Redis cannot be reached, ``BrokerUnavailable`` when
         the run cannot be enqueued (nothing of it is kept).
         """
@@ -133,6 +138,7 @@ class Pipeline:
             idempotency_key=idempotency_key,
             form=form,
             route=wf.route.to_json(),
+            budget=check_budget(budget, wf.name) or wf.budget,
         )
         if not created.created:
             if created.workflow != wf.name or created.input_digest != form.digest:
@@ -240,10 +246,11 @@ class Pipeline:
                                            run_id=run_id, version=from_version)
         new_id = str(uuid.uuid4())
         self.store.create_run(new_id, workflow=flow.name, payload=source.payload,
-                              contract=source.contract, route=route.to_json())
+                              contract=source.contract, route=route.to_json(),
+                              budget=flow.budget)
         if form is not None:
             self._seal_edit(new_id, source, edit, form, author)
-        self.store.link_replay(run_id, from_version, new_id, route.start)
+        link_replay(self.store, run_id, from_version, new_id, route.start)
         tracing: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
         if self.settings.otel:  # the replay is a run of its own: its own trace
             from .observe import otel  # the `otel` extra, only when tracing is on
@@ -255,7 +262,7 @@ class Pipeline:
         except Exception as e:
             with contextlib.suppress(PipelineError):  # nothing half-made is left behind
                 self.store.delete_run(new_id)
-                self.store.unlink_replay(run_id, new_id)
+                unlink_replay(self.store, run_id, new_id)
             if isinstance(e, PipelineError):
                 raise
             raise BrokerUnavailable(f"cannot enqueue replay {new_id} of run {run_id}: "

@@ -51,6 +51,7 @@ __all__ = [
     "WaitTimeout",
     "LimitError",
     "UnknownLimit",
+    "BudgetExceeded",
     "Throttled",
 ]
 
@@ -216,6 +217,10 @@ class LimitError(PipelineError):
 
 class UnknownLimit(LimitError):
     """Raised when an agent or a ``Limiter`` names a limit that is not registered."""
+
+
+class BudgetExceeded(LimitError):
+    """Raised when a step's estimate would cross its run's budget: the step does not run."""
 
 
 class Throttled(LimitError):

@@ -19,7 +19,7 @@ from .contracts import Contract
 from .errors import BrokerUnavailable, RunNotParked, UnknownWorkflow, WorkflowDefinitionError
 from .registry import Registry
 from .route import Route, agent_of
-from .state import RunInfo, StateStore, Version
+from .state import Budget, RunInfo, StateStore, Version
 
 __all__ = ["Flow", "WorkflowRegistry", "known_route", "parked_again_on_failure",
            "recorded_route", "route_of", "workflows"]
@@ -33,6 +33,8 @@ class Flow(Protocol):
     name: str
     kind: str
     description: str
+    budget: Budget | None
+    """What each run may spend unless its start gives its own (``Budget``), or None."""
 
     @property
     def input_contract(self) -> Contract: ...
@@ -83,6 +85,14 @@ class WorkflowRegistry(Registry[Flow]):
 
 workflows = WorkflowRegistry()
 """The process-wide workflow registry."""
+
+
+def check_budget(budget: object, flow: str) -> Budget | None:
+    """A flow's ``budget``, checked: a ``Budget`` or None."""
+    if budget is not None and not isinstance(budget, Budget):
+        raise WorkflowDefinitionError(f"flow {flow}: budget must be a pipeline.Budget("
+                                      f"tokens=..., cost=...), not {budget!r}")
+    return budget
 
 
 @contextmanager

@@ -24,9 +24,9 @@ from .errors import (
     RunNotParked,
     WorkflowDefinitionError,
 )
-from .flow import parked_again_on_failure, route_of, workflows
+from .flow import check_budget, parked_again_on_failure, route_of, workflows
 from .route import FlowKind, Route, queues_of
-from .state import RunInfo, StateStore, Version
+from .state import Budget, RunInfo, StateStore, Version
 from .state.version import sealable
 
 __all__ = ["Parallel", "Step", "Workflow", "parallel"]
@@ -64,6 +64,7 @@ class Workflow:
         steps: Sequence[str | Agent | Parallel],
         *,
         description: str = "",
+        budget: Budget | None = None,
         agent_registry: AgentRegistry = agents,
         contract_registry: ContractRegistry = contracts,
         register: bool = True,
@@ -74,6 +75,7 @@ class Workflow:
             raise WorkflowDefinitionError(f"workflow {name}: no steps")
         self.name = name
         self.description = description
+        self.budget = check_budget(budget, name)
         self._contracts = contract_registry
         self.stages: list[list[Step]] = []
         previous: list[Agent] = []

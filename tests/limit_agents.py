@@ -8,7 +8,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pipeline import StepContext, Workflow, agent, limit
+from pipeline import Budget, StepContext, Workflow, agent, limit
+from tests.quick_agents import EXECUTIONS_KEY, book, undo
 
 IN_FLIGHT_KEY = "test:limited:in-flight:{agent}"
 """How many calls of the agent run right now, and (``:max``) the most that ever did."""
@@ -19,6 +20,10 @@ TOKENS = limit("test:tokens", tokens_per_minute=600)
 HELD = limit("test:held", concurrency=1)
 """A test holds its one slot itself (a ``Limiter`` in the test process)."""
 SMALL = limit("test:small", tokens_per_minute=1000)
+PRICED = limit("test:priced", tokens_per_minute=1_000_000, price_per_1k_prompt=0.01,
+               price_per_1k_completion=0.03)
+"""A call of the budgeted agents uses 200 prompt and 100 completion tokens: 300 tokens,
+costing 0.005; each reserves its estimate of 300 tokens, 0.009 at the dearer price."""
 
 
 def _in_flight(ctx: StepContext, hold_s: float) -> None:
@@ -65,3 +70,36 @@ one_at_a_time = Workflow("one_at_a_time", [single_file])
 frugal_flow = Workflow("frugal_flow", [frugal])
 patient = Workflow("patient", [patient_skip])
 sized_flow = Workflow("sized_flow", [sized])
+
+
+def _spend(ctx: StepContext) -> None:
+    ctx.redis.incr(EXECUTIONS_KEY.format(run_id=ctx.run_id, agent=ctx.agent))
+    book(ctx)
+    ctx.report_usage(prompt_tokens=200, completion_tokens=100, model="test")
+
+
+@agent(input="count@1", output="count@1", time_limit_s=5, max_retries=0, compensate=undo,
+       limits=("test:priced",), estimate_tokens=300)
+def draft(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Add one, for 300 tokens."""
+    _spend(ctx)
+    return {"n": payload["n"] + 1}
+
+
+@agent(input="count@1", output="count@1", time_limit_s=5, max_retries=0, compensate=undo,
+       limits=("test:priced",), estimate_tokens=300)
+def polish(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Add ten, for 300 tokens."""
+    _spend(ctx)
+    return {"n": payload["n"] + 10}
+
+
+@agent(input="count@1", output="count@1", time_limit_s=5, max_retries=0, compensate=undo,
+       limits=("test:priced",), estimate_tokens=300)
+def publish(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Add a hundred, for 300 tokens."""
+    _spend(ctx)
+    return {"n": payload["n"] + 100}
+
+
+budgeted = Workflow("budgeted", [draft, polish, publish], budget=Budget(tokens=10_000))

@@ -11,13 +11,18 @@ import pytest
 import redis
 
 import tests.agents  # noqa: F401 - the contracts, the agents and the limits they draw on
-from pipeline import BreakerRegistry, Limiter, Pipeline, RunStatus, agents
+from pipeline import BreakerRegistry, Budget, Limiter, Pipeline, RunStatus, agents
 from pipeline.limits import limit_states
 from pipeline.observe import report
 from tests.conftest import Cluster
 from tests.limit_agents import IN_FLIGHT_KEY
+from tests.quick_agents import EXECUTIONS_KEY, SIDE_EFFECTS_KEY, UNDONE_KEY
 
 pytestmark = pytest.mark.workers
+
+
+def executions(client: redis.Redis, run_id: str, agent: str) -> int:
+    return int(client.get(EXECUTIONS_KEY.format(run_id=run_id, agent=agent)) or 0)
 
 
 def throttled_rows(p: Pipeline, run_id: str) -> list[dict[str, str]]:
@@ -124,3 +129,87 @@ def test_an_estimate_of_the_input_admits_small_calls_and_fails_one_that_can_neve
     assert failed and failed[0]["error_type"] == "Throttled"
     assert "test:small" in failed[0]["error"]
     assert breaker_failures(cluster.redis, "sized") == 0
+
+
+# -- budgets ---------------------------------------------------------------------------------
+
+
+def test_a_run_stops_at_the_step_that_would_cross_its_budget_and_is_compensated(
+        cluster: Cluster) -> None:
+    """A budget of 700 tokens, three steps of 300: the third would cross it, so it never
+    runs; the run fails with BudgetExceeded naming the budget, the spent, the reserved and
+    the step, and the saga undoes the two steps that ran."""
+    cluster.worker(concurrency=2)
+    p = cluster.pipeline()
+    run = p.start("budgeted", {"n": 1}, idempotency_key=str(uuid.uuid4()),
+                  budget=Budget(tokens=700))
+    result = run.wait(30)
+    assert result.status is RunStatus.COMPENSATED, result.error
+    error = result.error or ""
+    assert "BudgetExceeded" in error or "budget of 700 tokens" in error
+    assert "600 spent" in error and "2:publish" in error
+    client = cluster.redis
+    assert executions(client, run.run_id, "publish") == 0
+    assert client.hgetall(SIDE_EFFECTS_KEY.format(run_id=run.run_id)) == {}
+    assert {"draft", "polish"} <= {a for a in ("draft", "polish")
+                                   if client.get(UNDONE_KEY.format(run_id=run.run_id, agent=a))}
+    info = run.info()
+    assert info.spending is not None
+    assert (info.spending.spent_tokens, info.spending.reserved_tokens) == (600, 0)
+    exceeded = [e for e in p.store.log(run.run_id) if e["event"] == "budget.exceeded"]
+    assert [(e["step"], e["budget"], e["spent"], e["estimate"]) for e in exceeded] \
+        == [("2:publish", "tokens", "600", "300")]
+
+
+def test_a_cost_budget_counts_the_limits_prices_and_the_workflows_budget_applies(
+        cluster: Cluster) -> None:
+    """The workflow's own budget (10,000 tokens) lets a run through, charged 900 tokens
+    and 3 x 0.005 in cost; a start's budget of 0.012 in cost replaces it, and the second
+    step (0.005 spent, 0.009 estimated) does not run."""
+    cluster.worker(concurrency=2)
+    p = cluster.pipeline()
+    ok = p.start("budgeted", {"n": 1}, idempotency_key=str(uuid.uuid4()))
+    assert ok.wait(30).output == {"n": 112}
+    spending = ok.info().spending
+    assert spending is not None and spending.budget == Budget(tokens=10_000)
+    assert spending.spent_tokens == 900
+    assert spending.spent_cost == pytest.approx(0.015)
+    stopped = p.start("budgeted", {"n": 1}, idempotency_key=str(uuid.uuid4()),
+                      budget=Budget(cost=0.012))
+    result = stopped.wait(30)
+    assert result.status is RunStatus.COMPENSATED
+    assert "1:polish" in (result.error or "")
+    spending = stopped.info().spending
+    assert spending is not None and spending.budget == Budget(cost=0.012)
+    assert spending.spent_cost == pytest.approx(0.005)
+    assert executions(cluster.redis, stopped.run_id, "polish") == 0
+
+
+def test_a_redelivered_step_reserves_and_is_charged_once(client_only: Pipeline) -> None:
+    """The open and the seal as a redelivered message runs them again, on the state's
+    scripts in Redis: the second open finds the step's reservation, the second seal finds
+    the step sealed; the run is charged once, what the step reported."""
+    p = client_only
+    store = p.store
+    run_id = str(uuid.uuid4())
+    store.create_run(run_id, workflow="budgeted", payload={"n": 1}, contract="count@1",
+                     budget=Budget(tokens=1_000, cost=1.0))
+    reserve = (300, 0.009, 0.01, 0.03)
+    for _ in range(2):
+        opening = store.open_step(run_id, step="0:draft", agent="draft", inputs=[0],
+                                  max_deliveries=5, reserve=reserve)
+        assert opening.outcome == "open"
+    spending = store.run_info(run_id).spending
+    assert spending is not None
+    assert (spending.reserved_tokens, spending.reserved_cost) == (300, pytest.approx(0.009))
+    for outcome in ("new", "sealed"):
+        sealing = store.seal(run_id, step="0:draft", agent="draft", contract="count@1",
+                             payload={"n": 2}, parents=[0],
+                             trace={"prompt_tokens": 200, "completion_tokens": 100})
+        assert sealing.outcome == outcome
+    spending = store.run_info(run_id).spending
+    assert spending is not None
+    assert (spending.spent_tokens, spending.reserved_tokens) == (300, 0)
+    assert spending.spent_cost == pytest.approx(0.005)
+    assert spending.reserved_cost == pytest.approx(0.0)
+    store.delete_run(run_id)

@@ -20,9 +20,9 @@ from ..errors import (
     WorkflowDefinitionError,
 )
 from ..events import check_event_type
-from ..flow import parked_again_on_failure, workflows
+from ..flow import check_budget, parked_again_on_failure, workflows
 from ..route import FlowKind, Route, newest_first, queues_of
-from ..state import RunInfo, StateStore, Version
+from ..state import Budget, RunInfo, StateStore, Version
 from ..state.version import Sealable, sealable
 from .delivery import Delivery
 from .publishing import CLIENT, Handover, dispatch, enqueue, event_record, owed, redrive
@@ -43,6 +43,7 @@ class Choreography:
         terminal: Sequence[str],
         input: str,
         description: str = "",
+        budget: Budget | None = None,
         agent_registry: AgentRegistry = agents,
         contract_registry: ContractRegistry = contracts,
         register: bool = True,
@@ -64,6 +65,7 @@ class Choreography:
         self.terminal = tuple(terminal)
         self.input = input
         self.description = description
+        self.budget = check_budget(budget, name)
         self._agents = agent_registry
         self._contracts = contract_registry
         contract_registry.get(input)  # UnknownContract now, not at the first run

@@ -36,11 +36,15 @@ def trace(run_id: str, as_json: bool) -> None:
     if as_json:
         echo_json({"run_id": run_id, "workflow": r.info.workflow,
                    "status": r.info.status.value, "calls": [c.to_dict() for c in r.calls],
-                   "tokens": r.tokens(), "log": r.log})
+                   "tokens": r.tokens(), "throttled_ms": r.info.throttled_ms,
+                   "budget": r.info.spending.to_dict() if r.info.spending else None,
+                   "log": r.log})
         return
     click.echo(f"run {run_id} of {r.info.workflow}: {r.info.status.value}")
     click.echo(calls_table(r.calls, r.start))
     click.echo(tokens_line(r.by_agent, r.total))
+    if r.info.spending is not None:
+        click.echo(f"budget: {r.info.spending.describe()}")
     click.echo("\nlog:")
     for e in r.log:
         rest = {k: v for k, v in e.items() if k not in ("id", "at", "event")}

@@ -101,6 +101,8 @@ def run_header(info: RunInfo, total: Usage) -> list[str]:
              f"duration  {took:.0f} ms" + ("" if info.finished_at else " so far"),
              f"tokens    {total.total:,} (prompt {total.prompt_tokens:,}, completion "
              f"{total.completion_tokens:,}) in {total.calls} calls"]
+    if info.spending is not None:
+        lines.append(f"budget    {info.spending.describe()}")
     if info.throttled_ms:
         lines.append(f"throttled {info.throttled_ms:,} ms waiting for limits")
     if info.replay_of:

@@ -30,6 +30,10 @@ class Limit:
     requests_per_minute: float | None = None
     tokens_per_minute: float | None = None
     concurrency: int | None = None
+    price_per_1k_prompt: float | None = None
+    price_per_1k_completion: float | None = None
+    """What 1,000 tokens cost (in the unit of the runs' cost budgets): the prices turn a
+    step's token usage into cost."""
 
     def __post_init__(self) -> None:
         where = f"limit {self.name!r}"
@@ -41,6 +45,11 @@ class Limit:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
                                       or not math.isfinite(value) or value <= 0):
                 raise DefinitionError(f"{where}: {field}={value!r} must be a number above 0")
+        for field in ("price_per_1k_prompt", "price_per_1k_completion"):
+            value = getattr(self, field)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                      or not math.isfinite(value) or value < 0):
+                raise DefinitionError(f"{where}: {field}={value!r} must be a number >= 0")
         if self.concurrency is not None and (isinstance(self.concurrency, bool)
                                              or not isinstance(self.concurrency, int)
                                              or self.concurrency < 1):
@@ -50,6 +59,10 @@ class Limit:
                 == (None, None, None):
             raise DefinitionError(f"{where}: give requests_per_minute, tokens_per_minute or "
                                   "concurrency (or several)")
+
+    @property
+    def priced(self) -> bool:
+        return self.price_per_1k_prompt is not None or self.price_per_1k_completion is not None
 
     @property
     def ms_per_request(self) -> float:
@@ -88,7 +101,13 @@ limits = LimitRegistry("limit", UnknownLimit)
 
 
 def limit(name: str, *, requests_per_minute: float | None = None,
-          tokens_per_minute: float | None = None, concurrency: int | None = None) -> Limit:
-    """Define the limit ``name`` (see the module docstring) and register it."""
+          tokens_per_minute: float | None = None, concurrency: int | None = None,
+          price_per_1k_prompt: float | None = None,
+          price_per_1k_completion: float | None = None) -> Limit:
+    """Define the limit ``name`` (see the module docstring) and register it. Prices per
+    1,000 prompt and completion tokens turn the usage of steps that draw on it into the
+    cost their runs' budgets count."""
     return limits.register(Limit(name=name, requests_per_minute=requests_per_minute,
-                                 tokens_per_minute=tokens_per_minute, concurrency=concurrency))
+                                 tokens_per_minute=tokens_per_minute, concurrency=concurrency,
+                                 price_per_1k_prompt=price_per_1k_prompt,
+                                 price_per_1k_completion=price_per_1k_completion))

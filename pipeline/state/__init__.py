@@ -1,5 +1,6 @@
 """Immutable, versioned run state in Redis streams."""
 
+from .budget import Budget, Spending
 from .connection import connect, translate_errors
 from .joins import rejoin
 from .replies import Created, Opening, OpeningOutcome, Sealing, SealingOutcome
@@ -15,6 +16,7 @@ from .version import (
 )
 
 __all__ = [
+    "Budget",
     "Created",
     "Opening",
     "OpeningOutcome",
@@ -22,6 +24,7 @@ __all__ = [
     "RunStatus",
     "Sealing",
     "SealingOutcome",
+    "Spending",
     "StateStore",
     "Version",
     "canonical_json",

@@ -11,6 +11,7 @@
 -- ARGV[6] = seconds the run lives if it is never enqueued (mark_enqueued.lua lifts it)
 -- ARGV[7] = the run's route, JSON: its flow's stages or start event, and its agents'
 --           queues ('' when none): what the pipeline's own work reads instead of agent code
+-- ARGV[8], ARGV[9] = the run's budget: tokens and cost ('' for none; see budget.py)
 -- Returns {'created', created_at_ms} or {'exists', workflow, input_digest, enqueued, age_ms}
 -- where enqueued is '1' once the client handed the run's canvas to the broker, and
 -- age_ms is how long ago the run was created, by the server's clock.
@@ -30,6 +31,8 @@ redis.call('HSET', KEYS[3],
   'input_contract', ARGV[4], 'input_digest', ARGV[3], 'idempotency_key', ARGV[5],
   'enqueued', '0')
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[3], 'route', ARGV[7]) end
+if ARGV[8] ~= '' then redis.call('HSET', KEYS[3], 'budget_tokens', ARGV[8]) end
+if ARGV[9] ~= '' then redis.call('HSET', KEYS[3], 'budget_cost', ARGV[9]) end
 redis.call('XADD', KEYS[4], '*', 'event', 'run.created', 'at', now, 'workflow', ARGV[1],
   'version', '0')
 for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[6]) end

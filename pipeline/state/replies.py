@@ -31,6 +31,9 @@ class OpeningOutcome(StrEnum):
     """An event delivery another task holds, or that ended."""
     UNKNOWN = "unknown"
     """An event delivery that was never published."""
+    OVER_BUDGET = "over_budget"
+    """Its estimate would cross the run's budget (``over_budget``: kind, budget, spent,
+    reserved, estimate): not run."""
 
 
 class SealingOutcome(StrEnum):
@@ -67,6 +70,7 @@ class Opening:
     opened_at: float = 0.0
     missing_version: int | None = None
     extra: tuple[Any, ...] = ()
+    over_budget: tuple[str, ...] = ()
 
     @classmethod
     def from_reply(cls, run_id: str, reply: Sequence[Any], extra: tuple[Any, ...]) -> Opening:
@@ -85,6 +89,8 @@ class Opening:
             return cls(outcome, deliveries=int(reply[1]), extra=extra)
         if outcome is OpeningOutcome.NOVERSION:
             return cls(outcome, missing_version=int(reply[1]), extra=extra)
+        if outcome is OpeningOutcome.OVER_BUDGET:
+            return cls(outcome, over_budget=tuple(reply[1:]), extra=extra)
         return cls(outcome, extra=extra)
 
 

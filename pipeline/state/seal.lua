@@ -18,6 +18,9 @@
 -- ARGV[11] = the step's latency so far, milliseconds
 -- ARGV[12] = the Celery group id of the chord this step is a member of, '' for none
 -- ARGV[13..] = more field, value pairs for the step's trace entry (token usage)
+-- The budget: a step that reserved some of its run's budget (open_step.lua) is charged
+-- what it used, read from its trace fields (prompt_tokens, completion_tokens; without
+-- them, its estimate; a degraded stand-in, nothing), and its reservation is dropped.
 -- Returns {'new', version, at_ms, joined}, {'sealed', version} (this step key was sealed
 -- before: the same version, nothing written), {'missing'} or {'aborted', status}.
 --
@@ -60,6 +63,24 @@ if ARGV[12] ~= '' then
   end
 end
 redis.call('XADD', KEYS[4], '*', unpack(entry))
+local reserved = redis.call('HGET', KEYS[3], 'reserve:' .. ARGV[1])
+if reserved then
+  local r = {}
+  for x in string.gmatch(reserved, '[^|]+') do r[#r + 1] = tonumber(x) end
+  local used = {}
+  for i = 13, #ARGV - 1, 2 do used[ARGV[i]] = tonumber(ARGV[i + 1]) end
+  local tokens, cost = r[1], r[2]
+  if used.prompt_tokens or used.completion_tokens then
+    local p, c = used.prompt_tokens or 0, used.completion_tokens or 0
+    tokens, cost = p + c, (p * r[3] + c * r[4]) / 1000
+  end
+  if ARGV[9] == '1' then tokens, cost = 0, 0 end
+  redis.call('HDEL', KEYS[3], 'reserve:' .. ARGV[1])
+  redis.call('HINCRBYFLOAT', KEYS[3], 'reserved_tokens', -r[1])
+  redis.call('HINCRBYFLOAT', KEYS[3], 'reserved_cost', -r[2])
+  redis.call('HINCRBYFLOAT', KEYS[3], 'spent_tokens', tokens)
+  redis.call('HINCRBYFLOAT', KEYS[3], 'spent_cost', cost)
+end
 if ARGV[7] == '1' then
   redis.call('HSET', KEYS[3], 'status', 'succeeded', 'output_version', v, 'finished_at', now)
   redis.call('XADD', KEYS[4], '*', 'event', 'run.succeeded', 'at', now, 'version', v)

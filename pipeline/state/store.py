@@ -16,13 +16,14 @@ import redis
 
 from ..errors import RunNotFound, RunNotParked, VersionNotFound
 from ..keys import HELD, LIVE, RUNS_INDEX, UNENQUEUED, RunKeys, version_stream_id
-from ..lua import Batch, Client, Script, checked, decoding_client, route
+from ..lua import Arg, Batch, Client, Script, checked, decoding_client, route
 from ..settings import (
     DEFAULT_LEASE_S,
     DEFAULT_MAX_PAYLOAD_BYTES,
     DEFAULT_RETENTION_S,
     Settings,
 )
+from .budget import Budget
 from .connection import connect, translate_errors, url_of
 from .replies import Created, Opening, Sealing
 from .version import RunInfo, RunStatus, Sealable, Version, sealable
@@ -36,7 +37,6 @@ NOTE = Script(_PKG, "note.lua")
 MARK_ENQUEUED = Script(_PKG, "mark_enqueued.lua")
 PARK = Script(_PKG, "park.lua")
 RESUME = Script(_PKG, "resume.lua")
-HSET_LIVE = Script(_PKG, "hset_live.lua")
 HOLD = Script(_PKG, "hold.lua")
 
 UNENQUEUED_TTL_S = 24 * 3600
@@ -92,12 +92,13 @@ class StateStore:
         idempotency_key: str | None = None,
         form: Sealable | None = None,
         route: str = "",
+        budget: Budget | None = None,
     ) -> Created:
         """Create the run and seal its input as version 0; a no-op if the run exists.
 
         ``form`` is the payload already checked by ``sealable`` (not done twice); ``route``
         (JSON) is what the pipeline's own work must know of the run's flow, kept in its
-        record.
+        record, as is its ``budget``.
         """
         form = form or sealable(payload, self.max_payload_bytes, f"input of workflow {workflow}")
         canonical, digest = form.text, form.digest
@@ -105,7 +106,7 @@ class StateStore:
         batch = Batch(self.redis)
         batch.script(CREATE_RUN, [keys.states, keys.steps, keys.run, keys.log],
                      [workflow, canonical, digest, contract, idempotency_key or "",
-                      UNENQUEUED_TTL_S, route])
+                      UNENQUEUED_TTL_S, route, *(budget.args() if budget else ("", ""))])
         # the index, in the same round trip (a run created before keeps its first score),
         # trimmed of entries older than any finished run can live
         now_ms = int(time.time() * 1000)
@@ -122,21 +123,6 @@ class StateStore:
                 self.redis.zrem(UNENQUEUED, run_id)
         return Created(run_id, False, reply[1], reply[2], enqueued=reply[3] == "1",
                        age_s=int(reply[4]) / 1000.0)
-
-    def link_replay(self, source: str, version: int, replay: str, start_at: str) -> None:
-        """Name each run in the other's record: ``replay_of`` (and where the replay
-        started: a stage, or an event type) and ``replay:<run>``."""
-        batch = Batch(self.redis)
-        batch.script(HSET_LIVE, [RunKeys(replay).run], ["replay_of", f"{source}@{version}"])
-        batch.script(HSET_LIVE, [RunKeys(replay).run], ["replay_start", start_at])
-        batch.script(HSET_LIVE, [RunKeys(source).run], [f"replay:{replay}", str(version)])
-        with translate_errors(self.url):
-            for reply in batch.execute():
-                checked(reply)
-
-    def unlink_replay(self, source: str, replay: str) -> None:
-        with translate_errors(self.url):
-            self.redis.hdel(RunKeys(source).run, f"replay:{replay}")
 
     def mark_enqueued(self, run_id: str) -> None:
         """Record that the run's canvas reached the broker (it then lives until it ends)."""
@@ -169,11 +155,14 @@ class StateStore:
         claim: bool = False,
         queue: str = "",
         extra: Sequence[Extra] = (),
+        reserve: Sequence[Arg] = (0, 0, 0, 0),
     ) -> Opening:
         """Open a step in one round trip: status, seal check, delivery count, inputs.
 
         With ``claim`` (an event delivery), the task ``task_id`` claims the
-        delivery: a delivery another task holds or ended is a ``duplicate``.
+        delivery: a delivery another task holds or ended is a ``duplicate``. ``reserve``:
+        the tokens and cost the step reserves of its run's budget, and its prices per 1,000
+        prompt and completion tokens (``budget.py``).
         """
         keys = RunKeys(run_id)
         batch = Batch(self.redis)
@@ -181,7 +170,7 @@ class StateStore:
             OPEN_STEP,
             keys.all(),
             [step, agent, max_deliveries, worker, task_id, task_id if claim else "", queue,
-             *(int(v) for v in inputs)],
+             *reserve, *(int(v) for v in inputs)],
         )
         extra_idx = [queue(batch) for queue in extra]
         with translate_errors(self.url):

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..contracts import printable
 from ..errors import ContractViolation, IntegrityError, PayloadTooLarge
+from .budget import Spending
 
 INPUT_STEP = "input"
 
@@ -221,6 +222,8 @@ class RunInfo:
     """The run's route as JSON (``pipeline.route.Route``), '' for a run from before routes."""
     throttled_ms: int = 0
     """How long its steps waited for their limits, in all (every ``step.throttled``)."""
+    spending: Spending | None = None
+    """Its budget and what its steps spent and reserved of it; None without a budget."""
 
     @property
     def parked_step(self) -> str | None:
@@ -252,6 +255,7 @@ class RunInfo:
             replay_start=h.get("replay_start", ""),
             route=h.get("route", ""),
             throttled_ms=int(h.get("throttled_ms") or 0),
+            spending=Spending.from_hash(h),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -274,6 +278,7 @@ class RunInfo:
             "replays": list(self.replays),
             "parked_steps": list(self.parked_steps),
             "throttled_ms": self.throttled_ms,
+            "budget": self.spending.to_dict() if self.spending else None,
         }
 
 

@@ -54,6 +54,16 @@ class Draw:
         self.admissions: list[Admission] = []
         self.ran = False  # the agent was called: its admissions are used, not given back
 
+    def reserve(self) -> tuple[int, float, float, float]:
+        """What the step reserves of its run's budget at the open (its estimate, in tokens
+        and cost; 0 for an estimate of the input, not known yet, whose usage is charged at
+        the seal), and the prices the seal charges what it used at: the first of the
+        agent's limits with prices."""
+        priced = next((lim.limit for lim in self.limiters if lim.limit.priced), None)
+        prompt = (priced.price_per_1k_prompt or 0.0) if priced else 0.0
+        completion = (priced.price_per_1k_completion or 0.0) if priced else 0.0
+        return self.estimate, self.estimate * max(prompt, completion) / 1000, prompt, completion
+
     @property
     def at_open(self) -> bool:
         """Whether admission rides the open round trip (no estimate to compute first)."""

@@ -41,7 +41,7 @@ from ..state.version import sealable
 from .fallback import take_fallback
 from .gate import Gate, outcome_of
 from .joining import after_seal, join_again
-from .throttle import throttle
+from .throttle import over_budget, throttle
 from .trace import ctx_fields, failure_fields, note
 from .undo import compensate_self
 
@@ -126,6 +126,7 @@ def run_step(
             claim=delivery is not None,
             queue=agent.queue,
             extra=gate.open_extra() + [e for h in hooks for e in h.open_extra(agent)],
+            reserve=gate.draw.reserve(),
         )
         hook_extra = gate.take_permit(opening.extra)
         attempt = opening.deliveries
@@ -157,6 +158,8 @@ def run_step(
             )
         if opening.outcome == "noversion":
             raise VersionNotFound(f"run {run_id} has no version {opening.missing_version}")
+        if opening.outcome == "over_budget":
+            raise over_budget(run_id, step, agent.name, opening.over_budget)
         for h in hooks:
             h.after_open(agent, opening, hook_extra)
         ctx = StepContext(

@@ -1,4 +1,5 @@
-"""A step its limits refused: not run, not failed, sent again after the limit's wait."""
+"""A step its limits refused: not run, not failed, sent again after the limit's wait; and
+one its run's budget refused: not run, failed."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ from celery import Task
 
 from ..agent import Agent, StepContext
 from ..choreography import Delivery
-from ..errors import Throttled
+from ..errors import BudgetExceeded, Throttled
 from ..state import StateStore, Version
 from .draw import Refusal, wait_again
 from .fallback import take_fallback
 from .gate import Gate
 
-__all__ = ["throttle"]
+__all__ = ["over_budget", "throttle"]
 
 
 def throttle(task: Task, agent: Agent, store: StateStore, gate: Gate, refusal: Refusal, *,
@@ -46,3 +47,19 @@ def throttle(task: Task, agent: Agent, store: StateStore, gate: Gate, refusal: R
                              worker=ctx.worker or os.uname().nodename, ctx=ctx, failure=exc,
                              delivery=delivery)
     raise wait_again(task, min(refusal.wait_s, longest_wait_s), refusal)
+
+
+def over_budget(run_id: str, step: str, agent: str, why: Sequence[str]) -> BudgetExceeded:
+    """The error of a step whose estimate would cross its run's budget (the open's answer:
+    kind, budget, spent, reserved, estimate)."""
+    kind, budget, spent, reserved, estimate = why
+    unit = "tokens" if kind == "tokens" else "in cost"
+    return BudgetExceeded(
+        f"run {run_id} step {step} (agent {agent}) would cross the run's budget of "
+        f"{_n(budget)} {unit}: {_n(spent)} spent, {_n(reserved)} reserved by steps running, "
+        f"and this step's estimate is {_n(estimate)}; the step did not run")
+
+
+def _n(text: str) -> str:
+    value = float(text)
+    return f"{int(value):,}" if value == int(value) else f"{value:.6g}"
