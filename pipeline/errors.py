@@ -40,6 +40,7 @@ __all__ = [
     "InputError",
     "AgentError",
     "TransientAgentError",
+    "RateLimited",
     "StepError",
     "DeliveryLimitExceeded",
     "CircuitOpen",
@@ -173,6 +174,14 @@ class AgentError(PipelineError):
 
 class TransientAgentError(AgentError):
     """Raised by an agent for a failure worth retrying (rate limit, timeout upstream)."""
+
+
+class RateLimited(AgentError):
+    """Raised by an agent whose API refused a call for its rate (HTTP 429): waited, not failed."""
+
+    def __init__(self, message: str = "rate limited", retry_after_s: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = max(0.0, float(retry_after_s))  # the API's Retry-After
 
 
 class StepError(PipelineError):

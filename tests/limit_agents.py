@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pipeline import Budget, StepContext, Workflow, agent, limit
+from pipeline import Budget, RateLimited, StepContext, Workflow, agent, limit
 from tests.quick_agents import EXECUTIONS_KEY, book, undo
 
 IN_FLIGHT_KEY = "test:limited:in-flight:{agent}"
@@ -20,6 +20,9 @@ TOKENS = limit("test:tokens", tokens_per_minute=600)
 HELD = limit("test:held", concurrency=1)
 """A test holds its one slot itself (a ``Limiter`` in the test process)."""
 SMALL = limit("test:small", tokens_per_minute=1000)
+STORM = limit("test:storm", requests_per_minute=6000, concurrency=4)
+STORM_KEY = "test:storm"
+"""While this key exists, the ``touchy`` agent's API answers 429 with a Retry-After of 0.2 s."""
 PRICED = limit("test:priced", tokens_per_minute=1_000_000, price_per_1k_prompt=0.01,
                price_per_1k_completion=0.03)
 """A call of the budgeted agents uses 200 prompt and 100 completion tokens: 300 tokens,
@@ -103,3 +106,15 @@ def publish(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
 
 
 budgeted = Workflow("budgeted", [draft, polish, publish], budget=Budget(tokens=10_000))
+
+
+@agent(input="count@1", output="count@1", time_limit_s=5, max_retries=0, max_deliveries=2,
+       limits=("test:storm",))
+def touchy(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Add one, unless its API is in a storm of 429s."""
+    if ctx.redis.exists(STORM_KEY):
+        raise RateLimited("429 Too Many Requests", retry_after_s=0.2)
+    return {"n": payload["n"] + 1}
+
+
+storm = Workflow("storm", [touchy])

@@ -11,11 +11,21 @@ import pytest
 import redis
 
 import tests.agents  # noqa: F401 - the contracts, the agents and the limits they draw on
-from pipeline import BreakerRegistry, Budget, Limiter, Pipeline, RunStatus, agents
-from pipeline.limits import limit_states
+from pipeline import (
+    BreakerRegistry,
+    Budget,
+    Limit,
+    Limiter,
+    Pipeline,
+    RateLimited,
+    RunStatus,
+    agents,
+)
+from pipeline.keys import limit_keys
+from pipeline.limits import LimitState, limit_states
 from pipeline.observe import report
-from tests.conftest import Cluster
-from tests.limit_agents import IN_FLIGHT_KEY
+from tests.conftest import Cluster, wait_for
+from tests.limit_agents import IN_FLIGHT_KEY, STORM_KEY
 from tests.quick_agents import EXECUTIONS_KEY, SIDE_EFFECTS_KEY, UNDONE_KEY
 
 pytestmark = pytest.mark.workers
@@ -213,3 +223,67 @@ def test_a_redelivered_step_reserves_and_is_charged_once(client_only: Pipeline) 
     assert spending.spent_cost == pytest.approx(0.005)
     assert spending.reserved_cost == pytest.approx(0.0)
     store.delete_run(run_id)
+
+
+# -- the API's own 429s ----------------------------------------------------------------------
+
+
+def storm_state(client: redis.Redis) -> LimitState:
+    return next(s for s in limit_states(client) if s.name == "test:storm")
+
+
+def test_a_storm_of_429s_slows_the_limit_trips_no_breaker_and_every_run_completes(
+        cluster: Cluster) -> None:
+    """The API answers 429 (Retry-After 0.2 s) for a second and a half: the calls are
+    throttled, not failed (no breaker failure, attempt 1 with 2 deliveries allowed), the
+    limit's effective rate and concurrency drop, every run completes once the storm ends,
+    and the rate recovers as calls succeed."""
+    cluster.worker(concurrency=4)
+    p = cluster.pipeline()
+    client = cluster.redis
+    client.set(STORM_KEY, "1", px=1500)
+    runs = [p.start("storm", {"n": n}, idempotency_key=str(uuid.uuid4())) for n in range(8)]
+    wait_for(lambda: storm_state(client).rate_limited > 0, 10, "a 429")
+    slowed = storm_state(client)
+    assert slowed.factor < 1
+    assert slowed.effective_concurrency is not None and slowed.effective_concurrency < 4
+    for n, run in enumerate(runs):
+        result = run.wait(60)
+        assert result.status is RunStatus.SUCCEEDED, result.error
+        assert result.output == {"n": n + 1}
+    rows = [r for run in runs for r in throttled_rows(p, run.run_id)]
+    assert rows and {r["reason"] for r in rows} <= {"rate_limited", "concurrency", "requests"}
+    assert any(r["reason"] == "rate_limited" for r in rows)
+    assert breaker_failures(client, "touchy") == 0
+    assert BreakerRegistry(client).snapshot("touchy", agents.get("touchy").breaker) \
+        .state.value == "closed"
+    lowest = storm_state(client).factor
+    more = [p.start("storm", {"n": n}, idempotency_key=str(uuid.uuid4())) for n in range(25)]
+    for run in more:
+        assert run.wait(60).status is RunStatus.SUCCEEDED
+    recovered = storm_state(client)
+    assert recovered.factor == 1.0 or recovered.factor >= lowest + 0.05 * 20
+    assert recovered.effective_requests_per_minute == 6000
+
+
+def test_limiter_call_waits_out_a_429_and_the_limit_recovers(rclient: redis.Redis) -> None:
+    """Outside a step: a call refused twice by its API is made again after its
+    Retry-After; the two refusals within a second halve the limit once, and the call that
+    succeeded gives a step back."""
+    name = f"test:call-429-{uuid.uuid4().hex[:8]}"
+    limiter = Limiter(rclient, Limit(name=name, requests_per_minute=600))
+    answers = [RateLimited(retry_after_s=0.05), RateLimited(retry_after_s=0.05), "ok"]
+
+    def api() -> str:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert limiter.call(api) == "ok"
+    assert answers == []
+    state = next(s for s in limit_states(rclient) if s.name == name)
+    assert state.rate_limited == 1
+    assert state.factor == pytest.approx(0.55)
+    assert state.effective_requests_per_minute == pytest.approx(330)
+    rclient.delete(*limit_keys(name))

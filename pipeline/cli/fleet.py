@@ -68,18 +68,28 @@ def limits_command(as_json: bool) -> None:
         click.echo("no limit was drawn on in the last two minutes")
         return
     rows = [("limit", "requests/min", "tokens/min", "concurrency", "requests now",
-             "tokens now", "in flight", "reserved", "debt", "throttled")]
+             "tokens now", "in flight", "reserved", "debt", "throttled", "429s")]
     for st in states:
         rows.append((
             st.name,
-            f"{st.requests_per_minute:g}" if st.requests_per_minute else "-",
-            f"{st.tokens_per_minute:g}" if st.tokens_per_minute else "-",
-            str(st.concurrency or "-"),
+            _rate(st.requests_per_minute, st.effective_requests_per_minute),
+            _rate(st.tokens_per_minute, st.effective_tokens_per_minute),
+            _rate(st.concurrency, st.effective_concurrency),
             f"{st.requests_in_window:.0f}", f"{st.tokens_in_window:.0f}",
             str(st.in_flight), str(st.tokens_reserved), f"{st.debt_s:.1f}s",
             f"{st.throttled} ({st.throttled_s:.1f}s)",
+            f"{st.rate_limited}" + (f" (held {st.blocked_s:.1f}s)" if st.blocked_s else ""),
         ))
     click.echo(table(rows))
+    if any(st.factor < 1 for st in states):
+        click.echo("a rate shown as 'now <- configured' was slowed down by the API's 429s; "
+                   "it recovers as calls succeed")
+
+
+def _rate(configured: float | None, effective: float | None) -> str:
+    if configured is None or effective is None:
+        return "-"
+    return f"{configured:g}" if effective == configured else f"{effective:g} <- {configured:g}"
 
 
 def _breaker_agent(p: Pipeline, name: str) -> str:

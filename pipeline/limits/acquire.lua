@@ -13,8 +13,13 @@
 -- ARGV[5] = tokens to reserve (the call's estimate)
 -- ARGV[6] = the lease's life, ms (a call whose worker died gives its slot back then)
 -- ARGV[7] = the window, ms (60000): at most a window's worth is admitted at once
--- Returns {'ok'}, {'wait', ms, reason} (reason: requests, tokens or concurrency) or
--- {'never', reason} (one call costs more than the whole window allows).
+-- Returns {'ok'}, {'wait', ms, reason} (reason: requests, tokens, concurrency, or
+-- rate_limited: the API answered 429 and asked to wait) or {'never', reason} (one call
+-- costs more than the whole window allows).
+--
+-- Adaptive: the hash's `factor` (1 when absent) scales the rates and the concurrency
+-- down after the API itself refused calls (settle.lua: multiplicative decrease) and back up
+-- as calls succeed (additive increase); `blocked_until` holds every call until then.
 --
 -- GCRA: a rate keeps one time, when the limit would be empty again (tat). A call of cost
 -- c is admitted when max(tat, now) + c x interval stays within the window from now; the
@@ -24,9 +29,12 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease, window = ARGV[1], tonumber(ARGV[7])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 if redis.call('ZSCORE', KEYS[2], lease) then return {'ok'} end
+local h = redis.call('HMGET', KEYS[1], 'factor', 'blocked_until')
+local factor = tonumber(h[1] or '1')
 local function check(field, interval, cost)
   if interval <= 0 or cost <= 0 then return nil, 0 end
   if cost * interval > window then return 'never', 0 end
+  interval = interval / factor
   local tat = math.max(tonumber(redis.call('HGET', KEYS[1], field) or now), now)
   local next = tat + cost * interval
   if next - now > window then return 'wait', next - window - now end
@@ -41,7 +49,10 @@ if verdict_t == 'never' then return {'never', 'tokens'} end
 local wait, reason = 0, ''
 if verdict_r == 'wait' and next_r > wait then wait, reason = next_r, 'requests' end
 if verdict_t == 'wait' and next_t > wait then wait, reason = next_t, 'tokens' end
+local blocked = tonumber(h[2] or '0') - now
+if blocked > wait then wait, reason = blocked, 'rate_limited' end
 local concurrency = tonumber(ARGV[4])
+if concurrency > 0 then concurrency = math.max(1, math.floor(concurrency * factor)) end
 if concurrency > 0 and redis.call('ZCARD', KEYS[2]) >= concurrency then
   local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
   local until_free = math.min(tonumber(first[2]) - now, 1000)  -- a release may come first

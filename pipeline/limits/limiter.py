@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ..errors import Throttled
+from ..errors import RateLimited, Throttled
 from ..keys import limit_keys
 from ..lua import Arg, Batch, Client, Script, checked, decoding_client
 from ..state import translate_errors
@@ -29,6 +29,9 @@ SETTLE = Script("pipeline.limits", "settle.lua")
 
 DEFAULT_LEASE_S = 60.0
 DEFAULT_MAX_WAIT_S = 60.0
+RECOVERY_STEP = 0.05
+"""After the API refused calls (``RateLimited``) the limit's rates and concurrency are
+halved; each call that succeeds gives back this much of the whole, up to all of it."""
 
 T = TypeVar("T")
 
@@ -64,13 +67,17 @@ class Limiter:
             reply = ACQUIRE(self.redis, self._keys, self._acquire_args(lease, tokens))
         return self.admission(reply)
 
-    def settle(self, lease: str, *, tokens: int = 0, cancel: bool = False) -> bool:
+    def settle(self, lease: str, *, tokens: int = 0, cancel: bool = False, outcome: str = "",
+               retry_after_s: float = 0.0) -> bool:
         """End the call holding ``lease``, which used ``tokens``: its slot comes back and
         its reservation is charged the difference; ``cancel``, the call was never made, and
-        its request is given back too. False when there was nothing to settle (settled
-        before, or its lease ran out)."""
+        its request is given back too. ``outcome`` adapts the limit: ``"ok"`` (the call
+        succeeded: it recovers a step), ``"limited"`` (the API refused it: its rates and
+        concurrency are halved, and every call waits ``retry_after_s``). False when there
+        was nothing to settle (settled before, or its lease ran out)."""
+        args = self._settle_args(lease, tokens, cancel, outcome, retry_after_s)
         with translate_errors(self.url):
-            reply = SETTLE(self.redis, self._keys, self._settle_args(lease, tokens, cancel))
+            reply = SETTLE(self.redis, self._keys, args)
         return bool(reply[0] == "settled")
 
     # -- the same, queued on a round trip of the caller's (a step's open and seal) -------
@@ -78,9 +85,10 @@ class Limiter:
     def queue_acquire(self, batch: Batch, lease: str, *, tokens: int = 0) -> int:
         return batch.script(ACQUIRE, self._keys, self._acquire_args(lease, tokens))
 
-    def queue_settle(self, batch: Batch, lease: str, *, tokens: int = 0,
-                     cancel: bool = False) -> int:
-        return batch.script(SETTLE, self._keys, self._settle_args(lease, tokens, cancel))
+    def queue_settle(self, batch: Batch, lease: str, *, tokens: int = 0, cancel: bool = False,
+                     outcome: str = "", retry_after_s: float = 0.0) -> int:
+        return batch.script(SETTLE, self._keys,
+                            self._settle_args(lease, tokens, cancel, outcome, retry_after_s))
 
     @staticmethod
     def admission(reply: Any) -> Admission:
@@ -97,37 +105,56 @@ class Limiter:
         return [lease, lim.ms_per_request, lim.ms_per_token, lim.concurrency or 0,
                 max(0, int(tokens)), int(self.lease_s * 1000), int(WINDOW_S * 1000)]
 
-    def _settle_args(self, lease: str, tokens: int, cancel: bool) -> list[Arg]:
+    def _settle_args(self, lease: str, tokens: int, cancel: bool, outcome: str,
+                     retry_after_s: float) -> list[Arg]:
         lim = self.limit
         return [lease, lim.ms_per_token, max(0, int(tokens)),
-                lim.ms_per_request if cancel else 0]
+                lim.ms_per_request if cancel else 0, outcome, int(retry_after_s * 1000),
+                RECOVERY_STEP]
 
     def call(self, fn: Callable[..., T], *args: Any, tokens: int = 0,
              usage: Callable[[T], int] | None = None, **kwargs: Any) -> T:
         """Call ``fn(*args, **kwargs)`` once the limit admits it, waiting as long as the
         limit says (at most ``max_wait_s`` in all, else ``Throttled``). ``tokens`` is the
         call's estimate; ``usage(result)``, when given, what it really used (settled
-        against the estimate). A call that raises is settled with its estimate."""
-        lease = uuid.uuid4().hex
+        against the estimate). A call that raises is settled with its estimate; one that
+        raises ``RateLimited`` (the API's 429) slows the limit down for the whole fleet
+        and is made again once the limit and the API's Retry-After allow."""
         waited = 0.0
+        while True:
+            lease = uuid.uuid4().hex
+            waited += self._wait_for(lease, tokens, waited)
+            try:
+                result = fn(*args, **kwargs)
+            except RateLimited as e:
+                self.settle(lease, tokens=tokens, outcome="limited",
+                            retry_after_s=e.retry_after_s)
+                continue
+            except BaseException:
+                self.settle(lease, tokens=tokens)
+                raise
+            used = tokens
+            try:
+                if usage is not None:
+                    used = int(usage(result))
+            finally:
+                self.settle(lease, tokens=used, outcome="ok")
+            return result
+
+    def _wait_for(self, lease: str, tokens: int, waited: float) -> float:
+        """Sleep until the limit admits ``lease``; the seconds slept."""
+        slept = 0.0
         while not (admission := self.acquire(lease, tokens=tokens)).admitted:
             name = self.limit.name
             if admission.never:
                 raise Throttled(f"limit {name}: a call of {tokens} tokens can never pass it "
                                 f"(more {admission.reason} than it admits in "
                                 f"{WINDOW_S:g} s)", reason=admission.reason)
-            if waited + admission.wait_s > self.max_wait_s:
-                raise Throttled(f"limit {name}: waited {waited:.1f} s for {admission.reason}, "
-                                f"and it asks {admission.wait_s:.1f} s more, past "
-                                f"max_wait_s={self.max_wait_s:g}",
+            if waited + slept + admission.wait_s > self.max_wait_s:
+                raise Throttled(f"limit {name}: waited {waited + slept:.1f} s for "
+                                f"{admission.reason}, and it asks {admission.wait_s:.1f} s "
+                                f"more, past max_wait_s={self.max_wait_s:g}",
                                 wait_s=admission.wait_s, reason=admission.reason)
             time.sleep(admission.wait_s)
-            waited += admission.wait_s
-        used = tokens
-        try:
-            result = fn(*args, **kwargs)
-            if usage is not None:
-                used = int(usage(result))
-            return result
-        finally:
-            self.settle(lease, tokens=used)
+            slept += admission.wait_s
+        return slept

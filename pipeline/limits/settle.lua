@@ -7,6 +7,11 @@
 -- ARGV[3] = tokens the call used
 -- ARGV[4] = ms per request to give back: the call was never made (its step did not run),
 --           so its request is refunded too; 0 keeps the request charged
+-- ARGV[5] = how the call went, for the adaptive factor: 'ok' (it succeeded: additive
+--           increase, by ARGV[7]), 'limited' (the API refused it, 429: multiplicative
+--           decrease, halved, at most once a second, and every call held ARGV[6] ms), or ''
+-- ARGV[6] = ms the API asked to wait (Retry-After), for 'limited'
+-- ARGV[7] = the additive increase of the factor per call that succeeded
 -- Returns {'settled', used - reserved} or {'none'} (settled before, or its lease ran out).
 --
 -- A refund (used less than reserved, a request not made) moves the rate's time back,
@@ -15,6 +20,24 @@
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease = ARGV[1]
+if ARGV[5] == 'limited' then  -- even for a lease run out: the API's answer stands
+  local h = redis.call('HMGET', KEYS[1], 'factor', 'decreased_at', 'blocked_until')
+  if now - tonumber(h[2] or '0') >= 1000 then
+    redis.call('HSET', KEYS[1], 'factor', tostring(math.max(tonumber(h[1] or '1') / 2, 1 / 64)),
+      'decreased_at', tostring(now))
+    redis.call('HINCRBY', KEYS[1], 'rate_limited', 1)
+  end
+  local until_ = now + tonumber(ARGV[6])
+  if until_ > tonumber(h[3] or '0') then
+    redis.call('HSET', KEYS[1], 'blocked_until', tostring(until_))
+  end
+  redis.call('PEXPIRE', KEYS[1], math.max(120000, 2 * tonumber(ARGV[6])))
+elseif ARGV[5] == 'ok' then
+  local factor = tonumber(redis.call('HGET', KEYS[1], 'factor') or '1')
+  if factor < 1 then
+    redis.call('HSET', KEYS[1], 'factor', tostring(math.min(1, factor + tonumber(ARGV[7]))))
+  end
+end
 if not redis.call('ZSCORE', KEYS[2], lease) then return {'none'} end
 redis.call('ZREM', KEYS[2], lease)
 local reserved = tonumber(redis.call('HGET', KEYS[3], lease) or '0')

@@ -34,9 +34,32 @@ class LimitState:
     """How far the token rate's time runs past a whole window: an overrun still owed."""
     throttled: int
     throttled_s: float
+    factor: float = 1.0
+    """What the API's refusals left of the rates and concurrency (1: all of them)."""
+    rate_limited: int = 0
+    """Calls the API refused (``RateLimited``, a 429) that slowed the limit down."""
+    blocked_s: float = 0.0
+    """How long every call still waits for the API's last Retry-After."""
+
+    @property
+    def effective_requests_per_minute(self) -> float | None:
+        return None if self.requests_per_minute is None \
+            else self.requests_per_minute * self.factor
+
+    @property
+    def effective_tokens_per_minute(self) -> float | None:
+        return None if self.tokens_per_minute is None else self.tokens_per_minute * self.factor
+
+    @property
+    def effective_concurrency(self) -> int | None:
+        return None if self.concurrency is None \
+            else max(1, int(self.concurrency * self.factor))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "effective": {
+            "requests_per_minute": self.effective_requests_per_minute,
+            "tokens_per_minute": self.effective_tokens_per_minute,
+            "concurrency": self.effective_concurrency}}
 
 
 def _rate(ms_per: float) -> float | None:
@@ -81,4 +104,7 @@ def _state(name: str, h: dict[str, str], flying: int, held: list[str],
         debt_s=max(0.0, ahead_tok - WINDOW_S * 1000) / 1000,
         throttled=int(h.get("throttled") or 0),
         throttled_s=int(h.get("throttled_ms") or 0) / 1000,
+        factor=float(h.get("factor") or 1.0),
+        rate_limited=int(h.get("rate_limited") or 0),
+        blocked_s=max(0.0, float(h.get("blocked_until") or 0) - now) / 1000,
     )

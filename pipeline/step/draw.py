@@ -8,8 +8,10 @@ open, so its admission takes one more round trip, after it.
 
 A step that a limit refuses is not run: the runner gives its delivery back, logs a
 ``step.throttled`` row and sends it again after the wait the limit computed
-(``throttle.lua``). Every admission a step does not use is given back (``cancel``): its
-request and its reservation, so a refused or skipped step costs its limits nothing.
+(``throttle.lua``). A call the API refused (the agent raises ``RateLimited``) goes the
+same way, after the API's Retry-After, and slows its limits down for the whole fleet.
+Every admission a step does not use is given back (``cancel``): its request and its
+reservation, so a refused or skipped step costs its limits nothing.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from celery.exceptions import Retry
 
 from ..agent import Agent
 from ..context import StepContext
-from ..errors import StoreError, Throttled
+from ..errors import RateLimited, StoreError, Throttled
 from ..keys import RunKeys
 from ..limits import Admission, Limiter, limits
 from ..lua import Batch, Script, checked
@@ -31,6 +33,9 @@ from ..state import StateStore, translate_errors
 from ..state.store import Extra
 
 THROTTLE = Script("pipeline.state", "throttle.lua")
+
+MIN_RATE_LIMITED_WAIT_S = 1.0
+"""The least a step refused by its API (``RateLimited``) waits, when no Retry-After says."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +46,7 @@ class Refusal:
     wait_s: float
     reason: str
     never: bool = False
+    rate_limited: bool = False  # the API refused the call (429): the limits slow down
 
 
 class Draw:
@@ -53,6 +59,7 @@ class Draw:
         self.estimate = 0 if callable(agent.estimate_tokens) else agent.estimate_tokens
         self.admissions: list[Admission] = []
         self.ran = False  # the agent was called: its admissions are used, not given back
+        self.limited: RateLimited | None = None
 
     def reserve(self) -> tuple[int, float, float, float]:
         """What the step reserves of its run's budget at the open (its estimate, in tokens
@@ -117,7 +124,8 @@ class Draw:
         used = self.used(ctx)
 
         def settle(limiter: Limiter) -> Extra:
-            return lambda batch: limiter.queue_settle(batch, self.lease, tokens=used)
+            return lambda batch: limiter.queue_settle(batch, self.lease, tokens=used,
+                                                      outcome="ok")
 
         return [settle(limiter) for limiter, a in zip(self.limiters, self.admissions,
                                                        strict=True) if a.admitted]
@@ -129,14 +137,28 @@ class Draw:
             return self.estimate
         return int(usage.get("prompt_tokens", 0)) + int(usage.get("completion_tokens", 0))
 
-    def queue_release(self, batch: Batch, ctx: StepContext | None, *, ran: bool) -> None:
+    def queue_release(self, batch: Batch, ctx: StepContext | None, *, ran: bool,
+                      limited: RateLimited | None = None) -> None:
         """Settle the admissions of a call that ended without a seal (it failed: what it
-        used, or its estimate) or never ran (``ran`` False: given back whole)."""
+        used, or its estimate; ``limited``, the API refused it: every limit slows down) or
+        never ran (``ran`` False: given back whole)."""
         for limiter, a in zip(self.limiters, self.admissions, strict=True):
-            if a.admitted:
+            if limited is not None:
+                limiter.queue_settle(batch, self.lease, tokens=self.used(ctx),
+                                     outcome="limited", retry_after_s=limited.retry_after_s)
+            elif a.admitted:
                 limiter.queue_settle(batch, self.lease, tokens=self.used(ctx) if ran else 0,
                                      cancel=not ran)
         self.admissions = []
+
+    def rate_limited(self, exc: RateLimited) -> Refusal:
+        """The refusal of a call the API refused: it waits the API's Retry-After
+        (``MIN_RATE_LIMITED_WAIT_S`` without one), and then its limits' wait, which the
+        refusal grew."""
+        self.limited = exc
+        return Refusal(self.limiters[0].limit.name if self.limiters else "",
+                       exc.retry_after_s or MIN_RATE_LIMITED_WAIT_S, "rate_limited",
+                       rate_limited=True)
 
     def release(self, ctx: StepContext | None = None, *, ran: bool) -> None:
         """``queue_release`` in a round trip of its own (none when nothing was admitted)."""
@@ -162,7 +184,7 @@ class Draw:
         batch.script(THROTTLE, RunKeys(run_id).all(), [
             step, self.agent.name, int(round(refusal.wait_s * 1000)), refusal.limit,
             refusal.reason, attempt, worker, task_id])
-        self.queue_release(batch, None, ran=False)
+        self.queue_release(batch, None, ran=self.ran, limited=self.limited)
         with translate_errors(self.store.url):
             return int(checked(batch.execute()[0])) / 1000.0
 

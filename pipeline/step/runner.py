@@ -28,6 +28,7 @@ from ..contracts import contracts
 from ..errors import (
     ContractViolation,
     DeliveryLimitExceeded,
+    RateLimited,
     RunNotFound,
     StepCancelled,
     StepTimeLimitExceeded,
@@ -38,6 +39,7 @@ from ..hooks import StepHooks, hooks_of
 from ..reads import LineageReads
 from ..state import StateStore, Version, input_digest, input_payload
 from ..state.version import sealable
+from .draw import Refusal
 from .fallback import take_fallback
 from .gate import Gate, outcome_of
 from .joining import after_seal, join_again
@@ -182,20 +184,27 @@ def run_step(
                                  inputs=opening.inputs, fan_in=fan_in, final=final,
                                  worker=worker, ctx=ctx, permit=gate.permit, delivery=delivery)
 
-        payload = input_payload(opening.inputs, fan_in)
-        gate.draw.acquire_for(payload)  # an estimate of the input: admitted now
-        if (refusal := gate.draw.refusal) is not None:
+        def wait(refusal: Refusal) -> int:
+            assert ctx is not None
             return throttle(task, agent, store, gate, refusal, ctx=ctx, inputs=opening.inputs,
                             fan_in=fan_in, final=final, delivery=delivery,
                             longest_wait_s=max(agent.retry_backoff_max_s,
                                                STORE_RETRY_BACKOFF_MAX_S))
+
+        payload = input_payload(opening.inputs, fan_in)
+        gate.draw.acquire_for(payload)  # an estimate of the input: admitted now
+        if (refusal := gate.draw.refusal) is not None:
+            return wait(refusal)
         if needs_input_check(agent, opening.inputs, fan_in):
             contracts.get(agent.input).validate(
                 payload, side="input", agent=agent.name, run_id=run_id,
                 version=None if fan_in else opening.inputs[0].version,
             )
         executed = gate.draw.ran = True
-        output = _execute(agent, payload, ctx, chaos_spec, store)
+        try:
+            output = _execute(agent, payload, ctx, chaos_spec, store)
+        except RateLimited as e:  # the API refused it: waited, not failed
+            return wait(gate.draw.rate_limited(e))
         contracts.get(agent.output).validate(
             output, side="output", agent=agent.name, run_id=run_id
         )
