@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from bench.common import RESULTS, ROOT, table
-from bench.overhead import spread
+from bench.overhead import LIMITED, spread
 
 SCRIPTS = ("overhead", "roundtrips", "growth", "breakers")
 QUICK = {"breakers": ["--calls", "20", "--rounds", "1", "--duration", "0.1"]}
@@ -47,6 +47,10 @@ def overhead_rows(r: dict[str, Any]) -> list[Row]:
         ["  vs bare Celery with its defaults: latency median",
          f"{lat['pipeline']['median']:.1f}", f"{lat[DEFAULTS]['median']:.1f}",
          f"{r['ratio_latency_median_defaults']:.2f}x", ""],
+        ["  every agent on a limit that never binds: throughput",
+         f"{tp[LIMITED]:.1f}", f"{tp['pipeline']:.1f} (without)",
+         f"{r['ratio_throughput_limits']:.2f}x "
+         f"({spread(r['ratio_throughput_limits_rounds'])})", ">= 0.97x"],
         [f"  ({shape}, {r['rounds']} alternating rounds)", "", "", "", ""],
     ]
 
@@ -64,6 +68,8 @@ def roundtrips_rows(r: dict[str, Any]) -> list[Row]:
         ["all Redis round trips per step", f"{every:.2f}",
          f"{r[BARE]['broker']['round_trips']:.2f}", f"{r['extra_round_trips_per_step']:+.2f}",
          "<= 4.0"],
+        ["  every agent on a limit (not binding): more round trips per step",
+         f"{r['extra_round_trips_per_step_limits']:+.2f}", "", "", "+0.00"],
     ]
 
 

@@ -178,7 +178,8 @@ class PipelineKind:
 
     name = "pipeline"
 
-    def __init__(self, pipeline: Any, workflow: str, payload: Any) -> None:
+    def __init__(self, pipeline: Any, workflow: str, payload: Any, *, name: str = "") -> None:
+        self.name = name or self.name
         self.pipeline = pipeline
         self.workflow = workflow
         self.payload = payload

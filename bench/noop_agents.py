@@ -9,6 +9,9 @@ agent (contracts, breaker, sealed versions, trace), so the agents return at once
   breaker on (the default policy), a compensator each;
 - ``fanout_<width>``: ``parallel(fan_000 .. fan_<width-1>)`` then ``fan_join_<width>``,
   all on one queue, for every width in ``FANOUT_WIDTHS``;
+- ``noop_limited_credit``: the same, every agent drawing on the limit ``bench:model``
+  (rates and concurrency far above what the bench reaches: configured, never binding),
+  each reserving an estimate of 100 tokens, on the same queues as ``noop_credit``'s;
 - ``bench.bare``: one plain Celery task that stands in for any agent; ``bare_credit``
   and ``bare_fanout`` build the same canvases from it, on the same queues, with the
   same result handling (only a chord member's and the last task's result is stored).
@@ -28,7 +31,7 @@ from celery.canvas import Signature
 from marshmallow import Schema, fields
 
 from bench.common import COUNT_DIR_ENV, install_task_counter
-from pipeline import StepContext, Workflow, agent, contract, parallel
+from pipeline import StepContext, Workflow, agent, contract, limit, parallel
 from pipeline.agent import Agent
 from pipeline.contracts import contracts, fan_in_schema
 from pipeline.step import HARD_TIME_LIMIT_GRACE_S
@@ -59,9 +62,10 @@ def undo_nothing(ctx: Any) -> None:
 
 
 def noop_agent(name: str, *, input: str = "bench_noop@1", execute: Any = nothing,
-               queue: str | None = None) -> Agent:
+               queue: str | None = None, limits: tuple[str, ...] = ()) -> Agent:
     return agent(name, input=input, output="bench_noop@1", time_limit_s=TIME_LIMIT_S,
-                 queue=queue, compensate=undo_nothing)(execute)
+                 queue=queue, compensate=undo_nothing, limits=limits,
+                 estimate_tokens=100 if limits else 0)(execute)
 
 
 # -- the credit workflow's shape ------------------------------------------------------------
@@ -69,12 +73,29 @@ def noop_agent(name: str, *, input: str = "bench_noop@1", execute: Any = nothing
 CREDIT_MEMBERS = ("noop_income", "noop_risk", "noop_fraud")
 contracts.register("bench_noop_assessments", 1,
                    fan_in_schema({name: Noop() for name in CREDIT_MEMBERS}))
+contracts.register("bench_lim_assessments", 1,
+                   fan_in_schema({f"lim_{name.removeprefix('noop_')}": Noop()
+                                  for name in CREDIT_MEMBERS}))
 noop_score = noop_agent("noop_score")
 credit_members = [noop_agent(name) for name in CREDIT_MEMBERS]
 noop_approval = noop_agent("noop_approval", input="bench_noop_assessments@1", execute=join)
 noop_credit = Workflow("noop_credit", [noop_score, parallel(*credit_members), noop_approval],
                        description="The credit workflow's shape, with agents that do no work.")
 CREDIT_QUEUES = tuple(a.queue for a in noop_credit.agents())
+
+# -- the same, drawing on a limit that never binds ----------------------------------------
+
+BENCH_LIMIT = limit("bench:model", requests_per_minute=10**8, tokens_per_minute=10**10,
+                    concurrency=10**5)
+_LIMITED = ("bench:model",)
+noop_limited_credit = Workflow(
+    "noop_limited_credit",
+    [noop_agent("lim_score", queue=noop_score.queue, limits=_LIMITED),
+     parallel(*[noop_agent(f"lim_{m.name.removeprefix('noop_')}", queue=m.queue,
+                           limits=_LIMITED) for m in credit_members]),
+     noop_agent("lim_approval", input="bench_lim_assessments@1", execute=join,
+                queue=noop_approval.queue, limits=_LIMITED)],
+    description="noop_credit, every agent drawing on a limit that never binds.")
 
 # -- fan-outs ------------------------------------------------------------------------------
 

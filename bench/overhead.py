@@ -46,9 +46,11 @@ from bench.common import (
 )
 from bench.default_app import QUEUE as DEFAULT_QUEUE
 from bench.default_app import DefaultKind
-from bench.noop_agents import CREDIT_QUEUES, bare_credit, noop_credit
+from bench.noop_agents import CREDIT_QUEUES, bare_credit, noop_credit, noop_limited_credit
 
 PAYLOAD = {"n": 0}
+LIMITED = "pipeline, limits"
+"""The same workflow, every agent drawing on a limit that never binds."""
 
 
 def measure(url: str, *, concurrency: int, in_flight: int, latency_runs: int,
@@ -56,8 +58,9 @@ def measure(url: str, *, concurrency: int, in_flight: int, latency_runs: int,
     p = client(url)
     pipeline = PipelineKind(p, noop_credit.name, PAYLOAD)
     bare = BareKind(bench_app(p.settings), bare_credit)
+    limited = PipelineKind(p, noop_limited_credit.name, PAYLOAD, name=LIMITED)
     defaults = DefaultKind(url)
-    kinds: list[Kind] = [pipeline, bare]
+    kinds: list[Kind] = [pipeline, bare, limited]
     rates: dict[str, list[float]] = {k.name: [] for k in [*kinds, defaults]}
     times: dict[str, list[float]] = {k.name: [] for k in [*kinds, defaults]}
 
@@ -100,6 +103,10 @@ def measure(url: str, *, concurrency: int, in_flight: int, latency_runs: int,
         "ratio_latency_p95": lat["pipeline"]["p95"] / lat["bare celery"]["p95"],
         "ratio_throughput_defaults": tp["pipeline"] / tp[defaults.name],
         "ratio_latency_median_defaults": lat["pipeline"]["median"] / lat[defaults.name]["median"],
+        "ratio_throughput_limits": tp[LIMITED] / tp["pipeline"],
+        "ratio_throughput_limits_rounds": [a / b for a, b in zip(rates[LIMITED],
+                                                                 rates["pipeline"], strict=True)],
+        "ratio_latency_median_limits": lat[LIMITED]["median"] / lat["pipeline"]["median"],
         "added_ms_per_step": (lat["pipeline"]["median"] - lat["bare celery"]["median"]) / steps,
     }
 
@@ -121,6 +128,9 @@ def report(r: dict[str, Any]) -> str:
     rows.append(["pipeline / bare, defaults", f"{r['ratio_throughput_defaults']:.2f}x "
                  f"({spread(r['ratio_throughput_defaults_rounds'])})",
                  f"{r['ratio_latency_median_defaults']:.2f}x", ""])
+    rows.append(["limits (not binding) / without", f"{r['ratio_throughput_limits']:.2f}x "
+                 f"({spread(r['ratio_throughput_limits_rounds'])})",
+                 f"{r['ratio_latency_median_limits']:.2f}x", ""])
     head = (f"overhead: {r['workflow']} ({r['shape']}), prefork pool of {r['concurrency']}, "
             f"{r['rounds']} alternating rounds of {r['in_flight']} in flight and "
             f"{r['latency_runs']} one at a time")

@@ -54,11 +54,14 @@ from bench.common import (
     worker,
     worker_env,
 )
-from bench.noop_agents import bare_credit, noop_credit
+from bench.noop_agents import bare_credit, noop_credit, noop_limited_credit
 from pipeline.embedded import EmbeddedRedis
 
 BUDGET = 2
 BARE = "bare celery"
+LIMITED = "pipeline, limits"
+"""The same workflow, every agent drawing on a limit that never binds: the limit's admission
+rides the open round trip and its settlement the seal's."""
 RECORD_TIMEOUT_S = 30.0
 
 
@@ -127,7 +130,8 @@ def measure(*, workflows: int, concurrency: int) -> dict[str, Any]:
         p = client(state.url, broker.url)
         pipeline = PipelineKind(p, noop_credit.name, {"n": 0})
         bare = BareKind(bench_app(p.settings), bare_credit)
-        kinds: list[Kind] = [pipeline, bare]
+        limited = PipelineKind(p, noop_limited_credit.name, {"n": 0}, name=LIMITED)
+        kinds: list[Kind] = [pipeline, bare, limited]
         env = worker_env(state.url, broker.url,
                          **{COUNT_DIR_ENV: count_dir, COUNT_PORTS_ENV: count_ports(ports)})
         state_redis = redis.Redis.from_url(state.url)
@@ -198,6 +202,9 @@ def _summarise(phases: dict[str, Any], *, workflows: int, steps: int, offset: in
     out["extra_round_trips_per_step"] = (state["round_trips"]
                                          + out["pipeline"]["broker"]["round_trips"] - bare_broker)
     out["within_budget"] = state["max_round_trips"] <= BUDGET
+    out["extra_round_trips_per_step_limits"] = (
+        out[LIMITED]["state"]["round_trips"] + out[LIMITED]["broker"]["round_trips"]
+        - state["round_trips"] - out["pipeline"]["broker"]["round_trips"])
     return out
 
 
@@ -217,6 +224,11 @@ def report(r: dict[str, Any]) -> str:
                  f"{bare['broker']['round_trips']:.2f}",
                  f"{ours['broker']['min_round_trips']}..{ours['broker']['max_round_trips']}", ""])
     rows.append(["extra round trips", f"{r['extra_round_trips_per_step']:.2f}", "", "", ""])
+    lim = r[LIMITED]["state"]
+    rows.append(["state round trips, every agent on a limit (not binding)",
+                 f"{lim['round_trips']:.2f}", "",
+                 f"{lim['min_round_trips']}..{lim['max_round_trips']}",
+                 f"{r['extra_round_trips_per_step_limits']:+.2f} vs without"])
     steps = [[name, f"{n:.1f}", f"{bare['by_step'].get(name, 0.0):.1f}", "", ""]
              for name, n in ours["by_step"].items()]
     rows.append(["all round trips, by step (a parallel stage's members by rank, the last "

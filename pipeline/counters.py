@@ -15,14 +15,15 @@ from collections.abc import Sequence
 import redis
 
 from .agent import Agent
+from .errors import BudgetExceeded
 from .hooks import StepHooks, add_hook
 from .keys import METRICS_PREFIX
 from .lua import Batch
 from .state import StateStore
 from .state.store import Extra
 
-__all__ = ["COMPENSATIONS", "FAILURES", "LATENCY", "LATENCY_BUCKETS_MS", "MetricsHooks",
-           "count_compensation", "install_hooks", "latency_extra"]
+__all__ = ["BUDGET_EXCEEDED", "COMPENSATIONS", "FAILURES", "LATENCY", "LATENCY_BUCKETS_MS",
+           "MetricsHooks", "count_compensation", "install_hooks", "latency_extra"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,9 @@ LATENCY = f"{METRICS_PREFIX}:latency"
 (not cumulative), ``<agent>:count`` -> steps, ``<agent>:sum_us`` -> their total latency (µs)."""
 FAILURES = f"{METRICS_PREFIX}:failures"
 """Hash agent -> steps of the agent that failed for good (not retried)."""
+BUDGET_EXCEEDED = f"{METRICS_PREFIX}:budget_exceeded"
+"""Hash agent -> steps of the agent that did not run because their run's budget was spent
+(each stopped its run)."""
 COMPENSATIONS = f"{METRICS_PREFIX}:compensations"
 """Hash ``<agent>:done`` / ``<agent>:dead`` -> compensations recorded with that outcome."""
 
@@ -74,7 +78,8 @@ class MetricsHooks(StepHooks):
 
     def on_failure(self, agent: Agent, store: StateStore, run_id: str, step: str,
                    exc: BaseException) -> None:
-        _bump(store.redis, FAILURES, agent.name)
+        _bump(store.redis, BUDGET_EXCEEDED if isinstance(exc, BudgetExceeded) else FAILURES,
+              agent.name)
 
 
 def install_hooks(app: object) -> None:

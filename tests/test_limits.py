@@ -44,6 +44,9 @@ def lease() -> str:
     ("x", {"tokens_per_minute": float("inf")}, "tokens_per_minute=inf"),
     ("x", {"concurrency": True}, "concurrency=True"),
     ("x", {"concurrency": 0}, "concurrency=0"),
+    ("x", {"concurrency": 2, "burst": 1}, "with a requests_per_minute"),
+    ("x", {"requests_per_minute": 60, "burst": 0}, "burst=0"),
+    ("x", {"requests_per_minute": 60, "price_per_1k_prompt": -1}, "price_per_1k_prompt=-1"),
 ])
 def test_a_bad_limit_is_refused_when_defined_naming_what(name: str, sides: dict[str, float],
                                                           wrong: str) -> None:
@@ -68,6 +71,16 @@ def test_requests_pass_a_windows_worth_at_once_then_one_each_interval(
     refused = lim.acquire(lease())
     assert not refused.admitted and refused.reason == "requests"
     assert 17.0 <= refused.wait_s <= 20.0  # 20 s less the time since the first
+
+
+def test_a_burst_of_one_spaces_every_request_by_the_interval(client: redis.Redis) -> None:
+    lim = Limiter(client, fresh(requests_per_minute=600, burst=1))  # one each 100 ms
+    assert lim.acquire(lease()).admitted
+    refused = lim.acquire(lease())
+    assert not refused.admitted and refused.reason == "requests"
+    assert 0.05 <= refused.wait_s <= 0.1
+    time.sleep(refused.wait_s)
+    assert lim.acquire(lease()).admitted
 
 
 def test_a_lease_admitted_again_is_charged_once(client: redis.Redis) -> None:

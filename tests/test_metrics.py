@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline import Pipeline, RunStatus, counters
+from pipeline import Budget, Pipeline, RunStatus, counters
 from pipeline.agent import Agent
 from pipeline.breaker import BreakerRegistry
 from pipeline.embedded import free_port
@@ -267,3 +267,29 @@ def test_a_step_still_costs_two_round_trips_with_its_latency_counted(cluster: Cl
     assert latency["metered:count"] == "2"
     assert sum(int(v) for k, v in latency.items()
                if k.startswith("metered:") and k.split(":")[1] not in ("count", "sum_us")) == 2
+
+
+def test_the_exporter_shows_the_limits_the_agents_draw_on_and_the_budgets_that_stopped_runs(
+        cluster: Cluster, exporter: Callable[[], Scrape]) -> None:
+    """Runs that a limit of one call at a time throttled, and a run its budget stopped: the
+    limit's throttled calls and time, nothing left in flight, its full rate; one step that
+    did not run for its budget."""
+    cluster.worker(concurrency=3)
+    p = cluster.pipeline()
+    runs = [p.start("one_at_a_time", {"n": n}) for n in range(3)]
+    stopped = p.start("budgeted", {"n": 1}, budget=Budget(tokens=700))
+    for run in [*runs, stopped]:
+        assert run.wait(60).status.is_final
+    assert stopped.info().status is RunStatus.COMPENSATED
+    throttled = sum(1 for run in runs for e in p.store.log(run.run_id)
+                    if e["event"] == "step.throttled")
+    s = wait_for_scrape(
+        exporter, lambda s: s("pipeline_budget_exceeded_total", agent="publish") == 1,
+        "the step the budget stopped")
+    limit = "test:one-at-a-time"
+    assert s("pipeline_limit_throttled_total", limit=limit) == throttled > 0
+    assert s("pipeline_limit_throttled_seconds_total", limit=limit) > 0
+    assert s("pipeline_limit_in_flight", limit=limit) == 0
+    assert s("pipeline_limit_rate_factor", limit=limit) == 1
+    assert s("pipeline_budget_exceeded_total", agent="draft") == 0
+    assert s("pipeline_step_failures_total", agent="publish") == 0  # not the agent's failure

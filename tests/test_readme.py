@@ -39,6 +39,12 @@ CHECKS = {
         "assert [v.version for v in run.history()] == list(range(6))\n"
     ),
     "circuit-breakers-2": "assert receipt == {'order': 'o-1', 'charged': 42}\n",
+    "budgets": (
+        "from pipeline import RunStatus\n"
+        "assert result.status is RunStatus.SUCCEEDED, result\n"
+        "assert spending is not None and spending.budget == Budget(tokens=20_000, cost=0.5)\n"
+        "assert spending.reserved_tokens == 0 and spending.spent_tokens <= 20_000\n"
+    ),
     # a step of a run that is gone (expired, or never was) stops at its first check
     "cancelling-a-run": (
         "import os, redis\n"

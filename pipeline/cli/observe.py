@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -161,12 +162,24 @@ def runs(status: str | None, workflow: str | None, limit: int, as_json: bool) ->
     if as_json:
         echo_json([r.to_dict() for r in rows])
         return
-    out = [("run", "workflow", "status", "created", "ms", "versions", "error")]
+    out = [("run", "workflow", "status", "created", "ms", "versions", "spent", "error")]
     for r in rows:
         took = "" if r.finished_at is None else f"{(r.finished_at - r.created_at) * 1000:.0f}"
         out.append((r.run_id, r.workflow, r.status + (" (degraded)" if r.degraded else ""),
-                    timestamp(r.created_at), took, str(r.head + 1), r.error[:60]))
+                    timestamp(r.created_at), took, str(r.head + 1), spent(r.budget),
+                    r.error[:60]))
     click.echo(table(out))
+
+
+def spent(budget: dict[str, Any] | None) -> str:
+    """A run's spending against its budget, in a column: ``600/700 tok``, ``0.005/0.012``."""
+    if not budget:
+        return ""
+    parts = ([f"{budget['spent_tokens']:,}/{budget['tokens']:,} tok"]
+             if budget["tokens"] is not None else []) \
+        + ([f"{budget['spent_cost']:.4g}/{budget['cost']:g}"] if budget["cost"] is not None
+           else [])
+    return " ".join(parts)
 
 
 @main.command()

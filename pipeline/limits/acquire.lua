@@ -13,6 +13,8 @@
 -- ARGV[5] = tokens to reserve (the call's estimate)
 -- ARGV[6] = the lease's life, ms (a call whose worker died gives its slot back then)
 -- ARGV[7] = the window, ms (60000): at most a window's worth is admitted at once
+-- ARGV[8] = how far ahead the request rate may run, ms: its burst (the window, unless the
+--           limit says fewer requests at once)
 -- Returns {'ok'}, {'wait', ms, reason} (reason: requests, tokens, concurrency, or
 -- rate_limited: the API answered 429 and asked to wait) or {'never', reason} (one call
 -- costs more than the whole window allows).
@@ -27,23 +29,22 @@
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease, window = ARGV[1], tonumber(ARGV[7])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-if redis.call('ZSCORE', KEYS[2], lease) then return {'ok'} end
-local h = redis.call('HMGET', KEYS[1], 'factor', 'blocked_until')
+local held = redis.call('ZSCORE', KEYS[2], lease)
+if held and tonumber(held) > now then return {'ok'} end  -- admitted before, still held
+local h = redis.call('HMGET', KEYS[1], 'factor', 'blocked_until', 'requests', 'tokens')
 local factor = tonumber(h[1] or '1')
-local function check(field, interval, cost)
+local function check(tat, interval, cost, ahead)
   if interval <= 0 or cost <= 0 then return nil, 0 end
-  if cost * interval > window then return 'never', 0 end
-  interval = interval / factor
-  local tat = math.max(tonumber(redis.call('HGET', KEYS[1], field) or now), now)
-  local next = tat + cost * interval
-  if next - now > window then return 'wait', next - window - now end
+  if cost * interval > ahead then return 'never', 0 end
+  tat = math.max(tonumber(tat or now), now)
+  local next = tat + cost * interval / factor
+  if next - now > ahead then return 'wait', next - ahead - now end
   return nil, next
 end
 local rate_req, rate_tok = tonumber(ARGV[2]), tonumber(ARGV[3])
 local tokens = tonumber(ARGV[5])
-local verdict_r, next_r = check('requests', rate_req, 1)
-local verdict_t, next_t = check('tokens', rate_tok, tokens)
+local verdict_r, next_r = check(h[3], rate_req, 1, tonumber(ARGV[8]))
+local verdict_t, next_t = check(h[4], rate_tok, tokens, window)
 if verdict_r == 'never' then return {'never', 'requests'} end
 if verdict_t == 'never' then return {'never', 'tokens'} end
 local wait, reason = 0, ''
@@ -52,27 +53,36 @@ if verdict_t == 'wait' and next_t > wait then wait, reason = next_t, 'tokens' en
 local blocked = tonumber(h[2] or '0') - now
 if blocked > wait then wait, reason = blocked, 'rate_limited' end
 local concurrency = tonumber(ARGV[4])
-if concurrency > 0 then concurrency = math.max(1, math.floor(concurrency * factor)) end
-if concurrency > 0 and redis.call('ZCARD', KEYS[2]) >= concurrency then
-  local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-  local until_free = math.min(tonumber(first[2]) - now, 1000)  -- a release may come first
-  if until_free > wait then wait, reason = until_free, 'concurrency' end
+if concurrency > 0 then
+  concurrency = math.max(1, math.floor(concurrency * factor))
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)  -- leases of callers that died
+  if redis.call('ZCARD', KEYS[2]) >= concurrency then
+    local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+    local until_free = math.min(tonumber(first[2]) - now, 1000)  -- a release may come first
+    if until_free > wait then wait, reason = until_free, 'concurrency' end
+  end
+elseif now % 64 == 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)  -- now and then: nothing counts them
 end
 -- what `pipeline limits` shows: the limit as its callers define it, and the refusals
-redis.call('HSET', KEYS[1], 'ms_per_request', ARGV[2], 'ms_per_token', ARGV[3],
-  'concurrency', ARGV[4])
+local fields = {'ms_per_request', ARGV[2], 'ms_per_token', ARGV[3], 'concurrency', ARGV[4]}
+local keep = math.max(2 * window, tonumber(ARGV[6]))
 if reason ~= '' then
   wait = math.max(1, math.ceil(wait))
+  redis.call('HSET', KEYS[1], unpack(fields))
   redis.call('HINCRBY', KEYS[1], 'throttled', 1)
   redis.call('HINCRBY', KEYS[1], 'throttled_ms', wait)
-  redis.call('PEXPIRE', KEYS[1], math.max(2 * window, tonumber(ARGV[6])))
+  redis.call('PEXPIRE', KEYS[1], keep)
   return {'wait', tostring(wait), reason}
 end
-if rate_req > 0 then redis.call('HSET', KEYS[1], 'requests', tostring(next_r)) end
-if rate_tok > 0 and tokens > 0 then redis.call('HSET', KEYS[1], 'tokens', tostring(next_t)) end
-local life = tonumber(ARGV[6])
-redis.call('ZADD', KEYS[2], now + life, lease)
-if tokens > 0 then redis.call('HSET', KEYS[3], lease, tostring(tokens)) end
-local keep = math.max(2 * window, life)
-for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], keep) end
+if rate_req > 0 then fields[#fields + 1] = 'requests'; fields[#fields + 1] = tostring(next_r) end
+if rate_tok > 0 and tokens > 0 then
+  fields[#fields + 1] = 'tokens'; fields[#fields + 1] = tostring(next_t)
+  redis.call('HSET', KEYS[3], lease, tostring(tokens))
+  redis.call('PEXPIRE', KEYS[3], keep)
+end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[6]), lease)
+redis.call('PEXPIRE', KEYS[1], keep)
+redis.call('PEXPIRE', KEYS[2], keep)
 return {'ok'}

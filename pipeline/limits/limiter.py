@@ -103,7 +103,8 @@ class Limiter:
     def _acquire_args(self, lease: str, tokens: int) -> list[Arg]:
         lim = self.limit
         return [lease, lim.ms_per_request, lim.ms_per_token, lim.concurrency or 0,
-                max(0, int(tokens)), int(self.lease_s * 1000), int(WINDOW_S * 1000)]
+                max(0, int(tokens)), int(self.lease_s * 1000), int(WINDOW_S * 1000),
+                lim.burst_ms]
 
     def _settle_args(self, lease: str, tokens: int, cancel: bool, outcome: str,
                      retry_after_s: float) -> list[Arg]:

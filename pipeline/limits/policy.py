@@ -30,6 +30,9 @@ class Limit:
     requests_per_minute: float | None = None
     tokens_per_minute: float | None = None
     concurrency: int | None = None
+    burst: int | None = None
+    """Requests admitted at once, ahead of the rate (default: a whole minute's worth, as a
+    provider's per-minute limit allows); ``burst=1`` spaces every request evenly."""
     price_per_1k_prompt: float | None = None
     price_per_1k_completion: float | None = None
     """What 1,000 tokens cost (in the unit of the runs' cost budgets): the prices turn a
@@ -50,6 +53,11 @@ class Limit:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
                                       or not math.isfinite(value) or value < 0):
                 raise DefinitionError(f"{where}: {field}={value!r} must be a number >= 0")
+        if self.burst is not None and (isinstance(self.burst, bool)
+                                       or not isinstance(self.burst, int) or self.burst < 1
+                                       or self.requests_per_minute is None):
+            raise DefinitionError(f"{where}: burst={self.burst!r} must be a whole number from "
+                                  "1, with a requests_per_minute")
         if self.concurrency is not None and (isinstance(self.concurrency, bool)
                                              or not isinstance(self.concurrency, int)
                                              or self.concurrency < 1):
@@ -68,6 +76,13 @@ class Limit:
     def ms_per_request(self) -> float:
         """GCRA's interval for one request, ms (0: no request rate)."""
         return WINDOW_S * 1000 / self.requests_per_minute if self.requests_per_minute else 0.0
+
+    @property
+    def burst_ms(self) -> float:
+        """How far ahead of now the request rate's time may run (GCRA's tolerance), ms."""
+        if self.burst is None or not self.requests_per_minute:
+            return WINDOW_S * 1000
+        return min(self.burst * self.ms_per_request, WINDOW_S * 1000)
 
     @property
     def ms_per_token(self) -> float:
@@ -102,12 +117,12 @@ limits = LimitRegistry("limit", UnknownLimit)
 
 def limit(name: str, *, requests_per_minute: float | None = None,
           tokens_per_minute: float | None = None, concurrency: int | None = None,
-          price_per_1k_prompt: float | None = None,
+          burst: int | None = None, price_per_1k_prompt: float | None = None,
           price_per_1k_completion: float | None = None) -> Limit:
     """Define the limit ``name`` (see the module docstring) and register it. Prices per
     1,000 prompt and completion tokens turn the usage of steps that draw on it into the
     cost their runs' budgets count."""
     return limits.register(Limit(name=name, requests_per_minute=requests_per_minute,
                                  tokens_per_minute=tokens_per_minute, concurrency=concurrency,
-                                 price_per_1k_prompt=price_per_1k_prompt,
+                                 burst=burst, price_per_1k_prompt=price_per_1k_prompt,
                                  price_per_1k_completion=price_per_1k_completion))

@@ -38,8 +38,13 @@ elseif ARGV[5] == 'ok' then
     redis.call('HSET', KEYS[1], 'factor', tostring(math.min(1, factor + tonumber(ARGV[7]))))
   end
 end
-if not redis.call('ZSCORE', KEYS[2], lease) then return {'none'} end
+local held = redis.call('ZSCORE', KEYS[2], lease)
+if not held then return {'none'} end
 redis.call('ZREM', KEYS[2], lease)
+if tonumber(held) <= now then  -- it ran out: its slot came back, its reservation is spent
+  redis.call('HDEL', KEYS[3], lease)
+  return {'none'}
+end
 local reserved = tonumber(redis.call('HGET', KEYS[3], lease) or '0')
 redis.call('HDEL', KEYS[3], lease)
 local function move(field, by)

@@ -3,6 +3,7 @@ lately (a limit's keys go two idle minutes after its last call), as its callers 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -11,7 +12,7 @@ from ..lua import Client, decoding_client
 from ..state import translate_errors
 from .policy import WINDOW_S
 
-__all__ = ["LimitState", "limit_states"]
+__all__ = ["LimitState", "limit_states", "named_limit_states"]
 
 PATTERN = "pipeline:limit:{*}"
 
@@ -72,9 +73,18 @@ def limit_states(client: Client, *, url: str = "") -> list[LimitState]:
     with translate_errors(url):
         names = sorted({k[len("pipeline:limit:{"):-1] for k in redis.scan_iter(PATTERN)
                         if k.endswith("}")})
+    return [state for state in named_limit_states(client, names, url=url) if state is not None]
+
+
+def named_limit_states(client: Client, names: Iterable[str], *,
+                       url: str = "") -> list[LimitState | None]:
+    """The state of each limit named (None for one not drawn on lately), without a SCAN:
+    what the exporter reads of the limits its process defines, at every scrape."""
+    redis = decoding_client(client, "limit_states")
+    out: list[LimitState | None] = []
+    with translate_errors(url):
         seconds, micros = redis.time()
         now = seconds * 1000 + micros / 1000
-        out = []
         for name in names:  # each limit's keys share a slot: one pipeline each
             base, leases, reserved = limit_keys(name)
             pipe = redis.pipeline(transaction=False)
@@ -82,7 +92,7 @@ def limit_states(client: Client, *, url: str = "") -> list[LimitState]:
             pipe.zcount(leases, now, "+inf")
             pipe.hvals(reserved)
             h, flying, held = pipe.execute()
-            out.append(_state(name, h, int(flying), held, now))
+            out.append(_state(name, h, int(flying), held, now) if h else None)
     return out
 
 

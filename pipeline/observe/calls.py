@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
 from ..keys import RUNS_INDEX, RunKeys
-from ..state import RunInfo, RunStatus, StateStore, translate_errors
+from ..state import RunInfo, RunStatus, Spending, StateStore, translate_errors
 
 __all__ = ["Call", "CallReport", "Usage", "calls", "compensations", "report", "runs", "usage",
            "waiting_on"]
@@ -260,12 +260,16 @@ class RunRow:
     head: int
     error: str
     degraded: bool
+    budget: dict[str, Any] | None = None  # Spending.to_dict(): spent against the budget
+    throttled_ms: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-FIELDS = ("workflow", "status", "created_at", "finished_at", "head", "error", "degraded")
+FIELDS = ("workflow", "status", "created_at", "finished_at", "head", "error", "degraded",
+          "budget_tokens", "budget_cost", "spent_tokens", "spent_cost", "reserved_tokens",
+          "reserved_cost", "throttled_ms")
 
 
 INDEX_GRACE_MS = 60_000
@@ -311,7 +315,10 @@ def runs(store: StateStore, *, status: str | None = None, workflow: str | None =
                     created_at=int(h["created_at"] or 0) / 1000.0,
                     finished_at=int(h["finished_at"]) / 1000.0 if h["finished_at"] else None,
                     head=int(h["head"] or 0), error=h["error"] or "",
-                    degraded=h["degraded"] == "1"))
+                    degraded=h["degraded"] == "1",
+                    budget=spending.to_dict() if (spending := Spending.from_hash(
+                        {k: v for k, v in h.items() if v is not None})) else None,
+                    throttled_ms=int(h["throttled_ms"] or 0)))
             if gone:
                 store.redis.zrem(RUNS_INDEX, *gone)
             lowest = fresh[-1][1]

@@ -21,10 +21,11 @@ import redis
 
 from ..agent import Agent, agents, import_agent_modules
 from ..breaker import BreakerRegistry, Snapshot
-from ..counters import COMPENSATIONS, FAILURES, LATENCY, LATENCY_BUCKETS_MS
+from ..counters import BUDGET_EXCEEDED, COMPENSATIONS, FAILURES, LATENCY, LATENCY_BUCKETS_MS
 from ..errors import ConfigurationError, StoreError
 from ..flow import workflows
 from ..keys import DEAD_LETTERS, RUNS_INDEX, RunKeys
+from ..limits import LimitState, named_limit_states
 from ..lua import decoding_client
 from ..settings import Settings
 from ..state import RunStatus, StateStore, translate_errors
@@ -134,6 +135,8 @@ class _Reading:
     dead_letters: int
     breakers: list[Snapshot]
     runs: Counter[tuple[str, str]]
+    over_budget: dict[str, str]
+    limits: list[LimitState]
 
 
 class PipelineCollector:
@@ -172,12 +175,17 @@ class PipelineCollector:
             pipe.hgetall(FAILURES)
             pipe.hgetall(COMPENSATIONS)
             pipe.xlen(DEAD_LETTERS)
-            latency, failures, compensations, dead = pipe.execute()
+            pipe.hgetall(BUDGET_EXCEEDED)
+            latency, failures, compensations, dead, over_budget = pipe.execute()
             runs = self.census.count()
         registry = BreakerRegistry(self.store.redis, url=self.store.url)
         breakers = registry.snapshots((a.name, a.breaker) for a in self.agents
                                       if a.breaker.enabled)
-        return _Reading(latency, failures, compensations, int(dead), breakers, runs)
+        drawn = sorted({name for a in self.agents for name in a.limits})
+        states = [s for s in named_limit_states(self.store.redis, drawn, url=self.store.url)
+                  if s is not None]
+        return _Reading(latency, failures, compensations, int(dead), breakers, runs,
+                        over_budget, states)
 
     def _families(self, r: _Reading) -> Iterator[Metric]:
         from prometheus_client.core import (
@@ -249,6 +257,42 @@ class PipelineCollector:
                                  "that failed for good, waiting for a person)")
         dead.add_metric([], r.dead_letters)
         yield dead
+        yield from _limit_families(r, names)
+
+
+def _limit_families(r: _Reading, agents: set[str]) -> Iterator[Metric]:
+    """The limits the agents draw on, and the steps their runs' budgets stopped."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    over = CounterMetricFamily("pipeline_budget_exceeded",
+                               "Steps that did not run because their run's budget was spent, "
+                               "per agent (each stopped its run)", labels=["agent"])
+    for agent in sorted(agents | r.over_budget.keys()):
+        over.add_metric([agent], int(r.over_budget.get(agent, 0)))
+    yield over
+    families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
+        "in_flight": GaugeMetricFamily("pipeline_limit_in_flight",
+                                       "Calls admitted under each limit and not settled",
+                                       labels=["limit"]),
+        "factor": GaugeMetricFamily("pipeline_limit_rate_factor",
+                                    "What the API's 429s left of each limit's rates and "
+                                    "concurrency (1: all of them)", labels=["limit"]),
+        "tokens_reserved": GaugeMetricFamily("pipeline_limit_tokens_reserved",
+                                             "Tokens reserved by calls in flight, per limit",
+                                             labels=["limit"]),
+        "throttled": CounterMetricFamily("pipeline_limit_throttled",
+                                         "Calls each limit held back", labels=["limit"]),
+        "throttled_s": CounterMetricFamily("pipeline_limit_throttled_seconds",
+                                           "The waits each limit asked of the calls it held "
+                                           "back", labels=["limit"]),
+        "rate_limited": CounterMetricFamily("pipeline_limit_rate_limited",
+                                            "Calls the API refused (429) under each limit",
+                                            labels=["limit"]),
+    }
+    for state in r.limits:
+        for field, family in families.items():
+            family.add_metric([state.name], getattr(state, field))
+    yield from families.values()
 
 
 def _split(fields: dict[str, str]) -> dict[str, dict[str, str]]:
