@@ -71,14 +71,18 @@ def route(client: Client, key: str) -> dict[str, Any]:
 
 
 class Script:
-    """One Lua file and its SHA1; ``include`` names files of the same package whose
-    functions it uses, put before it (Redis scripts cannot load one another)."""
+    """One Lua file and its SHA1; ``include`` names files whose functions it uses, put
+    before it (Redis scripts cannot load one another): of the same package, or of another
+    as ``package:file``."""
 
     def __init__(self, package: str, filename: str, *, include: Sequence[str] = ()) -> None:
         self.name = filename
-        files = resources.files(package)
-        self.source = "".join(files.joinpath(name).read_text(encoding="utf-8")
-                              for name in (*include, filename))
+
+        def read(name: str) -> str:
+            where, _, file = name.rpartition(":")
+            return resources.files(where or package).joinpath(file).read_text(encoding="utf-8")
+
+        self.source = "".join(read(name) for name in (*include, filename))
         self.sha = hashlib.sha1(self.source.encode("utf-8")).hexdigest()
 
     def __call__(self, client: Client, keys: Sequence[str], args: Sequence[Arg]) -> Any:

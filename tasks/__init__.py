@@ -31,6 +31,14 @@ DEMO = {
         "inputs": [str(SAMPLES / "research.json"), str(SAMPLES / "research_off_topic.json")],
         "explain": "analysis",
     },
+    # The research flow orchestrated, every call on one model's limit shared by the fleet:
+    # four questions at once wait their turn (throttled rows in the trace); then the first
+    # question again with a budget its report step would cross (stopped, compensated).
+    "limits": {
+        "workflow": "research_paced",
+        "input": str(SAMPLES / "research_batch.json"),
+        "tight_budget": 2_500,
+    },
 }
 """What ``pipeline demo`` runs."""
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from marshmallow import INCLUDE, Schema, ValidationError, fields, validate, validates_schema
 
-from pipeline import StepContext, Workflow, agent, contract
+from pipeline import Agent, Budget, StepContext, Workflow, agent, contract, limit
 from pipeline.choreography import Choreography
 from pipeline.saga import CompensationContext
 
@@ -232,4 +232,27 @@ research_report = Choreography(
 research_chain = Workflow(
     "research_chain", [research, analysis, report],
     description="The same agents, orchestrated: research -> analysis -> report.",
+)
+
+
+# -- the same agents on one model's limit, as a fleet shares a provider's rate limits -------
+
+MODEL_LIMIT = limit("demo:research-model", requests_per_minute=240, burst=1, concurrency=2,
+                    price_per_1k_prompt=0.0025, price_per_1k_completion=0.01)
+"""Four calls a second, evenly spaced, two at once, for every worker of the fleet."""
+
+
+def _on_the_model(a: Agent, estimate: int) -> Agent:
+    return agent(f"{a.name}_paced", input=a.input, output=a.output, compensate=a.compensate,
+                 time_limit_s=a.time_limit_s, limits=(MODEL_LIMIT.name,),
+                 estimate_tokens=estimate, description=a.description)(a.execute)
+
+
+research_paced = Workflow(
+    "research_paced",
+    [_on_the_model(research, 2_000), _on_the_model(analysis, 400),
+     _on_the_model(report, 400)],
+    budget=Budget(tokens=5_000),
+    description="research -> analysis -> report, every call on the model's shared limit, "
+                "each run within a budget of 5,000 tokens.",
 )

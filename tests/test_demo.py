@@ -56,6 +56,16 @@ def test_demo_runs_the_batch_and_shows_decisions_and_lineage(
     assert "contract confident_findings@1 refused field(s) confidence" in refused
     undone = refused.split("compensated, newest first: ")[1].splitlines()[0]
     assert undone.split(", ")[-1] == "e1:research"  # the first sealed, undone last
+    # four questions at once on the model's shared limit: every run succeeds, some wait
+    paced = out.split("limits: research_paced: ")[1]
+    runs = [line.split() for line in paced.splitlines() if UUID.match(line)][:4]
+    assert [r[1] for r in runs] == ["succeeded"] * 4
+    assert sum(int(r[3]) for r in runs) > 0  # throttled rows
+    assert "throttled" in paced and "limit demo:research-model: requests, wait" in paced
+    budget = paced.split("budget=Budget(tokens=2,500)): ")[1]
+    assert budget.startswith("compensated")
+    assert "BudgetExceeded: run" in budget and "step 2:report_paced" in budget
+    assert "compensated, newest first: 1:analysis_paced, 0:research_paced" in budget
     # with income_verification failing: some runs fail until its breaker opens,
     # then the rest seal its cached answer, marked degraded
     rows = [line for line in chaos.splitlines() if line.startswith("app-")]

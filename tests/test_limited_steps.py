@@ -287,3 +287,24 @@ def test_limiter_call_waits_out_a_429_and_the_limit_recovers(rclient: redis.Redi
     assert state.factor == pytest.approx(0.55)
     assert state.effective_requests_per_minute == pytest.approx(330)
     rclient.delete(*limit_keys(name))
+
+
+def test_a_run_that_stops_drops_the_reservations_its_steps_held(
+        client_only: Pipeline) -> None:
+    """A step reserved its estimate and the run failed before it sealed: the run no longer
+    holds anything reserved, and shows only what it spent."""
+    store = client_only.store
+    run_id = str(uuid.uuid4())
+    store.create_run(run_id, workflow="budgeted", payload={"n": 1}, contract="count@1",
+                     budget=Budget(tokens=1_000))
+    assert store.open_step(run_id, step="0:draft", agent="draft", inputs=[0], max_deliveries=5,
+                           reserve=(300, 0, 0, 0)).outcome == "open"
+    held = store.run_info(run_id).spending
+    assert held is not None and held.reserved_tokens == 300
+    assert store.finish(run_id, RunStatus.FAILED, error="it broke")
+    spending = store.run_info(run_id).spending
+    assert spending is not None
+    assert (spending.spent_tokens, spending.reserved_tokens) == (0, 0)
+    assert not [f for f in store.redis.hkeys(f"pipeline:{{{run_id}}}:run")
+                if f.startswith("reserve:")]
+    store.delete_run(run_id)

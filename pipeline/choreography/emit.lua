@@ -52,6 +52,7 @@ local function begin_saga(reason, agent)  -- as saga/begin.lua
   if redis.call('HSETNX', KEYS[6], 'started', '1') == 0 then return false end
   redis.call('HSET', KEYS[3], 'status', 'compensating', 'error', reason, 'failed_agent', agent,
     'updated_at', now)
+  release_budget(KEYS[3])
   redis.call('HSET', KEYS[6], 'reason', reason, 'started_at', now)
   redis.call('XADD', KEYS[4], '*', 'event', 'run.compensating', 'at', now, 'reason', reason,
     'agent', agent)

@@ -33,7 +33,7 @@ __all__ = ["CLIENT", "EMIT", "RECLAIM", "START", "Handover", "dispatch", "emit_a
 
 log = logging.getLogger(__name__)
 
-EMIT = Script("pipeline.choreography", "emit.lua")
+EMIT = Script("pipeline.choreography", "emit.lua", include=["pipeline.state:budget.lua"])
 RECLAIM = Script("pipeline.choreography", "reclaim.lua")
 START = "start"
 """The publisher key of a run's starting event."""

@@ -28,12 +28,15 @@ from ..client import Pipeline, Run
 from ..embedded import EmbeddedRedis, answers, free_port
 from ..errors import ConfigurationError, PipelineError, StoreUnavailable
 from ..flow import Flow
+from ..limits import limit_states
 from ..local import FlowerProcess, WorkerProcess
+from ..observe import report
 from ..observe.ledger import events, explain
 from ..observe.lineage import named
 from ..settings import DEFAULT_REDIS_URL, Settings, redact_url
+from ..state import Budget
 from .group import read_json_input, wait_all
-from .output import format_events, format_history, table
+from .output import calls_table, format_events, format_history, format_limits, table
 
 RESET_REASON = "reset by pipeline demo"
 
@@ -135,6 +138,8 @@ def _demo_body(p: Pipeline, spec: dict[str, Any], workflow: Flow, batch: list[An
         _show_refusal(p, workflow, spec.get("rejected"))
         if spec.get("choreography"):
             _show_choreography(p, spec["choreography"], timeout_s)
+        if spec.get("limits"):
+            _show_limits(p, spec["limits"], timeout_s)
     if spec.get("chaos"):
         chaos = spec["chaos"]
         click.echo(f"\nthe same batch again with PIPELINE_CHAOS={chaos!r} "
@@ -239,6 +244,46 @@ def _show_choreography(p: Pipeline, spec: dict[str, Any], timeout_s: float) -> N
             undone = [e["step"] for e in p.store.log(run.run_id)
                       if e["event"] == "compensation.done"]
             click.echo(f"compensated, newest first: {', '.join(undone) or 'nothing'}")
+
+
+def _show_limits(p: Pipeline, spec: dict[str, Any], timeout_s: float) -> None:
+    """A batch at once on a tight shared limit (its waits in the trace), then a run stopped
+    by its budget (compensated)."""
+    flow = p.workflow(spec["workflow"])
+    _reset_breakers(p, flow)
+    batch = read_json_input(spec["input"])
+    click.echo(f"\nlimits: {flow.name}: {flow.shape()}; {flow.description}")
+    runs, elapsed = _run_batch(p, flow, batch, timeout_s)
+    rows = [("run", "status", "ms", "throttled", "waited ms", "spent")]
+    for run in runs:
+        info = run.info()
+        throttled = [c for c in report(p.store, run.run_id).calls if c.status == "throttled"]
+        took = ((info.finished_at or info.updated_at) - info.created_at) * 1000
+        rows.append((run.run_id, info.status.value, f"{took:.0f}", str(len(throttled)),
+                     str(info.throttled_ms),
+                     info.spending.describe() if info.spending else "-"))
+    click.echo(table(rows))
+    click.echo(f"{len(runs)} runs at once in {elapsed:.2f}s, each call admitted by the limit")
+    waited = max(runs, key=lambda r: r.info().throttled_ms)
+    r = report(p.store, waited.run_id)
+    click.echo(f"\npipeline trace {waited.run_id} (a throttled row: not run, sent again "
+               "after the limit's wait):")
+    click.echo(calls_table(r.calls, r.start))
+    names = {name for a in flow.agents() for name in a.limits}
+    click.echo("\npipeline limits:")
+    click.echo(format_limits([st for st in limit_states(p.store.redis, url=p.store.url)
+                              if st.name in names]))
+    tight = Budget(tokens=spec["tight_budget"])
+    run = p.start(flow, batch[0], budget=tight)
+    result = run.wait(timeout_s)
+    info = run.info()
+    click.echo(f"\nthe first question again with start(..., budget=Budget(tokens="
+               f"{tight.tokens:,})): {result.status.value} (run {run.run_id})")
+    click.echo(f"  {info.failed_agent}: {result.error}")
+    undone = [e["step"] for e in p.store.log(run.run_id) if e["event"] == "compensation.done"]
+    click.echo(f"  compensated, newest first: {', '.join(undone) or 'nothing'}")
+    if info.spending is not None:
+        click.echo(f"  budget: {info.spending.describe()}")
 
 
 def _show_refusal(p: Pipeline, workflow: Flow, rejected: str | None) -> None:

@@ -22,7 +22,7 @@ from ..settings import Settings
 from ..sweeper import sweep as sweep_once
 from . import group
 from .group import fleet_agents, json_option, main
-from .output import echo_json, table
+from .output import echo_json, format_limits, table
 
 
 @main.group(invoke_without_command=True)
@@ -67,29 +67,7 @@ def limits_command(as_json: bool) -> None:
     if not states:
         click.echo("no limit was drawn on in the last two minutes")
         return
-    rows = [("limit", "requests/min", "tokens/min", "concurrency", "requests now",
-             "tokens now", "in flight", "reserved", "debt", "throttled", "429s")]
-    for st in states:
-        rows.append((
-            st.name,
-            _rate(st.requests_per_minute, st.effective_requests_per_minute),
-            _rate(st.tokens_per_minute, st.effective_tokens_per_minute),
-            _rate(st.concurrency, st.effective_concurrency),
-            f"{st.requests_in_window:.0f}", f"{st.tokens_in_window:.0f}",
-            str(st.in_flight), str(st.tokens_reserved), f"{st.debt_s:.1f}s",
-            f"{st.throttled} ({st.throttled_s:.1f}s)",
-            f"{st.rate_limited}" + (f" (held {st.blocked_s:.1f}s)" if st.blocked_s else ""),
-        ))
-    click.echo(table(rows))
-    if any(st.factor < 1 for st in states):
-        click.echo("a rate shown as 'now <- configured' was slowed down by the API's 429s; "
-                   "it recovers as calls succeed")
-
-
-def _rate(configured: float | None, effective: float | None) -> str:
-    if configured is None or effective is None:
-        return "-"
-    return f"{configured:g}" if effective == configured else f"{effective:g} <- {configured:g}"
+    click.echo(format_limits(states))
 
 
 def _breaker_agent(p: Pipeline, name: str) -> str:

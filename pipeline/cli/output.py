@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from ..limits import LimitState
 from ..observe import Call, Usage
 from ..observe.ledger import EventView
 from ..observe.lineage import NO_AGENT
@@ -133,3 +134,31 @@ def format_events(views: Sequence[EventView]) -> str:
                 d.agent, d.state, str(d.attempts or ""),
                 "" if d.latency_ms is None else f"{d.latency_ms:.0f} ms", detail))
     return table(rows)
+
+
+def format_limits(states: Sequence[LimitState]) -> str:
+    """``pipeline limits``: one row a limit (effective rates shown against configured ones)."""
+    rows = [("limit", "requests/min", "tokens/min", "concurrency", "requests now",
+             "tokens now", "in flight", "reserved", "debt", "throttled", "429s")]
+    for st in states:
+        rows.append((
+            st.name,
+            _rate(st.requests_per_minute, st.effective_requests_per_minute),
+            _rate(st.tokens_per_minute, st.effective_tokens_per_minute),
+            _rate(st.concurrency, st.effective_concurrency),
+            f"{st.requests_in_window:.0f}", f"{st.tokens_in_window:.0f}",
+            str(st.in_flight), str(st.tokens_reserved), f"{st.debt_s:.1f}s",
+            f"{st.throttled} ({st.throttled_s:.1f}s)",
+            f"{st.rate_limited}" + (f" (held {st.blocked_s:.1f}s)" if st.blocked_s else ""),
+        ))
+    out = table(rows)
+    if any(st.factor < 1 for st in states):
+        out += ("\na rate shown as 'now <- configured' was slowed down by the API's 429s; it "
+                "recovers as calls succeed")
+    return out
+
+
+def _rate(configured: float | None, effective: float | None) -> str:
+    if configured is None or effective is None:
+        return "-"
+    return f"{configured:g}" if effective == configured else f"{effective:g} <- {configured:g}"

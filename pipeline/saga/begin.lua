@@ -22,6 +22,7 @@ local t = redis.call('TIME')
 local now = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 redis.call('HSET', KEYS[1], 'status', 'compensating', 'error', ARGV[1], 'failed_agent', ARGV[2],
   'updated_at', now)
+release_budget(KEYS[1])
 redis.call('HSET', KEYS[3], 'reason', ARGV[1], 'started_at', now, 'cancelled', ARGV[3])
 redis.call('XADD', KEYS[2], '*', 'event', 'run.compensating', 'at', now, 'reason', ARGV[1],
   'agent', ARGV[2], 'cancelled', ARGV[3])

@@ -22,7 +22,7 @@ __all__ = ["BEGIN", "PLAN", "REDRIVE", "begin", "compensate_run", "plan", "redri
 
 log = logging.getLogger(__name__)
 
-BEGIN = Script("pipeline.saga", "begin.lua")
+BEGIN = Script("pipeline.saga", "begin.lua", include=["pipeline.state:budget.lua"])
 PLAN = Script("pipeline.saga", "plan.lua")
 REDRIVE = Script("pipeline.saga", "redrive.lua")
 

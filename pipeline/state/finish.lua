@@ -20,6 +20,7 @@ local t = redis.call('TIME')
 local now = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 redis.call('HSET', KEYS[3], 'status', ARGV[1], 'error', ARGV[2], 'failed_agent', ARGV[3],
   'finished_at', now, 'updated_at', now)
+release_budget(KEYS[3])
 redis.call('XADD', KEYS[4], '*', 'event', 'run.' .. ARGV[1], 'at', now, 'error', ARGV[2],
   'agent', ARGV[3])
 for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[4]) end

@@ -32,7 +32,7 @@ _PKG = "pipeline.state"
 CREATE_RUN = Script(_PKG, "create_run.lua")
 OPEN_STEP = Script(_PKG, "open_step.lua")
 SEAL = Script(_PKG, "seal.lua", include=["stages.lua"])
-FINISH = Script(_PKG, "finish.lua")
+FINISH = Script(_PKG, "finish.lua", include=["budget.lua"])
 NOTE = Script(_PKG, "note.lua")
 MARK_ENQUEUED = Script(_PKG, "mark_enqueued.lua")
 PARK = Script(_PKG, "park.lua")
