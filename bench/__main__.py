@@ -19,7 +19,7 @@ from typing import Any
 from bench.common import RESULTS, ROOT, table
 from bench.overhead import LIMITED, spread
 
-SCRIPTS = ("overhead", "roundtrips", "growth", "breakers")
+SCRIPTS = ("overhead", "roundtrips", "growth", "breakers", "limiters")
 QUICK = {"breakers": ["--calls", "20", "--rounds", "1", "--duration", "0.1"]}
 """How to run each script at a tiny size (the others take ``--quick``)."""
 BARE = "bare celery"
@@ -109,9 +109,26 @@ def breakers_rows(b: dict[str, Any]) -> list[Row]:
     ]
 
 
+def limiters_rows(r: dict[str, Any]) -> list[Row]:
+    c, g = r["calls_per_second"], r["global_rate"]
+    rates = c["calls_per_s"]
+    return [
+        ["limiter calls/s, one caller: acquire", f"{rates['acquire']:,.0f}",
+         f"{rates['limits moving window']:,.0f} (limits)", f"{c['ratio_acquire_vs_limits']:.2f}x",
+         ""],
+        ["  acquire + settle (concurrency, tokens)", f"{rates['acquire + settle']:,.0f}",
+         f"{rates['limits moving window']:,.0f} (limits)", f"{c['ratio_call_vs_limits']:.2f}x",
+         ""],
+        [f"one global rate of {g['intended_per_s']}/s, 2 workers: reached",
+         f"{g['ours']['per_s']:.1f}", f"{g['celery']['per_s']:.1f} (rate_limit)",
+         f"{g['ours']['over_intended']:.2f}x / {g['celery']['over_intended']:.2f}x "
+         "of intended", "1.00x"],
+    ]
+
+
 ROWS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "overhead": overhead_rows, "roundtrips": roundtrips_rows, "growth": growth_rows,
-    "breakers": breakers_rows,
+    "breakers": breakers_rows, "limiters": limiters_rows,
 }
 
 

@@ -202,9 +202,9 @@ def _summarise(phases: dict[str, Any], *, workflows: int, steps: int, offset: in
     out["extra_round_trips_per_step"] = (state["round_trips"]
                                          + out["pipeline"]["broker"]["round_trips"] - bare_broker)
     out["within_budget"] = state["max_round_trips"] <= BUDGET
-    out["extra_round_trips_per_step_limits"] = (
+    out["extra_round_trips_per_step_limits"] = round(
         out[LIMITED]["state"]["round_trips"] + out[LIMITED]["broker"]["round_trips"]
-        - state["round_trips"] - out["pipeline"]["broker"]["round_trips"])
+        - state["round_trips"] - out["pipeline"]["broker"]["round_trips"], 9) + 0.0
     return out
 
 

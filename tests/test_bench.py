@@ -110,8 +110,10 @@ def test_the_overhead_benchmark_reports_throughput_latency_and_their_ratios(
         assert len(overhead["throughput_rounds"][kind]) == overhead["rounds"]
         assert 0 < overhead["latency_ms"][kind]["median"] <= overhead["latency_ms"][kind]["p95"]
     for ratio in ("ratio_throughput", "ratio_latency_median", "ratio_latency_p95",
-                  "ratio_throughput_defaults", "ratio_latency_median_defaults"):
+                  "ratio_throughput_defaults", "ratio_latency_median_defaults",
+                  "ratio_throughput_limits", "ratio_latency_median_limits"):
         assert overhead[ratio] > 0
+    assert len(overhead["ratio_throughput_limits_rounds"]) == overhead["rounds"]
 
 
 @pytest.mark.workers
@@ -157,6 +159,39 @@ def test_all_redis_round_trips_of_a_step_average_at_most_four(quick_bench: Quick
     assert by_step["1.2"] == 3  # open, seal, the body (its message and event in one)
     assert by_step["0:noop_score"] == 5  # open, seal, the three members
     assert by_step["2:noop_approval"] == 2  # the last step sends nothing
+
+
+@pytest.mark.workers
+def test_limits_that_do_not_bind_add_no_round_trip_to_a_step(quick_bench: QuickBench) -> None:
+    """Every agent of the same workflow draws on a limit that never binds: its admission
+    rides the open round trip and its settlement the seal's, step by step."""
+    trips = quick_bench.section("roundtrips")
+    plain, limited = trips["pipeline"], trips["pipeline, limits"]
+    assert limited["tasks"] == plain["tasks"]
+    assert limited["state"]["max_round_trips"] == plain["state"]["max_round_trips"] == 2
+    assert {k.replace("lim_", "noop_"): v for k, v in limited["by_step"].items()} \
+        == plain["by_step"]
+    assert trips["extra_round_trips_per_step_limits"] == pytest.approx(0, abs=1e-9)
+
+
+def test_the_limiter_benchmark_compares_with_limits_and_celerys_rate_limit(
+        second_redis_url: str, tmp_path: Path) -> None:
+    """At a tiny size: every kind of limiter call measured, and one global rate reached by
+    two real workers each way (the figures themselves are the closing notes')."""
+    results = tmp_path / "results.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.limiters", "--quick"], cwd=ROOT, capture_output=True,
+        text=True, timeout=300,
+        env={**os.environ, "PIPELINE_BENCH_REDIS_URL": second_redis_url,
+             "PIPELINE_BENCH_RESULTS": str(results)},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(results.read_text())["limiters"]
+    assert set(found["calls_per_second"]["calls_per_s"]) == {
+        "acquire", "acquire + settle", "in step", "bare step", "limits moving window"}
+    rate = found["global_rate"]
+    assert rate["tasks"] == 10 and rate["ours"]["per_s"] > 0 and rate["celery"]["per_s"] > 0
+    assert "one global rate of 20/s" in done.stdout
 
 
 @pytest.mark.workers
