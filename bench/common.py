@@ -5,6 +5,7 @@ tables, and results on disk."""
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import os
 import platform
@@ -249,9 +250,13 @@ def latencies_ms(kind: Kind, n: int) -> list[float]:
 
 
 def in_order(kinds: Sequence[Kind], round_: int) -> list[Kind]:
-    """The kinds in alternating order (A B, then B A, ...), so that a machine that
-    drifts (another process waking up) weighs on both alike."""
-    return list(kinds) if round_ % 2 == 0 else list(reversed(kinds))
+    """The kinds in an order that changes each round so that, over as many rounds as there
+    are orders, each kind runs in each place as often (A B, then B A; for three kinds, all
+    six orders): a machine that drifts (another process waking up), or a place that costs
+    more (the first after the warm-up, the last before the results are released), weighs
+    on every kind alike."""
+    orders = list(itertools.permutations(kinds))
+    return list(orders[round_ % len(orders)])
 
 
 def warm_up(kinds: Sequence[Kind], concurrency: int) -> None:

@@ -9,9 +9,11 @@ Celery's own ``rate_limit`` across two workers.
   two round trips without them), and ``limits`` with its ``MovingWindowRateLimiter`` on
   ``RedisStorage`` (one script).
 - **one global rate, two workers**: the same task limited to 20 calls a second, run by two
-  ``celery worker`` processes of two pool processes each; the rate they reach, against the
-  one intended. Celery's ``rate_limit`` is a token bucket per worker ("a per worker instance
-  rate limit, and not a global rate limit"); ours is one limit in Redis for the fleet.
+  ``celery worker`` processes of two pool processes each: the most calls in any one second
+  against the 20 intended, and the mean rate over the whole batch. Celery's ``rate_limit``
+  is a token bucket per worker ("a per worker instance rate limit, and not a global rate
+  limit"), so two workers go twice as fast while their buckets last; ours is one limit in
+  Redis for the fleet (``burst=1``: evenly spaced).
 
 Usage: python -m bench.limiters [--calls N] [--rounds R] [--tasks T] [--quick]
 """
@@ -121,6 +123,16 @@ def calls_per_second(url: str, calls: int, rounds: int) -> dict[str, Any]:
             "ratio_in_step_vs_bare_step": med["in step"] / med["bare step"]}
 
 
+def busiest_second(times_ms: Sequence[float]) -> int:
+    """The most calls in any one second (sorted times, ms)."""
+    most, first = 0, 0
+    for last, t in enumerate(times_ms):
+        while t - times_ms[first] >= 1000:
+            first += 1
+        most = max(most, last - first + 1)
+    return most
+
+
 def global_rate(url: str, tasks: int) -> dict[str, Any]:
     """The rate two workers reach on one task limited to RATE_PER_S, each way."""
     client = connect(url)
@@ -148,8 +160,10 @@ def global_rate(url: str, tasks: int) -> dict[str, Any]:
             for w in workers:
                 w.stop()
         times = sorted(float(t) for t in client.lrange(key, 0, -1))
-        achieved = (len(times) - 1) / ((times[-1] - times[0]) / 1000)
-        out[kind] = {"per_s": achieved, "over_intended": achieved / RATE_PER_S}
+        mean = (len(times) - 1) / ((times[-1] - times[0]) / 1000)
+        peak = busiest_second(times)
+        out[kind] = {"per_s": mean, "peak_per_s": peak, "over_intended": peak / RATE_PER_S,
+                     "mean_of_intended": mean / RATE_PER_S}
         client.delete(key)
     return out
 
@@ -160,15 +174,15 @@ def report(r: dict[str, Any]) -> str:
     rows += [["acquire / limits", f"{c['ratio_acquire_vs_limits']:.2f}x"],
              ["acquire + settle / limits", f"{c['ratio_call_vs_limits']:.2f}x"],
              ["in step / bare step", f"{c['ratio_in_step_vs_bare_step']:.2f}x"]]
-    rates = [[f"{name}", f"{g[name]['per_s']:.1f}", f"{g[name]['over_intended']:.2f}x"]
-             for name in ("celery", "ours")]
+    rates = [[f"{name}", f"{g[name]['peak_per_s']}", f"{g[name]['over_intended']:.2f}x",
+              f"{g[name]['per_s']:.1f}"] for name in ("celery", "ours")]
     return "\n".join([
         f"limiter calls per second, one caller, {c['rounds']} alternating rounds of "
         f"{c['calls']}",
         table(["", "calls/s"], rows),
         f"one global rate of {g['intended_per_s']}/s, {g['tasks']} tasks, 2 workers of 2 "
         "pool processes",
-        table(["", "calls/s reached", "over intended"], rates)])
+        table(["", "busiest second", "of intended", "mean calls/s"], rates)])
 
 
 def main(argv: Sequence[str] | None = None) -> None:

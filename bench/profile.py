@@ -13,7 +13,7 @@ profile always runs on an embedded Redis of its own).
 Not part of ``make bench`` (a profiler slows what it measures): run it when
 the hot path changes, and read the shares, not the absolute times.
 
-Usage: python -m bench.profile [--workflows N] [--top K]
+Usage: python -m bench.profile [--workflows N] [--top K] [--workflow noop_limited_credit]
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from bench.common import (
     worker,
     worker_env,
 )
-from bench.noop_agents import CREDIT_QUEUES, bare_credit, noop_credit
+from bench.noop_agents import CREDIT_QUEUES, bare_credit, noop_credit, noop_limited_credit
 from pipeline.embedded import EmbeddedRedis
 from pipeline.lua import Script
 
@@ -145,12 +145,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workflows", type=int, default=200)
     parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--workflow", default=noop_credit.name,
+                        choices=[noop_credit.name, noop_limited_credit.name],
+                        help="the pipeline's workflow (noop_limited_credit: every agent on a "
+                             "limit that never binds)")
     args = parser.parse_args()
     with EmbeddedRedis() as server, tempfile.TemporaryDirectory() as tmp:
         url = server.url
         p = client(url)
         queues = [*CREDIT_QUEUES, p.settings.default_queue]
-        pipeline = PipelineKind(p, noop_credit.name, {"n": 0})
+        pipeline = PipelineKind(p, args.workflow, {"n": 0})
         bare = BareKind(bench_app(p.settings), bare_credit)
         ours = profiled(url, pipeline, args.workflows, Path(tmp) / "pipeline", queues)
         theirs = profiled(url, bare, args.workflows, Path(tmp) / "bare", queues)

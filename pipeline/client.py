@@ -22,7 +22,7 @@ from .errors import (
     RunNotLive,
     RunNotParked,
 )
-from .flow import Flow, check_budget, known_route, workflows
+from .flow import Flow, known_route, workflows
 from .route import EDIT_STEP
 from .run import Run, RunResult
 from .settings import Settings, redact_url
@@ -122,6 +122,9 @@ class Pipeline:
         wf = workflows.get(workflow) if isinstance(workflow, str) else workflow
         if idempotency_key is not None:
             check_idempotency_key(idempotency_key)
+        if budget is not None and not isinstance(budget, Budget):
+            raise InputError(f"budget must be a pipeline.Budget(tokens=..., cost=...), "
+                             f"not {budget!r}")
         form = sealable(payload, self.store.max_payload_bytes, f"input of workflow {wf.name}")
         contract: Contract = wf.input_contract
         contract.validate(payload, side="input", agent=wf.entry_agent)
@@ -138,7 +141,7 @@ class Pipeline:
             idempotency_key=idempotency_key,
             form=form,
             route=wf.route.to_json(),
-            budget=check_budget(budget, wf.name) or wf.budget,
+            budget=budget or wf.budget,
         )
         if not created.created:
             if created.workflow != wf.name or created.input_digest != form.digest:

@@ -5,7 +5,9 @@ step that waited too long, or can never pass, takes its agent's fallback."""
 
 from __future__ import annotations
 
+import json
 import uuid
+from pathlib import Path
 
 import pytest
 import redis
@@ -27,6 +29,7 @@ from pipeline.observe import report
 from tests.conftest import Cluster, wait_for
 from tests.limit_agents import IN_FLIGHT_KEY, STORM_KEY
 from tests.quick_agents import EXECUTIONS_KEY, SIDE_EFFECTS_KEY, UNDONE_KEY
+from tests.test_cli import invoke
 
 pytestmark = pytest.mark.workers
 
@@ -308,3 +311,24 @@ def test_a_run_that_stops_drops_the_reservations_its_steps_held(
     assert not [f for f in store.redis.hkeys(f"pipeline:{{{run_id}}}:run")
                 if f.startswith("reserve:")]
     store.delete_run(run_id)
+
+
+def test_pipeline_run_takes_a_budget_for_its_run_and_refuses_a_bad_one(
+        pipeline: Pipeline, redis_url: str, tmp_path: Path) -> None:
+    """``pipeline run --budget-tokens``: the run stops at the step that would cross it (exit
+    1, the error names the budget); a negative budget is bad input (exit 2, nothing
+    started)."""
+    payload = tmp_path / "count.json"
+    payload.write_text('{"n": 1}')
+    result = invoke(redis_url, "run", "budgeted", "--input", str(payload), "--wait", "--json",
+                    "--budget-tokens", "700")
+    assert result.exit_code == 1, result.output
+    data = json.loads(result.stdout)
+    assert data["status"] == "compensated"
+    assert "budget of 700 tokens" in data["error"] and "2:publish" in data["error"]
+    spending = pipeline.run(data["run_id"]).info().spending
+    assert spending is not None and spending.budget == Budget(tokens=700)
+    refused = invoke(redis_url, "run", "budgeted", "--input", str(payload),
+                     "--budget-tokens", "-1")
+    assert refused.exit_code == 2
+    assert "--budget-tokens" in refused.output

@@ -12,6 +12,7 @@ import click
 
 from ..client import check_idempotency_key
 from ..errors import InputError, PipelineError, WaitTimeout
+from ..state import Budget
 from ..state.version import sealable
 from . import group
 from .group import (
@@ -35,18 +36,24 @@ from .output import echo_json, echo_result, format_history, table, timestamp
 @click.option("--batch", is_flag=True,
               help="The input is a JSON list: start one run per payload, wait for all with a "
                    "progress bar, and print a summary.")
+@click.option("--budget-tokens", type=click.IntRange(0), default=None,
+              help="At most this many tokens for each run (instead of the workflow's budget).")
+@click.option("--budget-cost", type=click.FloatRange(0), default=None,
+              help="At most this cost for each run, at its limits' prices.")
 @json_option
 def run(
     workflow: str, source: str, wait: bool, timeout: float, idempotency_key: str | None,
-    batch: bool, as_json: bool,
+    batch: bool, budget_tokens: int | None, budget_cost: float | None, as_json: bool,
 ) -> None:
     """Start WORKFLOW on a JSON payload (or, with --batch, on each of a list)."""
     payload = read_json_input(source)
     p = group.client(agents_required=True)
+    budget = None if budget_tokens is None and budget_cost is None \
+        else Budget(tokens=budget_tokens, cost=budget_cost)
     if batch:
-        _run_batch(p, workflow, payload, idempotency_key, timeout, as_json)
+        _run_batch(p, workflow, payload, idempotency_key, timeout, as_json, budget)
         return
-    handle = p.start(workflow, payload, idempotency_key=idempotency_key)
+    handle = p.start(workflow, payload, idempotency_key=idempotency_key, budget=budget)
     try:
         result = handle.wait(timeout) if wait else handle.result()
     except WaitTimeout as e:  # not bad input: report where the run is, and exit 1
@@ -57,7 +64,7 @@ def run(
 
 
 def _run_batch(p: Any, workflow: str, payloads: Any, key: str | None, timeout: float,
-               as_json: bool) -> None:
+               as_json: bool, budget: Budget | None) -> None:
     if not isinstance(payloads, list) or not payloads:
         raise InputError("--batch needs a non-empty JSON list of payloads")
     wf = p.workflow(workflow)
@@ -69,8 +76,8 @@ def _run_batch(p: Any, workflow: str, payloads: Any, key: str | None, timeout: f
             wf.input_contract.validate(payload, side="input", agent=wf.entry_agent)
         except PipelineError as e:
             raise InputError(f"payload {i} of the batch: {e}") from None
-    handles = [p.start(wf, payload, idempotency_key=f"{key}:{i}" if key else None)
-               for i, payload in enumerate(payloads)]
+    handles = [p.start(wf, payload, idempotency_key=f"{key}:{i}" if key else None,
+                       budget=budget) for i, payload in enumerate(payloads)]
     results = wait_all(handles, timeout, f"{len(handles)} runs of {workflow}")
     if as_json:
         echo_json([{"workflow": workflow, **r.to_dict()} for r in results])

@@ -20,40 +20,42 @@
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease = ARGV[1]
+local h = redis.call('HMGET', KEYS[1], 'factor', 'decreased_at', 'blocked_until', 'tokens',
+  'requests')
+local factor = tonumber(h[1] or '1')
+local set = {}  -- the limit's fields this settle changes, written in one HSET
 if ARGV[5] == 'limited' then  -- even for a lease run out: the API's answer stands
-  local h = redis.call('HMGET', KEYS[1], 'factor', 'decreased_at', 'blocked_until')
   if now - tonumber(h[2] or '0') >= 1000 then
-    redis.call('HSET', KEYS[1], 'factor', tostring(math.max(tonumber(h[1] or '1') / 2, 1 / 64)),
-      'decreased_at', tostring(now))
+    set[#set + 1] = 'factor'; set[#set + 1] = tostring(math.max(factor / 2, 1 / 64))
+    set[#set + 1] = 'decreased_at'; set[#set + 1] = tostring(now)
     redis.call('HINCRBY', KEYS[1], 'rate_limited', 1)
   end
   local until_ = now + tonumber(ARGV[6])
   if until_ > tonumber(h[3] or '0') then
-    redis.call('HSET', KEYS[1], 'blocked_until', tostring(until_))
+    set[#set + 1] = 'blocked_until'; set[#set + 1] = tostring(until_)
   end
   redis.call('PEXPIRE', KEYS[1], math.max(120000, 2 * tonumber(ARGV[6])))
-elseif ARGV[5] == 'ok' then
-  local factor = tonumber(redis.call('HGET', KEYS[1], 'factor') or '1')
-  if factor < 1 then
-    redis.call('HSET', KEYS[1], 'factor', tostring(math.min(1, factor + tonumber(ARGV[7]))))
-  end
+elseif ARGV[5] == 'ok' and factor < 1 then
+  set[#set + 1] = 'factor'; set[#set + 1] = tostring(math.min(1, factor + tonumber(ARGV[7])))
 end
 local held = redis.call('ZSCORE', KEYS[2], lease)
-if not held then return {'none'} end
-redis.call('ZREM', KEYS[2], lease)
-if tonumber(held) <= now then  -- it ran out: its slot came back, its reservation is spent
-  redis.call('HDEL', KEYS[3], lease)
-  return {'none'}
+local reply = {'none'}
+if held then
+  redis.call('ZREM', KEYS[2], lease)
+  local reserved = tonumber(redis.call('HGET', KEYS[3], lease) or '0')
+  if reserved > 0 then redis.call('HDEL', KEYS[3], lease) end
+  if tonumber(held) > now then  -- else it ran out: its slot came back, its tokens are spent
+    local function move(field, tat, by)
+      tat = tonumber(tat or now)
+      if by > 0 then tat = math.max(tat, now) + by else tat = math.max(tat + by, now) end
+      set[#set + 1] = field; set[#set + 1] = tostring(tat)
+    end
+    local interval, used = tonumber(ARGV[2]), tonumber(ARGV[3])
+    local diff = used - reserved
+    if interval > 0 and diff ~= 0 then move('tokens', h[4], diff * interval) end
+    if tonumber(ARGV[4]) > 0 then move('requests', h[5], -tonumber(ARGV[4])) end
+    reply = {'settled', tostring(diff)}
+  end
 end
-local reserved = tonumber(redis.call('HGET', KEYS[3], lease) or '0')
-redis.call('HDEL', KEYS[3], lease)
-local function move(field, by)
-  local tat = tonumber(redis.call('HGET', KEYS[1], field) or now)
-  if by > 0 then tat = math.max(tat, now) + by else tat = math.max(tat + by, now) end
-  redis.call('HSET', KEYS[1], field, tostring(tat))
-end
-local interval, used = tonumber(ARGV[2]), tonumber(ARGV[3])
-local diff = used - reserved
-if interval > 0 and diff ~= 0 then move('tokens', diff * interval) end
-if tonumber(ARGV[4]) > 0 then move('requests', -tonumber(ARGV[4])) end
-return {'settled', tostring(diff)}
+if #set > 0 then redis.call('HSET', KEYS[1], unpack(set)) end
+return reply

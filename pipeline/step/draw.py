@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import Task
-from celery.exceptions import Retry
+from celery.exceptions import Reject, Retry
 
 from ..agent import Agent
 from ..context import StepContext
@@ -194,7 +194,10 @@ def wait_again(task: Task, countdown_s: float, refusal: Refusal) -> Retry:
     would count it as one of the agent's retries (and change its lease)."""
     sig = task.signature_from_request(task.request, None, None, countdown=countdown_s,
                                       retries=task.request.retries)
-    sig.apply_async()
+    try:
+        sig.apply_async()
+    except Exception as e:  # as Celery's retry does: the sweeper re-drives the run
+        raise Reject(e, requeue=False) from e
     return Retry(exc=Throttled(f"limit {refusal.limit}: waiting {countdown_s:.2f} s for "
                                f"{refusal.reason}", wait_s=refusal.wait_s,
                                reason=refusal.reason),
