@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from pipeline import Budget, RateLimited, StepContext, Workflow, agent, limit
+from pipeline.choreography import Choreography
 from tests.quick_agents import EXECUTIONS_KEY, book, undo
 
 IN_FLIGHT_KEY = "test:limited:in-flight:{agent}"
@@ -118,3 +119,28 @@ def touchy(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
 
 
 storm = Workflow("storm", [touchy])
+
+
+# -- a choreography under a budget: spend.requested -> outline -> spend.next -> expand -----
+
+
+@agent(input="count@1", output="count@1", on=["spend.requested"], emits="spend.next",
+       time_limit_s=5, max_retries=0, compensate=undo, limits=("test:priced",),
+       estimate_tokens=300)
+def outline(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Add one, for 300 tokens, when asked."""
+    _spend(ctx)
+    return {"n": payload["n"] + 1}
+
+
+@agent(input="count@1", output="count@1", on=["spend.next"], emits="spend.done",
+       time_limit_s=5, max_retries=0, compensate=undo, limits=("test:priced",),
+       estimate_tokens=300)
+def expand(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Add ten, for 300 tokens, after the outline."""
+    _spend(ctx)
+    return {"n": payload["n"] + 10}
+
+
+spending = Choreography("spending", start="spend.requested", terminal=["spend.done"],
+                        input="count@1", budget=Budget(tokens=400))

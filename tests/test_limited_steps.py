@@ -332,3 +332,21 @@ def test_pipeline_run_takes_a_budget_for_its_run_and_refuses_a_bad_one(
                      "--budget-tokens", "-1")
     assert refused.exit_code == 2
     assert "--budget-tokens" in refused.output
+
+
+def test_a_choreographed_run_is_bounded_by_its_budget_the_same_way(cluster: Cluster) -> None:
+    """A choreography's budget of 400 tokens, two reactions of 300: the second does not run,
+    the run is compensated (the first reaction undone), charged only the first."""
+    cluster.worker(concurrency=2)
+    p = cluster.pipeline()
+    run = p.start("spending", {"n": 1})
+    result = run.wait(30)
+    assert result.status is RunStatus.COMPENSATED, result.error
+    assert "budget of 400 tokens" in (result.error or "") and "expand" in (result.error or "")
+    client = cluster.redis
+    assert executions(client, run.run_id, "outline") == 1
+    assert executions(client, run.run_id, "expand") == 0
+    assert client.hgetall(SIDE_EFFECTS_KEY.format(run_id=run.run_id)) == {}
+    spending = run.info().spending
+    assert spending is not None
+    assert (spending.spent_tokens, spending.reserved_tokens) == (300, 0)
