@@ -250,7 +250,7 @@ class Pipeline:
         new_id = str(uuid.uuid4())
         self.store.create_run(new_id, workflow=flow.name, payload=source.payload,
                               contract=source.contract, route=route.to_json(),
-                              budget=flow.budget)
+                              budget=info.spending.budget if info.spending else flow.budget)
         if form is not None:
             self._seal_edit(new_id, source, edit, form, author)
         link_replay(self.store, run_id, from_version, new_id, route.start)

@@ -244,7 +244,7 @@ MODEL_LIMIT = limit("demo:research-model", requests_per_minute=240, burst=1, con
 
 def _on_the_model(a: Agent, estimate: int) -> Agent:
     return agent(f"{a.name}_paced", input=a.input, output=a.output, compensate=a.compensate,
-                 time_limit_s=a.time_limit_s, limits=(MODEL_LIMIT.name,),
+                 queue=a.queue, time_limit_s=a.time_limit_s, limits=(MODEL_LIMIT.name,),
                  estimate_tokens=estimate, description=a.description)(a.execute)
 
 

@@ -14,7 +14,16 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from pipeline import DefinitionError, Limit, Limiter, Throttled, UnknownLimit, limit, limits
+from pipeline import (
+    DefinitionError,
+    Limit,
+    Limiter,
+    RateLimited,
+    Throttled,
+    UnknownLimit,
+    limit,
+    limits,
+)
 from pipeline.state import connect
 from tests.conftest import ROOT, wait_for
 from tests.test_cli import invoke
@@ -41,6 +50,7 @@ def lease() -> str:
     ("", {"concurrency": 1}, "non-empty"),
     ("x", {}, "give requests_per_minute"),
     ("x", {"requests_per_minute": 0}, "requests_per_minute=0"),
+    ("x", {"requests_per_minute": 0.5}, "one call a minute at least"),
     ("x", {"tokens_per_minute": float("inf")}, "tokens_per_minute=inf"),
     ("x", {"concurrency": True}, "concurrency=True"),
     ("x", {"concurrency": 0}, "concurrency=0"),
@@ -203,6 +213,71 @@ def test_a_call_that_raises_is_settled_with_its_estimate(client: redis.Redis) ->
         lim.call(fails, tokens=400)
     assert lim.acquire(lease(), tokens=600).admitted  # its slot is back: 400 + 600 fit
     assert lim.acquire(lease(), tokens=1).reason in ("concurrency", "tokens")
+
+
+# -- after the API's 429s ----------------------------------------------------------------------
+
+
+def test_a_limit_slowed_by_429s_still_admits_a_call_when_it_is_empty(
+        client: redis.Redis) -> None:
+    """Halved twice, one request at once costs four intervals: more than the burst, yet an
+    empty limit lets it through (else it would refuse everything, and never recover)."""
+    lim = Limiter(client, fresh(requests_per_minute=600, burst=1))
+    for _ in range(2):
+        lim.settle(lease(), outcome="limited", retry_after_s=0.001)
+        client.hset(lim._keys[0], "decreased_at", 0)  # the next 429 halves it again
+    assert client.hget(lim._keys[0], "factor") == "0.25"
+    time.sleep(0.01)
+    assert lim.acquire(lease()).admitted
+    refused = lim.acquire(lease())
+    assert not refused.admitted and 0.3 <= refused.wait_s <= 0.4  # 100 ms / 0.25
+
+
+def test_a_refund_at_a_slowed_limit_gives_back_what_was_charged(client: redis.Redis) -> None:
+    """At half speed a reservation costs twice the time; a call that never ran gives all
+    of it back, so the next call of the same size passes at once."""
+    lim = Limiter(client, fresh(tokens_per_minute=600))  # 100 ms a token
+    lim.settle(lease(), outcome="limited", retry_after_s=0.001)
+    time.sleep(0.01)
+    first = lease()
+    assert lim.acquire(first, tokens=250).admitted  # 50 s of the window, at half speed
+    assert not lim.acquire(lease(), tokens=250).admitted
+    assert lim.settle(first, tokens=0, cancel=True)
+    assert lim.acquire(lease(), tokens=250).admitted
+
+
+def test_a_429_never_shortens_the_life_of_a_limit_with_long_leases(client: redis.Redis) -> None:
+    lim = Limiter(client, fresh(concurrency=2), lease_s=305)
+    assert lim.acquire(lease()).admitted
+    lim.settle(lease(), outcome="limited", retry_after_s=1)
+    assert client.pttl(lim._keys[0]) > 300_000
+
+
+def test_a_429_without_retry_after_waits_and_limiter_call_gives_up_at_max_wait(
+        client: redis.Redis) -> None:
+    """An API that answers 429 for ever, without a Retry-After: each call waits a second
+    (no tight loop on the API), and ``call`` raises Throttled past max_wait_s."""
+    lim = Limiter(client, fresh(concurrency=4), max_wait_s=2.5)
+    calls = []
+
+    def refuses() -> None:
+        calls.append(time.monotonic())
+        raise RateLimited("429 Too Many Requests")
+
+    with pytest.raises(Throttled, match="rate_limited"):
+        lim.call(refuses)
+    assert 2 <= len(calls) <= 3
+    assert all(b - a >= 0.9 for a, b in zip(calls, calls[1:], strict=False))
+
+
+def test_the_reservations_of_leases_that_ran_out_are_dropped(client: redis.Redis) -> None:
+    lim = Limiter(client, fresh(concurrency=5, tokens_per_minute=100_000), lease_s=0.05)
+    dead = lease()
+    assert lim.acquire(dead, tokens=500).admitted
+    time.sleep(0.1)  # its holder died: the lease runs out
+    assert lim.acquire(lease(), tokens=10).admitted  # trims what ran out
+    assert client.hget(lim._keys[2], dead) is None
+    assert not lim.settle(dead, tokens=500)  # nothing left to settle
 
 
 DRAWER = """

@@ -25,7 +25,11 @@
 --
 -- GCRA: a rate keeps one time, when the limit would be empty again (tat). A call of cost
 -- c is admitted when max(tat, now) + c x interval stays within the window from now; the
--- wait is how far past it would go.
+-- wait is how far past it would go. A call always passes an empty limit, however much the
+-- factor scaled its cost up (else a slowed limit could refuse every call, and never recover).
+--
+-- Leases that ran out (their callers died) are trimmed, with what they reserved: at every
+-- call of a limit with a concurrency, now and then for the others.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease, window = ARGV[1], tonumber(ARGV[7])
@@ -37,9 +41,18 @@ local function check(tat, interval, cost, ahead)
   if interval <= 0 or cost <= 0 then return nil, 0 end
   if cost * interval > ahead then return 'never', 0 end
   tat = math.max(tonumber(tat or now), now)
-  local next = tat + cost * interval / factor
+  local scaled = cost * interval / factor
+  local next = tat + scaled
+  ahead = math.max(ahead, scaled)  -- an empty limit admits it
   if next - now > ahead then return 'wait', next - ahead - now end
   return nil, next
+end
+local function trim()  -- leases that ran out, and what they reserved
+  local dead = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 256)
+  if #dead > 0 then
+    redis.call('ZREM', KEYS[2], unpack(dead))
+    redis.call('HDEL', KEYS[3], unpack(dead))
+  end
 end
 local rate_req, rate_tok = tonumber(ARGV[2]), tonumber(ARGV[3])
 local tokens = tonumber(ARGV[5])
@@ -55,14 +68,14 @@ if blocked > wait then wait, reason = blocked, 'rate_limited' end
 local concurrency = tonumber(ARGV[4])
 if concurrency > 0 then
   concurrency = math.max(1, math.floor(concurrency * factor))
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)  -- leases of callers that died
+  trim()
   if redis.call('ZCARD', KEYS[2]) >= concurrency then
     local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
     local until_free = math.min(tonumber(first[2]) - now, 1000)  -- a release may come first
     if until_free > wait then wait, reason = until_free, 'concurrency' end
   end
 elseif now % 64 == 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)  -- now and then: nothing counts them
+  trim()  -- now and then: nothing counts them
 end
 -- what `pipeline limits` shows: the limit as its callers define it, and the refusals
 local fields = {'ms_per_request', ARGV[2], 'ms_per_token', ARGV[3], 'concurrency', ARGV[4]}

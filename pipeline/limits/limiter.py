@@ -22,13 +22,15 @@ from ..lua import Arg, Batch, Client, Script, checked, decoding_client
 from ..state import translate_errors
 from .policy import WINDOW_S, Limit, limits
 
-__all__ = ["DEFAULT_LEASE_S", "Admission", "Limiter"]
+__all__ = ["DEFAULT_LEASE_S", "MIN_RATE_LIMITED_WAIT_S", "Admission", "Limiter"]
 
 ACQUIRE = Script("pipeline.limits", "acquire.lua")
 SETTLE = Script("pipeline.limits", "settle.lua")
 
 DEFAULT_LEASE_S = 60.0
 DEFAULT_MAX_WAIT_S = 60.0
+MIN_RATE_LIMITED_WAIT_S = 1.0
+"""The least a call refused by its API (``RateLimited``) waits, when no Retry-After says."""
 RECOVERY_STEP = 0.05
 """After the API refused calls (``RateLimited``) the limit's rates and concurrency are
 halved; each call that succeeds gives back this much of the whole, up to all of it."""
@@ -127,9 +129,9 @@ class Limiter:
             waited += self._wait_for(lease, tokens, waited)
             try:
                 result = fn(*args, **kwargs)
-            except RateLimited as e:
+            except RateLimited as e:  # every caller waits it out: the next acquire says how long
                 self.settle(lease, tokens=tokens, outcome="limited",
-                            retry_after_s=e.retry_after_s)
+                            retry_after_s=e.retry_after_s or MIN_RATE_LIMITED_WAIT_S)
                 continue
             except BaseException:
                 self.settle(lease, tokens=tokens)

@@ -46,8 +46,9 @@ class Limit:
         for field in ("requests_per_minute", "tokens_per_minute"):
             value = getattr(self, field)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
-                                      or not math.isfinite(value) or value <= 0):
-                raise DefinitionError(f"{where}: {field}={value!r} must be a number above 0")
+                                      or not math.isfinite(value) or value < 1):
+                raise DefinitionError(f"{where}: {field}={value!r} must be a number from 1 "
+                                      "(rates are per minute: one call a minute at least)")
         for field in ("price_per_1k_prompt", "price_per_1k_completion"):
             value = getattr(self, field)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)

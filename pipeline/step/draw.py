@@ -28,14 +28,12 @@ from ..context import StepContext
 from ..errors import RateLimited, StoreError, Throttled
 from ..keys import RunKeys
 from ..limits import Admission, Limiter, limits
+from ..limits.limiter import MIN_RATE_LIMITED_WAIT_S
 from ..lua import Batch, Script, checked
 from ..state import StateStore, translate_errors
 from ..state.store import Extra
 
 THROTTLE = Script("pipeline.state", "throttle.lua")
-
-MIN_RATE_LIMITED_WAIT_S = 1.0
-"""The least a step refused by its API (``RateLimited``) waits, when no Retry-After says."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +143,9 @@ class Draw:
         for limiter, a in zip(self.limiters, self.admissions, strict=True):
             if limited is not None:
                 limiter.queue_settle(batch, self.lease, tokens=self.used(ctx),
-                                     outcome="limited", retry_after_s=limited.retry_after_s)
+                                     outcome="limited",
+                                     retry_after_s=limited.retry_after_s
+                                     or MIN_RATE_LIMITED_WAIT_S)
             elif a.admitted:
                 limiter.queue_settle(batch, self.lease, tokens=self.used(ctx) if ran else 0,
                                      cancel=not ran)
@@ -175,15 +175,15 @@ class Draw:
 
     # -- a refused step -------------------------------------------------------------------
 
-    def hand_back(self, refusal: Refusal, *, run_id: str, step: str, attempt: int,
-                  worker: str, task_id: str) -> float:
+    def hand_back(self, refusal: Refusal, countdown_s: float, *, run_id: str, step: str,
+                  attempt: int, worker: str, task_id: str) -> float:
         """Give the delivery back (the refusal is no attempt), log ``step.throttled`` and
         give back what the other limits admitted, in one round trip; return the seconds
-        this step has been throttled in all, this refusal included."""
+        this step has waited in all, this refusal's ``countdown_s`` included."""
         batch = Batch(self.store.redis)
         batch.script(THROTTLE, RunKeys(run_id).all(), [
             step, self.agent.name, int(round(refusal.wait_s * 1000)), refusal.limit,
-            refusal.reason, attempt, worker, task_id])
+            refusal.reason, attempt, worker, task_id, int(round(countdown_s * 1000))])
         self.queue_release(batch, None, ran=self.ran, limited=self.limited)
         with translate_errors(self.store.url):
             return int(checked(batch.execute()[0])) / 1000.0

@@ -28,6 +28,7 @@ from ..contracts import contracts
 from ..errors import (
     ContractViolation,
     DeliveryLimitExceeded,
+    LimitError,
     RateLimited,
     RunNotFound,
     StepCancelled,
@@ -272,6 +273,10 @@ def run_step(
     except CONFIGURATION_FAULTS as e:  # never retried: the same configuration fails again
         _fail(agent, run_id, step, e, store, attempt=attempt, gate=gate, ctx=ctx,
               hooks=hooks)
+        raise
+    except LimitError as e:  # a budget spent, a limit waited out: no retry_on retries them
+        if (fallen := fail(e)) is not None:
+            return fallen
         raise
     except agent.retry_on as e:
         if task.request.retries < agent.max_retries:

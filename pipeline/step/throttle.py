@@ -31,8 +31,10 @@ def throttle(task: Task, agent: Agent, store: StateStore, gate: Gate, refusal: R
     the agent): a longer wait is waited in several.
     """
     run_id, step = ctx.run_id, ctx.step
-    waited_s = gate.draw.hand_back(refusal, run_id=run_id, step=step, attempt=ctx.attempt,
-                                   worker=ctx.worker, task_id=str(task.request.id or ""))
+    countdown_s = min(refusal.wait_s, longest_wait_s)
+    waited_s = gate.draw.hand_back(refusal, countdown_s, run_id=run_id, step=step,
+                                   attempt=ctx.attempt, worker=ctx.worker,
+                                   task_id=str(task.request.id or ""))
     gate.release()  # a breaker's probe lease this attempt will not use
     if refusal.never or waited_s > agent.limit_wait_max_s:
         why = (f"a call can never pass it (it asks more {refusal.reason} than the limit "
@@ -46,7 +48,7 @@ def throttle(task: Task, agent: Agent, store: StateStore, gate: Gate, refusal: R
                              inputs=inputs, fan_in=fan_in, final=final,
                              worker=ctx.worker or os.uname().nodename, ctx=ctx, failure=exc,
                              delivery=delivery)
-    raise wait_again(task, min(refusal.wait_s, longest_wait_s), refusal)
+    raise wait_again(task, countdown_s, refusal)
 
 
 def over_budget(run_id: str, step: str, agent: str, why: Sequence[str]) -> BudgetExceeded:
