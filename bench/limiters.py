@@ -42,16 +42,21 @@ HUGE = 10**9
 """A rate no bench reaches: every call is admitted, and what is measured is the cost."""
 
 
+def unbound(client: redis.Redis, *, every_side: bool = True) -> Limiter:
+    """A limit of its own that never binds: requests (and tokens and concurrency)."""
+    more: dict[str, Any] = {"tokens_per_minute": HUGE, "concurrency": 10**6} if every_side \
+        else {}
+    return Limiter(client, Limit(name=f"bench:{uuid.uuid4().hex[:6]}",
+                                 requests_per_minute=HUGE, **more))
+
+
 def ours_acquire(client: redis.Redis) -> Callable[[], None]:
-    limiter = Limiter(client, Limit(name=f"bench:{uuid.uuid4().hex[:6]}",
-                                    requests_per_minute=HUGE))
+    limiter = unbound(client, every_side=False)
     return lambda: None if limiter.acquire(uuid.uuid4().hex).admitted else None
 
 
 def ours_call(client: redis.Redis) -> Callable[[], None]:
-    limiter = Limiter(client, Limit(name=f"bench:{uuid.uuid4().hex[:6]}",
-                                    requests_per_minute=HUGE, tokens_per_minute=HUGE,
-                                    concurrency=10**6))
+    limiter = unbound(client)
 
     def call() -> None:
         lease = uuid.uuid4().hex
@@ -62,9 +67,7 @@ def ours_call(client: redis.Redis) -> Callable[[], None]:
 
 
 def ours_in_step(client: redis.Redis) -> Callable[[], None]:
-    limiter = Limiter(client, Limit(name=f"bench:{uuid.uuid4().hex[:6]}",
-                                    requests_per_minute=HUGE, tokens_per_minute=HUGE,
-                                    concurrency=10**6))
+    limiter = unbound(client)
 
     def call() -> None:
         lease = uuid.uuid4().hex

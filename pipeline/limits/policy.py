@@ -44,16 +44,10 @@ class Limit:
             raise DefinitionError(f"{where}: a limit's name is a non-empty string without "
                                   "braces or surrounding spaces (it becomes a Redis hash tag)")
         for field in ("requests_per_minute", "tokens_per_minute"):
-            value = getattr(self, field)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
-                                      or not math.isfinite(value) or value < 1):
-                raise DefinitionError(f"{where}: {field}={value!r} must be a number from 1 "
-                                      "(rates are per minute: one call a minute at least)")
+            _check_number(where, field, getattr(self, field), least=1,
+                          rule="a number from 1 (rates are per minute: one call a minute at least)")
         for field in ("price_per_1k_prompt", "price_per_1k_completion"):
-            value = getattr(self, field)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
-                                      or not math.isfinite(value) or value < 0):
-                raise DefinitionError(f"{where}: {field}={value!r} must be a number >= 0")
+            _check_number(where, field, getattr(self, field), least=0, rule="a number >= 0")
         if self.burst is not None and (isinstance(self.burst, bool)
                                        or not isinstance(self.burst, int) or self.burst < 1
                                        or self.requests_per_minute is None):
@@ -89,6 +83,13 @@ class Limit:
     def ms_per_token(self) -> float:
         """GCRA's interval for one token, ms (0: no token rate)."""
         return WINDOW_S * 1000 / self.tokens_per_minute if self.tokens_per_minute else 0.0
+
+
+def _check_number(where: str, field: str, value: object, *, least: float, rule: str) -> None:
+    """``DefinitionError`` unless ``value`` is None or a finite number of at least ``least``."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                              or not math.isfinite(value) or value < least):
+        raise DefinitionError(f"{where}: {field}={value!r} must be {rule}")
 
 
 class LimitRegistry(Registry[Limit]):
