@@ -151,16 +151,20 @@ class FlowerProcess:
                     "FLOWER_PORT": str(port), "FLOWER_ADDRESS": "127.0.0.1"}
         self.cwd = cwd
         self.process: subprocess.Popen[bytes] | None = None
+        self.log: IO[bytes] | None = None
 
     def start(self) -> FlowerProcess:
+        # Its log goes to a file, read only if it fails to start: a pipe nobody reads would
+        # fill up as Flower logs its requests (a demo held open for a long look) and block it.
+        self.log = tempfile.TemporaryFile()
         self.process = subprocess.Popen(self.cmd, cwd=self.cwd, env=self.env,
                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE)
+                                        stderr=self.log)
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                err = self.process.stderr.read().decode(errors="replace") \
-                    if self.process.stderr else ""
+                self.log.seek(0)
+                err = self.log.read().decode(errors="replace")
                 raise ConfigurationError(f"flower exited at start: {err[-2000:]}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
@@ -175,8 +179,9 @@ class FlowerProcess:
         if self.process is None:
             return
         _terminate(self.process)
-        if self.process.stderr is not None:
-            self.process.stderr.close()
+        if self.log is not None:
+            self.log.close()
+            self.log = None
 
     def __enter__(self) -> FlowerProcess:
         return self.start()

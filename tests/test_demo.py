@@ -163,7 +163,12 @@ def test_demo_with_flower_prints_its_url_and_credentials_and_flower_requires_the
     cluster: Cluster,
 ) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "demo", "--flower", "--hold", "60"],
+        # Ctrl-C reaches it even where SIGINT is ignored (tests run as a shell's background
+        # job): Python then keeps SIG_IGN, and the demo would hold Flower for the whole 60 s.
+        [sys.executable, "-c", "import signal, sys; "
+         "signal.signal(signal.SIGINT, signal.default_int_handler); "
+         "from pipeline.cli import main; "
+         "main(['demo', '--flower', '--hold', '60'], prog_name='pipeline')"],
         cwd=ROOT, env={**os.environ, "PIPELINE_CHAOS": "", "PIPELINE_REDIS_URL": cluster.url,
                        "FLOWER_BASIC_AUTH": ""},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
