@@ -23,7 +23,8 @@ HELD = limit("test:held", concurrency=1)
 SMALL = limit("test:small", tokens_per_minute=1000)
 STORM = limit("test:storm", requests_per_minute=6000, concurrency=4)
 STORM_KEY = "test:storm"
-"""While this key exists, the ``touchy`` agent's API answers 429 with a Retry-After of 0.2 s."""
+"""How many more calls the ``touchy`` agent's API answers 429 (Retry-After 0.2 s): a storm
+counted in calls, not in time, so a slow machine sees it as a fast one does."""
 PRICED = limit("test:priced", tokens_per_minute=1_000_000, price_per_1k_prompt=0.01,
                price_per_1k_completion=0.03)
 """A call of the budgeted agents uses 200 prompt and 100 completion tokens: 300 tokens,
@@ -113,7 +114,7 @@ budgeted = Workflow("budgeted", [draft, polish, publish], budget=Budget(tokens=1
        limits=("test:storm",))
 def touchy(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
     """Add one, unless its API is in a storm of 429s."""
-    if ctx.redis.exists(STORM_KEY):
+    if ctx.redis.decr(STORM_KEY) >= 0:
         raise RateLimited("429 Too Many Requests", retry_after_s=0.2)
     return {"n": payload["n"] + 1}
 

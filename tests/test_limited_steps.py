@@ -93,9 +93,11 @@ def test_tokens_reserved_at_the_open_are_settled_at_the_seal(cluster: Cluster) -
     for run in runs:
         result = run.wait(30)
         assert result.status is RunStatus.SUCCEEDED, result.error
+    # a call that waited, waited for the 20 tokens the one before used (10 a second), not
+    # for the 600 it reserved: no wait is longer than 2 s (a machine slow enough may not wait)
     rows = [r for run in runs for r in throttled_rows(p, run.run_id)]
-    assert rows and {r["reason"] for r in rows} == {"tokens"}
-    assert max(int(r["wait_ms"]) for r in rows) <= 2_100  # 20 tokens at 10 a second
+    assert {r["reason"] for r in rows} <= {"tokens"}
+    assert all(int(r["wait_ms"]) <= 2_100 for r in rows), rows
     state = next(s for s in limit_states(cluster.redis) if s.name == "test:tokens")
     assert state.tokens_reserved == 0
     assert state.in_flight == 0
@@ -231,24 +233,26 @@ def test_a_redelivered_step_reserves_and_is_charged_once(client_only: Pipeline) 
 # -- the API's own 429s ----------------------------------------------------------------------
 
 
-def storm_state(client: redis.Redis) -> LimitState:
-    return next(s for s in limit_states(client) if s.name == "test:storm")
+def storm_state(client: redis.Redis) -> LimitState | None:
+    """The storm's limit as it stands; None before anything drew on it."""
+    return next((s for s in limit_states(client) if s.name == "test:storm"), None)
 
 
 def test_a_storm_of_429s_slows_the_limit_trips_no_breaker_and_every_run_completes(
         cluster: Cluster) -> None:
-    """The API answers 429 (Retry-After 0.2 s) for a second and a half: the calls are
+    """The API answers 429 (Retry-After 0.2 s) to its next twelve calls: the calls are
     throttled, not failed (no breaker failure, attempt 1 with 2 deliveries allowed), the
     limit's effective rate and concurrency drop, every run completes once the storm ends,
     and the rate recovers as calls succeed."""
     cluster.worker(concurrency=4)
     p = cluster.pipeline()
     client = cluster.redis
-    client.set(STORM_KEY, "1", px=1500)
+    client.set(STORM_KEY, 12)
     runs = [p.start("storm", {"n": n}, idempotency_key=str(uuid.uuid4())) for n in range(8)]
-    wait_for(lambda: storm_state(client).rate_limited > 0, 10, "a 429")
+    wait_for(lambda: (s := storm_state(client)) is not None and s.rate_limited > 0, 20,
+             "a 429")
     slowed = storm_state(client)
-    assert slowed.factor < 1
+    assert slowed is not None and slowed.factor < 1
     assert slowed.effective_concurrency is not None and slowed.effective_concurrency < 4
     for n, run in enumerate(runs):
         result = run.wait(60)
@@ -260,12 +264,15 @@ def test_a_storm_of_429s_slows_the_limit_trips_no_breaker_and_every_run_complete
     assert breaker_failures(client, "touchy") == 0
     assert BreakerRegistry(client).snapshot("touchy", agents.get("touchy").breaker) \
         .state.value == "closed"
-    lowest = storm_state(client).factor
+    assert int(client.get(STORM_KEY) or 0) < 0  # the storm is over: all twelve were 429s
+    lowest = storm_state(client)
+    assert lowest is not None
     more = [p.start("storm", {"n": n}, idempotency_key=str(uuid.uuid4())) for n in range(25)]
     for run in more:
         assert run.wait(60).status is RunStatus.SUCCEEDED
     recovered = storm_state(client)
-    assert recovered.factor == 1.0 or recovered.factor >= lowest + 0.05 * 20
+    assert recovered is not None
+    assert recovered.factor == 1.0 or recovered.factor >= lowest.factor + 0.05 * 20
     assert recovered.effective_requests_per_minute == 6000
 
 
