@@ -44,8 +44,7 @@ def throttled_rows(p: Pipeline, run_id: str) -> list[dict[str, str]]:
 
 def breaker_failures(client: redis.Redis, agent: str) -> int:
     """The failures the agent's breaker counted."""
-    return agents.get(agent).breaker and BreakerRegistry(client).snapshot(
-        agent, agents.get(agent).breaker).failures
+    return BreakerRegistry(client).snapshot(agent, agents.get(agent).breaker).failures
 
 
 def test_a_concurrency_limit_runs_one_call_at_a_time_and_throttles_the_rest(

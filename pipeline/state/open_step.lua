@@ -48,7 +48,10 @@ if sealed then
   local own = state == 'handled:' .. claim or state == 'running:' .. claim
   return {'sealed', sealed, own and '1' or '0'}
 end
-local status = redis.call('HGET', KEYS[3], 'status')
+-- the status and the budget in one read: b[1..7] the budget, b[8] the status
+local b = redis.call('HMGET', KEYS[3], 'budget_tokens', 'budget_cost', 'spent_tokens',
+  'spent_cost', 'reserved_tokens', 'reserved_cost', 'reserve:' .. ARGV[1], 'status')
+local status = b[8]
 if not status then return {'missing'} end
 if status ~= 'running' and status ~= 'waiting_for_human' then return {'aborted', status} end
 if claim ~= '' then
@@ -62,8 +65,6 @@ if claim ~= '' then
 end
 -- the budget: a step reserves its estimate once per step key (a redelivery, a retry or a
 -- throttled step finds its reservation), and does not run if it would cross the budget
-local b = redis.call('HMGET', KEYS[3], 'budget_tokens', 'budget_cost', 'spent_tokens',
-  'spent_cost', 'reserved_tokens', 'reserved_cost', 'reserve:' .. ARGV[1])
 if (b[1] or b[2]) and not b[7] then
   local want = {tonumber(ARGV[8]), tonumber(ARGV[9])}
   for i, kind in ipairs({'tokens', 'cost'}) do

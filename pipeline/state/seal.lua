@@ -32,7 +32,8 @@
 -- of a run that recorded no route (the caller joins with a route of its own, rejoin.lua).
 local sealed = redis.call('HGET', KEYS[2], ARGV[1])
 if sealed then return {'sealed', sealed} end
-local status = redis.call('HGET', KEYS[3], 'status')
+local h = redis.call('HMGET', KEYS[3], 'status', 'reserve:' .. ARGV[1])
+local status, reserved = h[1], h[2]  -- and what the step reserved of its run's budget
 if not status then return {'missing'} end
 if status ~= 'running' and status ~= 'waiting_for_human' then return {'aborted', status} end
 local v = tostring(redis.call('HINCRBY', KEYS[3], 'head', 1))
@@ -63,7 +64,6 @@ if ARGV[12] ~= '' then
   end
 end
 redis.call('XADD', KEYS[4], '*', unpack(entry))
-local reserved = redis.call('HGET', KEYS[3], 'reserve:' .. ARGV[1])
 if reserved then
   local r = {}
   for x in string.gmatch(reserved, '[^|]+') do r[#r + 1] = tonumber(x) end

@@ -44,7 +44,6 @@ class Refusal:
     wait_s: float
     reason: str
     never: bool = False
-    rate_limited: bool = False  # the API refused the call (429): the limits slow down
 
 
 class Draw:
@@ -157,8 +156,7 @@ class Draw:
         refusal grew."""
         self.limited = exc
         return Refusal(self.limiters[0].limit.name if self.limiters else "",
-                       exc.retry_after_s or MIN_RATE_LIMITED_WAIT_S, "rate_limited",
-                       rate_limited=True)
+                       exc.retry_after_s or MIN_RATE_LIMITED_WAIT_S, "rate_limited")
 
     def release(self, ctx: StepContext | None = None, *, ran: bool) -> None:
         """``queue_release`` in a round trip of its own (none when nothing was admitted)."""

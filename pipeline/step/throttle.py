@@ -3,7 +3,6 @@ one its run's budget refused: not run, failed."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 from celery import Task
@@ -46,7 +45,7 @@ def throttle(task: Task, agent: Agent, store: StateStore, gate: Gate, refusal: R
                         wait_s=refusal.wait_s, reason=refusal.reason)
         return take_fallback(task, agent, store, run_id=run_id, step=step,
                              inputs=inputs, fan_in=fan_in, final=final,
-                             worker=ctx.worker or os.uname().nodename, ctx=ctx, failure=exc,
+                             worker=ctx.worker, ctx=ctx, failure=exc,
                              delivery=delivery)
     raise wait_again(task, countdown_s, refusal)
 
