@@ -12,7 +12,7 @@ from celery import Celery, Task
 from celery.signals import task_postrun, worker_ready
 from kombu import Queue
 
-from . import catalog, chaos, choreography, counters, join, lease, saga, sweeper
+from . import catalog, chaos, choreography, counters, housekeeping, join, lease, saga
 from .agent import Agent, agents, import_agent_modules
 from .breaker import BreakerRegistry, Fallback
 from .errors import ConfigurationError, StoreError, TransientStoreError
@@ -236,11 +236,7 @@ def create_app(
             raise
 
     def sweep_task() -> dict[str, Any]:
-        report = sweeper.sweep(app, store_for(app))
-        if report.redelivered or report.enqueued or report.nudged or report.redriven \
-                or report.stuck:
-            log.warning("sweep: %s", report.summary())
-        return report.to_dict()
+        return housekeeping.sweep_and_archive(app, store_for(app), settings)
 
     app.task(name=ERRBACK_TASK, ignore_result=True, shared=False)(run_failed_errback)
     app.task(name=SWEEP_TASK, ignore_result=True, shared=False,

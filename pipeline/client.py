@@ -318,6 +318,18 @@ class Pipeline:
         return str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{workflow}\x00{idempotency_key}"))
 
     def run(self, run_id: str) -> Run:
-        """A handle on an existing run; raises ``RunNotFound`` when there is none."""
-        self.store.run_info(run_id)
+        """A handle on an existing run, in Redis or in the archive; raises ``RunNotFound``
+        when there is none."""
+        if not self.recall(run_id):
+            self.store.run_info(run_id)
         return Run(self, run_id)
+
+    def recall(self, run_id: str) -> bool:
+        """Bring run ``run_id`` back to Redis from the archive (``PIPELINE_ARCHIVE_URI``) when
+        Redis no longer has it; True when it did. False without an archive."""
+        if not self.settings.archive_uri:
+            return False
+        from .archive.recall import recall  # the archive extra: only with an archive
+
+        return recall(self.store, self.settings.archive_uri, run_id,
+                      seconds=self.settings.archived_retention_s)

@@ -139,3 +139,46 @@ def limit_keys(name: str) -> list[str]:
 def version_stream_id(version: int) -> str:
     """Stream id of version N: found directly with XRANGE, never by scanning."""
     return f"{version}-1"
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveKeys:
+    """The archiver's bookkeeping: one hash tag (one slot on a cluster), so that its scripts
+    move a run from the backlog to a batch atomically."""
+
+    base: str = f"{PREFIX}:{{archive}}"
+
+    @property
+    def cursor(self) -> str:
+        """String ``<score> <offset>``: how far the archiver has walked ``RUNS_INDEX``."""
+        return f"{self.base}:cursor"
+
+    @property
+    def waiting(self) -> str:
+        """Sorted set: run id -> when to look at it again (ms): the runs walked and not
+        archived yet (live, just finished, or waiting for a batch): the backlog."""
+        return f"{self.base}:waiting"
+
+    @property
+    def seq(self) -> str:
+        """Counter: the last batch number handed out (never reused)."""
+        return f"{self.base}:seq"
+
+    @property
+    def batch(self) -> str:
+        """Hash: the batch being written (``number``, ``runs`` as JSON, ``at``), until every
+        table committed it and its runs were marked archived."""
+        return f"{self.base}:batch"
+
+    @property
+    def stats(self) -> str:
+        """Hash: what the archiver did (runs, batches, failures, the last error and when)."""
+        return f"{self.base}:stats"
+
+    @property
+    def lock(self) -> str:
+        """One archiver at a time across the fleet (SET NX PX); correctness never needs it."""
+        return f"{self.base}:lock"
+
+
+ARCHIVE = ArchiveKeys()

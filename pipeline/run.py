@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from .errors import WaitTimeout
+from .errors import RunNotFound, WaitTimeout
 from .state import RunInfo, RunStatus, StateStore, Version
 
 __all__ = ["DEFAULT_WAIT_TIMEOUT_S", "Run", "RunResult"]
@@ -21,6 +22,11 @@ class Client(Protocol):
     """What a handle needs of the client it came from (a ``Pipeline``)."""
 
     store: StateStore
+
+    def recall(self, run_id: str) -> bool: ...
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,8 +69,8 @@ class Run:
 
     def info(self) -> RunInfo:
         """The run's record now (status, head version, times, route, replay links);
-        ``RunNotFound`` when it expired."""
-        return self.store.run_info(self.run_id)
+        ``RunNotFound`` when it expired (and is not in the archive)."""
+        return self._read(lambda: self.store.run_info(self.run_id))
 
     def status(self) -> RunStatus:
         """The run's status now; ``RunNotFound`` when it expired."""
@@ -73,22 +79,32 @@ class Run:
     def history(self) -> list[Version]:
         """Every sealed version, oldest first, digests checked (``IntegrityError`` for
         one that does not match its payload)."""
-        return self.store.history(self.run_id)
+        return self._read(lambda: self.store.history(self.run_id))
 
     def lineage(self, version: int | None = None) -> list[Version]:
         """The versions ``version`` (default: the latest) was made from, newest first;
         ``VersionNotFound`` when the run has no such version."""
-        return self.store.lineage(self.run_id, self.info().head if version is None else version)
+        head = self.info().head if version is None else version
+        return self._read(lambda: self.store.lineage(self.run_id, head))
 
     def result(self) -> RunResult:
         """How the run stands now, without waiting: a live run's result has its live
         status and no output yet."""
         return self._result_of(self.info())
 
+    def _read(self, read: Callable[[], T]) -> T:
+        """What ``read`` reads of the run, from the archive when Redis no longer has it."""
+        try:
+            return read()
+        except RunNotFound:
+            if not self.pipeline.recall(self.run_id):
+                raise
+            return read()
+
     def _result_of(self, info: RunInfo) -> RunResult:
         output = None
-        if info.output_version is not None:
-            output = self.store.get(self.run_id, info.output_version).payload
+        if (v := info.output_version) is not None:
+            output = self._read(lambda: self.store.get(self.run_id, v)).payload
         return RunResult(
             status=info.status,
             output=output,

@@ -42,6 +42,8 @@ DEFAULT_RETENTION_S = 7 * 24 * 3600
 DEFAULT_VISIBILITY_TIMEOUT_S = 3600
 DEFAULT_LEASE_S = 60
 DEFAULT_SWEEP_INTERVAL_S = 15
+DEFAULT_ARCHIVED_RETENTION_S = 3600
+DEFAULT_ARCHIVE_BATCH = 500
 DEFAULT_AGENT_MODULES = ("tasks",)
 DEFAULT_QUEUE = "pipeline"
 MAX_SECONDS = 10 * 365 * 24 * 3600
@@ -98,6 +100,10 @@ WHOLE_NUMBERS = (
     WholeNumber("PIPELINE_LEASE_S", "lease_s", DEFAULT_LEASE_S, 1, MAX_SECONDS, "seconds"),
     WholeNumber("PIPELINE_SWEEP_INTERVAL_S", "sweep_interval_s", DEFAULT_SWEEP_INTERVAL_S,
                 1, MAX_SECONDS, "seconds"),
+    WholeNumber("PIPELINE_ARCHIVED_RETENTION_S", "archived_retention_s",
+                DEFAULT_ARCHIVED_RETENTION_S, 1, MAX_SECONDS, "seconds"),
+    WholeNumber("PIPELINE_ARCHIVE_BATCH", "archive_batch", DEFAULT_ARCHIVE_BATCH, 1, 100_000,
+                "runs"),
 )
 
 
@@ -127,6 +133,15 @@ class Settings:
     """PIPELINE_DATA_DIR: where the pipeline's processes keep files (beat's schedule);
     default ``$XDG_DATA_HOME/celery-agent-pipeline`` (``~/.local/share/...``), never the
     working directory."""
+
+    archive_uri: str = ""
+    """PIPELINE_ARCHIVE_URI: the root of the archive's Delta tables (a path, ``file://``,
+    ``s3://``...; the ``archive`` extra); '' (the default) archives nothing."""
+    archived_retention_s: int = DEFAULT_ARCHIVED_RETENTION_S
+    """How long an archived run stays in Redis after its batch committed (and a run read
+    back from the archive, after it was read)."""
+    archive_batch: int = DEFAULT_ARCHIVE_BATCH
+    """Runs per batch: one commit per table."""
 
     def __repr__(self) -> str:
         """Every field, the URLs with their secrets redacted: settings end up in logs."""
@@ -168,6 +183,7 @@ class Settings:
         read("chaos", _chaos, env)
         read("otel", _flag, env, "PIPELINE_OTEL")
         values["data_dir"] = env.get("PIPELINE_DATA_DIR") or _default_data_dir(env)
+        values["archive_uri"] = env.get("PIPELINE_ARCHIVE_URI", "").strip()
         if len(problems) == 1:
             raise ConfigurationError(problems[0])
         if problems:

@@ -35,7 +35,8 @@ LAYERS: dict[str, int] = {
     # 5. observation
     **dict.fromkeys(("observe", "archive"), 5),
     # 6. the Celery app and the client
-    **dict.fromkeys(("app", "client", "run", "consumer", "worker", "beat", "flowerconfig"), 6),
+    **dict.fromkeys(("app", "client", "run", "consumer", "worker", "beat", "flowerconfig",
+                     "housekeeping"), 6),
     # 7. the command line, local processes, testing helpers
     **dict.fromkeys(("cli", "embedded", "local", "testing"), 7),
     "": 8,  # the package itself: everything it exports

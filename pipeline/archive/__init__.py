@@ -1,11 +1,9 @@
-"""The archive: finished runs sealed into Delta Lake tables (the ``archive`` extra:
-``deltalake`` and ``pyarrow``), so that a run is explainable long after Redis let it go.
+"""The archive: finished runs sealed into Delta Lake tables, so that a run is explainable
+long after Redis let it go.
 
-Imported only where it is used: the rest of the pipeline runs without the extra.
+``rows`` (a run as the tables' rows), ``table`` (a batch written once; a run read back),
+``archiver`` (the backlog, batches, retention), ``recall`` (an archived run brought back to
+Redis for every command to read) need the ``archive`` extra (``deltalake``, ``pyarrow``),
+imported only by those modules; ``backlog`` reads Redis alone. This package's own import
+loads neither.
 """
-
-from .rows import SCHEMAS, TABLES, RunRows, run_rows
-from .table import ArchivedRun, read_run, write_batch, written_batch
-
-__all__ = ["SCHEMAS", "TABLES", "ArchivedRun", "RunRows", "read_run", "run_rows",
-           "write_batch", "written_batch"]

@@ -1,12 +1,13 @@
-"""A finished run as the archive's rows: its versions, its calls, the run itself and, for a
-choreography, its events, read from Redis and shaped for four Delta tables.
+"""A finished run as the archive's rows: its versions, its calls, its events (a
+choreography's) and the run itself, read from Redis in two round trips and shaped for four
+Delta tables.
 
 Every table is partitioned by workflow and day (the day the run was created, UTC), so a
 query of one workflow over a week reads a week's files. A version keeps its payload as the
 canonical JSON text it was sealed as, beside its digest: reading it back checks one against
-the other, as reading it from Redis does. A run keeps its record and its log as JSON too,
-so that every command that explains a run reads back from the table what it read from
-Redis.
+the other, as reading it from Redis does. A run keeps its record and the rest of its Redis
+keys (its log, steps, saga, ledger...) as JSON, each as Redis gave it, so that a run read
+back is restored to Redis exactly and every command explains it as before.
 """
 
 from __future__ import annotations
@@ -16,16 +17,20 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
 
-import pyarrow as pa
-
+from ..errors import ConfigurationError
 from ..keys import RunKeys
-from ..observe import report
-from ..observe.ledger import events
-from ..state import StateStore, Version, translate_errors
+from ..observe.calls import calls, usage
+from ..observe.ledger import event_views
+from ..state import RunInfo, StateStore, Version, translate_errors
 
-__all__ = ["SCHEMAS", "TABLES", "RunRows", "run_rows"]
+try:
+    import pyarrow as pa
+except ImportError as e:
+    raise ConfigurationError(
+        f"the archive needs pyarrow and deltalake, which are not installed ({e}); "
+        "pip install celery-agent-pipeline[archive], or unset PIPELINE_ARCHIVE_URI") from e
 
-HISTORY_PAGE = 1000
+__all__ = ["SCHEMAS", "TABLES", "RunRows", "day_of", "key_names", "run_rows"]
 
 _PARTITION = [pa.field("workflow", pa.string()), pa.field("day", pa.string())]
 
@@ -45,26 +50,32 @@ SCHEMAS: dict[str, pa.Schema] = {
         pa.field("breaker", pa.string()), pa.field("fallback", pa.string()),
         pa.field("prompt_tokens", pa.int64()), pa.field("completion_tokens", pa.int64()),
         pa.field("model", pa.string()), pa.field("output", pa.int64()), *_PARTITION]),
+    "events": pa.schema([
+        pa.field("run_id", pa.string()), pa.field("event_id", pa.string()),
+        pa.field("type", pa.string()), pa.field("cause", pa.string()),
+        pa.field("publisher", pa.string()), pa.field("version", pa.int64()),
+        pa.field("at", pa.int64()), pa.field("deliveries", pa.string()), *_PARTITION]),
     "runs": pa.schema([
         pa.field("run_id", pa.string()), pa.field("status", pa.string()),
         pa.field("created_at", pa.int64()), pa.field("finished_at", pa.int64()),
         pa.field("duration_ms", pa.float64()), pa.field("error", pa.string()),
         pa.field("failed_agent", pa.string()), pa.field("idempotency_key", pa.string()),
         pa.field("tokens", pa.int64()), pa.field("degraded", pa.bool_()),
-        pa.field("compensation", pa.string()), pa.field("record", pa.string()),
-        pa.field("log", pa.string()), *_PARTITION]),
-    "events": pa.schema([
-        pa.field("run_id", pa.string()), pa.field("event_id", pa.string()),
-        pa.field("type", pa.string()), pa.field("cause", pa.string()),
-        pa.field("publisher", pa.string()), pa.field("version", pa.int64()),
-        pa.field("at", pa.int64()), pa.field("deliveries", pa.string()), *_PARTITION]),
+        pa.field("compensation", pa.string()), pa.field("batch", pa.int64()),
+        pa.field("record", pa.string()), pa.field("keys", pa.string()), *_PARTITION]),
 }
-"""The archive's tables: one row a version, a call (an attempt), a run, an event."""
+"""The archive's tables: one row a version, a call (an attempt), an event, a run."""
 
 TABLES = tuple(SCHEMAS)
+"""In the order a batch commits them: ``runs`` last, so that a run found in ``runs`` has
+every row of its in the other tables."""
 
 COMPENSATION_OUTCOMES = {"run.compensated": "compensated", "run.cancelled": "cancelled",
                          "run.compensation_failed": "failed"}
+
+Snapshot = dict[str, list[Any]]
+"""A run's Redis keys by name (``log``, ``steps``...): ``[type, data]``, as Redis gave them
+(a hash or a stream entry as a flat list of fields and values, in Redis's order)."""
 
 
 @dataclass
@@ -76,30 +87,48 @@ class RunRows:
     tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
-def run_rows(store: StateStore, run_id: str) -> RunRows:
-    """The rows of finished run ``run_id``, read from Redis (every digest checked)."""
-    r = report(store, run_id)
-    info = r.info
+def key_names(run_id: str) -> dict[str, str]:
+    """Every key of the run by its name: ``states`` -> ``pipeline:{<run>}:states``..."""
+    return {key.rsplit(":", 1)[1]: key for key in RunKeys(run_id).all()}
+
+
+def run_rows(store: StateStore, run_id: str, batch: int) -> RunRows | None:
+    """The rows of finished run ``run_id`` as batch ``batch`` archives it, read from Redis
+    (every digest checked: a version changed in Redis is never archived); None when Redis
+    no longer has it."""
+    snap = snapshot(store, run_id)
+    if "run" not in snap:
+        return None
+    record = _pairs(snap.pop("run")[1])
+    info = RunInfo.from_hash(run_id, record)
     where = {"workflow": info.workflow, "day": day_of(info.created_at)}
     versions = []
-    for fields in _raw_versions(store, run_id):
-        Version.from_entry(run_id, fields)  # an entry changed in Redis is never archived
+    for _, flat in snap.pop("states", ["stream", []])[1]:
+        fields = _pairs(flat)
+        Version.from_entry(run_id, fields)
         versions.append({
             "run_id": run_id, "version": int(fields["version"]), "parents": fields["parents"],
             "agent": fields["agent"], "contract": fields["contract"], "digest": fields["digest"],
             "payload": fields["payload"], "step": fields["step"],
             "degraded": fields.get("degraded") == "1", "created_at": int(fields["created_at"]),
             **where})
-    calls = [{
+    log = [{"id": sid, **_pairs(flat)} for sid, flat in snap.get("log", ["stream", []])[1]]
+    run_calls = calls(log)
+    _, total = usage(run_calls)
+    call_rows = [{
         "run_id": run_id, "step": c.step, "agent": c.agent, "attempt": c.attempt,
         "worker": c.worker, "status": c.status, "started_at": c.started_at,
         "latency_ms": c.latency_ms, "error_type": c.error_type, "error": c.error,
         "breaker": c.breaker, "fallback": c.fallback, "prompt_tokens": c.prompt_tokens,
         "completion_tokens": c.completion_tokens, "model": c.model, "output": c.output,
-        **where} for c in r.calls]
-    with translate_errors(store.url):
-        record = cast(dict[str, str], store.redis.hgetall(RunKeys(run_id).run))
-    ended = next((COMPENSATION_OUTCOMES[e["event"]] for e in reversed(r.log)
+        **where} for c in run_calls]
+    ledger = _pairs(snap["ledger"][1]) if "ledger" in snap else {}
+    event_rows = [{
+        "run_id": run_id, "event_id": v.event_id, "type": v.type, "cause": v.cause,
+        "publisher": v.publisher, "version": v.version, "at": v.at,
+        "deliveries": json.dumps([asdict(d) for d in v.deliveries]),
+        **where} for v in event_views(log, ledger, info.parked_steps)]
+    ended = next((COMPENSATION_OUTCOMES[e["event"]] for e in reversed(log)
                   if e.get("event") in COMPENSATION_OUTCOMES), "")
     finished = info.finished_at or info.updated_at
     run = {
@@ -108,33 +137,56 @@ def run_rows(store: StateStore, run_id: str) -> RunRows:
         "finished_at": round(info.finished_at * 1000) if info.finished_at else None,
         "duration_ms": (finished - info.created_at) * 1000, "error": info.error or "",
         "failed_agent": info.failed_agent or "", "idempotency_key": info.idempotency_key or "",
-        "tokens": r.total.total, "degraded": info.degraded, "compensation": ended,
-        "record": json.dumps(record, sort_keys=True), "log": json.dumps(r.log), **where}
-    views = events(store, run_id)
-    event_rows = [{
-        "run_id": run_id, "event_id": v.event_id, "type": v.type, "cause": v.cause,
-        "publisher": v.publisher, "version": v.version, "at": v.at,
-        "deliveries": json.dumps([asdict(d) for d in v.deliveries]),
-        **where} for v in views]
-    return RunRows(run_id, info.workflow, {"versions": versions, "calls": calls,
-                                           "runs": [run], "events": event_rows})
+        "tokens": total.total, "degraded": info.degraded, "compensation": ended,
+        "batch": batch, "record": json.dumps(list(record.items())),
+        "keys": json.dumps(snap), **where}
+    return RunRows(run_id, info.workflow, {"versions": versions, "calls": call_rows,
+                                           "events": event_rows, "runs": [run]})
+
+
+def snapshot(store: StateStore, run_id: str) -> Snapshot:
+    """Every key the run has in Redis, read whole: its type, then its content."""
+    names = key_names(run_id)
+    with translate_errors(store.url):
+        pipe = store.redis.pipeline(transaction=False)
+        for key in names.values():
+            pipe.type(key)
+        kinds = dict(zip(names, pipe.execute(), strict=True))
+        present = [name for name, kind in kinds.items() if kind in _READ]
+        pipe = store.redis.pipeline(transaction=False)
+        for name in present:
+            _READ[kinds[name]](pipe, names[name])
+        replies = pipe.execute()
+    out: Snapshot = {}
+    for name, reply in zip(present, replies, strict=True):
+        kind = kinds[name]
+        if kind == "hash":
+            data: Any = [x for pair in cast(dict[str, str], reply).items() for x in pair]
+        elif kind == "stream":
+            data = [[sid, [x for pair in fields.items() for x in pair]] for sid, fields in reply]
+        elif kind == "set":
+            data = sorted(reply)
+        else:
+            data = reply
+        out[name] = [kind, data]
+    return out
+
+
+_READ: dict[str, Any] = {
+    "hash": lambda pipe, key: pipe.hgetall(key),
+    "stream": lambda pipe, key: pipe.xrange(key),
+    "string": lambda pipe, key: pipe.get(key),
+    "list": lambda pipe, key: pipe.lrange(key, 0, -1),
+    "set": lambda pipe, key: pipe.smembers(key),
+    "zset": lambda pipe, key: pipe.zrange(key, 0, -1, withscores=True),
+}
+"""How each kind of key is read whole."""
+
+
+def _pairs(flat: list[str]) -> dict[str, str]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def day_of(at_s: float) -> str:
     """The partition a run's rows go to: the UTC day it was created."""
     return datetime.fromtimestamp(at_s, UTC).strftime("%Y-%m-%d")
-
-
-def _raw_versions(store: StateStore, run_id: str) -> list[dict[str, str]]:
-    """Every sealed version's stream fields, oldest first, as sealed (the payload's text)."""
-    key = RunKeys(run_id).states
-    out: list[dict[str, str]] = []
-    start = "-"
-    with translate_errors(store.url):
-        while True:
-            page = cast(list[tuple[str, dict[str, str]]],
-                        store.redis.xrange(key, start, "+", count=HISTORY_PAGE))
-            out += [fields for _, fields in page]
-            if len(page) < HISTORY_PAGE:
-                return out
-            start = "(" + page[-1][0]

@@ -4,27 +4,39 @@ runs written once, whoever writes it and however often, and a run read back from
 Exactly once, by Delta's application transactions: a batch has a number, and each table's
 commit of it records ``(pipeline.archive.<table>, number)`` in the same atomic commit as its
 rows. Writing a batch again (an archiver killed after some of its commits, two archivers at
-once) skips every table whose recorded number has reached the batch's: no row is written
-twice. Batches are numbered in order by whoever hands them out; a number is never reused
-for other runs.
+once) skips every table whose recorded number has reached the batch's, and of two writers
+committing the same batch at once Delta lets one through (the other's commit fails as a
+concurrent transaction, and finds the batch written): no row is written twice. Batches are
+numbered in order by whoever hands them out; a number is never reused for other runs.
+
+delta-rs runs its own tokio runtime, which does not survive a fork: a process that forks
+workers (Celery's prefork pool) must not touch the archive before it forks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.dataset as ds
-from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
-from deltalake.exceptions import TableNotFoundError
-
-from ..errors import RunNotFound
+from ..errors import ConfigurationError, RunNotFound
 from ..state import RunInfo, Version
-from .rows import SCHEMAS, TABLES, RunRows
+from .rows import SCHEMAS, TABLES, RunRows, Snapshot
 
-__all__ = ["APP_ID", "ArchivedRun", "read_run", "table_uri", "write_batch", "written_batch"]
+try:
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+    from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+    from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
+except ImportError as e:
+    raise ConfigurationError(
+        f"the archive needs deltalake and pyarrow, which are not installed ({e}); "
+        "pip install celery-agent-pipeline[archive], or unset PIPELINE_ARCHIVE_URI") from e
+
+__all__ = ["APP_ID", "ArchivedRun", "archived_runs", "compact", "read_run", "table_uri",
+           "vacuum", "write_batch", "written_batch"]
 
 APP_ID = "pipeline.archive.{table}"
 """The application id of each table's batches in its Delta log."""
@@ -49,34 +61,57 @@ def write_batch(root: str, number: int, runs: Sequence[RunRows]) -> list[str]:
     it yet; the tables written. Each table's rows and its batch number go in one commit."""
     written = []
     for table in TABLES:
-        if written_batch(root, table) >= number:
+        dt = _open(root, table)
+        if int(dt.transaction_version(APP_ID.format(table=table)) or 0) >= number:
             continue  # committed before: by an archiver that died after, or by another
         rows = [row for run in runs for row in run.tables.get(table, [])]
         data = pa.Table.from_pylist(rows, schema=SCHEMAS[table])
-        write_deltalake(
-            table_uri(root, table), data, mode="append", partition_by=["workflow", "day"],
-            commit_properties=CommitProperties(
-                app_transactions=[Transaction(APP_ID.format(table=table), number)],
-                custom_metadata={"runs": str(len(runs))}),
-        )
+        try:
+            # On the snapshot just checked: a commit of this batch by another writer since
+            # then is a conflict Delta refuses (checked again below), never a second copy.
+            write_deltalake(
+                dt, data, mode="append", partition_by=["workflow", "day"],
+                commit_properties=CommitProperties(
+                    app_transactions=[Transaction(APP_ID.format(table=table), number)],
+                    custom_metadata={"runs": str(len(runs))}),
+            )
+        except (CommitFailedError, DeltaError):
+            if written_batch(root, table) >= number:
+                continue  # another writer committed this batch first: its rows stand
+            raise
         written.append(table)
     return written
 
 
+def _open(root: str, table: str) -> DeltaTable:
+    """``table``, created empty first if need be. Never created by a batch's own commit:
+    Delta checks two creating commits for conflicts less than two appends, and both
+    writers' rows could land (seen with delta-rs 1.6)."""
+    uri = table_uri(root, table)
+    try:
+        return DeltaTable(uri)
+    except TableNotFoundError:
+        pass
+    with contextlib.suppress(CommitFailedError):  # another writer created it first
+        DeltaTable.create(uri, SCHEMAS[table], mode="ignore", partition_by=["workflow", "day"])
+    return DeltaTable(uri)
+
+
+@dataclass
 class ArchivedRun:
     """A run read back from the archive: its versions (each digest checked), its record
-    and its log, as the state store gives them for a run still in Redis."""
+    and the rest of its Redis keys, as Redis had them when its batch was written."""
 
-    def __init__(self, run_id: str, versions: list[Version], record: dict[str, str],
-                 log: list[dict[str, str]]) -> None:
-        self.run_id = run_id
-        self.versions = versions
-        self.record = record
-        self.log = log
+    run_id: str
+    batch: int
+    versions: list[Version]
+    entries: list[dict[str, str]]  # each version's stream fields
+    record: list[tuple[str, str]]  # the record's fields, in Redis's order
+    keys: Snapshot
 
     @property
     def info(self) -> RunInfo:
-        return RunInfo.from_hash(self.run_id, self.record)
+        return RunInfo.from_hash(self.run_id, dict(self.record))
 
 
 def read_run(root: str, run_id: str) -> ArchivedRun:
@@ -84,15 +119,61 @@ def read_run(root: str, run_id: str) -> ArchivedRun:
     ``IntegrityError`` when a version's payload does not match its digest."""
     runs = _rows(root, "runs", run_id)
     if not runs:
-        raise RunNotFound(f"no run {run_id!r} in the archive at {root}")
+        raise RunNotFound(f"no run {run_id!r} in Redis or in the archive at {root}")
     run = runs[0]
-    versions = [Version.from_entry(run_id, {
+    entries = [{  # the stream entry's fields, in the order the seal writes them
         "version": str(v["version"]), "parents": v["parents"], "agent": v["agent"],
         "contract": v["contract"], "payload": v["payload"], "digest": v["digest"],
         "created_at": str(v["created_at"]), "step": v["step"],
-        "degraded": "1" if v["degraded"] else "0"})
+        "degraded": "1" if v["degraded"] else "0"}
         for v in sorted(_rows(root, "versions", run_id), key=lambda v: v["version"])]
-    return ArchivedRun(run_id, versions, json.loads(run["record"]), json.loads(run["log"]))
+    versions = [Version.from_entry(run_id, entry) for entry in entries]
+    return ArchivedRun(run_id, int(run["batch"]), versions, entries,
+                       [(k, v) for k, v in json.loads(run["record"])],
+                       json.loads(run["keys"]))
+
+
+def archived_runs(root: str, *, status: str | None = None, workflow: str | None = None,
+                  limit: int = 20) -> list[dict[str, Any]]:
+    """The newest runs in the archive (their ``runs`` rows, without record and keys)."""
+    try:
+        dt = DeltaTable(table_uri(root, "runs"))
+    except TableNotFoundError:
+        return []
+    wanted = None
+    if status is not None:
+        wanted = ds.field("status") == status
+    if workflow is not None:
+        by_workflow = ds.field("workflow") == workflow
+        wanted = by_workflow if wanted is None else wanted & by_workflow
+    columns = [f.name for f in SCHEMAS["runs"] if f.name not in ("record", "keys")]
+    found = dt.to_pyarrow_dataset().to_table(columns=columns, filter=wanted)
+    rows: list[dict[str, Any]] = found.sort_by([("created_at", "descending")]) \
+        .slice(0, limit).to_pylist()
+    return rows
+
+
+def compact(root: str) -> dict[str, Any]:
+    """Compact each table's small files (Delta's optimize); what each did."""
+    return {table: dt.optimize.compact() for table, dt in _tables(root)}
+
+
+def vacuum(root: str, retention_hours: int) -> dict[str, int]:
+    """Delete the files no table version newer than ``retention_hours`` reads; how many.
+    Delta's own floor (a week) is not enforced: the hours are the caller's to choose."""
+    return {table: len(dt.vacuum(retention_hours, dry_run=False,
+                                 enforce_retention_duration=False))
+            for table, dt in _tables(root)}
+
+
+def _tables(root: str) -> list[tuple[str, DeltaTable]]:
+    found = []
+    for table in TABLES:
+        try:
+            found.append((table, DeltaTable(table_uri(root, table))))
+        except TableNotFoundError:
+            continue
+    return found
 
 
 def _rows(root: str, table: str, run_id: str) -> list[dict[str, Any]]:

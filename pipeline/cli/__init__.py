@@ -4,7 +4,7 @@
 Importing this package registers every command on ``main``.
 """
 
-from . import fleet, observe, process, runs  # noqa: F401  (their commands register on main)
+from . import archive, fleet, observe, process, runs  # noqa: F401  (their commands register on main)
 from .group import main
 
 __all__ = ["main"]

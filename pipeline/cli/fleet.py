@@ -141,7 +141,7 @@ def verify(run_ids: tuple[str, ...], as_json: bool) -> None:
     failed run compensated exactly once and none of a succeeded run. Exits 1 on any
     violation. Run it when the fleet is quiet: a run still at work is not finished.
     """
-    verdict = check_invariants(group.client().store, run_ids or None)
+    verdict = check_invariants(group.client(runs=run_ids).store, run_ids or None)
     if as_json:
         echo_json(verdict.to_dict())
     else:

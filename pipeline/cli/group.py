@@ -64,12 +64,17 @@ def wait_options(what: str) -> Callable[[F], F]:
     return decorate
 
 
-def client(agents_required: bool = False) -> Pipeline:
+def client(agents_required: bool = False, *, runs: Sequence[str] = ()) -> Pipeline:
     """The client. Commands that start or continue runs need the agent modules
-    (``agents_required``); the others read, cancel and compensate without them.
+    (``agents_required``); the others read, cancel and compensate without them. Each of
+    ``runs`` that Redis no longer has is brought back from the archive, when there is one
+    (``PIPELINE_ARCHIVE_URI``), for the command to read as before.
 
     Commands call it as ``group.client(...)``, so that a test can replace it here."""
-    return Pipeline.from_env(agents_required=agents_required)
+    p = Pipeline.from_env(agents_required=agents_required)
+    for run_id in runs:
+        p.recall(run_id)
+    return p
 
 
 def current_user() -> str:

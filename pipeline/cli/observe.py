@@ -16,6 +16,7 @@ from ..observe.ledger import explain as explain_agent
 from ..observe.lineage import lineage_dot, lineage_tree, named, reached, render_svg
 from ..state import RunStatus
 from . import group
+from .archive import echo_archived
 from .group import fleet_agents, json_option, main
 from .output import (
     calls_table,
@@ -33,7 +34,7 @@ from .output import (
 @json_option
 def trace(run_id: str, as_json: bool) -> None:
     """Every call of a run, one row per attempt, with its tokens; then the run's log."""
-    r = report(group.client().store, run_id)
+    r = report(group.client(runs=[run_id]).store, run_id)
     if as_json:
         echo_json({"run_id": run_id, "workflow": r.info.workflow,
                    "status": r.info.status.value, "calls": [c.to_dict() for c in r.calls],
@@ -58,7 +59,7 @@ def trace(run_id: str, as_json: bool) -> None:
 @json_option
 def inspect(run_id: str, as_json: bool) -> None:
     """One page on a run: header, lineage tree, calls, compensations."""
-    p = group.client()
+    p = group.client(runs=[run_id])
     r = report(p.store, run_id)
     info = r.info
     history = p.store.history(run_id)
@@ -114,7 +115,7 @@ def graph(run_id: str, target: str | None, fmt: str | None) -> None:
     `-o run.dot` writes DOT. A --format that contradicts the file name is refused.
     """
     fmt = _graph_format(target, fmt)
-    p = group.client()
+    p = group.client(runs=[run_id])
     dot = lineage_dot(p.store.run_info(run_id), p.store.history(run_id))
     data: bytes = dot.encode()
     if fmt == "svg":
@@ -152,12 +153,18 @@ def _graph_format(target: str | None, fmt: str | None) -> str:
 @click.option("--status", default=None, help="Only runs with this status.")
 @click.option("--workflow", default=None, help="Only runs of this workflow.")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True)
+@click.option("--archived", is_flag=True,
+              help="From the archive's runs table (PIPELINE_ARCHIVE_URI), not from Redis.")
 @json_option
-def runs(status: str | None, workflow: str | None, limit: int, as_json: bool) -> None:
-    """List recent runs, newest first, from the index kept in Redis."""
+def runs(status: str | None, workflow: str | None, limit: int, archived: bool,
+         as_json: bool) -> None:
+    """List recent runs, newest first, from the index kept in Redis (or the archive)."""
     if status is not None and status not in {s.value for s in RunStatus}:
         raise InputError(f"--status {status!r} is not a run status (one of "
                          f"{', '.join(s.value for s in RunStatus)})")
+    if archived:
+        echo_archived(status, workflow, limit, as_json)
+        return
     rows = recent_runs(group.client().store, status=status, workflow=workflow, limit=limit)
     if as_json:
         echo_json([r.to_dict() for r in rows])
@@ -187,7 +194,7 @@ def spent(budget: dict[str, Any] | None) -> str:
 @json_option
 def events(run_id: str, as_json: bool) -> None:
     """Show a choreographed run's events: cause, subscribers, and each delivery's state."""
-    p = group.client()
+    p = group.client(runs=[run_id])
     views = read_events(p.store, run_id)
     if as_json:
         echo_json([v.to_dict() for v in views])
@@ -210,7 +217,7 @@ def events(run_id: str, as_json: bool) -> None:
 @json_option
 def explain(run_id: str, agent: str, as_json: bool) -> None:
     """Why AGENT did or did not react in RUN: its subscriptions, the events, each delivery."""
-    p = group.client()
+    p = group.client(runs=[run_id])
     why = explain_agent(p.store, run_id, agent, fleet_agents(p).get(agent))
     if as_json:
         echo_json(why.to_dict())

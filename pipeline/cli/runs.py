@@ -117,7 +117,7 @@ def summarize(handles: Sequence[Any], results: Sequence[Any]) -> str:
 @json_option
 def status(run_id: str, as_json: bool) -> None:
     """Show a run's status and head version."""
-    info = group.client().store.run_info(run_id)
+    info = group.client(runs=[run_id]).store.run_info(run_id)
     if as_json:
         echo_json(info.to_dict())
         return
@@ -138,7 +138,7 @@ def status(run_id: str, as_json: bool) -> None:
 @json_option
 def history(run_id: str, as_json: bool) -> None:
     """List every sealed version of a run, digests checked."""
-    versions = group.client().store.history(run_id)
+    versions = group.client(runs=[run_id]).store.history(run_id)
     if as_json:
         echo_json([v.to_dict() for v in versions])
         return
@@ -163,7 +163,7 @@ def replay(run_id: str, version: int, source: str | None, author: str | None, wa
     edit = None if source is None else read_json_input(source)
     if source is not None and edit is None:
         raise InputError(f"--edit {source}: the edit is JSON null; give the corrected payload")
-    handle = group.client(agents_required=True).replay(
+    handle = group.client(agents_required=True, runs=[run_id]).replay(
         run_id, version, edit=edit, author=author if author is not None else current_user())
     if not as_json:
         click.echo(f"run {handle.run_id} replays {run_id} from version {version}")

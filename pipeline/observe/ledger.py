@@ -79,7 +79,13 @@ def events(store: StateStore, run_id: str) -> list[EventView]:
     log = store.log(run_id)
     with translate_errors(store.url):
         ledger = cast(dict[str, str], store.redis.hgetall(RunKeys(run_id).ledger))
-    parked = set(store.run_info(run_id).parked_steps)
+    return event_views(log, ledger, store.run_info(run_id).parked_steps)
+
+
+def event_views(log: Sequence[dict[str, str]], ledger: dict[str, str],
+                parked_steps: Sequence[str]) -> list[EventView]:
+    """The events of a run's ``log``, with their deliveries, from what was read of it."""
+    parked = set(parked_steps)
     out: list[EventView] = []
     by_id: dict[str, EventView] = {}
     for e in log:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, cast
 import redis
 
 from ..agent import Agent, agents, import_agent_modules
+from ..archive.backlog import backlog
 from ..breaker import BreakerRegistry, Snapshot
 from ..counters import BUDGET_EXCEEDED, COMPENSATIONS, FAILURES, LATENCY, LATENCY_BUCKETS_MS
 from ..errors import ConfigurationError, StoreError
@@ -137,6 +138,7 @@ class _Reading:
     runs: Counter[tuple[str, str]]
     over_budget: dict[str, str]
     limits: list[LimitState]
+    archive: dict[str, int | str]
 
 
 class PipelineCollector:
@@ -185,7 +187,7 @@ class PipelineCollector:
         states = [s for s in named_limit_states(self.store.redis, drawn, url=self.store.url)
                   if s is not None]
         return _Reading(latency, failures, compensations, int(dead), breakers, runs,
-                        over_budget, states)
+                        over_budget, states, backlog(self.store))
 
     def _families(self, r: _Reading) -> Iterator[Metric]:
         from prometheus_client.core import (
@@ -258,6 +260,27 @@ class PipelineCollector:
         dead.add_metric([], r.dead_letters)
         yield dead
         yield from _limit_families(r, names)
+        yield from _archive_families(r.archive)
+
+
+def _archive_families(archive: dict[str, int | str]) -> Iterator[Metric]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    waiting = GaugeMetricFamily("pipeline_archive_backlog",
+                                "Runs not archived yet (live ones included): with "
+                                "PIPELINE_ARCHIVE_URI set, a backlog that only grows means no "
+                                "archiver runs, or the tables cannot be written")
+    waiting.add_metric([], int(archive["backlog"]))
+    yield waiting
+    for name, key, text in (
+            ("pipeline_archived_runs", "runs", "Runs the archiver wrote to the archive"),
+            ("pipeline_archive_failures", "failures",
+             "Batches the archiver could not write (each kept for the next pass)"),
+            ("pipeline_archive_expired", "expired",
+             "Runs that expired from Redis before the archiver reached them")):
+        counter = CounterMetricFamily(name, text)
+        counter.add_metric([], int(archive.get(key, 0)))
+        yield counter
 
 
 def _limit_families(r: _Reading, agents: set[str]) -> Iterator[Metric]:

@@ -1,0 +1,35 @@
+"""What the archiver has not done yet, read from Redis alone (no ``archive`` extra needed):
+the exporter's ``pipeline_archive_*`` gauges and ``pipeline archive --status``."""
+
+from __future__ import annotations
+
+import json
+from typing import cast
+
+from ..keys import ARCHIVE, RUNS_INDEX
+from ..state import StateStore, translate_errors
+
+__all__ = ["backlog"]
+
+
+def backlog(store: StateStore) -> dict[str, int | str]:
+    """Runs not archived yet (``backlog``: in the batch being written, walked and waiting,
+    and every run the index holds past the archiver's cursor, live ones included), with
+    the archiver's counters (``runs``, ``batches``, ``failures``, ``expired``,
+    ``last_ok_at``, ``last_error``...)."""
+    r = store.redis
+    with translate_errors(store.url):
+        cursor = cast(str | None, r.get(ARCHIVE.cursor)) or "0 0"
+        score, _, offset = cursor.partition(" ")
+        pipe = r.pipeline(transaction=False)
+        pipe.zcard(ARCHIVE.waiting)
+        pipe.zcount(RUNS_INDEX, int(score), "+inf")
+        pipe.hgetall(ARCHIVE.stats)
+        pipe.hget(ARCHIVE.batch, "runs")
+        waiting, ahead, stats, pending = pipe.execute()
+    in_batch = len(json.loads(pending)) if pending else 0
+    out: dict[str, int | str] = {
+        "backlog": in_batch + int(waiting) + max(0, int(ahead) - int(offset))}
+    for name, value in cast(dict[str, str], stats).items():
+        out[name] = value if name == "last_error" else int(value)
+    return out
