@@ -14,7 +14,7 @@ $(VENV)/.installed-%: pyproject.toml | $(VENV)/bin/python
 	$(BIN)/python -m pip install --quiet -e ".[$*]"
 	touch $@
 
-demo: $(VENV)/.installed-embedded
+demo: $(VENV)/.installed-demo
 	$(BIN)/pipeline demo $(if $(FLOWER),--flower)
 
 test: $(VENV)/.installed-test

@@ -27,11 +27,14 @@ def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def demo(second_redis_url: str) -> Iterator[subprocess.CompletedProcess[str]]:
+def demo(second_redis_url: str, tmp_path_factory: pytest.TempPathFactory
+         ) -> Iterator[subprocess.CompletedProcess[str]]:
     """`pipeline demo` on the second test database, run once for the tests that read it."""
     client = redis.Redis.from_url(second_redis_url)
     client.flushdb()
-    yield run_cli("demo", PIPELINE_REDIS_URL=second_redis_url)
+    data = tmp_path_factory.mktemp("demo-data")
+    yield run_cli("demo", PIPELINE_REDIS_URL=second_redis_url, PIPELINE_DATA_DIR=str(data),
+                  PIPELINE_ARCHIVE_URI="")
     client.flushdb()
     client.close()
 
@@ -78,6 +81,18 @@ def test_demo_runs_the_batch_and_shows_decisions_and_lineage(
     assert "run.compensating" in trail and "compensation.done      0:credit_score" in trail
     assert trail.index("1.") < trail.index("0:credit_score") < trail.index("run.compensated")
     assert "breakers reset" in chaos and "worker pool stopped" in chaos
+    # every run of the demo archived, one of them deleted from Redis and read back
+    archived = chaos.split("\narchive ", 1)[1]
+    assert re.match(r"\S+/demo-data\d*/archive: 23 runs archived in 1 batch\n", archived)
+    assert "6 versions, digests checked, as Redis had them" in archived
+    approvals = archived.split("approvals by risk rating")[1].split("p95 latency")[0]
+    counted = {tuple(line.split()[:2]): int(line.split()[2])
+               for line in approvals.splitlines()[3:-1]}
+    # the good batch (8) and, of the chaos batch, those sealed with the cached answer
+    assert counted[("very_high", "declined")] >= 1  # app-1002: score 300
+    assert sum(counted.values()) == 8 + len(degraded)
+    latency = archived.split("p95 latency per day (the calls table):")[1].splitlines()
+    assert any(line.split()[1:3] == ["credit_score", "16"] for line in latency)  # 2 batches
 
 
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import json
 import os
 import re
 import subprocess
@@ -16,6 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import Pipeline
+from pipeline.archive.rows import run_rows
+from pipeline.archive.table import write_batch
+from tasks import SAMPLES
 from tests.conftest import ROOT, worker_env
 
 README = Path(ROOT) / "README.md"
@@ -60,6 +65,12 @@ CHECKS = {
         "    raise AssertionError('the step ran on')\n"
     ),
 }
+ARCHIVED = {"the-archive"}
+"""Blocks that read an archive: they run with PIPELINE_ARCHIVE_URI on one holding a run."""
+CHECKS["the-archive"] = (
+    "assert decided[('low', 'approved')] == 1, decided\n"
+    "assert {row['agent'] for row in p95.to_pylist()} >= {'credit_score', 'final_approval'}\n"
+)
 STARTS_A_RUN = re.compile(r"\.(start|wait)\(")
 """A block that starts or waits for a run needs the session's workers."""
 
@@ -126,12 +137,28 @@ def test_every_readme_block_runs_as_written(block: Block, redis_url: str,
         pytest.skip(f"README line {block.line}: {SKIPPED[block.first_line]}")
     if STARTS_A_RUN.search(block.code):
         request.getfixturevalue("pipeline")  # the session's workers, on the same database
+    env = {**os.environ, **worker_env(redis_url)}
+    if block.id in ARCHIVED:
+        env["PIPELINE_ARCHIVE_URI"] = archive_of_one_run(
+            request.getfixturevalue("pipeline"), request.getfixturevalue("tmp_path"))
     code = block.code + "\n" + CHECKS.get(block.id, "")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, **worker_env(redis_url)})
+                          text=True, timeout=120, env=env)
     assert done.returncode == 0, (
         f"the README's block at line {block.line} ({block.id}) failed:\n{done.stderr}"
     )
+
+
+def archive_of_one_run(p: Pipeline, where: Path) -> str:
+    """An archive holding one approved credit run (written directly: nothing else of the
+    test database is archived)."""
+    run = p.start("credit_decision", json.loads((SAMPLES / "good.json").read_text()))
+    assert run.wait(30).output["decision"] == "approved"
+    root = str(where / "archive")
+    found = run_rows(p.store, run.run_id, 1)
+    assert found is not None
+    write_batch(root, 1, [found])
+    return root
 
 
 @pytest.mark.parametrize("block", [b for b in BLOCKS if imports_from_pipeline(b)],

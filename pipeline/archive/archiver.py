@@ -77,7 +77,9 @@ class ArchiveReport:
     def summary(self) -> str:
         if self.busy:
             return "another archiver is at work"
-        parts = [f"{self.runs} runs archived in {len(self.batches)} batches"]
+        n = len(self.batches)
+        parts = [f"{self.runs} run{'s' * (self.runs != 1)} archived in {n} "
+                 f"batch{'es' * (n != 1)}"]
         if self.held:
             parts.append(f"{self.held} kept in Redis longer")
         if self.refused:

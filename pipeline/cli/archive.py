@@ -4,20 +4,23 @@ upkeep; ``pipeline runs --archived`` lists the archive's runs."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 import click
 
 from ..archive.backlog import backlog
-from ..errors import InputError
+from ..client import Pipeline, Run
+from ..errors import ConfigurationError, InputError
 from ..settings import Settings
 from . import group
 from .group import EXIT_USAGE, json_option, main
 from .output import echo_json, table, timestamp
 
-__all__ = ["archive", "echo_archived"]
+__all__ = ["archive", "echo_archived", "show_archive"]
 
 
 def archive_root(settings: Settings) -> str:
@@ -121,3 +124,30 @@ def echo_archived(status: str | None, workflow: str | None, limit: int, as_json:
                     timestamp(r["created_at"] / 1000), f"{r['duration_ms']:.0f}",
                     str(r["tokens"]), str(r["batch"]), (r["error"] or "")[:60]))
     click.echo(table(out))
+
+
+def show_archive(p: Pipeline, shown: Run) -> None:
+    """The demo's archive: every finished run into the tables under the data directory
+    (their time in Redis left as it was), run ``shown`` deleted from Redis and read back,
+    and what the tables answer."""
+    root = p.settings.archive_uri or os.path.join(p.settings.data_dir, "archive")
+    try:
+        from ..archive.archiver import Archiver
+        from ..archive.query import approvals, p95_latency
+    except ConfigurationError as e:
+        click.echo(f"\narchive: skipped: {e}")
+        return
+    report = Archiver(p.store, root, batch=p.settings.archive_batch,
+                      archived_retention_s=p.store.retention_s, settle_s=0, lag_s=0).run_once()
+    click.echo(f"\narchive {root}: {report.summary()}")
+    before = [v.to_dict() for v in shown.history()]
+    p.store.delete_run(shown.run_id)  # as its retention would, once archived
+    reader = Pipeline(settings=replace(p.settings, archive_uri=root), app=p.app, store=p.store)
+    after = [v.to_dict() for v in reader.run(shown.run_id).history()]
+    click.echo(f"run {shown.run_id} deleted from Redis, then read back from the archive: "
+               f"{len(after)} versions, digests checked, "
+               f"{'as Redis had them' if after == before else 'NOT as Redis had them'}")
+    click.echo("approvals by risk rating (the versions table, with pyarrow):")
+    click.echo(table([("risk", "decision", "runs"), *approvals(root)]))
+    click.echo("the agents' p95 latency per day (the calls table):")
+    click.echo(table([("day", "agent", "calls", "p95 ms"), *p95_latency(root)]))

@@ -35,6 +35,7 @@ from ..observe.ledger import events, explain
 from ..observe.lineage import named
 from ..settings import DEFAULT_REDIS_URL, Settings, redact_url
 from ..state import Budget
+from .archive import show_archive
 from .group import read_json_input, wait_all
 from .output import calls_table, format_events, format_history, format_limits, table
 
@@ -130,6 +131,7 @@ def _demo_body(p: Pipeline, spec: dict[str, Any], workflow: Flow, batch: list[An
     with WorkerProcess(env=env, concurrency=concurrency, cwd=os.getcwd()):
         click.echo(f"\nworkflow {workflow.name}: {workflow.shape()}")
         runs, elapsed = _run_batch(p, workflow, batch, timeout_s)
+        shown = runs[0]
         click.echo(_decisions(spec, runs))
         ok = sum(r.status().value == "succeeded" for r in runs)
         click.echo(f"{ok}/{len(runs)} runs succeeded in {elapsed:.2f}s "
@@ -158,6 +160,7 @@ def _demo_body(p: Pipeline, spec: dict[str, Any], workflow: Flow, batch: list[An
         _reset_breakers(p, workflow)
         click.echo("breakers reset")
     click.echo("worker pool stopped")
+    show_archive(p, shown)
 
 
 def _reset_breakers(p: Pipeline, workflow: Flow) -> None:
