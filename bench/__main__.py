@@ -16,10 +16,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from bench.archive import BESIDE
 from bench.common import RESULTS, ROOT, table
 from bench.overhead import LIMITED, spread
 
-SCRIPTS = ("overhead", "roundtrips", "growth", "breakers", "limiters")
+SCRIPTS = ("overhead", "roundtrips", "growth", "breakers", "limiters", "archive")
 QUICK = {"breakers": ["--calls", "20", "--rounds", "1", "--duration", "0.1"]}
 """How to run each script at a tiny size (the others take ``--quick``)."""
 BARE = "bare celery"
@@ -129,9 +130,22 @@ def limiters_rows(r: dict[str, Any]) -> list[Row]:
     ]
 
 
+def archive_rows(a: dict[str, Any]) -> list[Row]:
+    tp = a["throughput_wf_per_s"]
+    return [
+        [f"archive throughput, one archiver ({a['runs']} runs)",
+         f"{a['archive_runs_per_s']:,.0f} runs/s", "", "", ""],
+        ["Redis bytes per finished run, archived and expired", f"{a['bytes_per_run']:,.0f}",
+         f"{a['bare_bytes_per_run']:,.0f} (results)", f"{a['bytes_ratio']:.2f}x", "< 1,000"],
+        ["throughput with an archiver beside (wf/s)", f"{tp[BESIDE]:.1f}",
+         f"{tp['pipeline']:.1f} (without)",
+         f"{a['ratio_throughput']:.2f}x ({spread(a['ratio_throughput_rounds'])})", ">= 0.97x"],
+    ]
+
+
 ROWS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "overhead": overhead_rows, "roundtrips": roundtrips_rows, "growth": growth_rows,
-    "breakers": breakers_rows, "limiters": limiters_rows,
+    "breakers": breakers_rows, "limiters": limiters_rows, "archive": archive_rows,
 }
 
 

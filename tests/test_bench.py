@@ -47,7 +47,7 @@ def test_the_breaker_benchmark_runs_and_reports_every_kind(second_redis_url: str
 
 # -- every benchmark at a tiny size, in one run (`python -m bench --quick`) ----------------
 
-MEASURED = ("overhead", "roundtrips", "growth")
+MEASURED = ("overhead", "roundtrips", "growth", "archive")
 BARE = "bare celery"
 DEFAULTS = "bare celery, defaults"
 
@@ -94,7 +94,9 @@ def test_every_benchmark_runs_at_a_tiny_size_and_prints_one_table(quick_bench: Q
                 "throughput, pool of 1", "throughput, pool of 2", "fan-out of 2",
                 "fan-out of 4", "read version 1 of 10 versions",
                 "read version 1 of 100 versions", "bytes per finished run",
-                "vs bare Celery with its defaults: throughput"):
+                "vs bare Celery with its defaults: throughput",
+                "archive throughput, one archiver", "archived and expired",
+                "throughput with an archiver beside"):
         assert row in table, f"no row {row!r} in:\n{table}"
     assert "not measured" not in table
 
@@ -208,3 +210,13 @@ def test_the_profile_breaks_a_step_down_on_both_sides_of_the_wire() -> None:
     step = next(line for line in done.stdout.splitlines() if line.startswith("the step, all"))
     spent = re.search(r"\)\s+(\d+)\s+\(", step)
     assert spent is not None and int(spent.group(1)) > 0, step  # us a task in run_step
+
+
+@pytest.mark.workers
+def test_the_archive_benchmark_archives_every_run_and_measures_what_is_left(
+        quick_bench: QuickBench) -> None:
+    archive = quick_bench.section("archive")
+    assert archive["archive_runs_per_s"] > 0 and archive["batches"] >= 1
+    # an archived run, once expired, leaves its index entry and little else in Redis
+    assert 0 < archive["bytes_per_run"] < 1000 < archive["bare_bytes_per_run"]
+    assert len(archive["ratio_throughput_rounds"]) == archive["rounds"]

@@ -35,6 +35,12 @@ def test_a_short_chaos_soak_keeps_every_invariant(cluster: Cluster) -> None:
     assert set(report["by_status"]) <= {"succeeded", "compensated", "failed",
                                         "compensation_failed"}
     assert report["by_status"].get("succeeded", 0) > 0
+    # archived as it went (its archiver killed too): every run once in the tables, and read
+    # back from them by the checker once Redis let it go
+    archive = report["archive"]
+    assert (archive["archived"], archive["not_once"], archive["versions_not_once"]) \
+        == (150, [], [])
+    assert archive["recalled"] == 150
 
 
 def test_a_load_of_runs_started_at_once_all_finish_and_expire(cluster: Cluster) -> None:

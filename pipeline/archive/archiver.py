@@ -51,8 +51,9 @@ LAG_S = 60.0
 """The cursor stays this far behind Redis's clock: a run's index score is its client's
 clock, and a run scored behind the cursor would never be walked."""
 WALK_PAGE = 1000
-LOOK_AGAIN_MS = 30_000
-"""A run still live when looked at is looked at again this much later."""
+LOOK_AGAIN_MS = 10_000
+"""A run still live when looked at is looked at again this much later (so a run is
+archived at most this long after it ended and settled, the backlog allowing)."""
 LOCK_S = 60.0
 """The archive lock's life unless renewed (after the walk and after each batch): an archiver
 killed holding it keeps the others out this long at most."""
