@@ -29,6 +29,7 @@ from pipeline.cli import main
 from pipeline.keys import ARCHIVE, RUNS_INDEX, RunKeys
 from pipeline.local import WorkerProcess
 from pipeline.names import SWEEP_TASK
+from pipeline.observe.metrics import PipelineCollector
 from tasks import SAMPLES
 from tests.conftest import AGENT_MODULES, ROOT, settings_for, wait_for, worker_env
 
@@ -278,6 +279,10 @@ def test_a_table_out_of_reach_expires_nothing_and_archives_everything_once_back(
     state = backlog(p.store)
     assert (state["backlog"], state["failures"]) == (3, 1)
     assert "Not a directory" in str(state["last_error"])
+    scraped = {m.name: m.samples[0].value for m in PipelineCollector(p.store).collect()
+               if m.name.startswith("pipeline_archive")}
+    assert (scraped["pipeline_archive_backlog"], scraped["pipeline_archive_failures"]) \
+        == (3, 1)
     pending = r.hget(ARCHIVE.batch, "number")
     assert archiver(p).run_once().error  # still out of reach: still kept, still pending
     assert pending and r.hget(ARCHIVE.batch, "number") == pending
