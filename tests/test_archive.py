@@ -342,3 +342,22 @@ def test_the_archive_command(url: str, r: redis.Redis, tmp_path: Path) -> None:
     assert vacuumed.exit_code == 0 and "vacuum versions: 4 files deleted" in vacuumed.output
     assert len(rows(root, "runs")) == 5  # compacted and vacuumed: every row still there
     assert os.path.isdir(table_uri(root, "runs"))
+
+
+def test_a_run_with_big_keys_is_restored_whole(url: str, r: redis.Redis, tmp_path: Path) -> None:
+    """Lua's unpack() takes a few thousand values at most: a ledger of 6,000 deliveries (a
+    long choreography's) goes back in slices, and the run reads back as it was."""
+    root = str(tmp_path / "archive")
+    p = client(url, root, archived_retention_s=60)
+    run_id = finished(p)[0]
+    ledger = {f"e{i}:agent": f"handled:task-{i}" for i in range(6000)}
+    r.hset(RunKeys(run_id).ledger, mapping=ledger)
+    before = {key: r.dump(key) is not None for key in RunKeys(run_id).all()}
+    log = p.store.log(run_id)
+    assert archiver(p).run_once().runs == 1
+    r.delete(*RunKeys(run_id).all())
+    assert p.recall(run_id)
+    assert r.hgetall(RunKeys(run_id).ledger) == ledger
+    assert p.store.log(run_id) == log
+    assert {key: r.exists(key) == 1 for key in RunKeys(run_id).all()} == before
+    assert not p.recall(run_id)  # Redis has it: left alone

@@ -14,6 +14,7 @@ import json
 import time
 from collections.abc import Iterable
 
+from ..errors import IntegrityError
 from ..keys import RunKeys, version_stream_id
 from ..lua import Script
 from ..state import StateStore, translate_errors
@@ -39,9 +40,18 @@ def recall(store: StateStore, root: str, run_id: str, *, seconds: int) -> bool:
                                   for e in archived.entries]]
     found["run"] = ["hash", _flat([*archived.record, ("archived", str(archived.batch)),
                                    ("recalled_at", str(int(time.time() * 1000)))])]
+    for name, (kind, data) in found.items():
+        ids = [_id(entry[0]) for entry in data] if kind == "stream" else []
+        if ids != sorted(set(ids)):
+            raise IntegrityError(f"run {run_id}: the archive's {name} stream is out of order")
     aligned = [found.get(name) for name in key_names(run_id)]
     with translate_errors(store.url):
         return bool(RESTORE(store.redis, keys.all(), [json.dumps(aligned), seconds]))
+
+
+def _id(stream_id: str) -> tuple[int, int]:
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _flat(pairs: Iterable[tuple[str, str]]) -> list[str]:

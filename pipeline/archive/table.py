@@ -120,13 +120,14 @@ def read_run(root: str, run_id: str) -> ArchivedRun:
     runs = _rows(root, "runs", run_id)
     if not runs:
         raise RunNotFound(f"no run {run_id!r} in Redis or in the archive at {root}")
-    run = runs[0]
+    run = max(runs, key=lambda row: row["batch"])
     entries = [{  # the stream entry's fields, in the order the seal writes them
         "version": str(v["version"]), "parents": v["parents"], "agent": v["agent"],
         "contract": v["contract"], "payload": v["payload"], "digest": v["digest"],
         "created_at": str(v["created_at"]), "step": v["step"],
         "degraded": "1" if v["degraded"] else "0"}
-        for v in sorted(_rows(root, "versions", run_id), key=lambda v: v["version"])]
+        for v in {v["version"]: v for v in _rows(root, "versions", run_id)}.values()]
+    entries.sort(key=lambda e: int(e["version"]))
     versions = [Version.from_entry(run_id, entry) for entry in entries]
     return ArchivedRun(run_id, int(run["batch"]), versions, entries,
                        [(k, v) for k, v in json.loads(run["record"])],
