@@ -23,10 +23,11 @@ from .errors import (
     RunNotParked,
 )
 from .flow import Flow, known_route, workflows
+from .keys import RunKeys
 from .route import EDIT_STEP
 from .run import Run, RunResult
 from .settings import Settings, redact_url
-from .state import Budget, RunStatus, StateStore, Version
+from .state import Budget, RunStatus, StateStore, Version, translate_errors
 from .state.replays import link_replay, unlink_replay
 from .state.version import Sealable, sealable
 
@@ -329,6 +330,9 @@ class Pipeline:
         Redis no longer has it; True when it did. False without an archive."""
         if not self.settings.archive_uri:
             return False
+        with translate_errors(self.store.url):  # before the extra: a run in Redis needs none
+            if self.store.redis.exists(RunKeys(run_id).run):
+                return False
         from .archive.recall import recall  # the archive extra: only with an archive
 
         return recall(self.store, self.settings.archive_uri, run_id,

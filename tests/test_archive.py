@@ -69,7 +69,7 @@ def r(url: str, worker: WorkerProcess) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(url, decode_responses=True)
     client.delete(ARCHIVE.cursor, ARCHIVE.waiting, ARCHIVE.batch, ARCHIVE.stats, ARCHIVE.lock)
     seconds, micros = client.time()
-    client.set(ARCHIVE.cursor, f"{seconds * 1000 + micros // 1000} 0")
+    client.set(ARCHIVE.cursor, f"{seconds * 1000 + micros // 1000} ")
     yield client
     client.close()
 
@@ -308,7 +308,7 @@ def test_beat_s_sweep_archives_in_the_worker(
         r.zadd(RUNS_INDEX, {run_id: score - back}, xx=True)
         r.hset(RunKeys(run_id).run, "finished_at",
                int(r.hget(RunKeys(run_id).run, "finished_at") or 0) - back)
-    r.set(ARCHIVE.cursor, f"{int(time.time() * 1000) - 10 * back} 0")
+    r.set(ARCHIVE.cursor, f"{int(time.time() * 1000) - 10 * back} ")
     p.app.send_task(SWEEP_TASK, queue=p.settings.default_queue)
     wait_for(lambda: all(r.hget(RunKeys(i).run, "archived") for i in ids), 60,
              "the sweep to archive both runs")
@@ -361,3 +361,93 @@ def test_a_run_with_big_keys_is_restored_whole(url: str, r: redis.Redis, tmp_pat
     assert p.store.log(run_id) == log
     assert {key: r.exists(key) == 1 for key in RunKeys(run_id).all()} == before
     assert not p.recall(run_id)  # Redis has it: left alone
+
+
+def test_the_walk_misses_no_run_when_runs_leave_the_index_at_its_cursor(
+        url: str, r: redis.Redis, tmp_path: Path) -> None:
+    """The cursor names the last run walked, not a rank: runs dropped from the index at the
+    cursor's score (``pipeline runs`` drops runs that expired) move no other run past it.
+    These runs have no keys: each is walked, then found gone."""
+    p = client(url, str(tmp_path / "archive"))
+    at = int(r.get(ARCHIVE.cursor).split()[0]) + 1  # type: ignore[union-attr]
+    r.zadd(RUNS_INDEX, {"walk-a": at, "walk-b": at})
+    first = archiver(p).run_once()
+    assert (first.walked, sorted(first.expired)) == (2, ["walk-a", "walk-b"])
+    r.zrem(RUNS_INDEX, "walk-a", "walk-b")
+    r.zadd(RUNS_INDEX, {"walk-c": at, "walk-d": at + 1})
+    second = archiver(p).run_once()
+    assert (second.walked, sorted(second.expired)) == (2, ["walk-c", "walk-d"])
+    assert r.hget(ARCHIVE.stats, "expired") == "4"
+    r.zrem(RUNS_INDEX, "walk-c", "walk-d")
+
+
+def test_a_run_with_an_idempotency_key_keeps_its_time_in_redis_once_archived(
+        url: str, r: redis.Redis, tmp_path: Path) -> None:
+    """Its key returns the same run for as long as before: started again, it is the same
+    run, not a second one."""
+    p = client(url, str(tmp_path / "archive"), archived_retention_s=1)
+    first = p.start("credit_decision", GOOD, idempotency_key="archived-once")
+    assert first.wait(30).status is RunStatus.SUCCEEDED
+    assert archiver(p).run_once().runs == 1
+    assert r.hget(RunKeys(first.run_id).run, "archived")
+    assert r.ttl(RunKeys(first.run_id).run) > 3600
+    again = p.start("credit_decision", GOOD, idempotency_key="archived-once")
+    assert again.run_id == first.run_id and again.result().version == 5
+
+
+def test_a_run_whose_compensation_failed_waits_in_redis_for_a_person(
+        url: str, r: redis.Redis, tmp_path: Path) -> None:
+    """Not archived while it needs `pipeline compensate`, and kept meanwhile; archived once
+    it ended otherwise (its record is set here as a failed, then a re-driven, saga's)."""
+    p = client(url, str(tmp_path / "archive"), archived_retention_s=1)
+    run_id = finished(p)[0]
+    r.hset(RunKeys(run_id).run, "status", "compensation_failed")
+    for key in RunKeys(run_id).all():
+        if r.exists(key):
+            r.expire(key, 30)
+    report = archiver(p).run_once()
+    assert report.runs == 0 and r.ttl(RunKeys(run_id).run) > 3600  # kept: it waits
+    assert r.zscore(ARCHIVE.waiting, run_id) is not None
+    r.hset(RunKeys(run_id).run, "status", "compensated")
+    r.zadd(ARCHIVE.waiting, {run_id: 0}, xx=True)  # its next look, an hour on
+    assert archiver(p).run_once().runs == 1
+    assert [row["status"] for row in rows(p.settings.archive_uri, "runs", run_id)] \
+        == ["compensated"]
+
+
+def test_a_run_whose_rows_cannot_be_made_is_refused_alone(
+        url: str, r: redis.Redis, tmp_path: Path) -> None:
+    """A usage no 64-bit column holds: that run is left out (kept in Redis, said in its log),
+    the batch is written without it, and the archive goes on."""
+    root = str(tmp_path / "archive")
+    p = client(url, root, archived_retention_s=60)
+    bad, good = finished(p, 2)
+    r.xadd(RunKeys(bad).log, {"event": "step.sealed", "step": "0:credit_score", "at": "1",
+                              "version": "1", "prompt_tokens": "9" * 25})
+    report = archiver(p).run_once()
+    assert (report.runs, report.refused, report.error) == (1, [bad], "")
+    assert [row["run_id"] for row in rows(root, "runs")] == [good]
+    assert r.ttl(RunKeys(bad).run) > 3600 and not r.hget(RunKeys(bad).run, "archived")
+    refusal = [e for e in p.store.log(bad) if e["event"] == "archive.refused"]
+    assert refusal and "OverflowError" in refusal[0]["error"]
+    assert backlog(p.store)["refused"] == 1
+
+
+def test_an_object_store_out_of_reach_is_an_outage_not_a_crash(
+        url: str, r: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An S3 endpoint that does not answer: the pass reports it, counts it and keeps the
+    runs it would have archived, as for a local table out of reach."""
+    for name, value in {"AWS_ENDPOINT_URL": "http://127.0.0.1:1", "AWS_ALLOW_HTTP": "true",
+                        "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y",
+                        "AWS_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    p = client(url, "s3://nowhere/archive")
+    ids = finished(p, 2)
+    for run_id in ids:
+        for key in RunKeys(run_id).all():
+            if r.exists(key):
+                r.expire(key, 30)
+    report = archiver(p).run_once()
+    assert report.runs == 0 and "OSError" in report.error and report.held == 2
+    assert all(r.ttl(RunKeys(i).run) > 3600 for i in ids)
+    assert backlog(p.store)["failures"] == 1

@@ -25,7 +25,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
@@ -36,9 +36,9 @@ from ..lua import Batch, Script
 from ..settings import Settings
 from ..state import RunStatus, StateStore, translate_errors
 from .rows import TABLES, RunRows, run_rows
-from .table import write_batch, written_batch
+from .table import check_rows, write_batch, written_batch
 
-__all__ = ["ArchiveReport", "Archiver"]
+__all__ = ["ArchiveReport", "Archiver", "cursor_of"]
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +51,25 @@ LAG_S = 60.0
 """The cursor stays this far behind Redis's clock: a run's index score is its client's
 clock, and a run scored behind the cursor would never be walked."""
 WALK_PAGE = 1000
+ARCHIVABLE = frozenset(s.value for s in RunStatus if s.is_final) - {
+    RunStatus.COMPENSATION_FAILED.value}
+"""What a run must have ended as to be archived. A compensation that failed waits for a
+person (``pipeline compensate``): the run is kept in Redis meanwhile, and archived once it
+ends otherwise."""
+HOLD_AGAIN_MS = 3_600_000
+"""How often a run waiting for a person is given ``PIPELINE_RETENTION_S`` more in Redis."""
 LOOK_AGAIN_MS = 10_000
 """A run still live when looked at is looked at again this much later (so a run is
 archived at most this long after it ended and settled, the backlog allowing)."""
 LOCK_S = 60.0
 """The archive lock's life unless renewed (after the walk and after each batch): an archiver
 killed holding it keeps the others out this long at most."""
+
+
+def cursor_of(cursor: str) -> tuple[int, str]:
+    """The index score and the run id the walk stopped at (``0`` and ``''`` before any)."""
+    score, _, member = cursor.partition(" ")
+    return int(score or 0), member
 
 
 @dataclass
@@ -125,13 +138,20 @@ class Archiver:
             self._walk(report)
             while time.monotonic() < deadline:
                 renew()
-                claimed = self._claim(report)
-                if claimed is None:
-                    break
-                number, runs = claimed
-                if not self._write(number, runs, report):
-                    self._look(report, hold=True)
-                    break
+                try:
+                    claimed = self._claim(report)
+                    if claimed is None:
+                        break
+                    if self._write(*claimed, report):
+                        continue
+                except PipelineError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - the tables' store: kept, retried
+                    with translate_errors(self.store.url):
+                        pending = cast(str | None, self.store.redis.hget(ARCHIVE.batch, "runs"))
+                    self._failed(report, e, runs=json.loads(pending) if pending else [])
+                self._look(report, hold=True)
+                break
         return report
 
     # -- the backlog --------------------------------------------------------------------
@@ -142,26 +162,35 @@ class Archiver:
         return int(seconds) * 1000 + int(micros) // 1000
 
     def _walk(self, report: ArchiveReport) -> None:
-        """Move every run created more than ``lag_s`` ago past the cursor into the backlog."""
+        """Move every run created more than ``lag_s`` ago past the cursor into the backlog.
+
+        The cursor is ``<score> <member>``, the last run walked: runs of one score are in
+        the order of their ids, so the walk goes on right after it whatever left the index
+        meanwhile (``pipeline runs`` drops runs that expired)."""
         r = self.store.redis
         while True:
             now_ms = self._now_ms()
             with translate_errors(self.store.url):
                 cursor = cast(str | None, r.get(ARCHIVE.cursor)) or ""
-                score, _, offset = (cursor or "0 0").partition(" ")
-                page = cast(list[tuple[str, float]], r.zrangebyscore(
-                    RUNS_INDEX, int(score), now_ms - self.lag_ms, start=int(offset), num=WALK_PAGE,
-                    withscores=True))
+                score, last = cursor_of(cursor)
+                page: list[tuple[str, float]] = []
+                skip = 0
+                while True:  # past the runs of the cursor's score walked already
+                    read = cast(list[tuple[str, float]], r.zrangebyscore(
+                        RUNS_INDEX, score, now_ms - self.lag_ms, start=skip, num=WALK_PAGE,
+                        withscores=True))
+                    page = [(m, s) for m, s in read if int(s) > score or m > last]
+                    if page or len(read) < WALK_PAGE:
+                        break
+                    skip += WALK_PAGE
                 if not page:
                     return
-                last = int(page[-1][1])
-                at_last = sum(1 for _, s in page if int(s) == last)
-                moved = f"{last} {at_last + (int(offset) if last == int(score) else 0)}"
+                member, at = page[-1]
                 walked = WALK(r, [ARCHIVE.cursor, ARCHIVE.waiting],
-                              [cursor, moved, now_ms, *(run_id for run_id, _ in page)])
+                              [cursor, f"{int(at)} {member}", now_ms, *(m for m, _ in page)])
             if walked:
                 report.walked += len(page)
-            if len(page) < WALK_PAGE:
+            if len(read) < WALK_PAGE:
                 return
 
     def _look(self, report: ArchiveReport, *, hold: bool = False) -> list[str]:
@@ -184,12 +213,16 @@ class Archiver:
         later: dict[str, int] = {}
         gone: list[str] = []
         expired: list[str] = []
+        waits: list[str] = []  # for a person (a compensation that failed): kept meanwhile
         for run_id, (status, finished, updated, archived) in zip(ids, replies, strict=True):
             if status is None or archived:
                 gone.append(run_id)
                 if status is None:
                     expired.append(run_id)
-            elif not RunStatus(status).is_final:
+            elif status == RunStatus.COMPENSATION_FAILED:
+                waits.append(run_id)
+                later[run_id] = now_ms + HOLD_AGAIN_MS
+            elif status not in ARCHIVABLE:  # live (or a status newer than this archiver)
                 later[run_id] = now_ms + LOOK_AGAIN_MS
             elif (ended := int(finished or updated or 0)) > now_ms - self.settle_ms:
                 later[run_id] = ended + self.settle_ms
@@ -197,8 +230,8 @@ class Archiver:
                 ready.append(run_id)
         if hold:
             later.update({run_id: now_ms + LOOK_AGAIN_MS for run_id in ready})
-            self._keep(ready, 0, self.store.retention_s)
             report.held += len(ready)
+        self._keep([*waits, *ready] if hold else waits, 0, self.store.retention_s)
         with translate_errors(self.store.url):
             pipe = r.pipeline(transaction=False)
             if later:
@@ -239,43 +272,74 @@ class Archiver:
         """Write batch ``number`` to every table missing it, then mark its runs archived;
         False when the archive could not be written (the batch waits for the next pass)."""
         rows: list[RunRows] = []
+        back: list[str] = []  # no longer ended (a compensation re-driven): to the backlog
         for run_id in runs:
             try:
                 found = run_rows(self.store, run_id, number)
-            except IntegrityError as e:
-                report.refused.append(run_id)
-                log.error("archive: run %s is not archived: %s", run_id, e)
-                self.store.note_once(run_id, "archive.refused", error=str(e)[:2000],
-                                     reason="a sealed version no longer matches its digest")
+                if found is not None and found.status in ARCHIVABLE:
+                    check_rows(found)
+            except Exception as e:  # noqa: BLE001 - this run alone, never the batch
+                if isinstance(e, PipelineError) and not isinstance(e, IntegrityError):
+                    raise  # Redis out of reach: the pass stops, the batch waits
+                self._refuse(run_id, e, report)
                 continue
             if found is None:
                 report.expired.append(run_id)
-                continue
-            rows.append(found)
+            elif found.status not in ARCHIVABLE:
+                back.append(run_id)
+            else:
+                rows.append(found)
         try:
             write_batch(self.root, number, rows)
         except PipelineError:
             raise
         except Exception as e:  # noqa: BLE001 - whatever the table's store says: kept, retried
-            report.error = f"{type(e).__name__}: {e}"[:2000]
-            log.warning("archive: batch %d could not be written to %s, kept for the next pass: "
-                        "%s", number, self.root, report.error)
-            self._keep(runs, 0, self.store.retention_s)
-            report.held += len(runs)
-            with translate_errors(self.store.url):
-                pipe = self.store.redis.pipeline(transaction=False)
-                pipe.hincrby(ARCHIVE.stats, "failures", 1)
-                pipe.hset(ARCHIVE.stats, mapping={"last_error": report.error,
-                                                  "last_error_at": self._now_ms()})
-                pipe.execute()
+            self._failed(report, e, number=number, runs=runs)
             return False
         self._keep([row.run_id for row in rows], number, self.archived_retention_s)
+        now_ms = self._now_ms()
         with translate_errors(self.store.url):
-            DONE(self.store.redis, [ARCHIVE.batch, ARCHIVE.stats],
-                 [number, len(rows), self._now_ms()])
-        report.runs += len(rows)
-        report.batches.append(number)
+            pipe = self.store.redis.pipeline(transaction=False)
+            if back:
+                pipe.zadd(ARCHIVE.waiting, dict.fromkeys(back, now_ms), nx=True)
+            if expired := [r for r in runs if r in report.expired]:
+                pipe.hincrby(ARCHIVE.stats, "expired", len(expired))
+            pipe.execute()
+            finished = DONE(self.store.redis, [ARCHIVE.batch, ARCHIVE.stats],
+                            [number, len(rows), now_ms])
+        if finished:  # else another archiver finished it, and counted it
+            report.runs += len(rows)
+            report.batches.append(number)
         return True
+
+    def _refuse(self, run_id: str, error: Exception, report: ArchiveReport) -> None:
+        """A run whose rows cannot be made (a version that no longer matches its digest, a
+        value no column holds): left out of its batch, kept in Redis, said in its log."""
+        report.refused.append(run_id)
+        text = f"{type(error).__name__}: {error}"[:2000]
+        log.error("archive: run %s is not archived: %s", run_id, text)
+        self._keep([run_id], 0, self.store.retention_s)
+        with translate_errors(self.store.url):
+            self.store.redis.hincrby(ARCHIVE.stats, "refused", 1)
+        self.store.note_once(run_id, "archive.refused", error=text,
+                             reason="the archiver cannot make its rows; it stays in Redis for "
+                                    "PIPELINE_RETENTION_S more")
+
+    def _failed(self, report: ArchiveReport, error: Exception, *, number: int = 0,
+                runs: Sequence[str] = ()) -> None:
+        """The tables could not be read or written: what was being written is kept in Redis
+        for ``PIPELINE_RETENTION_S`` more, and the failure counted."""
+        report.error = f"{type(error).__name__}: {error}"[:2000]
+        log.warning("archive: %s could not be written to %s, kept for the next pass: %s",
+                    f"batch {number}" if number else "the archive", self.root, report.error)
+        self._keep(list(runs), 0, self.store.retention_s)
+        report.held += len(runs)
+        with translate_errors(self.store.url):
+            pipe = self.store.redis.pipeline(transaction=False)
+            pipe.hincrby(ARCHIVE.stats, "failures", 1)
+            pipe.hset(ARCHIVE.stats, mapping={"last_error": report.error,
+                                              "last_error_at": self._now_ms()})
+            pipe.execute()
 
     def _keep(self, runs: list[str], number: int, seconds: int) -> None:
         if not runs:

@@ -19,17 +19,17 @@ def backlog(store: StateStore) -> dict[str, int | str]:
     ``last_ok_at``, ``last_error``...)."""
     r = store.redis
     with translate_errors(store.url):
-        cursor = cast(str | None, r.get(ARCHIVE.cursor)) or "0 0"
-        score, _, offset = cursor.partition(" ")
+        cursor = cast(str | None, r.get(ARCHIVE.cursor)) or ""
+        score = cursor.partition(" ")[0] or "0"
         pipe = r.pipeline(transaction=False)
         pipe.zcard(ARCHIVE.waiting)
-        pipe.zcount(RUNS_INDEX, int(score), "+inf")
+        pipe.zcount(RUNS_INDEX, f"({score}", "+inf")  # (less a run of the cursor's ms)
         pipe.hgetall(ARCHIVE.stats)
         pipe.hget(ARCHIVE.batch, "runs")
         waiting, ahead, stats, pending = pipe.execute()
     in_batch = len(json.loads(pending)) if pending else 0
     out: dict[str, int | str] = {
-        "backlog": in_batch + int(waiting) + max(0, int(ahead) - int(offset))}
+        "backlog": in_batch + int(waiting) + int(ahead)}
     for name, value in cast(dict[str, str], stats).items():
         out[name] = value if name == "last_error" else int(value)
     return out

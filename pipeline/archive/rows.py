@@ -86,6 +86,10 @@ class RunRows:
     workflow: str
     tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
+    @property
+    def status(self) -> str:
+        return str(self.tables["runs"][0]["status"])
+
 
 def key_names(run_id: str) -> dict[str, str]:
     """Every key of the run by its name: ``states`` -> ``pipeline:{<run>}:states``..."""

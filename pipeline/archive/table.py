@@ -35,8 +35,8 @@ except ImportError as e:
         f"the archive needs deltalake and pyarrow, which are not installed ({e}); "
         "pip install celery-agent-pipeline[archive], or unset PIPELINE_ARCHIVE_URI") from e
 
-__all__ = ["APP_ID", "ArchivedRun", "archived_runs", "compact", "read_run", "table_uri",
-           "vacuum", "write_batch", "written_batch"]
+__all__ = ["APP_ID", "ArchivedRun", "archived_runs", "check_rows", "compact", "read_run",
+           "table_uri", "vacuum", "write_batch", "written_batch"]
 
 APP_ID = "pipeline.archive.{table}"
 """The application id of each table's batches in its Delta log."""
@@ -81,6 +81,13 @@ def write_batch(root: str, number: int, runs: Sequence[RunRows]) -> list[str]:
             raise
         written.append(table)
     return written
+
+
+def check_rows(run: RunRows) -> None:
+    """Raise when a row of ``run`` does not fit its table (a number past 64 bits, say): one
+    run's rows are checked alone, so that they never fail a whole batch."""
+    for table in TABLES:
+        pa.Table.from_pylist(run.tables.get(table, []), schema=SCHEMAS[table])
 
 
 def _open(root: str, table: str) -> DeltaTable:

@@ -15,12 +15,18 @@ import click
 from ..archive.backlog import backlog
 from ..client import Pipeline, Run
 from ..errors import ConfigurationError, InputError
+from ..keys import ARCHIVE
 from ..settings import Settings
 from . import group
 from .group import EXIT_USAGE, json_option, main
 from .output import echo_json, table, timestamp
 
 __all__ = ["archive", "echo_archived", "show_archive"]
+
+UPKEEP_S = 3600.0
+"""The longest an optimize or a vacuum holds the archivers' lock."""
+LOCK_WAIT_S = 120.0
+"""How long it waits for an archiver's pass to end."""
 
 
 def archive_root(settings: Settings) -> str:
@@ -40,7 +46,8 @@ def archive_root(settings: Settings) -> str:
 @click.option("--optimize", is_flag=True, help="Compact the tables' small files, and exit.")
 @click.option("--vacuum", "vacuum_hours", type=click.IntRange(min=0), default=None,
               help="Delete files no table version of the last HOURS reads (Delta's vacuum; "
-                   "168 is Delta's default), and exit.")
+                   "168 is Delta's default; a reader of an older version then fails), and "
+                   "exit.")
 @json_option
 def archive(once: bool, settle_s: float, show_status: bool, optimize: bool,
             vacuum_hours: int | None, as_json: bool) -> None:
@@ -71,10 +78,13 @@ def archive(once: bool, settle_s: float, show_status: bool, optimize: bool,
 
     if optimize or vacuum_hours is not None:
         done: dict[str, Any] = {}
-        if optimize:
-            done["optimize"] = tables.compact(root)
-        if vacuum_hours is not None:
-            done["vacuum"] = tables.vacuum(root, vacuum_hours)
+        # the archivers' lock, held throughout: no batch is being written meanwhile (a
+        # vacuum would delete the files of a commit not made yet)
+        with p.store.redis.lock(ARCHIVE.lock, timeout=UPKEEP_S, blocking_timeout=LOCK_WAIT_S):
+            if optimize:
+                done["optimize"] = tables.compact(root)
+            if vacuum_hours is not None:
+                done["vacuum"] = tables.vacuum(root, vacuum_hours)
         if as_json:
             echo_json(done)
         else:

@@ -277,7 +277,10 @@ def _archive_families(archive: dict[str, int | str]) -> Iterator[Metric]:
             ("pipeline_archive_failures", "failures",
              "Batches the archiver could not write (each kept for the next pass)"),
             ("pipeline_archive_expired", "expired",
-             "Runs that expired from Redis before the archiver reached them")):
+             "Runs that expired from Redis before the archiver reached them"),
+            ("pipeline_archive_refused", "refused",
+             "Runs the archiver left out: their rows could not be made (archive.refused in "
+             "their log)")):
         counter = CounterMetricFamily(name, text)
         counter.add_metric([], int(archive.get(key, 0)))
         yield counter
