@@ -9,15 +9,17 @@ in Redis once archived, and what archiving costs the pipeline while it runs.
   entry, the archiver's bookkeeping, Celery's result keys), against bare Celery's result
   keys for the same canvas;
 - overhead: the pipeline's throughput with an archiver running beside it (a process of its
-  own, a pass every half second, the cursor on the clock) against without, in alternating
-  rounds on the same pool.
+  own, a pass every 2 s, the cursor on the clock, the runs of the round before
+  archived first) against without (the archiver stopped: SIGSTOP), in alternating rounds
+  on the same pool.
 
-Usage: python -m bench.archive [--runs 500] [--in-flight 50] [--rounds 6] [--quick]
+Usage: python -m bench.archive [--runs 500] [--in-flight 200] [--rounds 6] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import subprocess
 import sys
 import tempfile
@@ -47,31 +49,46 @@ from bench.common import (
 )
 from bench.noop_agents import CREDIT_QUEUES, bare_credit, noop_credit
 from pipeline.archive.archiver import Archiver
+from pipeline.archive.backlog import backlog
 from pipeline.keys import ARCHIVE, RUNS_INDEX, RunKeys
 
 PAYLOAD = {"n": 0}
 BESIDE = "pipeline, archiver beside"
+EVERY_S = 2.0
+"""The archiver beside makes a pass this often (beat's sweep, which archives in a fleet,
+runs every PIPELINE_SWEEP_INTERVAL_S, 15 s by default)."""
 
 ARCHIVER = """
 import sys, time
 from pipeline.archive.archiver import Archiver
+from pipeline.archive.backlog import backlog
 from pipeline.state import StateStore, connect
 archiver = Archiver(StateStore(connect(sys.argv[1])), sys.argv[2], settle_s=0, lag_s=0)
 while True:
     archiver.run_once()
-    time.sleep(0.5)
+    time.sleep(float(sys.argv[3]))
 """
 
 
 @contextmanager
-def archiver_beside(url: str, root: str) -> Iterator[None]:
-    """An archiver in a process of its own, a pass every half second, until the block ends."""
-    proc = subprocess.Popen([sys.executable, "-c", ARCHIVER, url, root], cwd=ROOT)
+def archiver_beside(url: str, root: str) -> Iterator[subprocess.Popen[bytes]]:
+    """An archiver in a process of its own, a pass every ``EVERY_S``, until the block ends
+    (stopped with SIGSTOP between the rounds it is not measured in)."""
+    proc = subprocess.Popen([sys.executable, "-c", ARCHIVER, url, root, str(EVERY_S)],
+                            cwd=ROOT)
     try:
-        yield
+        yield proc
     finally:
+        proc.send_signal(signal.SIGCONT)
         proc.terminate()
         proc.wait(30)
+
+
+def caught_up(p: Any, timeout_s: float = 30.0) -> None:
+    """Wait until the archiver beside has archived every run that ended."""
+    deadline = time.monotonic() + timeout_s
+    while backlog(p.store)["backlog"] and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def footprint(r: redis.Redis) -> int:
@@ -117,14 +134,17 @@ def measure(url: str, *, runs: int, in_flight: int, rounds: int, concurrency: in
         release_results(p.app)
 
         rates: dict[str, list[float]] = {"pipeline": [], BESIDE: []}
-        for n in range(rounds):
-            for beside in ([False, True] if n % 2 == 0 else [True, False]):
-                if beside:
-                    with archiver_beside(url, f"{tmp}/beside"):
-                        time.sleep(1.0)  # its first pass walks what came before
+        with archiver_beside(url, f"{tmp}/beside") as beside_proc:
+            caught_up(p)  # started, imported, and every run before archived
+            for n in range(rounds):
+                for beside in ([False, True] if n % 2 == 0 else [True, False]):
+                    if beside:  # it archives the runs of the round as they end
+                        beside_proc.send_signal(signal.SIGCONT)
+                        caught_up(p)  # and what the round without it left
                         rates[BESIDE].append(throughput(pipeline, in_flight))
-                else:
-                    rates["pipeline"].append(throughput(pipeline, in_flight))
+                    else:
+                        beside_proc.send_signal(signal.SIGSTOP)
+                        rates["pipeline"].append(throughput(pipeline, in_flight))
     r.close()
     out["throughput_wf_per_s"] = {k: median(v) for k, v in rates.items()}
     out["ratio_throughput_rounds"] = [a / b for a, b in zip(rates[BESIDE], rates["pipeline"],
@@ -149,7 +169,8 @@ def _expired(r: redis.Redis, run_ids: Sequence[str], timeout_s: float = 30.0) ->
 def report(a: dict[str, Any]) -> str:
     tp = a["throughput_wf_per_s"]
     return table(["figure", "ours", "baseline", "ratio"], [
-        [f"archive throughput, one archiver ({a['runs']} runs, {a['batches']} batches)",
+        [f"archive throughput, one archiver ({a['runs']} runs, {a['batches']} "
+         f"batch{'es' * (a['batches'] != 1)})",
          f"{a['archive_runs_per_s']:,.0f} runs/s", "", ""],
         ["Redis bytes per finished run, archived and expired", f"{a['bytes_per_run']:,.0f}",
          f"{a['bare_bytes_per_run']:,.0f} (bare Celery's results)", f"{a['bytes_ratio']:.2f}x"],
@@ -162,7 +183,7 @@ def report(a: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=500)
-    parser.add_argument("--in-flight", type=int, default=50)
+    parser.add_argument("--in-flight", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--quick", action="store_true", help="a tiny size, for the tests")
     args = parser.parse_args(argv)

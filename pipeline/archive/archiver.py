@@ -35,8 +35,8 @@ from ..keys import ARCHIVE, RUNS_INDEX, RunKeys
 from ..lua import Batch, Script
 from ..settings import Settings
 from ..state import RunStatus, StateStore, translate_errors
-from .rows import TABLES, RunRows, run_rows
-from .table import check_rows, write_batch, written_batch
+from .rows import TABLES, RunRows, run_rows, snapshots
+from .table import as_arrow, write_tables, written_batch
 
 __all__ = ["ArchiveReport", "Archiver", "cursor_of"]
 
@@ -61,6 +61,11 @@ HOLD_AGAIN_MS = 3_600_000
 LOOK_AGAIN_MS = 10_000
 """A run still live when looked at is looked at again this much later (so a run is
 archived at most this long after it ended and settled, the backlog allowing)."""
+_NEWEST: dict[str, int] = {}
+"""The newest batch number this process found in each archive's tables (read when Redis's
+counter is missing or behind it): a floor for the counter, kept while the process lives."""
+READ_RUNS = 100
+"""Runs whose keys are read in one pipeline (two round trips for them all)."""
 LOCK_S = 60.0
 """The archive lock's life unless renewed (after the walk and after each batch): an archiver
 killed holding it keeps the others out this long at most."""
@@ -118,7 +123,6 @@ class Archiver:
         self.settle_ms = int(settle_s * 1000)
         self.max_s = max_s
         self.lag_ms = int(lag_s * 1000)
-        self._newest: int | None = None
 
     @classmethod
     def from_settings(cls, store: StateStore, settings: Settings, **kwargs: Any) -> Archiver:
@@ -129,7 +133,6 @@ class Archiver:
         """Walk the index, then write batches until the backlog has no finished run left
         (or ``max_s`` passed); one archiver at a time unless ``lock`` is False."""
         report = ArchiveReport()
-        self._newest = None
         with self._locked(lock) as renew:
             if renew is None:
                 report.busy = True
@@ -253,31 +256,30 @@ class Archiver:
         ready = [] if pending[0] else self._look(report)
         if not pending[0] and not ready:
             return None
+        keys = [ARCHIVE.batch, ARCHIVE.seq, ARCHIVE.waiting]
         with translate_errors(self.store.url):
-            claimed = CLAIM(r, [ARCHIVE.batch, ARCHIVE.seq, ARCHIVE.waiting],
-                            [self._now_ms(), self._written(), *ready])
-        if not claimed or claimed[0] is None:
+            claimed = CLAIM(r, keys, [self._now_ms(), _NEWEST.get(self.root, 0), 0, *ready])
+        if claimed == ["stale"]:  # a counter to set from the tables (the first batch, or a
+            newest = max(written_batch(self.root, table) for table in TABLES)  # lost Redis)
+            _NEWEST[self.root] = newest
+            with translate_errors(self.store.url):
+                claimed = CLAIM(r, keys, [self._now_ms(), newest, 1, *ready])
+        if not claimed:
             return None
         return int(claimed[0]), list(json.loads(claimed[1]))
 
     # -- a batch ------------------------------------------------------------------------
-
-    def _written(self) -> int:
-        """The newest batch number any table holds (read once a pass)."""
-        if self._newest is None:
-            self._newest = max(written_batch(self.root, table) for table in TABLES)
-        return self._newest
 
     def _write(self, number: int, runs: list[str], report: ArchiveReport) -> bool:
         """Write batch ``number`` to every table missing it, then mark its runs archived;
         False when the archive could not be written (the batch waits for the next pass)."""
         rows: list[RunRows] = []
         back: list[str] = []  # no longer ended (a compensation re-driven): to the backlog
+        read = {run_id: snap for i in range(0, len(runs), READ_RUNS)
+                for run_id, snap in snapshots(self.store, runs[i:i + READ_RUNS]).items()}
         for run_id in runs:
             try:
-                found = run_rows(self.store, run_id, number)
-                if found is not None and found.status in ARCHIVABLE:
-                    check_rows(found)
+                found = run_rows(self.store, run_id, number, read[run_id])
             except Exception as e:  # noqa: BLE001 - this run alone, never the batch
                 if isinstance(e, PipelineError) and not isinstance(e, IntegrityError):
                     raise  # Redis out of reach: the pass stops, the batch waits
@@ -289,8 +291,12 @@ class Archiver:
                 back.append(run_id)
             else:
                 rows.append(found)
+        tables, unfit = as_arrow(rows)
+        for run, error in unfit:
+            self._refuse(run.run_id, error, report)
+            rows.remove(run)
         try:
-            write_batch(self.root, number, rows)
+            write_tables(self.root, number, tables, len(rows))
         except PipelineError:
             raise
         except Exception as e:  # noqa: BLE001 - whatever the table's store says: kept, retried

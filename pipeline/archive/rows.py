@@ -1,6 +1,6 @@
 """A finished run as the archive's rows: its versions, its calls, its events (a
-choreography's) and the run itself, read from Redis in two round trips and shaped for four
-Delta tables.
+choreography's) and the run itself, read from Redis (two round trips for a batch of runs)
+and shaped for four Delta tables.
 
 Every table is partitioned by workflow and day (the day the run was created, UTC), so a
 query of one workflow over a week reads a week's files. A version keeps its payload as the
@@ -13,6 +13,7 @@ back is restored to Redis exactly and every command explains it as before.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -30,7 +31,7 @@ except ImportError as e:
         f"the archive needs pyarrow and deltalake, which are not installed ({e}); "
         "pip install celery-agent-pipeline[archive], or unset PIPELINE_ARCHIVE_URI") from e
 
-__all__ = ["SCHEMAS", "TABLES", "RunRows", "day_of", "key_names", "run_rows"]
+__all__ = ["SCHEMAS", "TABLES", "RunRows", "day_of", "key_names", "run_rows", "snapshots"]
 
 _PARTITION = [pa.field("workflow", pa.string()), pa.field("day", pa.string())]
 
@@ -96,11 +97,12 @@ def key_names(run_id: str) -> dict[str, str]:
     return {key.rsplit(":", 1)[1]: key for key in RunKeys(run_id).all()}
 
 
-def run_rows(store: StateStore, run_id: str, batch: int) -> RunRows | None:
+def run_rows(store: StateStore, run_id: str, batch: int,
+             snap: Snapshot | None = None) -> RunRows | None:
     """The rows of finished run ``run_id`` as batch ``batch`` archives it, read from Redis
-    (every digest checked: a version changed in Redis is never archived); None when Redis
-    no longer has it."""
-    snap = snapshot(store, run_id)
+    (or from ``snap``, its keys read already), every digest checked: a version changed in
+    Redis is never archived; None when Redis no longer has it."""
+    snap = dict(snapshots(store, [run_id])[run_id] if snap is None else snap)
     if "run" not in snap:
         return None
     record = _pairs(snap.pop("run")[1])
@@ -148,43 +150,37 @@ def run_rows(store: StateStore, run_id: str, batch: int) -> RunRows | None:
                                            "events": event_rows, "runs": [run]})
 
 
-def snapshot(store: StateStore, run_id: str) -> Snapshot:
-    """Every key the run has in Redis, read whole: its type, then its content."""
-    names = key_names(run_id)
+STREAMS = frozenset({"states", "log"})
+"""The run's keys that are streams; every other key of a run is a hash."""
+
+
+def snapshots(store: StateStore, run_ids: Sequence[str]) -> dict[str, Snapshot]:
+    """Every key each run has in Redis, read whole, in one round trip for them all (a key
+    Redis does not have reads empty, and is left out)."""
+    names = {run_id: key_names(run_id) for run_id in run_ids}
     with translate_errors(store.url):
         pipe = store.redis.pipeline(transaction=False)
-        for key in names.values():
-            pipe.type(key)
-        kinds = dict(zip(names, pipe.execute(), strict=True))
-        present = [name for name, kind in kinds.items() if kind in _READ]
-        pipe = store.redis.pipeline(transaction=False)
-        for name in present:
-            _READ[kinds[name]](pipe, names[name])
-        replies = pipe.execute()
-    out: Snapshot = {}
-    for name, reply in zip(present, replies, strict=True):
-        kind = kinds[name]
-        if kind == "hash":
-            data: Any = [x for pair in cast(dict[str, str], reply).items() for x in pair]
-        elif kind == "stream":
-            data = [[sid, [x for pair in fields.items() for x in pair]] for sid, fields in reply]
-        elif kind == "set":
-            data = sorted(reply)
-        else:
-            data = reply
-        out[name] = [kind, data]
+        for keys in names.values():
+            for name, key in keys.items():
+                if name in STREAMS:
+                    pipe.xrange(key)
+                else:
+                    pipe.hgetall(key)
+        replies = iter(pipe.execute())
+    out: dict[str, Snapshot] = {}
+    for run_id, keys in names.items():
+        snap: Snapshot = out.setdefault(run_id, {})
+        for name in keys:
+            reply = next(replies)
+            if not reply:
+                continue
+            if name in STREAMS:
+                snap[name] = ["stream", [[sid, [x for pair in fields.items() for x in pair]]
+                                         for sid, fields in reply]]
+            else:
+                snap[name] = ["hash", [x for pair in cast(dict[str, str], reply).items()
+                                       for x in pair]]
     return out
-
-
-_READ: dict[str, Any] = {
-    "hash": lambda pipe, key: pipe.hgetall(key),
-    "stream": lambda pipe, key: pipe.xrange(key),
-    "string": lambda pipe, key: pipe.get(key),
-    "list": lambda pipe, key: pipe.lrange(key, 0, -1),
-    "set": lambda pipe, key: pipe.smembers(key),
-    "zset": lambda pipe, key: pipe.zrange(key, 0, -1, withscores=True),
-}
-"""How each kind of key is read whole."""
 
 
 def _pairs(flat: list[str]) -> dict[str, str]:

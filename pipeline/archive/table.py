@@ -35,8 +35,8 @@ except ImportError as e:
         f"the archive needs deltalake and pyarrow, which are not installed ({e}); "
         "pip install celery-agent-pipeline[archive], or unset PIPELINE_ARCHIVE_URI") from e
 
-__all__ = ["APP_ID", "ArchivedRun", "archived_runs", "check_rows", "compact", "read_run",
-           "table_uri", "vacuum", "write_batch", "written_batch"]
+__all__ = ["APP_ID", "ArchivedRun", "archived_runs", "as_arrow", "compact", "read_run",
+           "table_uri", "vacuum", "write_batch", "write_tables", "written_batch"]
 
 APP_ID = "pipeline.archive.{table}"
 """The application id of each table's batches in its Delta log."""
@@ -49,31 +49,34 @@ def table_uri(root: str, table: str) -> str:
 
 def written_batch(root: str, table: str) -> int:
     """The newest batch number ``table`` committed (0 before any)."""
-    try:
-        dt = DeltaTable(table_uri(root, table))
-    except TableNotFoundError:
-        return 0
-    return int(dt.transaction_version(APP_ID.format(table=table)) or 0)
+    dt = _loaded(table_uri(root, table))
+    return 0 if dt is None else int(dt.transaction_version(APP_ID.format(table=table)) or 0)
 
 
 def write_batch(root: str, number: int, runs: Sequence[RunRows]) -> list[str]:
     """Append the rows of ``runs`` as batch ``number`` to every table that has not committed
     it yet; the tables written. Each table's rows and its batch number go in one commit."""
+    tables, unfit = as_arrow(runs)
+    if unfit:
+        raise unfit[0][1]
+    return write_tables(root, number, tables, len(runs))
+
+
+def write_tables(root: str, number: int, tables: dict[str, pa.Table], runs: int) -> list[str]:
+    """``write_batch`` for rows made into Arrow already (``as_arrow``)."""
     written = []
     for table in TABLES:
         dt = _open(root, table)
         if int(dt.transaction_version(APP_ID.format(table=table)) or 0) >= number:
             continue  # committed before: by an archiver that died after, or by another
-        rows = [row for run in runs for row in run.tables.get(table, [])]
-        data = pa.Table.from_pylist(rows, schema=SCHEMAS[table])
         try:
             # On the snapshot just checked: a commit of this batch by another writer since
             # then is a conflict Delta refuses (checked again below), never a second copy.
             write_deltalake(
-                dt, data, mode="append", partition_by=["workflow", "day"],
+                dt, tables[table], mode="append", partition_by=["workflow", "day"],
                 commit_properties=CommitProperties(
                     app_transactions=[Transaction(APP_ID.format(table=table), number)],
-                    custom_metadata={"runs": str(len(runs))}),
+                    custom_metadata={"runs": str(runs)}),
             )
         except (CommitFailedError, DeltaError):
             if written_batch(root, table) >= number:
@@ -83,11 +86,45 @@ def write_batch(root: str, number: int, runs: Sequence[RunRows]) -> list[str]:
     return written
 
 
-def check_rows(run: RunRows) -> None:
-    """Raise when a row of ``run`` does not fit its table (a number past 64 bits, say): one
-    run's rows are checked alone, so that they never fail a whole batch."""
-    for table in TABLES:
-        pa.Table.from_pylist(run.tables.get(table, []), schema=SCHEMAS[table])
+def as_arrow(runs: Sequence[RunRows]
+             ) -> tuple[dict[str, pa.Table], list[tuple[RunRows, Exception]]]:
+    """The rows of ``runs`` as one Arrow table each, and the runs a row of which does not
+    fit its table (a number past 64 bits, say) with why, left out: made at once, and run by
+    run only when that fails, so that one run's rows never fail a whole batch."""
+    try:
+        return _arrow(runs), []
+    except Exception:  # noqa: BLE001 - found below, run by run
+        pass
+    unfit = []
+    for run in runs:
+        try:
+            _arrow([run])
+        except Exception as e:  # noqa: BLE001 - whatever Arrow refuses: this run's
+            unfit.append((run, e))
+    return _arrow([run for run in runs if all(run is not u for u, _ in unfit)]), unfit
+
+
+def _arrow(runs: Sequence[RunRows]) -> dict[str, pa.Table]:
+    return {table: pa.Table.from_pylist([row for run in runs for row in run.tables[table]],
+                                        schema=SCHEMAS[table]) for table in TABLES}
+
+
+_OPEN: dict[str, DeltaTable] = {}
+"""The tables this process opened, by URI: brought up to date by reading only the commits
+since (a few ms), not the whole log again (a table's load costs several times that)."""
+
+
+def _loaded(uri: str) -> DeltaTable | None:
+    """The table at ``uri`` as of its newest commit; None when there is none."""
+    dt = _OPEN.get(uri)
+    if dt is not None:
+        dt.update_incremental()
+        return dt
+    try:
+        dt = _OPEN[uri] = DeltaTable(uri)
+    except TableNotFoundError:
+        return None
+    return dt
 
 
 def _open(root: str, table: str) -> DeltaTable:
@@ -95,13 +132,12 @@ def _open(root: str, table: str) -> DeltaTable:
     Delta checks two creating commits for conflicts less than two appends, and both
     writers' rows could land (seen with delta-rs 1.6)."""
     uri = table_uri(root, table)
-    try:
-        return DeltaTable(uri)
-    except TableNotFoundError:
-        pass
+    dt = _loaded(uri)
+    if dt is not None:
+        return dt
     with contextlib.suppress(CommitFailedError):  # another writer created it first
         DeltaTable.create(uri, SCHEMAS[table], mode="ignore", partition_by=["workflow", "day"])
-    return DeltaTable(uri)
+    return _loaded(uri) or DeltaTable(uri)
 
 
 @dataclass
