@@ -152,6 +152,12 @@ def test_runs_archived_then_expired_read_back_as_they_read_from_redis(
         assert reader.run(run_id).result() == results[run_id]  # the API reads through too
         assert [v.to_dict() for v in reader.run(run_id).history()] \
             == json.loads(before[run_id]["history"])
+    r.delete(*RunKeys(credit).all())  # gone again: a replay forks it from the archive
+    replayed = cli(url, root, "replay", credit, "--from-version", "1", "--wait", "--json")
+    assert replayed.exit_code == 0, replayed.output
+    fork = json.loads(replayed.output)
+    assert (fork["status"], fork["output"]) == ("succeeded", results[credit].output)
+    assert reader.run(fork["run_id"]).info().replay_of == f"{credit}@1"
     listed = json.loads(cli(url, root, "runs", "--archived", "--json").output)
     assert {(row["run_id"], row["status"], row["batch"]) for row in listed} \
         == {(credit, "succeeded", number), (stopped.run_id, "compensated", number)}
