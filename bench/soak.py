@@ -41,14 +41,12 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from deltalake import DeltaTable
-
 from bench.common import FINAL_STATUSES, ROOT, bench_redis, run_statuses
 from pipeline import Pipeline, Settings
 from pipeline.app import create_app
 from pipeline.archive.archiver import Archiver
 from pipeline.archive.backlog import backlog
-from pipeline.archive.table import table_uri
+from pipeline.archive.table import query
 from pipeline.invariants import verify
 from pipeline.keys import RunKeys
 from pipeline.local import BeatProcess, WorkerProcess
@@ -185,10 +183,9 @@ def check_archive(p: Pipeline, root: str, run_ids: Sequence[str]) -> dict[str, A
     reader = Pipeline(settings=replace(p.settings, archive_uri=root, archived_retention_s=600),
                       app=p.app)
     recalled = sum(reader.recall(run_id) for run_id in run_ids)
-    runs = Counter(DeltaTable(table_uri(root, "runs")).to_pyarrow_table(
-        columns=["run_id"]).column("run_id").to_pylist())
-    versions = Counter(DeltaTable(table_uri(root, "versions")).to_pyarrow_table(
-        columns=["run_id"]).column("run_id").to_pylist())
+    runs, versions = (Counter(found.column("run_id").to_pylist() if found is not None else [])
+                      for found in (query(root, f"SELECT run_id FROM {table}", table)
+                                    for table in ("runs", "versions")))
     heads = dict(zip(run_ids, [int(h or -1) for h in run_heads(p, run_ids)], strict=True))
     return {"archived": sum(1 for r in run_ids if runs[r] == 1),
             "recalled": recalled,

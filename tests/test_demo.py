@@ -159,11 +159,12 @@ def _can_isolate_network() -> bool:
 
 
 @pytest.mark.skipif(not _can_isolate_network(), reason="needs `unshare -n` (a network namespace)")
-def test_demo_starts_an_embedded_redis_when_nothing_answers() -> None:
+def test_demo_starts_an_embedded_redis_when_nothing_answers(tmp_path: Path) -> None:
     """As on a fresh machine: in a network namespace of its own nothing listens
     on 127.0.0.1:6379, so the demo starts the embedded server and cleans up."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("PIPELINE_", "CELERY_"))}
+    env["PIPELINE_DATA_DIR"] = str(tmp_path)  # its archive: not the user's
     done = subprocess.run(
         ["unshare", "-n", "sh", "-c",
          f"ip link set lo up && exec {sys.executable} -m pipeline.cli demo"],
@@ -175,7 +176,7 @@ def test_demo_starts_an_embedded_redis_when_nothing_answers() -> None:
 
 
 def test_demo_with_flower_prints_its_url_and_credentials_and_flower_requires_them(
-    cluster: Cluster,
+    cluster: Cluster, tmp_path: Path,
 ) -> None:
     proc = subprocess.Popen(
         # Ctrl-C reaches it even where SIGINT is ignored (tests run as a shell's background
@@ -185,7 +186,7 @@ def test_demo_with_flower_prints_its_url_and_credentials_and_flower_requires_the
          "from pipeline.cli import main; "
          "main(['demo', '--flower', '--hold', '60'], prog_name='pipeline')"],
         cwd=ROOT, env={**os.environ, "PIPELINE_CHAOS": "", "PIPELINE_REDIS_URL": cluster.url,
-                       "FLOWER_BASIC_AUTH": ""},
+                       "FLOWER_BASIC_AUTH": "", "PIPELINE_DATA_DIR": str(tmp_path)},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:

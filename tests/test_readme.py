@@ -70,6 +70,7 @@ ARCHIVED = {"the-archive"}
 CHECKS["the-archive"] = (
     "assert decided[('low', 'approved')] == 1, decided\n"
     "assert {row['agent'] for row in p95.to_pylist()} >= {'credit_score', 'final_approval'}\n"
+    "assert all(row['p95'] > 0 for row in p95.to_pylist())\n"
 )
 STARTS_A_RUN = re.compile(r"\.(start|wait)\(")
 """A block that starts or waits for a run needs the session's workers."""

@@ -61,9 +61,6 @@ HOLD_AGAIN_MS = 3_600_000
 LOOK_AGAIN_MS = 10_000
 """A run still live when looked at is looked at again this much later (so a run is
 archived at most this long after it ended and settled, the backlog allowing)."""
-_NEWEST: dict[str, int] = {}
-"""The newest batch number this process found in each archive's tables (read when Redis's
-counter is missing or behind it): a floor for the counter, kept while the process lives."""
 READ_RUNS = 100
 """Runs whose keys are read in one pipeline (two round trips for them all)."""
 LOCK_S = 60.0
@@ -256,14 +253,10 @@ class Archiver:
         ready = [] if pending[0] else self._look(report)
         if not pending[0] and not ready:
             return None
-        keys = [ARCHIVE.batch, ARCHIVE.seq, ARCHIVE.waiting]
+        newest = 0 if pending[0] else max(written_batch(self.root, t) for t in TABLES)
         with translate_errors(self.store.url):
-            claimed = CLAIM(r, keys, [self._now_ms(), _NEWEST.get(self.root, 0), 0, *ready])
-        if claimed == ["stale"]:  # a counter to set from the tables (the first batch, or a
-            newest = max(written_batch(self.root, table) for table in TABLES)  # lost Redis)
-            _NEWEST[self.root] = newest
-            with translate_errors(self.store.url):
-                claimed = CLAIM(r, keys, [self._now_ms(), newest, 1, *ready])
+            claimed = CLAIM(r, [ARCHIVE.batch, ARCHIVE.seq, ARCHIVE.waiting],
+                            [self._now_ms(), newest, *ready])
         if not claimed:
             return None
         return int(claimed[0]), list(json.loads(claimed[1]))

@@ -15,7 +15,9 @@ workers (Celery's prefork pool) must not touch the archive before it forks.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,16 +29,15 @@ from .rows import SCHEMAS, TABLES, RunRows, Snapshot
 
 try:
     import pyarrow as pa
-    import pyarrow.dataset as ds
-    from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+    from deltalake import CommitProperties, DeltaTable, QueryBuilder, Transaction, write_deltalake
     from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 except ImportError as e:
     raise ConfigurationError(
         f"the archive needs deltalake and pyarrow, which are not installed ({e}); "
         "pip install celery-agent-pipeline[archive], or unset PIPELINE_ARCHIVE_URI") from e
 
-__all__ = ["APP_ID", "ArchivedRun", "archived_runs", "as_arrow", "compact", "read_run",
-           "table_uri", "vacuum", "write_batch", "write_tables", "written_batch"]
+__all__ = ["APP_ID", "ArchivedRun", "archived_runs", "as_arrow", "compact", "literal", "query",
+           "read_run", "table_uri", "vacuum", "write_batch", "write_tables", "written_batch"]
 
 APP_ID = "pipeline.archive.{table}"
 """The application id of each table's batches in its Delta log."""
@@ -49,8 +50,7 @@ def table_uri(root: str, table: str) -> str:
 
 def written_batch(root: str, table: str) -> int:
     """The newest batch number ``table`` committed (0 before any)."""
-    dt = _loaded(table_uri(root, table))
-    return 0 if dt is None else int(dt.transaction_version(APP_ID.format(table=table)) or 0)
+    return _batch(root, table, create=False)[1]
 
 
 def write_batch(root: str, number: int, runs: Sequence[RunRows]) -> list[str]:
@@ -66,8 +66,10 @@ def write_tables(root: str, number: int, tables: dict[str, pa.Table], runs: int)
     """``write_batch`` for rows made into Arrow already (``as_arrow``)."""
     written = []
     for table in TABLES:
-        dt = _open(root, table)
-        if int(dt.transaction_version(APP_ID.format(table=table)) or 0) >= number:
+        dt, done = _batch(root, table, create=True)
+        if dt is None:  # _open makes it, or raises
+            raise RuntimeError(f"the archive's {table} table under {root} could not be made")
+        if done >= number:
             continue  # committed before: by an archiver that died after, or by another
         try:
             # On the snapshot just checked: a commit of this batch by another writer since
@@ -114,12 +116,42 @@ _OPEN: dict[str, DeltaTable] = {}
 since (a few ms), not the whole log again (a table's load costs several times that)."""
 
 
+@atexit.register
+def _close() -> None:
+    """Let go of the tables, and of what read them, while Arrow and delta-rs still run: a
+    reader's threads left for the interpreter's teardown abort the process ("terminate
+    called without an active exception", exit 134) after a clean run."""
+    _OPEN.clear()
+    gc.collect()
+
+
+def _batch(root: str, table: str, *, create: bool) -> tuple[DeltaTable | None, int]:
+    """``table`` as of its newest commit (made first if ``create``; None if not and there is
+    none), and the newest batch it committed. A table kept open whose log went (deleted, or
+    made again) is loaded afresh: bringing it up to date does not notice, reading it does."""
+    try:
+        return _read_batch(root, table, create=create)
+    except DeltaError:
+        _OPEN.pop(table_uri(root, table), None)
+        return _read_batch(root, table, create=create)
+
+
+def _read_batch(root: str, table: str, *, create: bool) -> tuple[DeltaTable | None, int]:
+    dt = _open(root, table) if create else _loaded(table_uri(root, table))
+    return (None, 0) if dt is None \
+        else (dt, int(dt.transaction_version(APP_ID.format(table=table)) or 0))
+
+
 def _loaded(uri: str) -> DeltaTable | None:
     """The table at ``uri`` as of its newest commit; None when there is none."""
-    dt = _OPEN.get(uri)
+    dt = _OPEN.pop(uri, None)
     if dt is not None:
-        dt.update_incremental()
-        return dt
+        try:
+            dt.update_incremental()
+            _OPEN[uri] = dt
+            return dt
+        except Exception:  # noqa: BLE001 - its log is gone or shorter (a table made again):
+            pass           # loaded afresh below
     try:
         dt = _OPEN[uri] = DeltaTable(uri)
     except TableNotFoundError:
@@ -180,21 +212,33 @@ def read_run(root: str, run_id: str) -> ArchivedRun:
 def archived_runs(root: str, *, status: str | None = None, workflow: str | None = None,
                   limit: int = 20) -> list[dict[str, Any]]:
     """The newest runs in the archive (their ``runs`` rows, without record and keys)."""
-    try:
-        dt = DeltaTable(table_uri(root, "runs"))
-    except TableNotFoundError:
-        return []
-    wanted = None
-    if status is not None:
-        wanted = ds.field("status") == status
-    if workflow is not None:
-        by_workflow = ds.field("workflow") == workflow
-        wanted = by_workflow if wanted is None else wanted & by_workflow
-    columns = [f.name for f in SCHEMAS["runs"] if f.name not in ("record", "keys")]
-    found = dt.to_pyarrow_dataset().to_table(columns=columns, filter=wanted)
-    rows: list[dict[str, Any]] = found.sort_by([("created_at", "descending")]) \
-        .slice(0, limit).to_pylist()
-    return rows
+    wanted = [f"{name} = {literal(value)}" for name, value in
+              (("status", status), ("workflow", workflow)) if value is not None]
+    columns = ", ".join(f.name for f in SCHEMAS["runs"] if f.name not in ("record", "keys"))
+    found = query(root, f"SELECT {columns} FROM runs"
+                        f"{' WHERE ' + ' AND '.join(wanted) if wanted else ''}"
+                        f" ORDER BY created_at DESC LIMIT {int(limit)}", "runs")
+    return [] if found is None else found.to_pylist()
+
+
+def query(root: str, sql: str, *tables: str) -> pa.Table | None:
+    """``sql`` (DataFusion's SQL) over the archive's ``tables`` under ``root``, read by
+    delta-rs itself; None when one of the tables does not exist yet.
+
+    Not through a pyarrow dataset: its readers call back into Python, and one left at
+    the interpreter's teardown aborts the process (exit 134) after a clean run."""
+    builder = QueryBuilder()
+    for table in tables:
+        dt = _loaded(table_uri(root, table))
+        if dt is None:
+            return None
+        builder = builder.register(table, dt)
+    return pa.table(builder.execute(sql).read_all())
+
+
+def literal(value: str) -> str:
+    """``value`` as an SQL string literal."""
+    return "'" + value.replace("'", "''") + "'"
 
 
 def compact(root: str) -> dict[str, Any]:
@@ -221,11 +265,5 @@ def _tables(root: str) -> list[tuple[str, DeltaTable]]:
 
 
 def _rows(root: str, table: str, run_id: str) -> list[dict[str, Any]]:
-    try:
-        dt = DeltaTable(table_uri(root, table))
-    except TableNotFoundError:
-        return []
-    dataset = dt.to_pyarrow_dataset()
-    found: list[dict[str, Any]] = dataset.to_table(filter=ds.field("run_id") == run_id) \
-        .to_pylist()
-    return found
+    found = query(root, f"SELECT * FROM {table} WHERE run_id = {literal(run_id)}", table)
+    return [] if found is None else found.to_pylist()
