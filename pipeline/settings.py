@@ -217,7 +217,7 @@ def _default_data_dir(env: Mapping[str, str]) -> str:
     return os.path.join(base, "celery-agent-pipeline")
 
 
-URL_FIELDS = ("redis_url", "broker_url", "result_backend")
+URL_FIELDS = ("redis_url", "broker_url", "result_backend", "archive_uri")
 
 
 def _state_url(env: Mapping[str, str]) -> str:

@@ -309,8 +309,10 @@ def test_urls_hide_their_secrets_even_when_the_password_is_not_encoded() -> None
     assert redact_url("rediss://:pw@h:6380/0?ssl_password=key-pass&ssl_ca_certs=/ca.crt") == \
         "rediss://:***@h:6380/0?ssl_password=***&ssl_ca_certs=/ca.crt"
     assert redact_url("redis://h:6379/0?client_name=a@b&password=x") == "<unparseable URL>"
-    settings = Settings(redis_url=f"redis://:{PASSWORD}@h/0", broker_url=f"redis://:{PASSWORD}@h/1")
+    settings = Settings(redis_url=f"redis://:{PASSWORD}@h/0", broker_url=f"redis://:{PASSWORD}@h/1",
+                        archive_uri=f"s3://key:{PASSWORD}@bucket/archive")
     assert PASSWORD not in repr(settings) and "redis://:***@h/1" in repr(settings)
+    assert "s3://key:***@bucket/archive" in repr(settings)
     for env in ({"PIPELINE_REDIS_URL": "redis://:s3c/r3t@h:6379/0"},
                 {"CELERY_RESULT_BACKEND": "redis://:s3c?r3t@h:6379/0"}):
         with pytest.raises(ConfigurationError, match="percent-encode") as e:

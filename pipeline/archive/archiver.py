@@ -33,7 +33,7 @@ from typing import Any, cast
 from ..errors import IntegrityError, PipelineError
 from ..keys import ARCHIVE, RUNS_INDEX, RunKeys
 from ..lua import Batch, Script
-from ..settings import Settings
+from ..settings import Settings, redact_url
 from ..state import RunStatus, StateStore, translate_errors
 from .rows import TABLES, RunRows, run_rows, snapshots
 from .table import as_arrow, write_tables, written_batch
@@ -330,7 +330,8 @@ class Archiver:
         for ``PIPELINE_RETENTION_S`` more, and the failure counted."""
         report.error = f"{type(error).__name__}: {error}"[:2000]
         log.warning("archive: %s could not be written to %s, kept for the next pass: %s",
-                    f"batch {number}" if number else "the archive", self.root, report.error)
+                    f"batch {number}" if number else "the archive", redact_url(self.root),
+                    report.error)
         self._keep(list(runs), 0, self.store.retention_s)
         report.held += len(runs)
         with translate_errors(self.store.url):

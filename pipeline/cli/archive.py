@@ -16,7 +16,7 @@ from ..archive.backlog import backlog
 from ..client import Pipeline, Run
 from ..errors import ConfigurationError, InputError
 from ..keys import ARCHIVE
-from ..settings import Settings
+from ..settings import Settings, redact_url
 from . import group
 from .group import EXIT_USAGE, json_option, main
 from .output import echo_json, table, timestamp
@@ -63,9 +63,9 @@ def archive(once: bool, settle_s: float, show_status: bool, optimize: bool,
     if show_status:
         state = backlog(p.store)
         if as_json:
-            echo_json({"uri": root, **state})
+            echo_json({"uri": redact_url(root), **state})
         else:
-            click.echo(f"archive   {root}")
+            click.echo(f"archive   {redact_url(root)}")
             click.echo(f"backlog   {state['backlog']} run(s) not archived yet")
             click.echo(f"archived  {state.get('runs', 0)} run(s) in {state.get('batches', 0)} "
                        f"batch(es); {state.get('failures', 0)} failed write(s)")
@@ -149,7 +149,7 @@ def show_archive(p: Pipeline, shown: Run) -> None:
         return
     report = Archiver(p.store, root, batch=p.settings.archive_batch,
                       archived_retention_s=p.store.retention_s, settle_s=0, lag_s=0).run_once()
-    click.echo(f"\narchive {root}: {report.summary()}")
+    click.echo(f"\narchive {redact_url(root)}: {report.summary()}")
     before = [v.to_dict() for v in shown.history()]
     p.store.delete_run(shown.run_id)  # as its retention would, once archived
     reader = Pipeline(settings=replace(p.settings, archive_uri=root), app=p.app, store=p.store)
