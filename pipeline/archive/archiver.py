@@ -35,10 +35,11 @@ from ..keys import ARCHIVE, RUNS_INDEX, RunKeys
 from ..lua import Batch, Script
 from ..settings import Settings, redact_url
 from ..state import RunStatus, StateStore, translate_errors
+from .backlog import cursor_of
 from .rows import TABLES, RunRows, run_rows, snapshots
 from .table import as_arrow, write_tables, written_batch
 
-__all__ = ["ArchiveReport", "Archiver", "cursor_of"]
+__all__ = ["ArchiveReport", "Archiver"]
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +67,6 @@ READ_RUNS = 100
 LOCK_S = 60.0
 """The archive lock's life unless renewed (after the walk and after each batch): an archiver
 killed holding it keeps the others out this long at most."""
-
-
-def cursor_of(cursor: str) -> tuple[int, str]:
-    """The index score and the run id the walk stopped at (``0`` and ``''`` before any)."""
-    score, _, member = cursor.partition(" ")
-    return int(score or 0), member
 
 
 @dataclass
@@ -256,7 +251,7 @@ class Archiver:
         newest = 0 if pending[0] else max(written_batch(self.root, t) for t in TABLES)
         with translate_errors(self.store.url):
             claimed = CLAIM(r, [ARCHIVE.batch, ARCHIVE.seq, ARCHIVE.waiting],
-                            [self._now_ms(), newest, *ready])
+                            [newest, *ready])
         if not claimed:
             return None
         return int(claimed[0]), list(json.loads(claimed[1]))
@@ -296,16 +291,15 @@ class Archiver:
             self._failed(report, e, number=number, runs=runs)
             return False
         self._keep([row.run_id for row in rows], number, self.archived_retention_s)
-        now_ms = self._now_ms()
         with translate_errors(self.store.url):
             pipe = self.store.redis.pipeline(transaction=False)
-            if back:
-                pipe.zadd(ARCHIVE.waiting, dict.fromkeys(back, now_ms), nx=True)
+            if back:  # looked at on the next pass
+                pipe.zadd(ARCHIVE.waiting, dict.fromkeys(back, 0), nx=True)
             if expired := [r for r in runs if r in report.expired]:
                 pipe.hincrby(ARCHIVE.stats, "expired", len(expired))
             pipe.execute()
             finished = DONE(self.store.redis, [ARCHIVE.batch, ARCHIVE.stats],
-                            [number, len(rows), now_ms])
+                            [number, len(rows)])
         if finished:  # else another archiver finished it, and counted it
             report.runs += len(rows)
             report.batches.append(number)
@@ -345,9 +339,8 @@ class Archiver:
         if not runs:
             return
         batch = Batch(self.store.redis)
-        now_ms = self._now_ms()
         for run_id in runs:
-            batch.script(KEEP, RunKeys(run_id).all(), [number, seconds, now_ms])
+            batch.script(KEEP, RunKeys(run_id).all(), [number, seconds])
         with translate_errors(self.store.url):
             batch.execute()
 

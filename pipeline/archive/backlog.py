@@ -9,7 +9,14 @@ from typing import cast
 from ..keys import ARCHIVE, RUNS_INDEX
 from ..state import StateStore, translate_errors
 
-__all__ = ["backlog"]
+__all__ = ["backlog", "cursor_of"]
+
+
+def cursor_of(cursor: str) -> tuple[int, str]:
+    """The archiver's cursor: the index score and the run id its walk stopped at (``0`` and
+    ``''`` before any)."""
+    score, _, member = cursor.partition(" ")
+    return int(score or 0), member
 
 
 def backlog(store: StateStore) -> dict[str, int | str]:
@@ -19,8 +26,7 @@ def backlog(store: StateStore) -> dict[str, int | str]:
     ``last_ok_at``, ``last_error``...)."""
     r = store.redis
     with translate_errors(store.url):
-        cursor = cast(str | None, r.get(ARCHIVE.cursor)) or ""
-        score = cursor.partition(" ")[0] or "0"
+        score, _ = cursor_of(cast(str | None, r.get(ARCHIVE.cursor)) or "")
         pipe = r.pipeline(transaction=False)
         pipe.zcard(ARCHIVE.waiting)
         pipe.zcount(RUNS_INDEX, f"({score}", "+inf")  # (less a run of the cursor's ms)

@@ -4,13 +4,15 @@
 -- keeps the time it had: its key returns the same run for as long as before. Not archivable
 -- yet (ARGV[1] = 0): its keys live ARGV[2] seconds at least (never shorter).
 -- KEYS = the run's keys (RunKeys.all(): KEYS[3] its record)
--- ARGV[1] = the batch that archived it, or 0; ARGV[2] = seconds; ARGV[3] = now (ms)
+-- ARGV[1] = the batch that archived it, or 0; ARGV[2] = seconds
 -- Returns 1, or 0 when Redis no longer has the run.
 if redis.call('EXISTS', KEYS[3]) == 0 then return 0 end
 local key = redis.call('HGET', KEYS[3], 'idempotency_key') or ''
 local archived = ARGV[1] ~= '0'
 if archived then
-  redis.call('HSET', KEYS[3], 'archived', ARGV[1], 'archived_at', ARGV[3])
+  local t = redis.call('TIME')
+  local now = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+  redis.call('HSET', KEYS[3], 'archived', ARGV[1], 'archived_at', now)
   if key ~= '' then return 1 end
 end
 local s = tonumber(ARGV[2])

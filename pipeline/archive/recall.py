@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
 
 from ..errors import IntegrityError
 from ..keys import RunKeys, version_stream_id
 from ..lua import Script
 from ..state import StateStore, translate_errors
-from .rows import key_names
+from .rows import flat, key_names
 from .table import read_run
 
 __all__ = ["recall"]
@@ -27,18 +26,17 @@ RESTORE = Script("pipeline.archive", "restore.lua")
 
 
 def recall(store: StateStore, root: str, run_id: str, *, seconds: int) -> bool:
-    """Restore run ``run_id`` from the archive at ``root`` unless Redis has it; True when
-    restored. ``RunNotFound`` when the archive has no such run either, ``IntegrityError``
-    when one of its versions does not match its digest (nothing is restored then)."""
+    """Restore run ``run_id``, which Redis no longer has (the caller looked), from the
+    archive at ``root``; True when restored, False when Redis had it after all (restored
+    by someone else meanwhile: left alone). ``RunNotFound`` when the archive has no such run
+    either, ``IntegrityError`` when one of its versions does not match its digest (nothing
+    is restored then)."""
     keys = RunKeys(run_id)
-    with translate_errors(store.url):
-        if store.redis.exists(keys.run):
-            return False
     archived = read_run(root, run_id)
     found = dict(archived.keys)
-    found["states"] = ["stream", [[version_stream_id(int(e["version"])), _flat(e.items())]
+    found["states"] = ["stream", [[version_stream_id(int(e["version"])), flat(e.items())]
                                   for e in archived.entries]]
-    found["run"] = ["hash", _flat([*archived.record, ("archived", str(archived.batch)),
+    found["run"] = ["hash", flat([*archived.record, ("archived", str(archived.batch)),
                                    ("recalled_at", str(int(time.time() * 1000)))])]
     for name, (kind, data) in found.items():
         ids = [_id(entry[0]) for entry in data] if kind == "stream" else []
@@ -52,7 +50,3 @@ def recall(store: StateStore, root: str, run_id: str, *, seconds: int) -> bool:
 def _id(stream_id: str) -> tuple[int, int]:
     ms, _, seq = stream_id.partition("-")
     return int(ms), int(seq or 0)
-
-
-def _flat(pairs: Iterable[tuple[str, str]]) -> list[str]:
-    return [x for pair in pairs for x in pair]

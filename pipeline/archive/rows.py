@@ -13,7 +13,7 @@ back is restored to Redis exactly and every command explains it as before.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -31,7 +31,7 @@ except ImportError as e:
         f"the archive needs pyarrow and deltalake, which are not installed ({e}); "
         "pip install celery-agent-pipeline[archive], or unset PIPELINE_ARCHIVE_URI") from e
 
-__all__ = ["SCHEMAS", "TABLES", "RunRows", "day_of", "key_names", "run_rows", "snapshots"]
+__all__ = ["SCHEMAS", "TABLES", "RunRows", "day_of", "flat", "key_names", "run_rows", "snapshots"]
 
 _PARTITION = [pa.field("workflow", pa.string()), pa.field("day", pa.string())]
 
@@ -84,7 +84,6 @@ class RunRows:
     """One finished run's rows, table by table."""
 
     run_id: str
-    workflow: str
     tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     @property
@@ -146,7 +145,7 @@ def run_rows(store: StateStore, run_id: str, batch: int,
         "tokens": total.total, "degraded": info.degraded, "compensation": ended,
         "batch": batch, "record": json.dumps(list(record.items())),
         "keys": json.dumps(snap), **where}
-    return RunRows(run_id, info.workflow, {"versions": versions, "calls": call_rows,
+    return RunRows(run_id, {"versions": versions, "calls": call_rows,
                                            "events": event_rows, "runs": [run]})
 
 
@@ -175,16 +174,19 @@ def snapshots(store: StateStore, run_ids: Sequence[str]) -> dict[str, Snapshot]:
             if not reply:
                 continue
             if name in STREAMS:
-                snap[name] = ["stream", [[sid, [x for pair in fields.items() for x in pair]]
-                                         for sid, fields in reply]]
+                snap[name] = ["stream", [[sid, flat(fields.items())] for sid, fields in reply]]
             else:
-                snap[name] = ["hash", [x for pair in cast(dict[str, str], reply).items()
-                                       for x in pair]]
+                snap[name] = ["hash", flat(cast(dict[str, str], reply).items())]
     return out
 
 
-def _pairs(flat: list[str]) -> dict[str, str]:
-    return dict(zip(flat[::2], flat[1::2], strict=True))
+def flat(pairs: Iterable[tuple[str, str]]) -> list[str]:
+    """Fields and values as Redis takes and the snapshot keeps them: one flat list."""
+    return [x for pair in pairs for x in pair]
+
+
+def _pairs(values: list[str]) -> dict[str, str]:
+    return dict(zip(values[::2], values[1::2], strict=True))
 
 
 def day_of(at_s: float) -> str:

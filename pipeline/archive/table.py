@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigurationError, RunNotFound
-from ..state import RunInfo, Version
+from ..state import Version
 from .rows import SCHEMAS, TABLES, RunRows, Snapshot
 
 try:
@@ -118,9 +118,9 @@ since (a few ms), not the whole log again (a table's load costs several times th
 
 @atexit.register
 def _close() -> None:
-    """Let go of the tables, and of what read them, while Arrow and delta-rs still run: a
-    reader's threads left for the interpreter's teardown abort the process ("terminate
-    called without an active exception", exit 134) after a clean run."""
+    """Let go of the tables kept open while delta-rs and Arrow still run: their objects
+    left to the interpreter's teardown have aborted processes ("terminate called without
+    an active exception", exit 134) after a clean run."""
     _OPEN.clear()
     gc.collect()
 
@@ -184,9 +184,6 @@ class ArchivedRun:
     record: list[tuple[str, str]]  # the record's fields, in Redis's order
     keys: Snapshot
 
-    @property
-    def info(self) -> RunInfo:
-        return RunInfo.from_hash(self.run_id, dict(self.record))
 
 
 def read_run(root: str, run_id: str) -> ArchivedRun:
@@ -255,13 +252,8 @@ def vacuum(root: str, retention_hours: int) -> dict[str, int]:
 
 
 def _tables(root: str) -> list[tuple[str, DeltaTable]]:
-    found = []
-    for table in TABLES:
-        try:
-            found.append((table, DeltaTable(table_uri(root, table))))
-        except TableNotFoundError:
-            continue
-    return found
+    return [(table, dt) for table in TABLES
+            if (dt := _loaded(table_uri(root, table))) is not None]
 
 
 def _rows(root: str, table: str, run_id: str) -> list[dict[str, Any]]:
